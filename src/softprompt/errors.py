@@ -1,0 +1,45 @@
+"""Errors a user can act on. The CLI and the server map each type to one message / status code."""
+
+from __future__ import annotations
+
+
+class SoftPromptError(Exception):
+    """Base class: every error this package raises on purpose."""
+
+
+class ModelLoadError(SoftPromptError):
+    """A model name, folder, hub id or GGUF file could not be loaded."""
+
+
+class UnknownTaskError(SoftPromptError, KeyError):
+    """A task name or task id that is not loaded / not in the bank."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown task"
+
+
+class InvalidTaskNameError(SoftPromptError, ValueError):
+    """A task name outside `[a-z0-9][a-z0-9._-]{0,63}` (rejected before touching the disk)."""
+
+
+class IncompatiblePromptError(SoftPromptError, ValueError):
+    """A prompt whose shape, values or base-model fingerprint do not fit the model."""
+
+
+class PromptFileError(SoftPromptError):
+    """A prompt folder that is missing, unreadable or malformed."""
+
+
+class DataError(SoftPromptError, ValueError):
+    """A bad data file or row; names the file, line and field when known."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.path, self.line, self.field = path, line, field
+        where = ":".join(str(p) for p in (path, line) if p is not None)
+        detail = f" (field '{field}')" if field else ""
+        super().__init__(f"{where}: {message}{detail}" if where else f"{message}{detail}")
+
+
+class ConfigError(SoftPromptError, ValueError):
+    """An invalid option value (CLI flag, config field)."""

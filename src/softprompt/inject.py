@@ -1,0 +1,311 @@
+"""The one seam where soft prompts meet the model: forward, loss, KV prefix and generation.
+
+Layout rule (padding-correct, unlike peft#1093): each row is rebuilt *left-padded* as
+`[pad ... pad | soft prompt | real tokens]`, so the prompt sits directly before the real tokens
+whatever padding side the caller used, and position ids count real positions only (the prompt
+starts at 0). A row with task id NO_TASK gets a zero-length prompt and is exactly the plain model.
+
+Only public transformers arguments are used: `inputs_embeds`, `attention_mask`, `position_ids`,
+`cache` (transformers' KV-cache argument), `logits_to_keep`. Nothing is monkey-patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class InjectedBatch:
+    """Model inputs with soft prompts in place, plus the map back to the caller's layout."""
+
+    inputs_embeds: torch.Tensor  # (B, C, d) model dtype
+    attention_mask: torch.Tensor  # (B, C) 1 on prompt and real tokens
+    position_ids: torch.Tensor  # (B, C) 0 at the first prompt token
+    token_columns: torch.Tensor  # (B, L) column of each caller token in C; C for padding
+    prompt_lengths: torch.Tensor  # (B,)
+    labels: torch.Tensor | None = None  # (B, C) IGNORE_INDEX over prompt and padding
+
+    def real_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C, V] back in the caller's layout [B, L, V] (zeros at padding)."""
+        padded = torch.cat([logits, logits.new_zeros(logits.shape[0], 1, logits.shape[2])], 1)
+        index = self.token_columns.unsqueeze(-1).expand(-1, -1, logits.shape[2])  # (B, L, V)
+        return padded.gather(1, index)
+
+
+def inject(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompts: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> InjectedBatch:
+    """Place each row's soft prompt directly before its real tokens.
+
+    input_ids, attention_mask, labels: (B, L), any padding side. prompts: (B, N, d) fp32,
+    right-padded, row b uses its first prompt_lengths[b] vectors (0 = no prompt).
+    """
+    embed = model.get_input_embeddings()
+    real = attention_mask.bool()  # (B, L)
+    total = real.sum(1) + prompt_lengths  # (B,)
+    width = int(total.max())  # C
+    offset = width - total  # (B,) left padding of each row
+    rank = real.long().cumsum(1) - 1  # (B, L) index of each real token among the real ones
+    token_columns = torch.where(real, (offset + prompt_lengths)[:, None] + rank, width)
+    slot = torch.arange(prompts.shape[1], device=prompts.device)  # (N,)
+    prompt_columns = torch.where(slot[None] < prompt_lengths[:, None], offset[:, None] + slot, width)
+
+    token_embeds = embed(input_ids)  # (B, L, d)
+    sources, columns = token_embeds, token_columns
+    if prompts.shape[1]:
+        sources = torch.cat([prompts.to(token_embeds.dtype), token_embeds], 1)  # (B, N+L, d)
+        columns = torch.cat([prompt_columns, token_columns], 1)  # (B, N+L)
+    index = columns.unsqueeze(-1).expand(-1, -1, sources.shape[2])
+    canvas = sources.new_zeros(len(input_ids), width + 1, sources.shape[2])  # last column = bin
+    inputs_embeds = canvas.scatter(1, index, sources)[:, :width]  # (B, C, d)
+
+    positions = torch.arange(width, device=input_ids.device)[None] - offset[:, None]  # (B, C)
+    return InjectedBatch(
+        inputs_embeds=inputs_embeds,
+        attention_mask=(positions >= 0).long(),
+        position_ids=positions.clamp(min=0),
+        token_columns=token_columns,
+        prompt_lengths=prompt_lengths,
+        labels=None if labels is None else _move_labels(labels, token_columns, width),
+    )
+
+
+def _move_labels(labels: torch.Tensor, token_columns: torch.Tensor, width: int) -> torch.Tensor:
+    moved = labels.new_full((labels.shape[0], width + 1), IGNORE_INDEX)
+    return moved.scatter(1, token_columns, labels)[:, :width]  # (B, C)
+
+
+def forward(model, batch: InjectedBatch, *, logits_to_keep: int = 0, **kwargs):
+    """Run the model on an injected batch (logits for the last `logits_to_keep` columns, 0 = all)."""
+    return model(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+    )
+
+
+def label_window(labels: torch.Tensor) -> int:
+    """How many trailing columns' logits the loss needs: from the column before the first label."""
+    has_label = (labels != IGNORE_INDEX).any(0)  # (C,)
+    if not has_label.any():
+        return 1
+    first = int(has_label.nonzero()[0])
+    return labels.shape[1] - max(first - 1, 0)
+
+
+def loss(model, batch: InjectedBatch, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the labelled tokens only.
+
+    With the left-padded layout every row ends at the last column, so the targets of a
+    classification batch sit in a few trailing columns: computing logits only there skips most of
+    the LM-head matmul and softmax (a vocabulary of 49k-262k rows).
+    """
+    keep = label_window(batch.labels)
+    logits = forward(model, batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V)
+    targets = batch.labels[:, -keep + 1:] if keep > 1 else batch.labels[:, :0]  # (B, keep-1)
+    per_token = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    if reduction == "none":  # summed log-loss per row (rank classification)
+        return per_token.sum(1)
+    return per_token.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- KV prefix
+
+@dataclass
+class PromptPrefix:
+    """Keys and values of one soft prompt, computed once: they do not depend on the input."""
+
+    keys: list[torch.Tensor]  # per layer (H_kv, n, hd)
+    values: list[torch.Tensor]  # per layer (H_kv, n, hd)
+    prompt: torch.Tensor  # (n, d) the soft prompt itself, for the exact fallback
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+
+@torch.no_grad()
+def prompt_prefix(model, prompt: torch.Tensor) -> PromptPrefix:
+    """KV of `prompt` [n, d] at positions 0..n-1, as the model computes them mid-sequence."""
+    embeds = prompt.to(model.get_input_embeddings().weight.dtype)[None]  # (1, n, d)
+    positions = torch.arange(prompt.shape[0], device=embeds.device)[None]
+    out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
+    layers = out.cache.layers
+    return PromptPrefix([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
+                        prompt.detach().float())
+
+
+def prefix_is_exact(model, width: int) -> bool:
+    """Whether a cached prefix gives the same result as injecting the prompt for `width` columns.
+
+    With a cached prefix, padding sits *between* prompt and tokens. Full attention ignores masked
+    columns, but a sliding window (Gemma 3's local layers) counts columns, so the gap could push
+    prompt keys out of the window; then callers must inject the prompt instead.
+    """
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    has_sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    return not (window and has_sliding) or width <= window
+
+
+def batch_cache(model, prefixes: list[PromptPrefix | None]) -> tuple[DynamicCache, torch.Tensor]:
+    """A fresh cache holding each row's prefix right-aligned in N columns, and its mask (B, N)."""
+    width = max((p.length for p in prefixes if p is not None), default=0)
+    lengths = torch.tensor([p.length if p is not None else 0 for p in prefixes])
+    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()  # (B, N)
+    cache = DynamicCache(config=model.config)
+    reference = next(p for p in prefixes if p is not None and p.length > 0)
+    for layer in range(len(reference.keys)):
+        keys = _stack_right_aligned([p.keys[layer] if p else None for p in prefixes], width, reference.keys[layer])
+        values = _stack_right_aligned([p.values[layer] if p else None for p in prefixes], width, reference.values[layer])
+        cache.update(keys, values, layer)
+    return cache, mask.to(reference.keys[0].device)
+
+
+def _stack_right_aligned(rows, width: int, like: torch.Tensor) -> torch.Tensor:
+    heads, _, dim = like.shape
+    out = like.new_zeros(len(rows), heads, width, dim)  # (B, H_kv, N, hd)
+    for b, row in enumerate(rows):
+        if row is not None and row.shape[1]:
+            out[b, :, width - row.shape[1]:] = row
+    return out
+
+
+def _prompts_from_prefixes(prefixes: list[PromptPrefix | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts behind `prefixes`, right-padded: (B, N, d) and lengths (B,)."""
+    ref = next(p.prompt for p in prefixes if p is not None)
+    lengths = torch.tensor([p.length if p is not None else 0 for p in prefixes], device=ref.device)
+    out = ref.new_zeros(len(prefixes), int(lengths.max()), ref.shape[1])
+    for b, p in enumerate(prefixes):
+        if p is not None:
+            out[b, :p.length] = p.prompt
+    return out, lengths
+
+
+def prefix_forward(model, input_ids, attention_mask, prefixes: list[PromptPrefix | None], **kwargs):
+    """Forward the caller's tokens on top of cached prompt prefixes (same result as `inject`).
+
+    Tokens are left-padded after the N prefix columns; padding between prefix and tokens is
+    masked out and position ids continue from each row's own prompt length, so the model sees
+    exactly `[prompt | tokens]`. Returns (model output, full attention mask, last positions).
+    """
+    cache, prefix_mask = batch_cache(model, prefixes)  # prefix_mask (B, N)
+    no_prompt = input_ids.new_zeros(len(input_ids))
+    empty = torch.zeros(len(input_ids), 0, 1, device=input_ids.device)
+    plain = inject(model, input_ids, attention_mask, empty, no_prompt)  # left-padded tokens
+    positions = plain.position_ids + prefix_mask.sum(1, keepdim=True)  # (B, L')
+    mask = torch.cat([prefix_mask, plain.attention_mask], 1)  # (B, N + L')
+    out = model(inputs_embeds=plain.inputs_embeds, attention_mask=mask, position_ids=positions,
+                cache=cache, **kwargs)
+    return out, mask, plain
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass
+class Sampling:
+    """How one row picks its next token."""
+
+    temperature: float = 0.0
+    """0 = greedy (argmax); above 0 = sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed of this row's own random generator (reproducible whatever else is in the batch)."""
+
+
+class TokenPicker:
+    """Greedy or sampled next tokens, each row with its own settings and generator."""
+
+    def __init__(self, sampling: list[Sampling]):
+        self.sampling = sampling
+        self.generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+                           for s in sampling]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+        greedy = logits.argmax(-1)
+        picks = [self._sample(logits[b], b) if s.temperature > 0 else greedy[b]
+                 for b, s in enumerate(self.sampling)]
+        return torch.stack(picks)
+
+    def _sample(self, logits: torch.Tensor, row: int) -> torch.Tensor:
+        s = self.sampling[row]
+        probs = torch.softmax(logits.float().cpu() / s.temperature, -1)  # (V,)
+        if s.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs >= s.top_p  # keeps at least one
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        pick = torch.multinomial(probs, 1, generator=self.generators[row])[0]
+        return pick.to(logits.device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prompts: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+    prefixes: list[PromptPrefix | None] | None = None,
+    max_new_tokens: int = 32,
+    eos_token_ids: tuple[int, ...] = (),
+    sampling: list[Sampling] | None = None,
+    should_stop=None,
+) -> list[list[int]]:
+    """New tokens for each row (an end-of-sequence token is kept, as transformers does).
+
+    The prompt enters either as embeddings (`prompts`, `prompt_lengths`) or as cached KV
+    (`prefixes`, one per row or None). `should_stop(row, tokens)` ends a row early (stop strings).
+    """
+    rows = len(input_ids)
+    width = max((p.length for p in prefixes or [] if p is not None), default=0)
+    width += input_ids.shape[1] + max_new_tokens
+    if prefixes is not None and width > 0 and not prefix_is_exact(model, width):
+        prompts, prompt_lengths = _prompts_from_prefixes(prefixes)  # never silently inexact
+        prefixes = None
+    if prefixes is not None and any(p is not None and p.length for p in prefixes):
+        out, mask, plain = prefix_forward(model, input_ids, attention_mask, prefixes,
+                                          use_cache=True, logits_to_keep=1)
+        positions = plain.position_ids[:, -1] + mask[:, :-plain.attention_mask.shape[1]].sum(1)
+    else:
+        if prompts is None:
+            prompts = torch.zeros(rows, 0, 1, device=input_ids.device)
+            prompt_lengths = input_ids.new_zeros(rows)
+        batch = inject(model, input_ids, attention_mask, prompts, prompt_lengths)
+        out = forward(model, batch, logits_to_keep=1, use_cache=True)
+        mask, positions = batch.attention_mask, batch.position_ids[:, -1]
+    pick = TokenPicker(sampling or [Sampling()] * rows)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for step in range(max_new_tokens):
+        next_ids = pick(out.logits[:, -1])  # (B,)
+        for b, token in enumerate(next_ids.tolist()):
+            if not done[b]:
+                tokens[b].append(token)
+                done[b] = token in eos_token_ids or bool(should_stop and should_stop(b, tokens[b]))
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+        positions = positions + 1
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, None],
+                    cache=out.cache, use_cache=True)
+    return tokens
