@@ -8,12 +8,13 @@ whatever the model dtype: they are tiny, and fp32 keeps small Adam updates from 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, IncompatiblePromptError, UnknownTaskError
+from .options import opt
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,13 @@ NO_TASK = -1
 class PromptTuningConfig:
     """How one task's soft prompt is shaped and initialised (field names follow PEFT's)."""
 
-    num_virtual_tokens: int = 8
-    """Number of trainable virtual tokens prepended to the input."""
-    prompt_tuning_init: str = "text"
-    """Initial values: text | random | sampled_vocab | class_labels | from_file."""
-    prompt_tuning_init_text: str | None = None
-    """Text whose token embeddings start the prompt (tiled or truncated), for init 'text'."""
-    init_labels: list[str] = field(default_factory=list)
-    """Verbalizer words whose embeddings start the prompt, for init 'class_labels'."""
-    init_file: str | None = None
-    """A saved prompt folder to start from, for init 'from_file'."""
-    seed: int = 0
-    """Seed for the random and sampled_vocab inits."""
+    num_virtual_tokens: int = opt(8, "Number of trainable virtual tokens prepended to the input.")
+    prompt_tuning_init: str = opt("text", "Initial values: text, random, sampled_vocab, class_labels or from_file.")
+    prompt_tuning_init_text: str | None = opt(None, "Text whose token embeddings start the prompt "
+                                              "(tiled or truncated to num_virtual_tokens), for init 'text'.")
+    init_labels: list[str] = opt([], "Label words whose embeddings start the prompt, for init 'class_labels'.")
+    init_file: str | None = opt(None, "A saved prompt folder to start from, for init 'from_file'.")
+    seed: int = opt(0, "Seed for the random and sampled_vocab inits.")
 
     def __post_init__(self):
         self.prompt_tuning_init = str(self.prompt_tuning_init).lower()

@@ -1,0 +1,467 @@
+"""`softprompt train|eval|generate|info|bank|serve|compare`: the only place that prints.
+
+Each verb parses flags (built from the config dataclasses), calls the library, and reports.
+Every SoftPromptError becomes one clear `error: ...` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, SoftPromptError
+from .options import add_arguments, from_args
+from .prompts import PromptTuningConfig
+
+log = logging.getLogger("softprompt")
+
+
+# ---------------------------------------------------------------- shared flags
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), "
+                   "'gemma3-270m', a .gguf file, a local model folder, or a hub id (default: %(default)s)")
+
+
+def _add_task_data(p: argparse.ArgumentParser, *, many: bool) -> None:
+    action = "append" if many else None
+    p.add_argument("--data", action=action, required=True,
+                   help="JSONL/CSV/TSV/parquet file, a datasets folder, or builtin:NAME:SPLIT "
+                        "(builtin sets: movie_sentiment, sms_spam, trec)" + (" (repeat per task)" if many else ""))
+    p.add_argument("--template", action=action, help="Input template with {column} fields, e.g. "
+                   "'Review: {text}\\nSentiment:' (default: the builtin set's, else '{text}')")
+    p.add_argument("--labels", action=action, help="Comma-separated label names in class order; "
+                   "integer labels index into them (default: the builtin set's)")
+    p.add_argument("--targets", action=action, help="Comma-separated target strings per label "
+                   "(default: each label with a leading space)")
+    p.add_argument("--text-column", help="Column to use as {text}")
+    p.add_argument("--label-column", default="label", help="Column holding the label (default: %(default)s)")
+    p.add_argument("--input-column", help="Free-form generation: the input column (template '{COLUMN}')")
+    p.add_argument("--target-column", help="Free-form generation: the column holding the target text")
+    p.add_argument("--skip-bad-rows", action="store_true", help="Drop bad rows with a count instead of failing")
+    p.add_argument("--max-length", type=int, default=256, help="Truncate input + target (default: %(default)s)")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("softprompt").setLevel(logging.INFO)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _nth(values, i: int, default=None):
+    """Per-task flag value: the i-th if given per task, the only one if given once."""
+    if not values:
+        return default
+    return values[i] if len(values) > 1 else values[0]
+
+
+def _task_spec(args, i: int, name: str):
+    """A Task from the flags for the i-th task (builtin data supplies template and labels)."""
+    from .data import BUILTIN_DATASETS, Task, Template, Verbalizer
+
+    data = _nth(args.data, i) if isinstance(args.data, list) else args.data
+    builtin = BUILTIN_DATASETS.get(data.split(":")[1]) if str(data).startswith("builtin:") else None
+    template = _nth(args.template, i) if isinstance(args.template, list) else args.template
+    labels = _nth(args.labels, i) if isinstance(args.labels, list) else args.labels
+    targets = _nth(args.targets, i) if isinstance(args.targets, list) else args.targets
+    if args.target_column:
+        field = args.input_column or "text"
+        return Task(name, Template.from_cli(template or "{" + field + "}"), None, target_column=args.target_column)
+    label_names = labels.split(",") if labels else (list(builtin.labels) if builtin else None)
+    if not label_names:
+        raise ConfigError("--labels is required for a classification task (or use --target-column)")
+    template = Template.from_cli(template) if template else (Template(builtin.template) if builtin else Template("{text}"))
+    target_list = targets.split(",") if targets else None
+    return Task(name, template, Verbalizer(label_names, target_list), label_column=args.label_column)
+
+
+def _load_split(path: str, task, tokenizer, task_id: int, args):
+    from .data import load_examples
+
+    examples, skipped = load_examples(path, task, tokenizer, task_id, text_column=args.text_column,
+                                      skip_bad_rows=args.skip_bad_rows, max_length=args.max_length)
+    if skipped:
+        print(f"skipped {skipped} bad rows in {path}", file=sys.stderr)
+    return examples
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    from .bank import PromptBank
+    from .models import load_model
+    from .prompted import PromptedModel
+    from .train import EvalSet, TrainConfig, Trainer
+
+    names = args.task
+    if len(args.data) not in (1, len(names)):
+        raise ConfigError(f"give --data once or once per --task ({len(names)} tasks, {len(args.data)} --data)")
+    config = from_args(TrainConfig, args)
+    prompt_config = from_args(PromptTuningConfig, args)
+    loaded = load_model(args.model)
+    prompted = PromptedModel(loaded, {name: _init_config(prompt_config, args, i, name) for i, name in enumerate(names)})
+    tasks = [_task_spec(args, i, name) for i, name in enumerate(names)]
+    train_examples, eval_sets, test_sets = [], {}, {}
+    for i, (name, task) in enumerate(zip(names, tasks, strict=True)):
+        train_examples += _load_split(_nth(args.data, i), task, loaded.tokenizer, i, args)
+        if args.eval_data:
+            eval_sets[name] = EvalSet(task, _load_split(_nth(args.eval_data, i), task, loaded.tokenizer, i, args))
+        if args.test_data:
+            test_sets[name] = EvalSet(task, _load_split(_nth(args.test_data, i), task, loaded.tokenizer, i, args))
+    output_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    trainer = Trainer(prompted, train_examples, config, eval_sets=eval_sets, output_dir=output_dir,
+                      on_step=_progress_bar(config.max_steps))
+    print(f"model {args.model}: {trainer.trainable_parameter_count:,} trainable parameters "
+          f"({len(names)} task(s) x {args.num_virtual_tokens} tokens x {prompted.token_dim}); "
+          f"{len(train_examples)} training examples; bf16 autocast {'on' if trainer.bf16 else 'off'}",
+          file=sys.stderr)
+    if args.resume and not trainer.load_checkpoint():
+        print(f"no checkpoint in {output_dir}; starting fresh", file=sys.stderr)
+    result = trainer.train()
+    _progress_bar.close()
+    summary = _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir, PromptBank(args.bank))
+    _print_json(summary) if args.json else _print_summary(summary)
+    return 0
+
+
+def _init_config(base: PromptTuningConfig, args, i: int, name: str) -> PromptTuningConfig:
+    """Per-task init: class_labels takes that task's label words."""
+    from dataclasses import replace
+
+    if base.prompt_tuning_init == "class_labels" and not base.init_labels:
+        labels = _nth(args.labels, i) if isinstance(args.labels, list) else args.labels
+        return replace(base, init_labels=labels.split(",") if labels else [])
+    return base
+
+
+def _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir: Path, bank) -> dict:
+    from .evaluate import evaluate_task
+    from .plots import plot_training
+    from .train import autocast
+
+    summary = {"steps": result.steps, "best_step": result.best_step, "best_validation": result.best_metric,
+               "train_seconds": round(result.seconds, 2), "examples_per_second": round(result.examples_per_second, 2),
+               "trainable_parameters": result.trainable_parameters, "output_dir": str(output_dir), "tasks": {}}
+    for task in tasks:
+        entry = {}
+        if task.name in test_sets:
+            examples = test_sets[task.name].examples
+            with autocast(trainer.device, trainer.bf16):
+                entry["test_zero_shot"] = evaluate_task(prompted, task, examples, None)
+                entry["test_tuned"] = evaluate_task(prompted, task, examples, task.name)
+        meta = {"template": task.template.text, "verbalizer": task.verbalizer.to_dict() if task.verbalizer else None,
+                "metrics": {"best_validation": result.best_metric, "best_step": result.best_step, **entry},
+                "training": {"data": args.data, "eval_data": args.eval_data, **vars_of(trainer.config)}}
+        entry["path"] = str(prompted.save_task(task.name, bank, meta))
+        summary["tasks"][task.name] = entry
+    metrics_file = output_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        summary["plots"] = [str(p) for p in plot_training(metrics_file, output_dir)]
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def vars_of(config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"trained {summary['steps']} steps in {summary['train_seconds']} s "
+          f"({summary['examples_per_second']} examples/s); best validation {summary['best_validation']} "
+          f"at step {summary['best_step']}")
+    for name, entry in summary["tasks"].items():
+        if "test_tuned" in entry:
+            zs, tuned = entry["test_zero_shot"], entry["test_tuned"]
+            key = "accuracy" if "accuracy" in tuned else "exact_match"
+            print(f"{name}: test {key} zero-shot {zs[key]:.4f} -> tuned {tuned[key]:.4f} (n={tuned['n']})")
+        print(f"{name}: prompt saved to {entry['path']}")
+    print(f"metrics and plots in {summary['output_dir']}")
+
+
+class _ProgressBar:
+    """tqdm bar with loss and speed; created lazily so library code never draws."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+        def on_step(record: dict) -> None:
+            postfix = {"loss": f"{record['loss']:.4f}", "ex/s": f"{record['examples'] / record['seconds']:.1f}"}
+            if "validation" in record and record["validation"]["metric"] is not None:
+                postfix["val"] = f"{record['validation']['metric']:.4f}"
+            self.bar.set_postfix(postfix)
+            self.bar.n = record["step"]
+            self.bar.refresh()
+
+        return on_step
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+_progress_bar = _ProgressBar()
+
+
+# ---------------------------------------------------------------- eval
+
+
+def cmd_eval(args) -> int:
+    from .bank import PromptBank
+    from .data import Template
+    from .evaluate import evaluate_task
+    from .models import load_model
+    from .prompted import PromptedModel
+    from .train import TrainConfig, autocast, use_bf16
+
+    loaded = load_model(args.model)
+    prompted = PromptedModel(loaded)
+    task_name = None
+    if args.zero_shot:
+        task = _task_spec(args, 0, args.task or "zero-shot")
+        if args.hard_prompt:  # the init text as a plain-text prompt, the other usual baseline
+            task.template = Template(args.hard_prompt.replace("{", "{{").replace("}", "}}") + " " + task.template.text)
+    else:
+        if not (args.bank and args.task):
+            raise ConfigError("eval needs --bank and --task, or --zero-shot")
+        saved = PromptBank(args.bank).load(args.task)
+        prompted.add_task(args.task, saved)
+        task = _task_from_saved(args, saved)
+        task_name = args.task
+    examples = _load_split(args.data, task, loaded.tokenizer, 0 if task_name else -1, args)
+    device = prompted.model.get_input_embeddings().weight.device
+    with autocast(device, use_bf16(TrainConfig(bf16=args.bf16), device)):
+        metrics = evaluate_task(prompted, task, examples, task_name, batch_size=args.batch_size)
+    metrics = {"task": task_name, "zero_shot": bool(args.zero_shot), "template": task.template.text, **metrics}
+    if args.json:
+        _print_json(metrics)
+    else:
+        _print_eval(metrics)
+    return 0
+
+
+def _task_from_saved(args, saved):
+    """The saved prompt's own template and verbalizer unless flags override them."""
+    from .data import Task, Template, Verbalizer
+
+    meta = saved.meta
+    template = Template.from_cli(args.template) if args.template else Template(meta.get("template") or "{text}")
+    verbalizer = meta.get("verbalizer")
+    if args.labels:
+        verbalizer = {"labels": args.labels.split(","), "targets": args.targets.split(",") if args.targets else None}
+    if args.target_column:
+        return Task(saved.name, template, None, target_column=args.target_column)
+    if not verbalizer:
+        raise ConfigError(f"prompt {saved.name!r} has no verbalizer; pass --labels or --target-column")
+    return Task(saved.name, template, Verbalizer(verbalizer["labels"], verbalizer.get("targets")),
+                label_column=args.label_column)
+
+
+def _print_eval(metrics: dict) -> None:
+    if "accuracy" in metrics:
+        print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n={metrics['n']}")
+        print("confusion (rows = gold, cols = predicted):", metrics["labels"])
+        for label, row in zip(metrics["labels"], metrics["confusion_matrix"], strict=True):
+            print(f"  {label:>12}: {row}")
+    else:
+        print(f"exact match {metrics['exact_match']:.4f}  token F1 {metrics['token_f1']:.4f}  "
+              f"loss {metrics['loss']:.4f}  n={metrics['n']}")
+
+
+# ---------------------------------------------------------------- generate / info
+
+
+def cmd_generate(args) -> int:
+    from .models import load_model
+    from .prompted import PromptedModel
+
+    prompted = PromptedModel(load_model(args.model))
+    task = None
+    if args.prompt and args.prompt.lower() != "none":
+        task = prompted.load_task(args.prompt).name
+    elif args.bank and args.task:
+        from .bank import PromptBank
+
+        prompted.add_task(args.task, PromptBank(args.bank).load(args.task))
+        task = args.task
+    texts = [t.encode().decode("unicode_escape") if args.unescape else t for t in args.text]
+    outputs = prompted.generate(texts, task, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+    if args.json:
+        _print_json({"task": task, "outputs": outputs})
+    else:
+        for text, out in zip(texts, outputs, strict=True):
+            print(text + out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models import describe, load_model
+
+    info = describe(load_model(args.model))
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
+    return 0
+
+
+# ---------------------------------------------------------------- bank
+
+
+def cmd_bank(args) -> int:
+    from .bank import PromptBank
+
+    bank = PromptBank(args.bank, create=args.bank_command == "import")
+    if args.bank_command == "list":
+        _, errors = bank.load_all()
+        for name in bank.names():
+            status = f"BROKEN: {errors[name]}" if name in errors else "ok"
+            print(f"{name}\t{status}")
+    elif args.bank_command == "show":
+        saved = bank.load(args.name)
+        _print_json({"name": saved.name, "shape": list(saved.embeddings.shape), "config": saved.config,
+                     "meta": saved.meta, "path": str(Path(bank.root) / saved.name)})
+    elif args.bank_command == "rm":
+        bank.delete(args.name)
+        print(f"removed {args.name}")
+    elif args.bank_command == "import":
+        saved = bank.import_peft(args.source, args.name)
+        print(f"imported {saved.name}: {saved.num_virtual_tokens} x {saved.token_dim}")
+    elif args.bank_command == "export":
+        bank.export(args.name, args.dest)
+        print(f"exported {args.name} to {args.dest}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(args.model, args.bank, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen causal LMs.")
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Train soft prompts; they land in --bank",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model(p)
+    p.add_argument("--task", action="append", required=True, help="Task name (repeat to train several at once)")
+    _add_task_data(p, many=True)
+    p.add_argument("--eval-data", action="append", help="Validation data (per task)")
+    p.add_argument("--test-data", action="append", help="Test data: zero-shot vs tuned reported at the end")
+    p.add_argument("--bank", required=True, help="Prompt bank folder where the trained prompts land")
+    p.add_argument("--output-dir", help="Metrics, plots and checkpoint (default: runs/<time>)")
+    p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --output-dir")
+    p.add_argument("--json", action="store_true", help="Print the summary as JSON on the last line")
+    add_arguments(p, PromptTuningConfig, skip=("seed",))  # one --seed for init and batches
+    add_arguments(p, TrainConfig, skip=("max_length",))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="Evaluate a saved prompt, or the zero-shot baseline")
+    _add_model(p)
+    p.add_argument("--bank", help="Prompt bank folder")
+    p.add_argument("--task", help="Task in the bank to evaluate")
+    p.add_argument("--zero-shot", action="store_true", help="No soft prompt: the template alone")
+    p.add_argument("--hard-prompt", help="With --zero-shot: text put before the template (e.g. the init text)")
+    p.add_argument("--batch-size", type=int, default=32, help="Rows per forward (default: %(default)s)")
+    p.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"], help="bf16 autocast")
+    p.add_argument("--json", action="store_true", help="Print metrics as JSON on the last line")
+    _add_task_data(p, many=False)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="Generate text with or without a soft prompt")
+    _add_model(p)
+    p.add_argument("--prompt", help="A saved prompt folder, or 'none' for the plain model")
+    p.add_argument("--bank", help="Prompt bank folder (with --task)")
+    p.add_argument("--task", help="Task in the bank")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--unescape", action=argparse.BooleanOptionalAction, default=True,
+                   help="Decode \\n and \\t typed in the text")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("text", nargs="+", help="Input text(s); several make one mixed batch")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="Model parameters, hidden size, vocab, fingerprint, cache path")
+    _add_model(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bank", help="List, show, remove, import or export prompts in a bank")
+    bank_sub = p.add_subparsers(dest="bank_command", required=True)
+    for verb, text in (("list", "List tasks (broken entries flagged)"), ("show", "Shape, init, template, metrics"),
+                       ("rm", "Remove a task"), ("import", "Import a PEFT prompt-tuning adapter folder"),
+                       ("export", "Write a task as a plain PEFT-loadable folder")):
+        q = bank_sub.add_parser(verb, help=text)
+        q.add_argument("--bank", required=True, help="Prompt bank folder")
+        if verb in ("show", "rm", "export"):
+            q.add_argument("name", help="Task name")
+        if verb == "import":
+            q.add_argument("source", help="PEFT adapter folder")
+            q.add_argument("name", help="Task name in the bank")
+        if verb == "export":
+            q.add_argument("dest", help="Destination folder (must not exist)")
+    p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a prompt bank")
+    _add_model(p)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except SoftPromptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""OpenAI-compatible HTTP server: routes, schemas and the error mapping; the work is the engine's.
+
+    app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
+
+Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
+(`model` names a task or the base model; `stream: true` sends server-sent events),
+`POST /v1/classify`, and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
+folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
+is set. Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
+mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
+
+Replicas are stateless over a shared bank folder: every request checks its task's bank version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .bank import validate_task_name
+from .engine import (
+    PROMPT_FILES,
+    BatchScheduler,
+    ClassifyRequest,
+    ContextLengthError,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    NoVerbalizerError,
+)
+from .errors import (
+    ConfigError,
+    IncompatiblePromptError,
+    InvalidTaskNameError,
+    PromptFileError,
+    SoftPromptError,
+    UnknownTaskError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AuthenticationError(SoftPromptError):
+    """A missing or wrong API key on an admin route."""
+
+
+class UploadError(SoftPromptError, ValueError):
+    """A prompt upload that is not a readable multipart/form-data body."""
+
+
+class BodyTooLargeError(StarletteHTTPException):
+    """A request body over the server's limit (an HTTPException so FastAPI's body reader re-raises it)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes")
+
+
+# ---------------------------------------------------------------- schemas
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored
+
+
+class _SamplingFields(_Request):
+    model: str = Field(description="A task name (its soft prompt is prepended) or the base model's id.")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy; higher = more random.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    n: int = Field(1, description="Completions per prompt; only 1 is supported.")
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text is cut before one.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    stream: bool = Field(False, description="Send the text as server-sent events while it is generated.")
+    stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        return stops
+
+
+class CompletionBody(_SamplingFields):
+    prompt: str | list[str] | list[int] = Field(description="Text, a list of texts, or one list of token ids.")
+    max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
+
+
+class ChatMessage(_Request):
+    role: str = Field(description="system, user, assistant, ...")
+    content: str | list[dict[str, Any]] | None = Field(None, description="Text, or a list of text parts.")
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(None, ge=1, description="New tokens at most (default: up to the context).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
+
+
+class ClassifyBody(_Request):
+    model: str = Field(description="A task whose saved prompt has a verbalizer.")
+    input: str | list[str] = Field(description="Text or texts to classify.")
+
+
+# ---------------------------------------------------------------- errors: the one mapping
+
+_ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match wins
+    (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
+    (InvalidTaskNameError, 400, "invalid_request_error", "invalid_task_name"),
+    (UnknownTaskError, 404, "invalid_request_error", "model_not_found"),
+    (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (NoVerbalizerError, 400, "invalid_request_error", "no_verbalizer"),
+    (IncompatiblePromptError, 422, "invalid_request_error", "invalid_prompt"),
+    (PromptFileError, 422, "invalid_request_error", "invalid_prompt"),
+    (UploadError, 422, "invalid_request_error", "invalid_upload"),
+    (ConfigError, 422, "invalid_request_error", "invalid_value"),
+    (SoftPromptError, 400, "invalid_request_error", None),
+]
+_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def classify_error(exc: Exception) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error body) for any exception."""
+    if isinstance(exc, StarletteHTTPException):
+        code = "request_too_large" if exc.status_code == 413 else None
+        return exc.status_code, error_body(str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code)
+    for kind, status, type_, code in _ERRORS:
+        if isinstance(exc, kind):
+            param = "model" if isinstance(exc, UnknownTaskError | InvalidTaskNameError) else None
+            return status, error_body(str(exc), type_, code, param)
+    return 500, error_body("internal server error", "server_error", "internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, first = [], None
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        first = first or loc or None
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts), first
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        status, body = classify_error(exc)
+        if status >= 500:
+            log.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(body, status_code=status)
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=422)
+
+    app.add_exception_handler(SoftPromptError, known)
+    app.add_exception_handler(StarletteHTTPException, known)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, known)
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes, by Content-Length and by bytes received."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            if declared is not None and declared.isdigit() and int(declared) > self.limit:
+                raise BodyTooLargeError(self.limit)
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLargeError(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: int = 16,
+               max_wait_ms: float = 5, max_body_bytes: int = 1_000_000) -> FastAPI:
+    """The FastAPI app serving `engine` (one micro-batcher; admin routes behind `api_key`)."""
+    scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        errors = await asyncio.to_thread(engine.refresh)
+        log.info("serving %s with %d task(s)%s", engine.base_model_id, len(engine.tasks()),
+                 f"; skipped {sorted(errors)}" if errors else "")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="softprompt", lifespan=lifespan)
+    app.state.engine, app.state.scheduler = engine, scheduler
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    _install_error_handlers(app)
+    if api_key is None:
+        log.warning("no API key set: the admin routes (PUT/DELETE /v1/prompts) are open")
+
+    def require_admin(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(header[7:].strip().encode(), api_key.encode()):
+            raise AuthenticationError("invalid API key")
+
+    _add_info_routes(app, engine)
+    _add_generation_routes(app, engine, scheduler)
+    _add_admin_routes(app, engine, Depends(require_admin))
+    return app
+
+
+def _add_info_routes(app: FastAPI, engine: Engine) -> None:
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.base_model_id, "tasks": len(engine.tasks())}
+
+    @app.get("/v1/models")
+    async def models():
+        await asyncio.to_thread(engine.refresh)
+        data = [{"id": engine.base_model_id, "object": "model", "created": 0, "owned_by": "softprompt"}]
+        for name in engine.tasks():
+            info = engine.task_info(name)
+            data.append({"id": name, "object": "model", "created": int(info.loaded_at),
+                         "owned_by": "softprompt", "parent": engine.base_model_id,
+                         "num_virtual_tokens": info.num_virtual_tokens, "classify": info.has_verbalizer})
+        return {"object": "list", "data": data}
+
+
+def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchScheduler) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
+        if not prompts:
+            raise ConfigError("prompt must not be empty")
+        requests = [_generation_request(body, p, body.max_tokens) for p in prompts]
+        if body.stream:
+            if len(requests) != 1:
+                raise ConfigError("stream supports one prompt per request")
+            return await _stream(scheduler, requests[0], body, "text_completion")
+        prepared = await asyncio.gather(*(scheduler.prepare(r) for r in requests))
+        results = await asyncio.gather(*(asyncio.wrap_future(scheduler.enqueue(p)) for p in prepared))
+        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                   for i, r in enumerate(results)]
+        return _response("cmpl", "text_completion", body.model, choices, results)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = await asyncio.to_thread(engine.chat_prompt, messages)
+        request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens)
+        if body.stream:
+            return await _stream(scheduler, request, body, "chat.completion.chunk")
+        result = await scheduler.submit(request)
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "logprobs": None, "finish_reason": result.finish_reason}
+        return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyBody):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        results = await scheduler.submit(ClassifyRequest(body.model, texts))
+        data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
+        return {"object": "list", "model": body.model, "data": data}
+
+
+def _add_admin_routes(app: FastAPI, engine: Engine, admin) -> None:
+    @app.put("/v1/prompts/{task:path}", dependencies=[admin])
+    async def upload(task: str, request: Request):
+        validate_task_name(task)  # before reading the body or touching the disk
+        files = _multipart_files(await request.body(), request.headers.get("content-type", ""))
+        info = await asyncio.to_thread(engine.install, task, files)
+        return {"object": "prompt", "id": info.name, "num_virtual_tokens": info.num_virtual_tokens,
+                "version": info.version, "classify": info.has_verbalizer}
+
+    @app.delete("/v1/prompts/{task:path}", dependencies=[admin])
+    async def delete(task: str):
+        validate_task_name(task)  # before reading the body or touching the disk
+        await asyncio.to_thread(engine.remove, task)
+        return {"object": "prompt", "id": task, "deleted": True}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _is_token_list(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(x, int) for x in prompt)
+
+
+def _generation_request(body: _SamplingFields, prompt, max_tokens: int | None) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, task=body.model, max_new_tokens=max_tokens,
+                             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                             stop=tuple(body.stop or ()))
+
+
+def _usage(results: list[GenerationResult]) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _response(prefix: str, obj: str, model: str, choices: list, results: list[GenerationResult]) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
+            "model": model, "system_fingerprint": None, "choices": choices, "usage": _usage(results)}
+
+
+_DONE = object()
+
+
+async def _stream(scheduler: BatchScheduler, request: GenerationRequest, body: _SamplingFields,
+                  obj: str) -> StreamingResponse:
+    """Validate now (errors keep their status), then stream OpenAI chunks ending in [DONE]."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+    prepared = await scheduler.prepare(request)
+    future = scheduler.enqueue(prepared)
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
+    chat = obj == "chat.completion.chunk"
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
+            "created": int(time.time()), "model": body.model, "system_fingerprint": None}
+
+    def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**head, "choices": [choice]})
+
+    async def events():
+        try:
+            if chat:
+                yield chunk(None, first=True)
+            while (piece := await pieces.get()) is not _DONE:
+                yield chunk(piece)
+            try:
+                result = future.result()
+            except Exception as exc:  # the request failed after the stream began
+                yield _sse(classify_error(exc)[1])
+            else:
+                yield chunk(None, result.finish_reason)
+                if (body.stream_options or {}).get("include_usage"):
+                    yield _sse({**head, "choices": [], "usage": _usage([result])})
+            yield "data: [DONE]\n\n"
+        finally:
+            prepared.cancelled = True  # the client went away: stop generating for it
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+_PARAM_RE = re.compile(r'(\w+)\*?="?([^";]*)"?')
+
+
+def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
+    """Files of a multipart/form-data body, by field name or file name (whichever is a prompt file).
+
+    Parsed here (byte-exact, a few lines) rather than through an extra form-parsing dependency.
+    """
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise UploadError("upload the prompt as multipart/form-data with the files "
+                          f"{', '.join(PROMPT_FILES)}")
+    boundary = dict(_PARAM_RE.findall(content_type)).get("boundary")
+    if not boundary:
+        raise UploadError("multipart/form-data body without a boundary")
+    files: dict[str, bytes] = {}
+    parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())  # the CRLF belongs to the delimiter
+    if len(parts) < 2 or not parts[-1].startswith(b"--"):
+        raise UploadError("malformed multipart/form-data body (no closing boundary)")
+    for part in parts[1:-1]:
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            raise UploadError("malformed multipart/form-data body (a part without headers)")
+        disposition = next((line for line in head.decode("latin-1").split("\r\n")
+                            if line.lower().startswith("content-disposition:")), "")
+        params = dict(_PARAM_RE.findall(disposition))
+        names = [params.get("name", ""), os.path.basename(params.get("filename", ""))]
+        key = next((n for n in names if n in PROMPT_FILES), None)
+        if key is not None:
+            files[key] = content
+    return files
+
+
+# ---------------------------------------------------------------- running it
+
+
+def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
+          port: int = 8000, *, max_batch_size: int = 16, max_wait_ms: float = 5,
+          api_key: str | None = None, max_body_bytes: int = 1_000_000,
+          log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
+    """Load the model and the bank, and serve them with uvicorn until stopped.
+
+    The admin key is `api_key`, else the environment variable SOFTPROMPT_API_KEY (else none).
+    """
+    import uvicorn
+
+    from .bank import PromptBank
+    from .models import load_model
+
+    engine = Engine(load_model(model_name), PromptBank(bank_dir))
+    app = create_app(engine, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+__all__ = ["create_app", "serve", "classify_error", "AuthenticationError", "UploadError"]

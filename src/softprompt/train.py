@@ -1,0 +1,355 @@
+"""The training loop: one loop for every method (soft prompt, LoRA, full fine-tuning).
+
+It trains whatever parameters of the model require grad; for prompt tuning that is only the
+prompt table. It runs on `accelerate` (one process, or `accelerate launch` with several: every
+process builds the same batch schedule and takes its share of each global batch; gradients are
+summed across processes and the loss is normalised by the *global* token count, so N processes
+compute exactly what one process computes on the same global batch).
+
+Speed levers (measured in bench/train_sst2.py): length-grouped batches, left padding so the
+labelled tokens sit in the last columns and logits are computed only there, and bf16 autocast
+where the hardware supports it. The prompt itself stays float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from .data import Example, Task, collate, length_grouped_batches
+from .errors import ConfigError
+from .evaluate import evaluate_task
+from .options import opt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """How to train (names follow transformers' TrainingArguments)."""
+
+    max_steps: int = opt(300, "Number of optimizer steps.")
+    per_device_train_batch_size: int = opt(16, "Examples per step on each process.")
+    learning_rate: float = opt(3e-2, "Peak learning rate (prompt tuning wants large ones: 1e-2..0.3).")
+    optimizer: str = opt("adamw", "adamw or adafactor (Lester et al. used Adafactor, lr 0.3).")
+    weight_decay: float = opt(0.0, "Decoupled weight decay.")
+    warmup_steps: int = opt(10, "Linear warmup steps.")
+    lr_scheduler_type: str = opt("linear", "linear, cosine or constant (after warmup).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping threshold (0 = off).")
+    eval_steps: int = opt(50, "Validate every N steps (and at the end).")
+    eval_batch_size: int = opt(32, "Rows per evaluation forward.")
+    max_eval_examples: int = opt(0, "Validate on at most this many examples (0 = all).")
+    early_stopping_patience: int = opt(0, "Stop after N validations without improvement (0 = never).")
+    group_by_length: bool = opt(True, "Batch examples of similar length (less padding).")
+    bf16: str = opt("auto", "bf16 autocast: auto (when the CPU/GPU supports it), yes, no.")
+    seed: int = opt(0, "Seed for batch order and initialisation.")
+    logging_steps: int = opt(1, "Write a metrics line every N steps.")
+    max_length: int = opt(256, "Truncate input + target to this many tokens (input cut on the left).")
+    vanishing_grad_norm: float = opt(1e-8, "Warn when the prompt gradient norm falls below this.")
+    exploding_grad_norm: float = opt(1e3, "Warn when the prompt gradient norm exceeds this.")
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(f"optimizer must be adamw or adafactor, not {self.optimizer!r}")
+        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"lr_scheduler_type must be linear, cosine or constant, not {self.lr_scheduler_type!r}")
+        if self.bf16 not in ("auto", "yes", "no"):
+            raise ConfigError(f"bf16 must be auto, yes or no, not {self.bf16!r}")
+        for name in ("max_steps", "per_device_train_batch_size", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+
+
+@dataclass
+class EvalSet:
+    """Validation data of one task."""
+
+    task: Task
+    examples: list[Example]
+
+
+@dataclass
+class TrainResult:
+    best_metric: float | None
+    best_step: int
+    steps: int
+    history: list[dict]
+    seconds: float
+    examples_per_second: float
+    trainable_parameters: int
+
+
+# ---------------------------------------------------------------- setup
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off on CUDA with bf16 support and on CPUs with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    return config.bf16 == "yes" or (config.bf16 == "auto" and bf16_supported(device))
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def batch_schedule(examples: list[Example], global_batch: int, steps: int, config: TrainConfig) -> list[list[int]]:
+    """The global batches of every step, identical on every process (a new shuffle per epoch)."""
+    lengths = [ex.length for ex in examples]
+    schedule: list[list[int]] = []
+    epoch = 0
+    while len(schedule) < steps:
+        seed = config.seed + epoch
+        if config.group_by_length:
+            schedule += length_grouped_batches(lengths, global_batch, seed=seed, drop_last=len(examples) >= global_batch)
+        else:
+            order = list(range(len(examples)))
+            random.Random(seed).shuffle(order)
+            schedule += [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+        epoch += 1
+    return schedule[:steps]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Trains the parameters of `prompted` that require grad; see the module docstring."""
+
+    def __init__(self, prompted, train_examples: list[Example], config: TrainConfig, *,
+                 eval_sets: dict[str | None, EvalSet] | None = None, output_dir: str | Path | None = None,
+                 on_step: Callable[[dict], None] | None = None, accelerator: Accelerator | None = None):
+        if not train_examples:
+            raise ConfigError("no training examples")
+        self.prompted, self.examples, self.config = prompted, train_examples, config
+        self.eval_sets = eval_sets or {}
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.on_step = on_step
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.bf16 = use_bf16(config, self.device)
+        self.prompted.to(self.device)
+        self.params = [p for p in prompted.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("nothing to train: no parameter requires grad")
+        self.optimizer = make_optimizer(self.params, config)
+        self.scheduler = get_scheduler(config.lr_scheduler_type if config.lr_scheduler_type != "constant"
+                                       else "constant_with_warmup", self.optimizer,
+                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+        world = self.accelerator.num_processes
+        self.schedule = batch_schedule(train_examples, config.per_device_train_batch_size * world,
+                                       config.max_steps, config)
+        self.step, self.best_metric, self.best_step, self.bad_evals = 0, None, 0, 0
+        self.best_state = self._snapshot()
+        self.history: list[dict] = []
+        self.train_seconds, self.examples_seen = 0.0, 0
+
+    @property
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # -------------------------------------------------------- one step
+
+    def _local_rows(self, rows: list[int]) -> list[Example]:
+        acc = self.accelerator
+        return [self.examples[i] for i in rows[acc.process_index::acc.num_processes]]
+
+    def _global_sum(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        local = self._local_rows(self.schedule[self.step])
+        pad = self.prompted.tokenizer.pad_token_id or 0
+        batch = {k: v.to(self.device) for k, v in collate(local, pad, padding_side="left").items()}
+        n_tokens = self._global_sum(float((batch["labels"] != -100).sum()))
+        with autocast(self.device, self.bf16):
+            nll = self.prompted.loss(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
+                                     batch["labels"], reduction="none").sum()
+        (nll / n_tokens).backward()
+        self._sync_gradients()
+        stats = self._gradient_stats()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        self.examples_seen += len(self.schedule[self.step])
+        self.step += 1
+        loss = self._global_sum(float(nll.detach())) / n_tokens
+        return {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                "seconds": seconds, "examples": len(self.schedule[self.step - 1]), **stats}
+
+    def _sync_gradients(self) -> None:
+        """Sum gradients across processes (the loss is already divided by the global count)."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.accelerator.reduce(p.grad, reduction="sum")
+
+    def _gradient_stats(self) -> dict:
+        """Per-virtual-token gradient and value norms of each prompt, plus the total grad norm."""
+        total = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.params if p.grad is not None))
+        stats: dict = {"grad_norm": total}
+        table = getattr(self.prompted, "table", None)
+        if table is not None and any(p.requires_grad for p in table.parameters()):
+            stats["prompt_grad_norms"] = {
+                name: (p.grad.norm(dim=-1).tolist() if p.grad is not None else [0.0] * p.shape[0])
+                for name, p in zip(table.names, table.prompts, strict=True)}
+            stats["prompt_norms"] = {name: p.detach().norm(dim=-1).tolist()
+                                     for name, p in zip(table.names, table.prompts, strict=True)}
+        if not math.isfinite(total) or total > self.config.exploding_grad_norm:
+            log.warning("step %d: exploding gradient (norm %.3g); lower --learning-rate", self.step + 1, total)
+        elif total < self.config.vanishing_grad_norm:
+            log.warning("step %d: vanishing gradient (norm %.3g)", self.step + 1, total)
+        return stats
+
+    # -------------------------------------------------------- validation
+
+    def validate(self) -> dict:
+        """Metric per task (accuracy for labelled tasks, negative loss otherwise) and their mean."""
+        results = {}
+        for name, eval_set in self.eval_sets.items():
+            examples = eval_set.examples
+            if self.config.max_eval_examples:
+                examples = examples[:self.config.max_eval_examples]
+            with autocast(self.device, self.bf16):
+                results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples, name,
+                                                        batch_size=self.config.eval_batch_size)
+        scores = [r["accuracy"] if "accuracy" in r else -r["loss"] for r in results.values()]
+        return {"metric": sum(scores) / len(scores) if scores else None, "tasks": results}
+
+    def _after_validation(self, metric: float | None) -> bool:
+        """Keep the best state; True when early stopping says stop."""
+        if metric is None or self.best_metric is None or metric > self.best_metric:
+            self.best_metric, self.best_step, self.bad_evals = metric, self.step, 0
+            self.best_state = self._snapshot()
+            return False
+        self.bad_evals += 1
+        patience = self.config.early_stopping_patience
+        return bool(patience and self.bad_evals >= patience)
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def restore_best(self) -> None:
+        with torch.no_grad():
+            for p, best in zip(self.params, self.best_state, strict=True):
+                p.copy_(best)
+
+    # -------------------------------------------------------- run
+
+    def train(self) -> TrainResult:
+        start_step = self.step
+        stop = False
+        while self.step < self.config.max_steps and not stop:
+            record = self.train_step()
+            if self.step % self.config.eval_steps == 0 or self.step == self.config.max_steps:
+                validation = self.validate() if self.eval_sets else {"metric": None}
+                record["validation"] = validation
+                stop = self._after_validation(validation["metric"])
+                self.save_checkpoint()
+            self._log(record)
+        self.restore_best()
+        log.info("trained %d steps (%d this run); best metric %s at step %d", self.step,
+                 self.step - start_step, self.best_metric, self.best_step)
+        return TrainResult(self.best_metric, self.best_step, self.step, self.history, self.train_seconds,
+                           self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
+                           self.trainable_parameter_count)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.on_step:
+            self.on_step(record)
+        if self.output_dir and self.accelerator.is_main_process and (
+                self.step % self.config.logging_steps == 0 or "validation" in record):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -------------------------------------------------------- checkpoints (--resume)
+
+    def checkpoint_path(self) -> Path | None:
+        return self.output_dir / "checkpoint.pt" if self.output_dir else None
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue bit-for-bit: written to a temp file, then renamed."""
+        path = self.checkpoint_path()
+        if path is None or not self.accelerator.is_main_process:
+            return
+        state = {"step": self.step, "params": [p.detach().cpu() for p in self.params],
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "best_metric": self.best_metric, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                 "best_state": [t.cpu() for t in self.best_state], "train_seconds": self.train_seconds,
+                 "examples_seen": self.examples_seen, "config": asdict(self.config)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self) -> bool:
+        """Continue from the last checkpoint in output_dir; False when there is none."""
+        path = self.checkpoint_path()
+        if path is None or not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best_metric = state["step"], state["best_metric"]
+        self.best_step, self.bad_evals = state["best_step"], state["bad_evals"]
+        self.best_state = [t.to(self.device) for t in state["best_state"]]
+        self.train_seconds, self.examples_seen = state["train_seconds"], state["examples_seen"]
+        self._truncate_metrics_log()
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _truncate_metrics_log(self) -> None:
+        """Drop metric lines written after the checkpoint (the killed run's tail)."""
+        metrics = self.output_dir / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        metrics.write_text("".join(line + "\n" for line in kept))

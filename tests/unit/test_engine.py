@@ -1,0 +1,401 @@
+"""Engine: mixed-task batches, KV prefix cache, stop rules, classification, bank following and
+the micro-batcher, on a tiny random Llama (and Gemma 3) with a temporary prompt bank."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from softprompt import inject
+from softprompt.bank import PromptBank, SavedPrompt
+from softprompt.engine import (
+    BatchScheduler,
+    ClassifyRequest,
+    ContextLengthError,
+    Engine,
+    GenerationRequest,
+    NoVerbalizerError,
+)
+from softprompt.errors import IncompatiblePromptError, UnknownTaskError
+from softprompt.models import fingerprint
+
+from ..conftest import WORDS, build_tiny_model
+
+D = 32
+TASKS = {"t0": 2, "t1": 3, "t2": 4, "t3": 6}  # name -> virtual tokens
+VERBALIZER = {"labels": ["positive", "negative"], "targets": [" good", " bad film"]}
+TEMPLATE = "review : {text} sentiment :"
+TEXTS = ["the movie was", "a boring plot and", "i love this film", "fun", "the actor is not"]
+
+
+def build_full_tokenizer():
+    """Word-level tokenizer covering all 128 ids of the tiny model, so every token decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in [*WORDS, "i"]:
+        vocab.setdefault(word, len(vocab))
+    for i in range(len(vocab), 128):
+        vocab[f"w{i}"] = i
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def peft_config(n: int, d: int = D) -> dict:
+    return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": n,
+            "token_dim": d, "num_transformer_submodules": 1}
+
+
+def random_prompt(n: int, seed: int, d: int = D) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=generator) * 3.0
+
+
+def save_task(bank: PromptBank, name: str, values: torch.Tensor, model, **meta) -> None:
+    meta = {"fingerprint": fingerprint(model), "verbalizer": VERBALIZER, "template": TEMPLATE, **meta}
+    bank.save(SavedPrompt(name, values, peft_config(values.shape[0], values.shape[1]), meta))
+
+
+def fill_bank(bank: PromptBank, model) -> None:
+    for seed, (name, n) in enumerate(TASKS.items()):
+        save_task(bank, name, random_prompt(n, seed), model)
+
+
+@pytest.fixture
+def tokenizer():
+    return build_full_tokenizer()
+
+
+@pytest.fixture
+def bank(tmp_path):
+    return PromptBank(tmp_path / "bank")
+
+
+@pytest.fixture
+def engine(tiny_llama, tokenizer, bank):
+    fill_bank(bank, tiny_llama)
+    return Engine((tiny_llama, tokenizer), bank)
+
+
+@pytest.fixture
+def make_scheduler(engine):
+    """BatchSchedulers over `engine`, closed at teardown even when the test fails."""
+    made = []
+
+    def make(**kwargs):
+        made.append(BatchScheduler(engine, **kwargs))
+        return made[-1]
+
+    yield make
+    for scheduler in made:
+        scheduler.close()
+
+
+def greedy(text, task, n=8):
+    return GenerationRequest(text, task=task, max_new_tokens=n)
+
+
+def outputs(results):
+    return [(r.text, r.token_ids) for r in results]
+
+
+# ---------------------------------------------------------------- mixed batches
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_mixed_batch_of_four_tasks_equals_each_alone(kind, tokenizer, bank):
+    model = build_tiny_model(kind)
+    fill_bank(bank, model)
+    engine = Engine((model, tokenizer), bank)
+    tasks = [*TASKS, None]  # four tasks and one row on the base model
+    requests = [greedy(text, task) for text, task in zip(TEXTS, tasks, strict=True)]
+    mixed = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    assert outputs(mixed) == outputs(alone)
+    assert all(len(r.token_ids) == 8 and r.text for r in mixed)
+    same_text = engine.generate([greedy(TEXTS[0], t) for t in tasks])
+    assert len({tuple(r.token_ids) for r in same_text}) >= 4  # the tasks really differ
+
+
+def test_base_model_row_equals_plain_generate(engine, tiny_llama, tokenizer):
+    result = engine.generate([greedy(TEXTS[1], None)])[0]
+    ids = torch.tensor([tokenizer(TEXTS[1])["input_ids"]])
+    plain = tiny_llama.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert result.token_ids == plain[0, ids.shape[1]:].tolist()
+    assert engine.generate([greedy(TEXTS[1], engine.base_model_id)])[0].token_ids == result.token_ids
+
+
+# ---------------------------------------------------------------- KV prefix cache
+
+
+def test_prefix_cache_on_equals_off_for_generation_and_scores(tiny_llama, tokenizer, bank):
+    fill_bank(bank, tiny_llama)
+    cached = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=True)
+    injected = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=False)
+    requests = [greedy(text, task) for text, task in zip(TEXTS, [*TASKS, None], strict=True)]
+    assert outputs(cached.generate(requests)) == outputs(injected.generate(requests))
+    assert cached.prefix_computations == 4 and injected.prefix_computations == 0
+    on = cached.classify(["t0", "t3"], TEXTS[:2])
+    off = injected.classify(["t0", "t3"], TEXTS[:2])
+    for a, b in zip(on, off, strict=True):
+        assert a.label == b.label
+        for label in a.log_likelihoods:
+            assert a.log_likelihoods[label] == pytest.approx(b.log_likelihoods[label], abs=1e-4)
+
+
+def test_prefix_cache_computed_once_per_task_and_reused(engine):
+    for _ in range(3):
+        engine.generate([greedy(TEXTS[0], "t0"), greedy(TEXTS[1], "t1"), greedy(TEXTS[2], "t0")])
+        engine.classify("t1", TEXTS[:2])
+    assert engine.prefix_computations == 2
+
+
+def test_prefix_cache_invalidated_when_prompt_changes_in_bank(engine, bank, tiny_llama, tokenizer):
+    before = engine.generate([greedy(TEXTS[0], "t0")])[0]
+    assert engine.prefix_computations == 1
+    save_task(bank, "t0", random_prompt(5, seed=99), tiny_llama)
+    after = engine.generate([greedy(TEXTS[0], "t0")])[0]
+    assert engine.prefix_computations == 2
+    assert engine.task_info("t0").num_virtual_tokens == 5
+    fresh = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=False)
+    assert outputs([after]) == outputs(fresh.generate([greedy(TEXTS[0], "t0")]))
+    assert after.token_ids != before.token_ids
+
+
+# ---------------------------------------------------------------- stop rules
+
+
+def test_stop_string_cuts_text_and_ends_row_early(engine):
+    full = engine.generate([greedy(TEXTS[0], "t2", n=10)])[0]
+    stop = full.text.split(" ")[3]
+    cut = engine.generate([GenerationRequest(TEXTS[0], task="t2", max_new_tokens=10, stop=[stop])])[0]
+    assert cut.finish_reason == "stop" and full.finish_reason == "length"
+    assert cut.text == full.text[:full.text.find(stop)]
+    assert stop not in cut.text
+    assert len(cut.token_ids) < 10 and cut.token_ids == full.token_ids[:len(cut.token_ids)]
+
+
+def test_per_row_max_new_tokens_and_finish_reasons(engine):
+    limits = [1, 3, 7, 12]
+    results = engine.generate([greedy(TEXTS[0], task, n) for task, n in zip(TASKS, limits, strict=True)])
+    assert [len(r.token_ids) for r in results] == limits
+    assert [r.completion_tokens for r in results] == limits
+    assert all(r.finish_reason == "length" for r in results)
+    assert results[0].prompt_tokens == 3
+    eos = results[3].token_ids[4]  # pretend the 5th token of row 3 is end-of-sequence
+    engine.eos_token_ids = (eos,)
+    ended = engine.generate([greedy(TEXTS[0], "t3", 12), greedy(TEXTS[0], "t0", 12)])
+    assert ended[0].finish_reason == "stop"
+    assert ended[0].token_ids[-1] == eos and len(ended[0].token_ids) <= 5
+
+
+def test_streamed_pieces_join_to_final_text_and_never_leak_the_stop_string(engine):
+    full = engine.generate([greedy(TEXTS[2], "t1", n=12)])[0]
+    stop = " ".join(full.text.split(" ")[5:7])
+    pieces: list[str] = []
+    result = engine.generate([GenerationRequest(TEXTS[2], task="t1", max_new_tokens=12, stop=[stop],
+                                                on_text=pieces.append)])[0]
+    assert "".join(pieces) == result.text == full.text[:full.text.find(stop)]
+    assert len(pieces) > 1 and all(stop not in p for p in pieces)
+
+
+def test_seeded_sampling_reproducible_alone_and_in_mixed_batch(engine):
+    def sampled(seed):
+        return GenerationRequest(TEXTS[3], task="t2", max_new_tokens=10, temperature=1.5, top_p=0.95, seed=seed)
+
+    alone = engine.generate([sampled(7)])[0]
+    mixed = engine.generate([greedy(TEXTS[0], "t0"), sampled(7), sampled(8), greedy(TEXTS[1], None)])
+    assert mixed[1].token_ids == alone.token_ids
+    assert mixed[2].token_ids != alone.token_ids
+    assert engine.generate([greedy(TEXTS[3], "t2", 10)])[0].token_ids != alone.token_ids
+
+
+def test_input_longer_than_context_is_refused(engine):
+    long_text = " ".join(["the"] * 300)  # the tiny model's context is 256
+    with pytest.raises(ContextLengthError, match="maximum context length is 256"):
+        engine.generate([greedy(long_text, "t0")])
+    with pytest.raises(ContextLengthError):
+        engine.generate([greedy(" ".join(["the"] * 240), "t0", n=20)])  # 240 + 2 + 20 > 256
+
+
+# ---------------------------------------------------------------- classification and scoring
+
+
+def by_hand_log_likelihood(model, tokenizer, prompt, text, target):
+    """Sum of target log-probs from one full forward of [prompt | input | target]."""
+    ids = tokenizer(text)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor([ids + target_ids])
+    batch = inject.inject(model, tokens, torch.ones_like(tokens), prompt[None], torch.tensor([len(prompt)]))
+    with torch.no_grad():
+        logprobs = inject.forward(model, batch).logits[0].log_softmax(-1)  # (C, V)
+    start = len(prompt) + len(ids) - 1  # column that predicts the first target token
+    return sum(float(logprobs[start + j, t]) for j, t in enumerate(target_ids))
+
+
+def test_classify_probabilities_sum_to_one_and_match_scoring_by_hand(engine, tiny_llama, tokenizer):
+    results = engine.classify("t1", TEXTS[:3])
+    prompt = random_prompt(TASKS["t1"], seed=1)
+    for text, result in zip(TEXTS[:3], results, strict=True):
+        assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        hand = [by_hand_log_likelihood(tiny_llama, tokenizer, prompt, TEMPLATE.format(text=text), t)
+                for t in VERBALIZER["targets"]]
+        assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(hand, abs=1e-4)
+        expected = torch.tensor(hand).softmax(0).tolist()
+        assert list(result.probabilities.values()) == pytest.approx(expected, abs=1e-5)
+        assert result.label == VERBALIZER["labels"][int(torch.tensor(hand).argmax())]
+    scores = engine.score(["t1", "t3"], TEXTS[:2], [" good", " bad film"])
+    assert scores[0] == pytest.approx(by_hand_log_likelihood(tiny_llama, tokenizer, prompt, TEXTS[0], " good"), abs=1e-4)
+
+
+def test_classify_mixed_tasks_in_one_batch_equals_each_alone(engine):
+    mixed = engine.classify(["t0", "t1", "t2", "t3"], TEXTS[:4])
+    for task, text, result in zip(TASKS, TEXTS[:4], mixed, strict=True):
+        alone = engine.classify(task, [text])[0]
+        assert alone.label == result.label
+        assert alone.probabilities == pytest.approx(result.probabilities, abs=1e-5)
+
+
+def test_classify_task_without_verbalizer_raises(engine, bank, tiny_llama):
+    bank.save(SavedPrompt("plain", random_prompt(2, 5), peft_config(2), {"fingerprint": fingerprint(tiny_llama)}))
+    with pytest.raises(NoVerbalizerError, match="no verbalizer"):
+        engine.classify("plain", ["the movie"])
+    with pytest.raises(NoVerbalizerError):
+        engine.classify(None, ["the movie"])
+
+
+# ---------------------------------------------------------------- following the bank
+
+
+def write_plain_folder(root, name, values, model):
+    """A PEFT-style folder written by hand (bypasses the bank's own checks, e.g. for NaN)."""
+    import safetensors.torch
+
+    folder = root / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(peft_config(values.shape[0], values.shape[1])))
+    safetensors.torch.save_file({"prompt_embeddings": values}, str(folder / "adapter_model.safetensors"))
+    (folder / "softprompt.json").write_text(json.dumps({"fingerprint": fingerprint(model)}))
+
+
+def test_bad_bank_entries_skipped_while_others_serve(engine, bank, tiny_llama):
+    save_task(bank, "wrong-dim", torch.randn(3, 16), tiny_llama)
+    other = {**fingerprint(tiny_llama), "embedding_sha256": "0" * 16}
+    save_task(bank, "other-model", random_prompt(3, 1), tiny_llama, fingerprint=other)
+    write_plain_folder(bank.root, "has-nan", torch.full((2, D), float("nan")), tiny_llama)
+    errors = engine.refresh()
+    assert set(errors) == {"wrong-dim", "other-model", "has-nan"}
+    assert "hidden size 16" in errors["wrong-dim"] and "another base model" in errors["other-model"]
+    assert "NaN" in errors["has-nan"]
+    assert engine.tasks() == sorted(TASKS)
+    with pytest.raises(IncompatiblePromptError, match="hidden size 16"):
+        engine.activate("wrong-dim")
+    assert len(engine.generate([greedy(TEXTS[0], t) for t in TASKS])) == 4
+
+
+def test_refresh_follows_bank_new_changed_and_deleted_tasks(engine, bank, tiny_llama):
+    engine.refresh()
+    old_version = engine.task_info("t1").version
+    save_task(bank, "new-task", random_prompt(2, 11), tiny_llama)
+    save_task(bank, "t1", random_prompt(4, 12), tiny_llama)
+    bank.delete("t2")
+    engine.refresh()
+    assert engine.tasks() == ["new-task", "t0", "t1", "t3"]
+    assert engine.task_info("t1").version != old_version and engine.task_info("t1").num_virtual_tokens == 4
+    bank.delete("t3")  # gone on the very next request, even before a refresh
+    with pytest.raises(UnknownTaskError):
+        engine.generate([greedy(TEXTS[0], "t3")])
+    assert "t3" not in engine.tasks()
+
+
+def test_activation_in_memory_much_faster_than_from_disk(engine):
+    def best_of(fn, repeats=20):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def from_disk():
+        engine.deactivate("t3")
+        engine.activate("t3")
+
+    disk = best_of(from_disk)
+    memory = best_of(lambda: engine.activate("t3"))
+    assert memory * 5 < disk, (memory, disk)
+
+
+def test_in_memory_task_without_bank(tiny_llama, tokenizer):
+    engine = Engine((tiny_llama, tokenizer), None)
+    engine.add_task("mem", random_prompt(3, 4), meta={"verbalizer": VERBALIZER})
+    assert engine.tasks() == ["mem"]
+    assert len(engine.classify("mem", ["fun"])[0].probabilities) == 2
+    with pytest.raises(IncompatiblePromptError, match="NaN"):
+        engine.add_task("bad", torch.full((2, D), float("inf")))
+    with pytest.raises(UnknownTaskError):
+        engine.generate([greedy("fun", "absent")])
+
+
+# ---------------------------------------------------------------- micro-batcher
+
+
+def test_scheduler_gathers_concurrent_requests_and_a_bad_one_fails_alone(engine, make_scheduler):
+    requests = [greedy(TEXTS[i % 5], [*TASKS, None][i % 5]) for i in range(10)]
+    alone = [engine.generate([r])[0] for r in requests]
+    scheduler = make_scheduler(max_batch_size=16, max_wait_ms=50)
+    results: dict = {}
+
+    def call(i, request):
+        try:
+            results[i] = scheduler.submit_sync(request, timeout=30)
+        except Exception as exc:
+            results[i] = exc
+
+    bad = GenerationRequest("the", task="no-such-task")
+    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate([*requests, bad])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outputs([results[i] for i in range(10)]) == outputs(alone)
+    assert isinstance(results[10], UnknownTaskError)
+    assert scheduler.largest_batch > 1
+
+
+def test_scheduler_retries_rows_one_by_one_when_a_batch_raises(engine, make_scheduler, monkeypatch):
+    real_run = engine.run
+
+    def fragile_run(prepared):
+        if any(getattr(p.request, "prompt", None) == "boom" for p in prepared):
+            raise RuntimeError("boom")
+        return real_run(prepared)
+
+    monkeypatch.setattr(engine, "run", fragile_run)
+    scheduler = make_scheduler(max_batch_size=8, max_wait_ms=200)
+    futures = [scheduler.enqueue(engine.prepare(greedy(p, "t0"))) for p in ("fun", "boom", "the movie")]
+    futures.append(scheduler.enqueue(engine.prepare(ClassifyRequest("t1", ["fun"]))))
+    assert futures[0].result(30).token_ids and futures[2].result(30).token_ids
+    assert futures[3].result(30)[0].label in VERBALIZER["labels"]
+    with pytest.raises(RuntimeError, match="boom"):
+        futures[1].result(30)
+
+
+def test_scheduler_submit_is_awaitable(engine, make_scheduler):
+    scheduler = make_scheduler(max_wait_ms=20)
+
+    async def main():
+        return await asyncio.gather(*(scheduler.submit(greedy(t, "t0")) for t in TEXTS),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert outputs(results) == outputs(engine.generate([greedy(t, "t0") for t in TEXTS]))
