@@ -62,3 +62,28 @@ def tiny_llama():
 @pytest.fixture
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+POSITIVE = ["great movie", "good fun film", "i love this movie", "very good actor", "fun and great plot"]
+NEGATIVE = ["bad movie", "awful boring film", "i hate this plot", "very bad actor", "boring and awful"]
+
+
+def write_sentiment_jsonl(path, repeats: int = 4) -> str:
+    """A small labelled JSONL file in the tiny tokenizer's vocabulary."""
+    import json
+
+    rows = [{"text": t, "label": 1} for t in POSITIVE] + [{"text": t, "label": 0} for t in NEGATIVE]
+    with open(path, "w") as f:
+        for _ in range(repeats):
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer saved as a local model folder (what `--model PATH` loads)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama").save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return str(path)

@@ -124,16 +124,20 @@ def cmd_train(args) -> int:
         if args.test_data:
             test_sets[name] = EvalSet(task, _load_split(_nth(args.test_data, i), task, loaded.tokenizer, i, args))
     output_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    trainer = Trainer(prompted, train_examples, config, eval_sets=eval_sets, output_dir=output_dir,
-                      on_step=_progress_bar(config.max_steps))
-    print(f"model {args.model}: {trainer.trainable_parameter_count:,} trainable parameters "
-          f"({len(names)} task(s) x {args.num_virtual_tokens} tokens x {prompted.token_dim}); "
-          f"{len(train_examples)} training examples; bf16 autocast {'on' if trainer.bf16 else 'off'}",
-          file=sys.stderr)
+    trainer = Trainer(prompted, train_examples, config, eval_sets=eval_sets, output_dir=output_dir)
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        trainer.on_step = _progress_bar(config.max_steps)
+        print(f"model {args.model}: {trainer.trainable_parameter_count:,} trainable parameters "
+              f"({len(names)} task(s) x {args.num_virtual_tokens} tokens x {prompted.token_dim}); "
+              f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes; "
+              f"bf16 autocast {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
     if args.resume and not trainer.load_checkpoint():
         print(f"no checkpoint in {output_dir}; starting fresh", file=sys.stderr)
     result = trainer.train()
     _progress_bar.close()
+    if not main_process:  # every process holds the same prompt; one writes and reports
+        return 0
     summary = _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir, PromptBank(args.bank))
     _print_json(summary) if args.json else _print_summary(summary)
     return 0

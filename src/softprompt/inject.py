@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .errors import IncompatiblePromptError
+
 IGNORE_INDEX = -100
 
 
@@ -115,7 +117,13 @@ def loss(model, batch: InjectedBatch, *, reduction: str = "mean") -> torch.Tenso
     """
     keep = label_window(batch.labels)
     logits = forward(model, batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V)
-    targets = batch.labels[:, -keep + 1:] if keep > 1 else batch.labels[:, :0]  # (B, keep-1)
+    return label_loss(logits, batch.labels, reduction=reduction)
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [B, keep, V] (the last `keep` columns) against labels [B, C]."""
+    keep = logits.shape[1]
+    targets = labels[:, -keep + 1:] if keep > 1 else labels[:, :0]  # (B, keep-1)
     per_token = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -135,7 +143,8 @@ class PromptPrefix:
 
     keys: list[torch.Tensor]  # per layer (H_kv, n, hd)
     values: list[torch.Tensor]  # per layer (H_kv, n, hd)
-    prompt: torch.Tensor  # (n, d) the soft prompt itself, for the exact fallback
+    prompt: torch.Tensor | None  # (n, d) the soft prompt itself, for the exact fallback;
+    # None for a deep prompt (its KV is the prompt: there is nothing to inject instead)
 
     @property
     def length(self) -> int:
@@ -207,15 +216,35 @@ def prefix_forward(model, input_ids, attention_mask, prefixes: list[PromptPrefix
     masked out and position ids continue from each row's own prompt length, so the model sees
     exactly `[prompt | tokens]`. Returns (model output, full attention mask, last positions).
     """
-    cache, prefix_mask = batch_cache(model, prefixes)  # prefix_mask (B, N)
+    plain = _tokens_only(model, input_ids, attention_mask)
+    out, mask = _forward_after_prefixes(model, plain, prefixes, **kwargs)
+    return out, mask, plain
+
+
+def prefix_loss(model, input_ids, attention_mask, labels, prefixes: list[PromptPrefix | None], *,
+                reduction: str = "mean") -> torch.Tensor:
+    """`loss` with the prompts entering as KV prefixes; gradients reach the prefix tensors
+    (this is how deep prompts train)."""
+    plain = _tokens_only(model, input_ids, attention_mask, labels)
+    keep = label_window(plain.labels)
+    out, _ = _forward_after_prefixes(model, plain, prefixes, logits_to_keep=keep, use_cache=True)
+    return label_loss(out.logits, plain.labels, reduction=reduction)
+
+
+def _tokens_only(model, input_ids, attention_mask, labels=None) -> InjectedBatch:
+    """The caller's tokens left-padded with no prompt: the layout that follows a cached prefix."""
     no_prompt = input_ids.new_zeros(len(input_ids))
     empty = torch.zeros(len(input_ids), 0, 1, device=input_ids.device)
-    plain = inject(model, input_ids, attention_mask, empty, no_prompt)  # left-padded tokens
+    return inject(model, input_ids, attention_mask, empty, no_prompt, labels)
+
+
+def _forward_after_prefixes(model, plain: InjectedBatch, prefixes: list[PromptPrefix | None], **kwargs):
+    cache, prefix_mask = batch_cache(model, prefixes)  # prefix_mask (B, N)
     positions = plain.position_ids + prefix_mask.sum(1, keepdim=True)  # (B, L')
     mask = torch.cat([prefix_mask, plain.attention_mask], 1)  # (B, N + L')
     out = model(inputs_embeds=plain.inputs_embeds, attention_mask=mask, position_ids=positions,
                 cache=cache, **kwargs)
-    return out, mask, plain
+    return out, mask
 
 
 # ---------------------------------------------------------------- generation
@@ -280,6 +309,9 @@ def generate(
     width = max((p.length for p in prefixes or [] if p is not None), default=0)
     width += input_ids.shape[1] + max_new_tokens
     if prefixes is not None and width > 0 and not prefix_is_exact(model, width):
+        if any(p is not None and p.prompt is None for p in prefixes):
+            raise IncompatiblePromptError(f"a deep prompt over {width} columns exceeds this model's "
+                                          "sliding window; shorten the input or max_new_tokens")
         prompts, prompt_lengths = _prompts_from_prefixes(prefixes)  # never silently inexact
         prefixes = None
     if prefixes is not None and any(p is not None and p.length for p in prefixes):

@@ -1,0 +1,238 @@
+"""Deep prompts (prefix tuning, P-tuning v2): a trainable key/value prefix in every layer.
+
+A soft prompt enters at the input and the model computes its keys and values in each layer; a
+deep prompt *is* those keys and values, free in every layer (Li & Liang 2021; Liu et al. 2022).
+It enters through the same KV-prefix machinery that serves cached soft prompts
+(`inject.batch_cache` / `prefix_forward` / `prefix_loss`): the prefix fills the first cache
+columns, the tokens follow with positions continuing after it. So a deep prompt initialised
+from a soft prompt's own KV computes exactly what that soft prompt computes, and training starts
+there (real-token activations are also Li & Liang's remedy for unstable prefix training, so no
+reparameterising MLP is used).
+
+Storage: one float32 parameter per task, [n, layers * 2 * kv_heads * head_dim] (token-major, as
+PEFT's PREFIX_TUNING stores it), held in an ordinary `PromptTable`; its logical shape is
+[layers, 2, kv_heads, n, head_dim]. Being token-major, the trainer's per-virtual-token gradient
+monitor applies unchanged, and a saved task is a PEFT prefix-tuning adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import inject
+from .errors import ConfigError, IncompatiblePromptError, PromptFileError
+from .models import LoadedModel, fingerprint, freeze
+from .prompts import NO_TASK, PromptTable, PromptTuningConfig, init_prompt
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "softprompt.json"
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    """Per-layer KV geometry of a model."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def row_width(self) -> int:
+        """Values per virtual token: layers x (key, value) x kv_heads x head_dim."""
+        return self.layers * 2 * self.kv_heads * self.head_dim
+
+    def numel(self, n: int) -> int:
+        return n * self.row_width
+
+
+def prefix_shape(model) -> PrefixShape:
+    """The KV geometry, read from what one probe token actually puts in the cache."""
+    probe = inject.prompt_prefix(model, torch.zeros(1, model.get_input_embeddings().weight.shape[1]))
+    shapes = {(k.shape[0], k.shape[2]) for k in probe.keys + probe.values}
+    if len(shapes) != 1:
+        raise IncompatiblePromptError(f"layers differ in KV shape {sorted(shapes)}: deep prompts "
+                                      "need one (kv_heads, head_dim) for all layers")
+    (heads, dim), = shapes
+    return PrefixShape(len(probe.keys), heads, dim)
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def kv_to_rows(kv: torch.Tensor) -> torch.Tensor:
+    """[layers, 2, H_kv, n, hd] -> token-major rows [n, layers * 2 * H_kv * hd]."""
+    return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1)
+
+
+def rows_to_kv(rows: torch.Tensor, shape: PrefixShape) -> torch.Tensor:
+    """Token-major rows [n, W] -> [layers, 2, H_kv, n, hd] (a view: gradients flow)."""
+    n = rows.shape[0]
+    return rows.view(n, shape.layers, 2, shape.kv_heads, shape.head_dim).permute(1, 2, 3, 0, 4)
+
+
+def prompt_kv(model, prompt: torch.Tensor) -> torch.Tensor:
+    """The KV [layers, 2, H_kv, n, hd] (fp32) that soft prompt `prompt` [n, d] puts in the cache."""
+    prefix = inject.prompt_prefix(model, prompt)
+    return torch.stack([torch.stack([k, v]) for k, v in zip(prefix.keys, prefix.values, strict=True)]).float()
+
+
+def rows_to_prefix(rows: torch.Tensor, shape: PrefixShape, dtype: torch.dtype) -> inject.PromptPrefix:
+    kv = rows_to_kv(rows, shape).to(dtype)  # (layers, 2, H_kv, n, hd)
+    return inject.PromptPrefix([kv[i, 0] for i in range(shape.layers)],
+                               [kv[i, 1] for i in range(shape.layers)], None)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class DeepPromptModel(nn.Module):
+    """A frozen causal LM with one trainable KV prefix per task; only the prefixes train.
+
+    Speaks the same interface as `PromptedModel` where the trainer and evaluation need it:
+    `.model`, `.tokenizer`, `.table` (names, `index`), `.loss(...)`, `.generate_ids(...)`.
+    """
+
+    def __init__(self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None):
+        super().__init__()
+        if isinstance(model, LoadedModel):
+            tokenizer = tokenizer or model.tokenizer
+            self.base_name, self.fingerprint, model = model.name, model.fingerprint, model.model
+        else:
+            self.base_name, self.fingerprint = model.config.name_or_path, fingerprint(model)
+        freeze(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.shape = prefix_shape(model)
+        self.table = PromptTable()
+        for name, spec in (prompts or {}).items():
+            self.add_task(name, spec)
+
+    def add_task(self, name: str, spec: PromptTuningConfig | torch.Tensor) -> int:
+        """Add a task from a config (the KV of the soft prompt it initialises), a soft prompt
+        [n, d] (its KV), or a KV prefix [layers, 2, kv_heads, n, head_dim]."""
+        if isinstance(spec, PromptTuningConfig):
+            if spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab") and self.tokenizer is None:
+                raise ConfigError(f"init {spec.prompt_tuning_init!r} needs a tokenizer")
+            spec = init_prompt(spec, self.model, self.tokenizer)
+        if spec.dim() == 2:
+            spec = prompt_kv(self.model, spec)
+        expected = (self.shape.layers, 2, self.shape.kv_heads, spec.shape[-2], self.shape.head_dim)
+        if tuple(spec.shape) != expected:
+            raise IncompatiblePromptError(f"deep prompt {name!r} has shape {tuple(spec.shape)}, "
+                                          f"the model needs {expected}")
+        return self.table.add(name, kv_to_rows(spec.float()))
+
+    def kv(self, name: str) -> torch.Tensor:
+        """Task `name`'s prefix as [layers, 2, kv_heads, n, head_dim] (a view of the parameter)."""
+        return rows_to_kv(self.table.get(name), self.shape)
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def task_ids(self, tasks, rows: int) -> torch.Tensor:
+        if isinstance(tasks, torch.Tensor):
+            self.table.check_ids(tasks)
+            return tasks.long()
+        return self.table.ids([tasks] * rows if tasks is None or isinstance(tasks, str) else list(tasks))
+
+    def prefixes(self, task_ids: torch.Tensor) -> list[inject.PromptPrefix | None]:
+        """Each row's prefix (None: no task or an empty prefix), built once per task."""
+        dtype = self.model.get_input_embeddings().weight.dtype
+        built = {t: rows_to_prefix(self.table.prompts[t], self.shape, dtype)
+                 for t in set(task_ids.tolist()) if t != NO_TASK and self.table.prompts[t].shape[0]}
+        return [built.get(t) for t in task_ids.tolist()]
+
+    def _check_exact(self, prefixes, input_ids) -> None:
+        width = max(p.length for p in prefixes if p is not None) + input_ids.shape[1]
+        if not inject.prefix_is_exact(self.model, width):
+            raise IncompatiblePromptError(f"a deep prompt over {width} columns exceeds this model's "
+                                          "sliding window; shorten the inputs")
+
+    # ------------------------------------------------------------ model calls
+
+    def loss(self, input_ids, attention_mask, tasks, labels, reduction="mean"):
+        """Training loss, with logits computed only where labels are."""
+        prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
+        if all(p is None for p in prefixes):
+            return inject.loss(self.model, self._plain(input_ids, attention_mask, labels), reduction=reduction)
+        self._check_exact(prefixes, input_ids)
+        return inject.prefix_loss(self.model, input_ids, attention_mask, labels, prefixes, reduction=reduction)
+
+    def forward(self, input_ids, attention_mask=None, tasks=None) -> torch.Tensor:
+        """Logits in the caller's layout [B, L, V]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
+        if all(p is None for p in prefixes):
+            batch = self._plain(input_ids, attention_mask)
+            return batch.real_logits(inject.forward(self.model, batch, use_cache=False).logits)
+        self._check_exact(prefixes, input_ids)
+        out, _, plain = inject.prefix_forward(self.model, input_ids, attention_mask, prefixes, use_cache=True)
+        return plain.real_logits(out.logits)
+
+    def _plain(self, input_ids, attention_mask, labels=None) -> inject.InjectedBatch:
+        empty = torch.zeros(len(input_ids), 0, 1, device=input_ids.device)
+        return inject.inject(self.model, input_ids, attention_mask, empty, input_ids.new_zeros(len(input_ids)), labels)
+
+    def generate_ids(self, input_ids, attention_mask, tasks=None, **kwargs) -> list[list[int]]:
+        """Generation on top of each row's prefix (inject.generate's KV-prefix path)."""
+        from .prompted import _eos_ids
+
+        prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
+        kwargs.setdefault("eos_token_ids", _eos_ids(self.tokenizer, self.model))
+        return inject.generate(self.model, input_ids, attention_mask, prefixes=prefixes, **kwargs)
+
+    # ------------------------------------------------------------ files
+
+    def save_task(self, name: str, folder: str | os.PathLike) -> Path:
+        """Write task `name` as a PEFT PREFIX_TUNING adapter folder (atomically); returns it."""
+        folder = Path(folder)
+        rows = self.table.get(name).detach().cpu().float().contiguous()  # (n, W)
+        config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": rows.shape[0],
+                  "token_dim": self.shape.kv_heads * self.shape.head_dim, "num_layers": self.shape.layers,
+                  "num_attention_heads": self.shape.kv_heads, "num_transformer_submodules": 1,
+                  "encoder_hidden_size": self.shape.kv_heads * self.shape.head_dim, "prefix_projection": False,
+                  "inference_mode": True, "base_model_name_or_path": self.base_name}
+        meta = {"kind": "deep_prompt", "name": name, "fingerprint": self.fingerprint, "base_model": self.base_name}
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            save_file({"prompt_embeddings": rows}, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    def load_task(self, folder: str | os.PathLike, name: str | None = None) -> int:
+        """Add a task from a folder written by `save_task` (or a PEFT prefix-tuning adapter)."""
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            rows = load_file(str(folder / WEIGHTS_FILE))["prompt_embeddings"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise PromptFileError(f"cannot read deep prompt folder {folder}: {exc}") from exc
+        if config.get("peft_type") != "PREFIX_TUNING" or config.get("prefix_projection"):
+            raise IncompatiblePromptError(f"{folder} is not a plain prefix-tuning adapter")
+        if rows.dim() != 2 or rows.shape[1] != self.shape.row_width:
+            raise IncompatiblePromptError(f"deep prompt in {folder} has shape {tuple(rows.shape)}; "
+                                          f"this model needs [n, {self.shape.row_width}]")
+        return self.add_task(name or folder.name, rows_to_kv(rows.float(), self.shape))
+
+
+__all__ = ["DeepPromptModel", "PrefixShape", "prefix_shape", "prompt_kv", "kv_to_rows", "rows_to_kv"]
