@@ -112,10 +112,9 @@ def cmd_train(args) -> int:
     if len(args.data) not in (1, len(names)):
         raise ConfigError(f"give --data once or once per --task ({len(names)} tasks, {len(args.data)} --data)")
     config = from_args(TrainConfig, args)
-    prompt_config = from_args(PromptTuningConfig, args)
-    loaded = load_model(args.model)
-    prompted = PromptedModel(loaded, {name: _init_config(prompt_config, args, i, name) for i, name in enumerate(names)})
     tasks = [_task_spec(args, i, name) for i, name in enumerate(names)]
+    loaded = load_model(args.model)
+    prompted = PromptedModel(loaded, {task.name: _init_config(args, task) for task in tasks})
     train_examples, eval_sets, test_sets = [], {}, {}
     for i, (name, task) in enumerate(zip(names, tasks, strict=True)):
         train_examples += _load_split(_nth(args.data, i), task, loaded.tokenizer, i, args)
@@ -143,14 +142,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _init_config(base: PromptTuningConfig, args, i: int, name: str) -> PromptTuningConfig:
-    """Per-task init: class_labels takes that task's label words."""
-    from dataclasses import replace
-
-    if base.prompt_tuning_init == "class_labels" and not base.init_labels:
-        labels = _nth(args.labels, i) if isinstance(args.labels, list) else args.labels
-        return replace(base, init_labels=labels.split(",") if labels else [])
-    return base
+def _init_config(args, task) -> PromptTuningConfig:
+    """Per-task init: class_labels takes that task's label words, and text init without a text
+    starts from an instruction naming the labels (e.g. "Classify as negative or positive:")."""
+    overrides = {}
+    labels = task.verbalizer.labels if task.verbalizer else []
+    if args.prompt_tuning_init == "class_labels" and not args.init_labels:
+        overrides["init_labels"] = labels
+    if args.prompt_tuning_init == "text" and not args.prompt_tuning_init_text:
+        overrides["prompt_tuning_init_text"] = ("Classify as " + " or ".join(labels) + ":") if labels else "Answer:"
+    return from_args(PromptTuningConfig, args, **overrides)
 
 
 def _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir: Path, bank) -> dict:
@@ -368,6 +369,42 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compare
+
+
+def cmd_compare(args) -> int:
+    from tqdm import tqdm
+
+    from .compare import CompareConfig, markdown_table, run_compare
+    from .data import BUILTIN_DATASETS, Template
+
+    config = from_args(CompareConfig, args)
+    builtin = BUILTIN_DATASETS.get(args.data.split(":")[1]) if args.data.startswith("builtin:") else None
+    if not args.labels and not builtin:
+        raise ConfigError("--labels is required (comma-separated label names in class order)")
+    labels = args.labels.split(",") if args.labels else list(builtin.labels)
+    template = Template.from_cli(args.template) if args.template else Template(builtin.template if builtin else "{text}")
+    output_dir = Path(args.output_dir or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
+    trained = {m for m in config.methods if m != "zero_shot"}
+    bar = tqdm(total=config.max_steps * len(trained), desc="compare", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(event: dict) -> None:
+        bar.set_description(f"{event['method']}: {event['stage']}")
+        if event["stage"] == "train":
+            bar.update(1)
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+
+    try:
+        results = run_compare(args.model, args.data, args.eval_data, template=template, labels=labels,
+                              targets=args.targets.split(",") if args.targets else None, config=config,
+                              output_dir=output_dir, progress=progress)
+    finally:
+        bar.close()
+    print(markdown_table(results))
+    print(f"compare.json, compare.md and compare.png in {output_dir}", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -450,6 +487,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.set_defaults(func=cmd_serve)
+
+    from .compare import CompareConfig
+
+    p = sub.add_parser("compare", help="Prompt tuning vs deep prompt vs LoRA vs full fine-tuning, measured "
+                       "on your data (writes compare.json, compare.md, compare.png)")
+    _add_model(p)
+    p.add_argument("--data", required=True, help="Training data: JSONL/CSV/TSV/parquet file or builtin:NAME:SPLIT")
+    p.add_argument("--eval-data", required=True, help="Evaluation data (the same examples for every method)")
+    p.add_argument("--template", help="Input template, e.g. 'Review: {text}\\nSentiment:' (default: the "
+                   "builtin set's, else '{text}')")
+    p.add_argument("--labels", help="Comma-separated label names in class order (default: the builtin set's)")
+    p.add_argument("--targets", help="Comma-separated target strings per label (default: ' label')")
+    p.add_argument("--output-dir", help="Where the results go (default: runs/compare-<time>)")
+    add_arguments(p, CompareConfig)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
