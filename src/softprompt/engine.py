@@ -41,7 +41,9 @@ from .bank import (
 )
 from .errors import (
     ConfigError,
+    ContextLengthError,
     IncompatiblePromptError,
+    NoVerbalizerError,
     PromptFileError,
     SoftPromptError,
     UnknownTaskError,
@@ -51,14 +53,6 @@ from .models import LoadedModel, fingerprint
 log = logging.getLogger(__name__)
 
 PROMPT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
-
-
-class ContextLengthError(SoftPromptError, ValueError):
-    """Input (plus soft prompt plus requested new tokens) longer than the model's context."""
-
-
-class NoVerbalizerError(SoftPromptError, ValueError):
-    """Classification asked of a task whose saved prompt has no verbalizer (labels/targets)."""
 
 
 # ---------------------------------------------------------------- requests and results
@@ -247,6 +241,11 @@ class Engine:
         """Names of the tasks in memory."""
         with self._tasks_lock:
             return sorted(self._tasks)
+
+    def task_infos(self) -> list[TaskInfo]:
+        """What is in memory, one consistent snapshot (sorted by name)."""
+        with self._tasks_lock:
+            return [self._tasks[name].info() for name in sorted(self._tasks)]
 
     def task_info(self, name: str) -> TaskInfo:
         with self._tasks_lock:

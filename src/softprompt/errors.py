@@ -43,3 +43,19 @@ class DataError(SoftPromptError, ValueError):
 
 class ConfigError(SoftPromptError, ValueError):
     """An invalid option value (CLI flag, config field)."""
+
+
+class ContextLengthError(SoftPromptError, ValueError):
+    """Input (plus soft prompt plus requested new tokens) longer than the model's context."""
+
+
+class NoVerbalizerError(SoftPromptError, ValueError):
+    """Classification asked of a task whose saved prompt has no verbalizer (labels/targets)."""
+
+
+class AuthenticationError(SoftPromptError):
+    """A missing or wrong API key on an admin route."""
+
+
+class UploadError(SoftPromptError, ValueError):
+    """A prompt upload that is not a readable multipart/form-data body."""

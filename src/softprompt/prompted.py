@@ -47,6 +47,7 @@ class PromptedModel(nn.Module):
         self.tokenizer = tokenizer
         self.table = PromptTable()
         self.configs: dict[str, PromptTuningConfig | None] = {}
+        self.meta: dict[str, dict] = {}  # per task: template, verbalizer... saved with the prompt
         for name, spec in (prompts or {}).items():
             self.add_task(name, spec)
 
@@ -57,6 +58,7 @@ class PromptedModel(nn.Module):
         if isinstance(spec, SavedPrompt):
             check_compatible(spec, token_dim=self.token_dim, fingerprint=self.fingerprint)
             values, config = spec.embeddings, None
+            self.meta[name] = {k: v for k, v in spec.meta.items() if k in ("template", "verbalizer")}
         elif isinstance(spec, PromptTuningConfig):
             if spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab") and self.tokenizer is None:
                 raise ConfigError(f"init {spec.prompt_tuning_init!r} needs a tokenizer")
@@ -145,7 +147,8 @@ class PromptedModel(nn.Module):
         info = {"fingerprint": self.fingerprint, "base_model": self.base_name,
                 "prompt_tuning_init": config.prompt_tuning_init if config else None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        return SavedPrompt(name=name, embeddings=values, config=peft_config, meta={**info, **(meta or {})})
+        meta = {**info, **self.meta.get(name, {}), **(meta or {})}
+        return SavedPrompt(name=name, embeddings=values, config=peft_config, meta=meta)
 
     def save_task(self, name: str, bank: PromptBank | str, meta: dict | None = None):
         """Write one task into a bank folder (atomically); returns its path."""
@@ -156,6 +159,7 @@ class PromptedModel(nn.Module):
         """Add a task from a saved prompt folder (ours or PEFT's), refusing incompatible ones."""
         saved = read_prompt_dir(source, name=name)
         self.add_task(name or saved.name, saved)
+        self.meta[name or saved.name] = saved.meta
         return saved
 
 

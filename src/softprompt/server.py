@@ -43,23 +43,17 @@ from .engine import (
     NoVerbalizerError,
 )
 from .errors import (
+    AuthenticationError,
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
     PromptFileError,
     SoftPromptError,
     UnknownTaskError,
+    UploadError,
 )
 
 log = logging.getLogger(__name__)
-
-
-class AuthenticationError(SoftPromptError):
-    """A missing or wrong API key on an admin route."""
-
-
-class UploadError(SoftPromptError, ValueError):
-    """A prompt upload that is not a readable multipart/form-data body."""
 
 
 class BodyTooLargeError(StarletteHTTPException):
@@ -261,9 +255,8 @@ def _add_info_routes(app: FastAPI, engine: Engine) -> None:
     async def models():
         await asyncio.to_thread(engine.refresh)
         data = [{"id": engine.base_model_id, "object": "model", "created": 0, "owned_by": "softprompt"}]
-        for name in engine.tasks():
-            info = engine.task_info(name)
-            data.append({"id": name, "object": "model", "created": int(info.loaded_at),
+        for info in engine.task_infos():
+            data.append({"id": info.name, "object": "model", "created": int(info.loaded_at),
                          "owned_by": "softprompt", "parent": engine.base_model_id,
                          "num_virtual_tokens": info.num_virtual_tokens, "classify": info.has_verbalizer})
         return {"object": "list", "data": data}

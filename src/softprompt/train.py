@@ -353,3 +353,26 @@ class Trainer:
             return
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
         metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def train_prompts(prompted, data: str, *, task: str, template: str, labels: list[str] | None = None,
+                  targets: list[str] | None = None, eval_data: str | None = None, output_dir=None,
+                  **config) -> TrainResult:
+    """Notebook-sized entry point: train `task`'s prompt on a data file (or builtin:NAME:SPLIT).
+
+    Keyword arguments are TrainConfig fields. The task's template and verbalizer are remembered
+    by `prompted`, so `prompted.save_task(task, bank)` stores them with the prompt.
+    """
+    from .data import Task, Template, Verbalizer, load_examples
+
+    verbalizer = Verbalizer(labels, targets) if labels else None
+    spec = Task(task, Template(template), verbalizer, target_column=None if labels else "target")
+    task_id = prompted.table.index(task)
+    train_config = TrainConfig(**config)
+    examples, _ = load_examples(data, spec, prompted.tokenizer, task_id, max_length=train_config.max_length)
+    eval_sets = {}
+    if eval_data:
+        eval_examples, _ = load_examples(eval_data, spec, prompted.tokenizer, task_id, max_length=train_config.max_length)
+        eval_sets[task] = EvalSet(spec, eval_examples)
+    prompted.meta[task] = {"template": spec.template.text, "verbalizer": verbalizer.to_dict() if verbalizer else None}
+    return Trainer(prompted, examples, train_config, eval_sets=eval_sets, output_dir=output_dir).train()

@@ -153,8 +153,8 @@ def test_prefix_cache_on_equals_off_for_generation_and_scores(tiny_llama, tokeni
 
 
 def test_prefix_cache_computed_once_per_task_and_reused(engine):
-    for _ in range(3):
-        engine.generate([greedy(TEXTS[0], "t0"), greedy(TEXTS[1], "t1"), greedy(TEXTS[2], "t0")])
+    for _ in range(2):
+        engine.generate([greedy(TEXTS[0], "t0", 4), greedy(TEXTS[1], "t1", 4), greedy(TEXTS[2], "t0", 4)])
         engine.classify("t1", TEXTS[:2])
     assert engine.prefix_computations == 2
 
@@ -344,6 +344,14 @@ def test_in_memory_task_without_bank(tiny_llama, tokenizer):
         engine.add_task("bad", torch.full((2, D), float("inf")))
     with pytest.raises(UnknownTaskError):
         engine.generate([greedy("fun", "absent")])
+
+
+def test_chat_prompt_uses_template_or_falls_back_to_role_lines(engine, tokenizer):
+    messages = [{"role": "user", "content": "the movie"}]
+    assert engine.tokenizer.chat_template is None
+    assert engine.chat_prompt(messages) == tokenizer("user : the movie\nassistant :")["input_ids"]
+    engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} . {% endfor %}review :"
+    assert engine.chat_prompt(messages) == tokenizer("the movie . review :")["input_ids"]
 
 
 # ---------------------------------------------------------------- micro-batcher

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from softprompt.bank import PromptBank, SavedPrompt, read_prompt_dir
-from softprompt.errors import ConfigError, IncompatiblePromptError, PromptFileError, UnknownTaskError
+from softprompt.errors import (
+    ConfigError,
+    IncompatiblePromptError,
+    PromptFileError,
+    UnknownTaskError,
+)
 from softprompt.prompted import PromptedModel
 from softprompt.prompts import PromptTuningConfig, init_prompt
 

@@ -116,3 +116,15 @@ def test_distributed_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     assert "2 processes" in two.stderr
     torch.testing.assert_close(_final_prompt(tmp_path / "bank-2"), _final_prompt(tmp_path / "bank-1"),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_train_prompts_api_remembers_template_for_save(tiny_model, tiny_tokenizer, tmp_path):
+    from softprompt import train_prompts
+
+    prompted, _, _ = _setup(tiny_model, tiny_tokenizer, tmp_path)
+    data = write_sentiment_jsonl(tmp_path / "api.jsonl")
+    result = train_prompts(prompted, data, task="sentiment", template=TEMPLATE, labels=["negative", "positive"],
+                           eval_data=data, max_steps=3, eval_steps=3, per_device_train_batch_size=4, bf16="no")
+    assert result.steps == 3 and result.best_metric is not None
+    saved = PromptBank(prompted.save_task("sentiment", tmp_path / "bank").parent).load("sentiment")
+    assert saved.meta["template"] == TEMPLATE and saved.meta["verbalizer"]["labels"] == ["negative", "positive"]
