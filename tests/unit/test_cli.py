@@ -1,0 +1,107 @@
+"""The CLI end to end on a tiny local model folder: train (multi-task), eval, bank verbs, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from softprompt.bank import PromptBank
+from softprompt.cli import main
+
+from ..conftest import NEGATIVE, POSITIVE, write_sentiment_jsonl
+
+TEMPLATE = "review : {text} sentiment :"
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def trained_bank(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "sentiment.jsonl")
+    topic = tmp_path / "topic.jsonl"
+    topic.write_text("".join(json.dumps({"text": t, "label": "movie" if "movie" in t or "film" in t else "other"}) + "\n"
+                             for t in POSITIVE + NEGATIVE))
+    bank = tmp_path / "bank"
+    code, out, err = _run(capsys, "train", "--model", tiny_model_dir, "--task", "sentiment", "--task", "topic",
+                          "--data", data, "--data", str(topic), "--template", TEMPLATE, "--template", "{text} topic :",
+                          "--labels", "negative,positive", "--labels", "other,movie", "--num-virtual-tokens", "3",
+                          "--max-steps", "4", "--eval-steps", "2", "--eval-data", data, "--eval-data", str(topic),
+                          "--per-device-train-batch-size", "4", "--bf16", "no", "--bank", str(bank),
+                          "--output-dir", str(tmp_path / "run"), "--json")
+    assert code == 0, err
+    return bank, _last_json(out), data
+
+
+def test_train_several_tasks_at_once_lands_each_prompt_in_the_bank(trained_bank):
+    bank, summary, _ = trained_bank
+    assert PromptBank(bank).names() == ["sentiment", "topic"]
+    assert summary["trainable_parameters"] == 2 * 3 * 32
+    topic = PromptBank(bank).load("topic")
+    assert topic.meta["template"] == "{text} topic :" and topic.meta["verbalizer"]["labels"] == ["other", "movie"]
+    assert topic.meta["fingerprint"]["hidden_size"] == 32 and "best_validation" in topic.meta["metrics"]
+
+
+def test_eval_json_last_line_and_zero_shot(trained_bank, tiny_model_dir, capsys):
+    bank, _, data = trained_bank
+    code, out, _ = _run(capsys, "eval", "--model", tiny_model_dir, "--bank", str(bank), "--task", "sentiment",
+                        "--data", data, "--json")
+    metrics = _last_json(out)
+    assert code == 0 and metrics["n"] == 40 and {"accuracy", "macro_f1", "confusion_matrix"} <= metrics.keys()
+    assert sum(map(sum, metrics["confusion_matrix"])) == 40
+    code, out, _ = _run(capsys, "eval", "--model", tiny_model_dir, "--zero-shot", "--template", TEMPLATE,
+                        "--labels", "negative,positive", "--data", data, "--json")
+    assert code == 0 and _last_json(out)["zero_shot"] is True
+
+
+def test_bank_list_show_export_import_rm(trained_bank, tmp_path, capsys):
+    bank, _, _ = trained_bank
+    code, out, _ = _run(capsys, "bank", "list", "--bank", str(bank))
+    assert code == 0 and out.splitlines() == ["sentiment\tok", "topic\tok"]
+    code, out, _ = _run(capsys, "bank", "show", "--bank", str(bank), "topic")
+    assert code == 0 and _last_json(out)["shape"] == [3, 32]
+    assert _run(capsys, "bank", "export", "--bank", str(bank), "topic", str(tmp_path / "exported"))[0] == 0
+    assert (tmp_path / "exported" / "adapter_model.safetensors").is_file()
+    assert _run(capsys, "bank", "import", "--bank", str(bank), str(tmp_path / "exported"), "topic2")[0] == 0
+    assert _run(capsys, "bank", "rm", "--bank", str(bank), "topic")[0] == 0
+    assert PromptBank(bank).names() == ["sentiment", "topic2"]
+
+
+def test_generate_with_a_bank_task_and_without(trained_bank, tiny_model_dir, capsys):
+    bank, _, _ = trained_bank
+    code, out, _ = _run(capsys, "generate", "--model", tiny_model_dir, "--bank", str(bank), "--task", "sentiment",
+                        "--max-new-tokens", "3", "--json", "great movie", "bad plot")
+    assert code == 0 and len(_last_json(out)["outputs"]) == 2
+    code, out, _ = _run(capsys, "generate", "--model", tiny_model_dir, "--prompt", "none", "--json", "great movie")
+    assert code == 0 and _last_json(out)["task"] is None
+
+
+def test_bad_input_errors_are_one_clear_line(trained_bank, tiny_model_dir, tmp_path, capsys):
+    bank, _, data = trained_bank
+    code, _, err = _run(capsys, "eval", "--model", tiny_model_dir, "--bank", str(bank), "--task", "nope", "--data", data)
+    assert code == 2 and "unknown task 'nope'" in err and "sentiment" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "great movie", "label": 1}\n{"label": 0}\n{"text": "bad", "label": 0}\n')
+    code, _, err = _run(capsys, "eval", "--model", tiny_model_dir, "--zero-shot", "--labels", "negative,positive",
+                        "--template", TEMPLATE, "--data", str(bad))
+    assert code == 2 and f"{bad}:2" in err and "text" in err
+    code, out, err = _run(capsys, "eval", "--model", tiny_model_dir, "--zero-shot", "--labels", "negative,positive",
+                          "--template", TEMPLATE, "--data", str(bad), "--skip-bad-rows", "--json")
+    assert code == 0 and _last_json(out)["n"] == 2 and "skipped 1 bad rows" in err
+    code, _, err = _run(capsys, "info", "--model", str(tmp_path / "missing.gguf"))
+    assert code == 2 and "missing.gguf" in err
+
+
+def test_info_reports_parameters_and_fingerprint(tiny_model_dir, capsys):
+    code, out, _ = _run(capsys, "info", "--model", tiny_model_dir, "--json")
+    info = _last_json(out)
+    assert code == 0 and info["hidden_size"] == 32 and info["trainable_parameters"] == 0
+    assert info["parameters"] > 0 and len(info["fingerprint"]["embedding_sha256"]) == 16
