@@ -4,7 +4,7 @@ bench/train_sst2.py does not report on (so the reported accuracy is not the sele
     python bench/sweep_sst2.py            # ~25 CPU minutes on 2 cores; writes bench/results/sweep_sst2.json
 
 Same budget as the benchmark (300 steps x 16 on a fixed 4,800-example subset). Stage 1 sweeps the
-learning rate with 8 text-initialised tokens; stage 2 tries more tokens and the other inits at
+learning rate with 8 text-initialised tokens; stage 2 tries other shapes/inits (--stage2) at
 the best learning rate.
 """
 
@@ -30,8 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-examples", type=int, default=4800)
     p.add_argument("--select-examples", type=int, default=500)
-    p.add_argument("--learning-rates", default="0.01,0.03,0.1,0.3")
-    return p.parse_args(argv)
+    p.add_argument("--learning-rates", default="0.03,0.1,0.3")
+    p.add_argument("--stage2", default="16:text", help="n:init pairs tried at the best learning rate")
+    args = p.parse_args(argv)
+    args.stage2 = [(int(n), init) for n, init in (x.split(":") for x in args.stage2.split(",") if x)]
+    return args
 
 
 def selection_rows(n: int) -> list[dict]:
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     rows = [run_one(loaded, task, train, select, lr=float(lr), n=8, init="text", args=args)
             for lr in args.learning_rates.split(",")]
     best_lr = max(rows, key=lambda r: r["accuracy"])["learning_rate"]
-    for n, init in ((16, "text"), (8, "class_labels"), (8, "random")):
+    for n, init in args.stage2:
         rows.append(run_one(loaded, task, train, select, lr=best_lr, n=n, init=init, args=args))
     best = max(rows, key=lambda r: r["accuracy"])
     report = {"benchmark": "sweep_sst2", "model": args.model, "machine": machine(), "date": today(),

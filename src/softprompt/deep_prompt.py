@@ -60,12 +60,16 @@ class PrefixShape:
 
 def prefix_shape(model) -> PrefixShape:
     """The KV geometry, read from what one probe token actually puts in the cache."""
-    probe = inject.prompt_prefix(model, torch.zeros(1, model.get_input_embeddings().weight.shape[1]))
+    probe = inject.prompt_prefix(
+        model, torch.zeros(1, model.get_input_embeddings().weight.shape[1])
+    )
     shapes = {(k.shape[0], k.shape[2]) for k in probe.keys + probe.values}
     if len(shapes) != 1:
-        raise IncompatiblePromptError(f"layers differ in KV shape {sorted(shapes)}: deep prompts "
-                                      "need one (kv_heads, head_dim) for all layers")
-    (heads, dim), = shapes
+        raise IncompatiblePromptError(
+            f"layers differ in KV shape {sorted(shapes)}: deep prompts "
+            "need one (kv_heads, head_dim) for all layers"
+        )
+    ((heads, dim),) = shapes
     return PrefixShape(len(probe.keys), heads, dim)
 
 
@@ -74,7 +78,8 @@ def prefix_shape(model) -> PrefixShape:
 
 def kv_to_rows(kv: torch.Tensor) -> torch.Tensor:
     """[layers, 2, H_kv, n, hd] -> token-major rows [n, layers * 2 * H_kv * hd]."""
-    return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1)
+    layers, _, heads, n, dim = kv.shape
+    return kv.permute(3, 0, 1, 2, 4).reshape(n, layers * 2 * heads * dim)
 
 
 def rows_to_kv(rows: torch.Tensor, shape: PrefixShape) -> torch.Tensor:
@@ -86,13 +91,18 @@ def rows_to_kv(rows: torch.Tensor, shape: PrefixShape) -> torch.Tensor:
 def prompt_kv(model, prompt: torch.Tensor) -> torch.Tensor:
     """The KV [layers, 2, H_kv, n, hd] (fp32) that soft prompt `prompt` [n, d] puts in the cache."""
     prefix = inject.prompt_prefix(model, prompt)
-    return torch.stack([torch.stack([k, v]) for k, v in zip(prefix.keys, prefix.values, strict=True)]).float()
+    return torch.stack(
+        [torch.stack([k, v]) for k, v in zip(prefix.keys, prefix.values, strict=True)]
+    ).float()
 
 
-def rows_to_prefix(rows: torch.Tensor, shape: PrefixShape, dtype: torch.dtype) -> inject.PromptPrefix:
+def rows_to_prefix(
+    rows: torch.Tensor, shape: PrefixShape, dtype: torch.dtype
+) -> inject.PromptPrefix:
     kv = rows_to_kv(rows, shape).to(dtype)  # (layers, 2, H_kv, n, hd)
-    return inject.PromptPrefix([kv[i, 0] for i in range(shape.layers)],
-                               [kv[i, 1] for i in range(shape.layers)], None)
+    return inject.PromptPrefix(
+        [kv[i, 0] for i in range(shape.layers)], [kv[i, 1] for i in range(shape.layers)], None
+    )
 
 
 # ---------------------------------------------------------------- the model
@@ -105,7 +115,9 @@ class DeepPromptModel(nn.Module):
     `.model`, `.tokenizer`, `.table` (names, `index`), `.loss(...)`, `.generate_ids(...)`.
     """
 
-    def __init__(self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None):
+    def __init__(
+        self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None
+    ):
         super().__init__()
         if isinstance(model, LoadedModel):
             tokenizer = tokenizer or model.tokenizer
@@ -123,15 +135,19 @@ class DeepPromptModel(nn.Module):
         """Add a task from a config (the KV of the soft prompt it initialises), a soft prompt
         [n, d] (its KV), or a KV prefix [layers, 2, kv_heads, n, head_dim]."""
         if isinstance(spec, PromptTuningConfig):
-            if spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab") and self.tokenizer is None:
+            if (
+                spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab")
+                and self.tokenizer is None
+            ):
                 raise ConfigError(f"init {spec.prompt_tuning_init!r} needs a tokenizer")
             spec = init_prompt(spec, self.model, self.tokenizer)
         if spec.dim() == 2:
             spec = prompt_kv(self.model, spec)
         expected = (self.shape.layers, 2, self.shape.kv_heads, spec.shape[-2], self.shape.head_dim)
         if tuple(spec.shape) != expected:
-            raise IncompatiblePromptError(f"deep prompt {name!r} has shape {tuple(spec.shape)}, "
-                                          f"the model needs {expected}")
+            raise IncompatiblePromptError(
+                f"deep prompt {name!r} has shape {tuple(spec.shape)}, the model needs {expected}"
+            )
         return self.table.add(name, kv_to_rows(spec.float()))
 
     def kv(self, name: str) -> torch.Tensor:
@@ -145,20 +161,27 @@ class DeepPromptModel(nn.Module):
         if isinstance(tasks, torch.Tensor):
             self.table.check_ids(tasks)
             return tasks.long()
-        return self.table.ids([tasks] * rows if tasks is None or isinstance(tasks, str) else list(tasks))
+        return self.table.ids(
+            [tasks] * rows if tasks is None or isinstance(tasks, str) else list(tasks)
+        )
 
     def prefixes(self, task_ids: torch.Tensor) -> list[inject.PromptPrefix | None]:
         """Each row's prefix (None: no task or an empty prefix), built once per task."""
         dtype = self.model.get_input_embeddings().weight.dtype
-        built = {t: rows_to_prefix(self.table.prompts[t], self.shape, dtype)
-                 for t in set(task_ids.tolist()) if t != NO_TASK and self.table.prompts[t].shape[0]}
+        built = {
+            t: rows_to_prefix(self.table.prompts[t], self.shape, dtype)
+            for t in set(task_ids.tolist())
+            if t != NO_TASK and self.table.prompts[t].shape[0]
+        }
         return [built.get(t) for t in task_ids.tolist()]
 
     def _check_exact(self, prefixes, input_ids) -> None:
         width = max(p.length for p in prefixes if p is not None) + input_ids.shape[1]
         if not inject.prefix_is_exact(self.model, width):
-            raise IncompatiblePromptError(f"a deep prompt over {width} columns exceeds this model's "
-                                          "sliding window; shorten the inputs")
+            raise IncompatiblePromptError(
+                f"a deep prompt over {width} columns exceeds this model's "
+                "sliding window; shorten the inputs"
+            )
 
     # ------------------------------------------------------------ model calls
 
@@ -166,9 +189,13 @@ class DeepPromptModel(nn.Module):
         """Training loss, with logits computed only where labels are."""
         prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
         if all(p is None for p in prefixes):
-            return inject.loss(self.model, self._plain(input_ids, attention_mask, labels), reduction=reduction)
+            return inject.loss(
+                self.model, self._plain(input_ids, attention_mask, labels), reduction=reduction
+            )
         self._check_exact(prefixes, input_ids)
-        return inject.prefix_loss(self.model, input_ids, attention_mask, labels, prefixes, reduction=reduction)
+        return inject.prefix_loss(
+            self.model, input_ids, attention_mask, labels, prefixes, reduction=reduction
+        )
 
     def forward(self, input_ids, attention_mask=None, tasks=None) -> torch.Tensor:
         """Logits in the caller's layout [B, L, V]."""
@@ -179,12 +206,21 @@ class DeepPromptModel(nn.Module):
             batch = self._plain(input_ids, attention_mask)
             return batch.real_logits(inject.forward(self.model, batch, use_cache=False).logits)
         self._check_exact(prefixes, input_ids)
-        out, _, plain = inject.prefix_forward(self.model, input_ids, attention_mask, prefixes, use_cache=True)
+        out, _, plain = inject.prefix_forward(
+            self.model, input_ids, attention_mask, prefixes, use_cache=True
+        )
         return plain.real_logits(out.logits)
 
     def _plain(self, input_ids, attention_mask, labels=None) -> inject.InjectedBatch:
         empty = torch.zeros(len(input_ids), 0, 1, device=input_ids.device)
-        return inject.inject(self.model, input_ids, attention_mask, empty, input_ids.new_zeros(len(input_ids)), labels)
+        return inject.inject(
+            self.model,
+            input_ids,
+            attention_mask,
+            empty,
+            input_ids.new_zeros(len(input_ids)),
+            labels,
+        )
 
     def generate_ids(self, input_ids, attention_mask, tasks=None, **kwargs) -> list[list[int]]:
         """Generation on top of each row's prefix (inject.generate's KV-prefix path)."""
@@ -200,12 +236,25 @@ class DeepPromptModel(nn.Module):
         """Write task `name` as a PEFT PREFIX_TUNING adapter folder (atomically); returns it."""
         folder = Path(folder)
         rows = self.table.get(name).detach().cpu().float().contiguous()  # (n, W)
-        config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": rows.shape[0],
-                  "token_dim": self.shape.kv_heads * self.shape.head_dim, "num_layers": self.shape.layers,
-                  "num_attention_heads": self.shape.kv_heads, "num_transformer_submodules": 1,
-                  "encoder_hidden_size": self.shape.kv_heads * self.shape.head_dim, "prefix_projection": False,
-                  "inference_mode": True, "base_model_name_or_path": self.base_name}
-        meta = {"kind": "deep_prompt", "name": name, "fingerprint": self.fingerprint, "base_model": self.base_name}
+        config = {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": rows.shape[0],
+            "token_dim": self.shape.kv_heads * self.shape.head_dim,
+            "num_layers": self.shape.layers,
+            "num_attention_heads": self.shape.kv_heads,
+            "num_transformer_submodules": 1,
+            "encoder_hidden_size": self.shape.kv_heads * self.shape.head_dim,
+            "prefix_projection": False,
+            "inference_mode": True,
+            "base_model_name_or_path": self.base_name,
+        }
+        meta = {
+            "kind": "deep_prompt",
+            "name": name,
+            "fingerprint": self.fingerprint,
+            "base_model": self.base_name,
+        }
         tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -230,9 +279,18 @@ class DeepPromptModel(nn.Module):
         if config.get("peft_type") != "PREFIX_TUNING" or config.get("prefix_projection"):
             raise IncompatiblePromptError(f"{folder} is not a plain prefix-tuning adapter")
         if rows.dim() != 2 or rows.shape[1] != self.shape.row_width:
-            raise IncompatiblePromptError(f"deep prompt in {folder} has shape {tuple(rows.shape)}; "
-                                          f"this model needs [n, {self.shape.row_width}]")
+            raise IncompatiblePromptError(
+                f"deep prompt in {folder} has shape {tuple(rows.shape)}; "
+                f"this model needs [n, {self.shape.row_width}]"
+            )
         return self.add_task(name or folder.name, rows_to_kv(rows.float(), self.shape))
 
 
-__all__ = ["DeepPromptModel", "PrefixShape", "prefix_shape", "prompt_kv", "kv_to_rows", "rows_to_kv"]
+__all__ = [
+    "DeepPromptModel",
+    "PrefixShape",
+    "prefix_shape",
+    "prompt_kv",
+    "kv_to_rows",
+    "rows_to_kv",
+]

@@ -224,7 +224,8 @@ def prefix_forward(model, input_ids, attention_mask, prefixes: list[PromptPrefix
 def prefix_loss(model, input_ids, attention_mask, labels, prefixes: list[PromptPrefix | None], *,
                 reduction: str = "mean") -> torch.Tensor:
     """`loss` with the prompts entering as KV prefixes; gradients reach the prefix tensors
-    (this is how deep prompts train)."""
+    (this is how deep prompts train). A label on a row's very first token is not scored: its
+    prediction would come from the cached prefix (targets follow an input, so this never bites)."""
     plain = _tokens_only(model, input_ids, attention_mask, labels)
     keep = label_window(plain.labels)
     out, _ = _forward_after_prefixes(model, plain, prefixes, logits_to_keep=keep, use_cache=True)

@@ -1,0 +1,159 @@
+"""Deep prompts (P-tuning v2): exact against the soft-prompt path, trainable, frozen base, PEFT format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.compare import model_digest
+from softprompt.data import Example
+from softprompt.deep_prompt import DeepPromptModel, kv_to_rows, prompt_kv, rows_to_kv
+from softprompt.errors import IncompatiblePromptError
+from softprompt.prompted import PromptedModel
+from softprompt.prompts import NO_TASK
+from softprompt.train import TrainConfig, Trainer
+
+from ..conftest import build_tiny_model, build_tiny_tokenizer
+
+ATOL = 1e-5
+# Gemma 3's tiny config has an 8-column sliding window: prompt + tokens stay within it.
+ROWS = [[5, 6, 7, 8, 9], [10, 11, 12]]
+
+
+def _batch(rows, side="left"):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[b, cols], mask[b, cols] = torch.tensor(row), 1
+    return ids, mask
+
+
+def _prompt(n=2, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(n, 32) * 0.5
+
+
+def _pair(model, prompts):
+    """A PromptedModel and a DeepPromptModel holding the same prompts (deep = their KV)."""
+    prompted, deep = PromptedModel(model), DeepPromptModel(model)
+    for name, prompt in prompts.items():
+        prompted.add_task(name, prompt)
+        deep.add_task(name, prompt_kv(model, prompt))
+    return prompted, deep
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_deep_prompt_with_prompt_kv_equals_prompt_path(tiny_model, side):
+    prompted, deep = _pair(tiny_model, {"a": _prompt()})
+    ids, mask = _batch(ROWS, side)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[
+        :, :-2
+    ] = -100  # answers at the end, as in training (a row's first token has no prediction)
+    with torch.no_grad():
+        want, got = prompted(ids, mask, "a").logits, deep(ids, mask, "a")
+        assert torch.allclose(want[mask.bool()], got[mask.bool()], atol=ATOL)
+        for reduction in ("mean", "none"):
+            assert torch.allclose(
+                prompted.loss(ids, mask, "a", labels, reduction),
+                deep.loss(ids, mask, "a", labels, reduction),
+                atol=ATOL,
+            )
+    assert prompted.generate_ids(ids, mask, "a", max_new_tokens=1) == deep.generate_ids(
+        ids, mask, "a", max_new_tokens=1
+    )
+
+
+def test_deep_prompt_mixed_tasks_and_no_task_rows_equal_separate_batches(tiny_llama):
+    prompted, deep = _pair(tiny_llama, {"a": _prompt(3, seed=1), "b": _prompt(2, seed=2)})
+    deep.add_task("empty", torch.zeros(2, 2, 2, 0, 8))  # a zero-length prefix is the plain model
+    rows = ROWS + [[13, 14, 15, 16]]
+    ids, mask = _batch(rows)
+    with torch.no_grad():
+        mixed = deep(ids, mask, ["a", "b", None])
+        for b, task in enumerate(["a", "b", None]):
+            alone_ids, alone_mask = _batch([rows[b]])
+            alone = deep(alone_ids, alone_mask, task)[0][alone_mask[0].bool()]
+            assert torch.allclose(mixed[b][mask[b].bool()], alone, atol=ATOL)
+            reference = prompted(alone_ids, alone_mask, task).logits[0][alone_mask[0].bool()]
+            assert torch.allclose(alone, reference, atol=ATOL)
+        plain = deep(ids, mask, "empty")
+        assert torch.allclose(plain[2][mask[2].bool()], mixed[2][mask[2].bool()], atol=ATOL)
+        assert not torch.allclose(
+            mixed[0][-1], deep(ids, mask, "b")[0][-1], atol=1e-3
+        )  # tasks really differ
+
+
+def test_trainable_count_is_the_prefix_shape(tiny_llama):
+    deep = DeepPromptModel(tiny_llama, {"a": _prompt(4)})
+    config = tiny_llama.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert deep.kv("a").shape == (
+        config.num_hidden_layers,
+        2,
+        config.num_key_value_heads,
+        4,
+        head_dim,
+    )
+    assert (
+        deep.trainable_parameter_count()
+        == 4 * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
+    )
+    assert not any(p.requires_grad for p in deep.model.parameters())
+    kv = deep.kv("a")
+    assert torch.equal(rows_to_kv(kv_to_rows(kv), deep.shape), kv)
+
+
+def test_gradients_reach_every_layer_and_the_trainer_keeps_the_base_frozen(tiny_llama):
+    tokenizer = build_tiny_tokenizer()
+    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, tokenizer=tokenizer)
+    ids, mask = _batch(ROWS)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-1] = -100
+    deep.loss(ids, mask, "a", labels).backward()
+    grad = rows_to_kv(deep.table.get("a").grad, deep.shape)  # (layers, 2, H_kv, n, hd)
+    assert (grad.abs().sum(dim=(2, 3, 4)) > 0).all()  # keys and values of every layer learn
+    deep.table.get("a").grad = None
+
+    before, start = model_digest(tiny_llama), deep.kv("a").detach().clone()
+    examples = [Example(row[:-1], row[-1:], 0, None) for row in ROWS * 4]
+    result = Trainer(
+        deep,
+        examples,
+        TrainConfig(
+            max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.1
+        ),
+    ).train()
+    assert result.trainable_parameters == deep.trainable_parameter_count()
+    assert len(result.history[0]["prompt_grad_norms"]["a"]) == 2  # per-virtual-token monitor works
+    assert model_digest(tiny_llama) == before
+    assert not torch.equal(deep.kv("a").detach(), start)
+
+
+def test_save_load_roundtrip_and_peft_loads_it(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    deep = DeepPromptModel(tiny_llama, {"a": prompt_kv(tiny_llama, _prompt(3)) + 0.1})
+    folder = deep.save_task("a", tmp_path / "a")
+    other = DeepPromptModel(build_tiny_model("llama"))
+    other.load_task(folder)
+    assert torch.equal(other.kv("a"), deep.kv("a"))
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    peft_model = PeftModel.from_pretrained(build_tiny_model("llama"), str(folder))
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, deep(ids, None, "a"), atol=ATOL)
+
+
+def test_bad_inputs_are_refused(tiny_model):
+    deep = DeepPromptModel(tiny_model, {"a": _prompt(4)})
+    with pytest.raises(IncompatiblePromptError, match="shape"):
+        deep.add_task("b", torch.zeros(3, 2, 2, 4, 8))
+    if tiny_model.config.model_type.startswith("gemma3"):  # 4 + 6 columns > the 8-column window
+        ids, mask = _batch([[5, 6, 7, 8, 9, 10]])
+        with pytest.raises(IncompatiblePromptError, match="sliding window"):
+            deep(ids, mask, "a")
+    with pytest.raises(Exception, match="unknown task"):
+        deep.task_ids(torch.tensor([NO_TASK, 5]), 2)
