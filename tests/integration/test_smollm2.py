@@ -65,8 +65,9 @@ def test_mixed_batch_real_model_rows_equal_alone(smollm2):
     assert prompted.generate(texts[:1], "a", max_new_tokens=8) != prompted.generate(texts[:1], "b", max_new_tokens=8)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "softprompt", *args], capture_output=True, text=True, timeout=900)
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "softprompt", *args], capture_output=True, text=True, timeout=900,
+                          env=env)
 
 
 def test_cli_train_eval_generate_info_on_builtin_data(tmp_path):
@@ -106,7 +107,10 @@ def test_cli_bad_data_reports_file_and_line(tmp_path):
 
 
 def test_cli_unknown_hub_model_fails_clearly():
-    result = _cli("info", "--model", "no-such-org/no-such-model")
+    import os
+
+    # offline mode makes the hub refusal immediate instead of a retry loop; the path is the same
+    result = _cli("info", "--model", "no-such-org/no-such-model", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "no-such-org/no-such-model" in result.stderr and "Traceback" not in result.stderr
 
 
