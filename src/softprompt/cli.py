@@ -1,4 +1,4 @@
-"""`softprompt train|eval|generate|info|bank|serve|compare`: the only place that prints.
+"""`softprompt train|eval|generate|info|bank|inspect|serve|compare`: the only place that prints.
 
 Each verb parses flags (built from the config dataclasses), calls the library, and reports.
 Every SoftPromptError becomes one clear `error: ...` line and exit status 2.
@@ -361,6 +361,34 @@ def cmd_bank(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .bank import PromptBank
+    from .inspect import inspect_prompts
+    from .models import load_model
+
+    loaded = load_model(args.model)
+    bank = PromptBank(args.bank, create=False)
+    names = args.task or bank.names()
+    prompts = {}
+    for name in names:
+        saved = bank.load(name)
+        prompts[name] = saved.embeddings
+    report = inspect_prompts(loaded.model, loaded.tokenizer, prompts, k=args.top_k)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"real token embedding norms: mean {report['embedding_norms']['mean']}, "
+          f"std {report['embedding_norms']['std']}")
+    for name, info in report["tasks"].items():
+        print(f"{name} {info['shape']}:")
+        for i, (norm, near) in enumerate(zip(info["norms"], info["nearest_tokens"], strict=True)):
+            words = ", ".join(f"{tok!r} {sim:.2f}" for tok, sim in near)
+            print(f"  v{i:<3} norm {norm:8.3f}  nearest: {words}")
+    for a, row in report["similarity"].items():
+        print(f"similarity {a}: " + ", ".join(f"{b} {v:.3f}" for b, v in row.items()))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .server import serve
 
@@ -478,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "export":
             q.add_argument("dest", help="Destination folder (must not exist)")
     p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("inspect", help="What prompts mean: nearest tokens, norms, similarity between tasks")
+    _add_model(p)
+    p.add_argument("--bank", required=True, help="Prompt bank folder")
+    p.add_argument("--task", action="append", help="Task(s) to inspect (default: all in the bank)")
+    p.add_argument("--top-k", type=int, default=5, help="Nearest tokens per virtual token")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a prompt bank")
     _add_model(p)

@@ -105,3 +105,22 @@ def test_info_reports_parameters_and_fingerprint(tiny_model_dir, capsys):
     info = _last_json(out)
     assert code == 0 and info["hidden_size"] == 32 and info["trainable_parameters"] == 0
     assert info["parameters"] > 0 and len(info["fingerprint"]["embedding_sha256"]) == 16
+
+
+def test_inspect_nearest_tokens_of_a_text_initialised_prompt(trained_bank, tiny_model_dir, capsys):
+    bank, _, _ = trained_bank
+    code, out, _ = _run(capsys, "inspect", "--model", tiny_model_dir, "--bank", str(bank), "--json")
+    report = _last_json(out)
+    assert code == 0 and set(report["tasks"]) == {"sentiment", "topic"}
+    assert len(report["tasks"]["topic"]["nearest_tokens"]) == 3 and report["similarity"]["topic"]["topic"] == 1.0
+
+
+def test_inspect_text_init_decodes_to_its_own_words(tiny_model, tiny_tokenizer):
+    from softprompt.inspect import nearest_tokens
+    from softprompt.prompted import PromptedModel
+    from softprompt.prompts import PromptTuningConfig
+
+    config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text="great awful movie")
+    prompted = PromptedModel(tiny_model, {"t": config}, tokenizer=tiny_tokenizer)
+    near = nearest_tokens(tiny_model, tiny_tokenizer, prompted.table.get("t").detach(), k=1)
+    assert [row[0][0] for row in near] == ["great", "awful", "movie"] and near[0][0][1] > 0.999
