@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
@@ -54,21 +55,6 @@ def parse_args(argv=None):
                         help="Timed activations per kind (full model loads: a quarter of it, at least 2).")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_latency.json"))
     return parser.parse_args(argv)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name")) or cpu
-    except (OSError, StopIteration):
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def stats_ms(seconds: list[float]) -> dict:

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import inject
 from .errors import ConfigError, IncompatiblePromptError, PromptFileError
-from .models import LoadedModel, fingerprint, freeze
+from .models import LoadedModel, eos_token_ids, fingerprint, freeze
 from .prompts import NO_TASK, PromptTable, PromptTuningConfig, init_prompt
 
 log = logging.getLogger(__name__)
@@ -224,10 +224,8 @@ class DeepPromptModel(nn.Module):
 
     def generate_ids(self, input_ids, attention_mask, tasks=None, **kwargs) -> list[list[int]]:
         """Generation on top of each row's prefix (inject.generate's KV-prefix path)."""
-        from .prompted import _eos_ids
-
         prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
-        kwargs.setdefault("eos_token_ids", _eos_ids(self.tokenizer, self.model))
+        kwargs.setdefault("eos_token_ids", eos_token_ids(self.tokenizer, self.model))
         return inject.generate(self.model, input_ids, attention_mask, prefixes=prefixes, **kwargs)
 
     # ------------------------------------------------------------ files

@@ -48,7 +48,7 @@ from .errors import (
     SoftPromptError,
     UnknownTaskError,
 )
-from .models import LoadedModel, fingerprint
+from .models import LoadedModel, eos_token_ids, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class Engine:
         self.device = self.model.get_input_embeddings().weight.device
         self.token_dim = self.model.get_input_embeddings().weight.shape[1]
         self.context_length = _context_length(self.model, self.tokenizer)
-        self.eos_token_ids = _eos_ids(self.tokenizer, self.model)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model)
         self.base_names = {self.base_model_id, self.model.config.name_or_path or self.base_model_id}
         self._tasks: dict[str, _Task] = {}
         self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
@@ -738,14 +738,6 @@ def _context_length(model, tokenizer) -> int:
     if not length:
         length = getattr(tokenizer, "model_max_length", None) or 2048
     return int(min(length, 1 << 20))
-
-
-def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = ids if ids is not None else getattr(tokenizer, "eos_token_id", None)
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, list | tuple) else (int(ids),)
 
 
 # ---------------------------------------------------------------- the micro-batcher

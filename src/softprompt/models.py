@@ -160,6 +160,15 @@ def fingerprint(model: PreTrainedModel) -> dict:
     }
 
 
+def eos_token_ids(tokenizer, model) -> tuple[int, ...]:
+    """The ids that end generation: the generation config's (may be several), else the tokenizer's."""
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = ids if ids is not None else getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, list | tuple) else (int(ids),)
+
+
 def describe(loaded: LoadedModel) -> dict:
     """What `softprompt info` prints."""
     model = loaded.model

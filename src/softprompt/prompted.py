@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import inject
 from .bank import PromptBank, SavedPrompt, check_compatible, peft_prompt_config, read_prompt_dir
 from .errors import ConfigError
-from .models import LoadedModel, fingerprint, freeze
+from .models import LoadedModel, eos_token_ids, fingerprint, freeze
 from .prompts import NO_TASK, PromptTable, PromptTuningConfig, init_prompt
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class PromptedModel(nn.Module):
     def generate_ids(self, input_ids, attention_mask, tasks: TaskSpec = None, **kwargs) -> list[list[int]]:
         task_ids = self.task_ids(tasks, len(input_ids)).to(input_ids.device)
         prompts, lengths = self.table.gather(task_ids, device=input_ids.device)
-        kwargs.setdefault("eos_token_ids", _eos_ids(self.tokenizer, self.model))
+        kwargs.setdefault("eos_token_ids", eos_token_ids(self.tokenizer, self.model))
         return inject.generate(self.model, input_ids, attention_mask, prompts=prompts,
                                prompt_lengths=lengths, **kwargs)
 
@@ -161,14 +161,6 @@ class PromptedModel(nn.Module):
         self.add_task(name or saved.name, saved)
         self.meta[name or saved.name] = saved.meta
         return saved
-
-
-def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = ids if ids is not None else getattr(tokenizer, "eos_token_id", None)
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, list | tuple) else (int(ids),)
 
 
 __all__ = ["PromptedModel", "NO_TASK"]
