@@ -64,7 +64,7 @@ class CompareConfig:
     )
     max_steps: int = opt(100, "Optimizer steps per method.")
     per_device_train_batch_size: int = opt(8, "Examples per step (the same for every method).")
-    learning_rate_prompt: float = opt(3e-2, "Peak learning rate of prompt tuning.")
+    learning_rate_prompt: float = opt(0.1, "Peak learning rate of prompt tuning (softprompt's default).")
     learning_rate_deep_prompt: float = opt(
         1e-2, "Peak learning rate of deep prompts (P-tuning v2 uses 5e-3..1e-2)."
     )
@@ -73,7 +73,7 @@ class CompareConfig:
         3e-5, "Peak learning rate of full fine-tuning (usual range 2e-5..5e-5)."
     )
     warmup_steps: int = opt(10, "Linear warmup steps (every method).")
-    num_virtual_tokens: int = opt(8, "Virtual tokens of the prompt and of the deep prompt.")
+    num_virtual_tokens: int = opt(16, "Virtual tokens of the prompt and of the deep prompt.")
     prompt_tuning_init: str = opt(
         "text", "Initial prompt (deep prompt: its KV): text, random, sampled_vocab, class_labels."
     )

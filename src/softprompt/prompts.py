@@ -27,7 +27,7 @@ NO_TASK = -1
 class PromptTuningConfig:
     """How one task's soft prompt is shaped and initialised (field names follow PEFT's)."""
 
-    num_virtual_tokens: int = opt(8, "Number of trainable virtual tokens prepended to the input.")
+    num_virtual_tokens: int = opt(16, "Number of trainable virtual tokens prepended to the input.")
     prompt_tuning_init: str = opt("text", "Initial values: text, random, sampled_vocab, class_labels or from_file.")
     prompt_tuning_init_text: str | None = opt(None, "Text whose token embeddings start the prompt "
                                               "(tiled or truncated to num_virtual_tokens), for init 'text'.")

@@ -42,7 +42,7 @@ class TrainConfig:
 
     max_steps: int = opt(300, "Number of optimizer steps.")
     per_device_train_batch_size: int = opt(16, "Examples per step on each process.")
-    learning_rate: float = opt(3e-2, "Peak learning rate (prompt tuning wants large ones: 1e-2..0.3).")
+    learning_rate: float = opt(0.1, "Peak learning rate (prompt tuning wants large ones: 1e-2..0.3).")
     optimizer: str = opt("adamw", "adamw or adafactor (Lester et al. used Adafactor, lr 0.3).")
     weight_decay: float = opt(0.0, "Decoupled weight decay.")
     warmup_steps: int = opt(10, "Linear warmup steps.")
