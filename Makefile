@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 200
 
 .PHONY: setup demo test test-unit lint format bench-train bench-compare bench-serve clean
 
