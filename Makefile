@@ -10,7 +10,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
