@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
@@ -59,7 +60,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _nth(values, i: int, default=None):
-    """Per-task flag value: the i-th if given per task, the only one if given once."""
+    """Per-task flag value: the i-th if given per task, the only one if given once (or a scalar flag)."""
+    if not isinstance(values, list):
+        return default if values is None else values
     if not values:
         return default
     return values[i] if len(values) > 1 else values[0]
@@ -69,11 +72,11 @@ def _task_spec(args, i: int, name: str):
     """A Task from the flags for the i-th task (builtin data supplies template and labels)."""
     from .data import BUILTIN_DATASETS, Task, Template, Verbalizer
 
-    data = _nth(args.data, i) if isinstance(args.data, list) else args.data
+    data = _nth(args.data, i)
     builtin = BUILTIN_DATASETS.get(data.split(":")[1]) if str(data).startswith("builtin:") else None
-    template = _nth(args.template, i) if isinstance(args.template, list) else args.template
-    labels = _nth(args.labels, i) if isinstance(args.labels, list) else args.labels
-    targets = _nth(args.targets, i) if isinstance(args.targets, list) else args.targets
+    template = _nth(args.template, i)
+    labels = _nth(args.labels, i)
+    targets = _nth(args.targets, i)
     if args.target_column:
         field = args.input_column or "text"
         return Task(name, Template.from_cli(template or "{" + field + "}"), None, target_column=args.target_column)
@@ -171,7 +174,7 @@ def _finish_training(args, prompted, trainer, result, tasks, test_sets, output_d
                 entry["test_tuned"] = evaluate_task(prompted, task, examples, task.name)
         meta = {"template": task.template.text, "verbalizer": task.verbalizer.to_dict() if task.verbalizer else None,
                 "metrics": {"best_validation": result.best_metric, "best_step": result.best_step, **entry},
-                "training": {"data": args.data, "eval_data": args.eval_data, **vars_of(trainer.config)}}
+                "training": {"data": args.data, "eval_data": args.eval_data, **asdict(trainer.config)}}
         entry["path"] = str(prompted.save_task(task.name, bank, meta))
         summary["tasks"][task.name] = entry
     metrics_file = output_dir / "metrics.jsonl"
@@ -179,12 +182,6 @@ def _finish_training(args, prompted, trainer, result, tasks, test_sets, output_d
         summary["plots"] = [str(p) for p in plot_training(metrics_file, output_dir)]
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def vars_of(config) -> dict:
-    from dataclasses import asdict
-
-    return asdict(config)
 
 
 def _print_summary(summary: dict) -> None:
