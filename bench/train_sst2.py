@@ -23,7 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, machine, sample_jsonl, today, write_jsonl, write_result  # noqa: E402
+from common import (  # noqa: E402
+    SHARED,
+    machine,
+    sample_jsonl,
+    split_validation,
+    today,
+    train_peft_prompt,
+    write_jsonl,
+    write_result,
+)
 
 TEMPLATE = "Review: {text}\nSentiment:"
 LABELS = ["negative", "positive"]
@@ -112,48 +121,17 @@ def run_softprompt(args) -> dict:
 
 def run_peft(args) -> dict:
     """PEFT prompt tuning the way its docs train it: shuffled batches, right padding, full logits."""
-    import random
-
-    from peft import PromptTuningConfig, get_peft_model
-    from transformers import get_scheduler
-
-    from softprompt.data import collate
-    from softprompt.train import TrainConfig
-
     loaded, prompted, task, train, evaluation = load(args)
     lr, n = defaults(args)
-    peft_model = get_peft_model(loaded.model, PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=args.init_text, tokenizer_name_or_path=loaded.source))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=TrainConfig().warmup_steps,
-                              num_training_steps=args.steps)
-    order = list(range(len(train)))
-    rng = random.Random(0)
-    batches: list[list[int]] = []
-    while len(batches) < args.steps:
-        rng.shuffle(order)
-        batches += [order[i:i + args.batch_size] for i in range(0, len(order) - args.batch_size + 1, args.batch_size)]
-    pad = loaded.tokenizer.pad_token_id
-    peft_model.train()
-    start = time.perf_counter()
-    for rows in batches[:args.steps]:
-        batch = collate([train[i] for i in rows], pad, padding_side="right")
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    peft_model.eval()
-    prompted.add_task("peft", peft_model.get_prompt_embedding_to_save("default").detach())
+    prompt, seconds, last_loss = train_peft_prompt(
+        loaded, train, steps=args.steps, batch_size=args.batch_size, learning_rate=lr,
+        num_virtual_tokens=n, init_text=args.init_text)
+    prompted.add_task("peft", prompt)
     metrics = score(prompted, task, evaluation, "peft")
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n_eval": metrics["n"],
             "train_seconds": seconds, "examples_per_second": args.steps * args.batch_size / seconds,
-            "trainable_parameters": sum(p.numel() for p in params), "learning_rate": lr, "num_virtual_tokens": n,
-            "final_loss": float(out.loss)}
+            "trainable_parameters": prompt.numel(), "learning_rate": lr, "num_virtual_tokens": n,
+            "final_loss": last_loss}
 
 
 PHASES = {"zero_shot": run_zero_shot, "softprompt": run_softprompt, "peft": run_peft}

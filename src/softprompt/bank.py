@@ -125,6 +125,12 @@ class SavedPrompt:
         """Base-model fingerprint recorded at training time, or None (e.g. a PEFT import)."""
         return self.meta.get("fingerprint")
 
+    @property
+    def kind(self) -> str:
+        """'soft' (PEFT PROMPT_TUNING: vectors before the input) or 'deep' (PEFT PREFIX_TUNING:
+        keys and values in every layer, rows [n, num_layers * 2 * token_dim])."""
+        return PEFT_TYPES[self.config.get("peft_type")]
+
 
 # ----------------------------------------------------------------------------- PEFT config
 
@@ -195,19 +201,35 @@ def _json_safe(value: Any) -> Any:
 # ----------------------------------------------------------------------------- checks
 
 
+PEFT_TYPES = {"PROMPT_TUNING": "soft", "PREFIX_TUNING": "deep"}
+"""The PEFT adapter types a bank holds, and the prompt kind each one is."""
+
+
 def _check_config(config: object, where: str) -> None:
-    """Raise PromptFileError unless `config` is a prompt-tuning adapter config we can use."""
+    """Raise PromptFileError unless `config` is a prompt- or prefix-tuning adapter config we can use."""
     if not isinstance(config, dict):
         raise PromptFileError(f"{where}: adapter config must be a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type != "PROMPT_TUNING":
+    if peft_type not in PEFT_TYPES:
         raise PromptFileError(
-            f"{where}: peft_type is {peft_type!r}, expected 'PROMPT_TUNING' "
-            "(only prompt-tuning adapters hold a soft prompt)"
+            f"{where}: peft_type is {peft_type!r}, expected 'PROMPT_TUNING' (a soft prompt) "
+            "or 'PREFIX_TUNING' (a deep prompt)"
         )
     for key in ("num_virtual_tokens", "token_dim"):
         _require_positive_int(config.get(key), key, where)
     _submodules(config, where)
+    if peft_type == "PREFIX_TUNING":
+        _require_positive_int(config.get("num_layers"), "num_layers", where)
+        if config.get("prefix_projection"):
+            raise PromptFileError(f"{where}: prefix_projection (an MLP kept in the file) is not "
+                                  "supported; save the prefix itself")
+
+
+def _row_width(config: dict[str, Any]) -> int:
+    """Columns of the stored tensor: token_dim (soft), or num_layers x (key, value) x token_dim (deep)."""
+    if config["peft_type"] == "PREFIX_TUNING":
+        return config["num_layers"] * 2 * config["token_dim"]
+    return config["token_dim"]
 
 
 def _require_positive_int(value: object, key: str, where: str) -> int:
@@ -236,19 +258,31 @@ def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
             f"{where}: {TENSOR_KEY} has {rows} rows but num_virtual_tokens * "
             f"num_transformer_submodules = {n_virtual} * {n_sub} = {n_virtual * n_sub}"
         )
-    if cols != config["token_dim"]:
+    if cols != _row_width(config):
+        expected = ("num_layers * 2 * token_dim" if config["peft_type"] == "PREFIX_TUNING"
+                    else "token_dim")
         raise IncompatiblePromptError(
-            f"{where}: {TENSOR_KEY} has {cols} columns but token_dim is {config['token_dim']}"
+            f"{where}: {TENSOR_KEY} has {cols} columns but {expected} is {_row_width(config)}"
         )
     if not bool(torch.isfinite(tensor).all()):
         raise IncompatiblePromptError(f"{where}: {TENSOR_KEY} contains NaN/inf")
 
 
-def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None) -> None:
+def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None,
+                     kinds: tuple[str, ...] = ("soft",)) -> None:
     """Raise IncompatiblePromptError if `saved` cannot be used with a model of this kind.
 
-    Checks the hidden size, and, when both sides have a fingerprint, every field they share.
+    Checks the prompt kind against the `kinds` the caller serves, the width of its rows
+    (`token_dim` = what one row must hold), and, when both sides have a fingerprint, every field
+    they share.
     """
+    if saved.kind not in kinds:
+        raise IncompatiblePromptError(
+            f"prompt '{saved.name}' is a {saved.kind} prompt; this path serves "
+            f"{' and '.join(kinds)} prompts only"
+            + (" (a deep prompt puts keys and values in every layer: load it with DeepPromptModel)"
+               if saved.kind == "deep" else "")
+        )
     if saved.token_dim != token_dim:
         raise IncompatiblePromptError(
             f"prompt '{saved.name}' has hidden size {saved.token_dim} but the model has {token_dim}"

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,15 +40,15 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """How to train (names follow transformers' TrainingArguments)."""
 
-    max_steps: int = opt(300, "Number of optimizer steps.")
+    max_steps: int = opt(800, "Number of optimizer steps.")
     per_device_train_batch_size: int = opt(16, "Examples per step on each process.")
-    learning_rate: float = opt(0.1, "Peak learning rate (prompt tuning wants large ones: 1e-2..0.3).")
+    learning_rate: float = opt(1e-2, "Peak learning rate (deep prompts: 1e-2; soft prompts: 3e-2).")
     optimizer: str = opt("adamw", "adamw or adafactor (Lester et al. used Adafactor, lr 0.3).")
     weight_decay: float = opt(0.0, "Decoupled weight decay.")
     warmup_steps: int = opt(10, "Linear warmup steps.")
     lr_scheduler_type: str = opt("linear", "linear, cosine or constant (after warmup).")
     max_grad_norm: float = opt(1.0, "Gradient clipping threshold (0 = off).")
-    eval_steps: int = opt(50, "Validate every N steps (and at the end).")
+    eval_steps: int = opt(200, "Validate every N steps (and at step 0 and the end).")
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
     max_eval_examples: int = opt(0, "Validate on at most this many examples (0 = all).")
     early_stopping_patience: int = opt(0, "Stop after N validations without improvement (0 = never).")
@@ -70,6 +70,11 @@ class TrainConfig:
         for name in ("max_steps", "per_device_train_batch_size", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+
+
+DEFAULT_LEARNING_RATE = {"deep": 1e-2, "soft": 3e-2}
+"""Peak learning rate per prompt type: the best of bench/quality_sst2.py's screen (SST-2, chosen
+on validation rows that are never reported)."""
 
 
 @dataclass
@@ -173,8 +178,10 @@ class Trainer:
         self.schedule = batch_schedule(train_examples, config.per_device_train_batch_size * world,
                                        config.max_steps, config)
         self.step, self.best_metric, self.best_step, self.bad_evals = 0, None, 0, 0
+        self.skipped_steps = 0  # steps whose gradient was NaN/inf (not applied)
         self.best_state = self._snapshot()
         self.history: list[dict] = []
+        self.untrained_validation: dict | None = None  # step 0, with the zero-shot reference
         self.train_seconds, self.examples_seen = 0.0, 0
 
     @property
@@ -205,9 +212,15 @@ class Trainer:
         (nll / n_tokens).backward()
         self._sync_gradients()
         stats = self._gradient_stats()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
+        if math.isfinite(stats["grad_norm"]):
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+        else:  # one NaN/inf step would poison the prompt and every Adam moment for good
+            stats["skipped"] = True
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradient; update skipped (%d so far)", self.step + 1,
+                        self.skipped_steps)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
@@ -238,7 +251,7 @@ class Trainer:
                 for name, p in zip(table.names, table.prompts, strict=True)}
             stats["prompt_norms"] = {name: p.detach().norm(dim=-1).tolist()
                                      for name, p in zip(table.names, table.prompts, strict=True)}
-        if not math.isfinite(total) or total > self.config.exploding_grad_norm:
+        if math.isfinite(total) and total > self.config.exploding_grad_norm:
             log.warning("step %d: exploding gradient (norm %.3g); lower --learning-rate", self.step + 1, total)
         elif total < self.config.vanishing_grad_norm:
             log.warning("step %d: vanishing gradient (norm %.3g)", self.step + 1, total)
@@ -246,15 +259,18 @@ class Trainer:
 
     # -------------------------------------------------------- validation
 
-    def validate(self) -> dict:
-        """Metric per task (accuracy for labelled tasks, negative loss otherwise) and their mean."""
+    def validate(self, *, task_names: bool = True) -> dict:
+        """Metric per task (accuracy for labelled tasks, negative loss otherwise) and their mean.
+
+        `task_names=False` scores the same rows with no prompt (the zero-shot reference)."""
         results = {}
         for name, eval_set in self.eval_sets.items():
             examples = eval_set.examples
             if self.config.max_eval_examples:
                 examples = examples[:self.config.max_eval_examples]
             with autocast(self.device, self.bf16):
-                results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples, name,
+                results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples,
+                                                        name if task_names else None,
                                                         batch_size=self.config.eval_batch_size)
         scores = [r["accuracy"] if "accuracy" in r else -r["loss"] for r in results.values()]
         return {"metric": sum(scores) / len(scores) if scores else None, "tasks": results}
@@ -281,6 +297,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         start_step = self.step
+        if self.step == 0 and self.eval_sets:
+            self._validate_untrained()
         stop = False
         while self.step < self.config.max_steps and not stop:
             record = self.train_step()
@@ -297,12 +315,23 @@ class Trainer:
                            self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
                            self.trainable_parameter_count)
 
+    def _validate_untrained(self) -> None:
+        """Step 0: the untrained prompt's validation and the plain model's (zero-shot), so the
+        curve shows whether training first made things worse, and against what."""
+        validation = self.validate()
+        validation["zero_shot"] = self.validate(task_names=False)
+        self.untrained_validation = validation  # logged only: best-prompt selection starts at step 1
+        self._write_metrics({"step": 0, "validation": validation})
+
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.on_step:
             self.on_step(record)
-        if self.output_dir and self.accelerator.is_main_process and (
-                self.step % self.config.logging_steps == 0 or "validation" in record):
+        if self.step % self.config.logging_steps == 0 or "validation" in record:
+            self._write_metrics(record)
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.output_dir and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -353,6 +382,42 @@ class Trainer:
             return
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
         metrics.write_text("".join(line + "\n" for line in kept))
+
+
+@dataclass
+class LearningRateSearch:
+    """What the LR range test saw, and the learning rate it suggests."""
+
+    suggested: float
+    learning_rates: list[float]
+    losses: list[float]
+    """Smoothed training loss after each step, at learning_rates[i]."""
+
+
+def find_learning_rate(prompted, examples: list[Example], config: TrainConfig, *, min_lr: float = 1e-4,
+                       max_lr: float = 10.0, steps: int = 60, smoothing: float = 0.8) -> LearningRateSearch:
+    """LR range test (Smith 2017; fastai's lr_find): train from the current values with the
+    learning rate growing geometrically from min_lr to max_lr, one step each, and suggest a
+    tenth of the rate at the lowest smoothed loss (the lowest point is already too hot to keep).
+    The trainable values are restored afterwards, so the search leaves no trace."""
+    if not 0 < min_lr < max_lr or steps < 5:
+        raise ConfigError("lr search needs 0 < min_lr < max_lr and at least 5 steps")
+    probe = Trainer(prompted, examples, replace(config, max_steps=steps, learning_rate=min_lr,
+                                                warmup_steps=0, lr_scheduler_type="constant"))
+    start = probe._snapshot()
+    growth = (max_lr / min_lr) ** (1 / (steps - 1))
+    probe.scheduler = torch.optim.lr_scheduler.LambdaLR(probe.optimizer, lambda i: growth ** i)
+    rates, losses, average = [], [], 0.0
+    for i in range(steps):
+        rates.append(probe.optimizer.param_groups[0]["lr"])
+        average = smoothing * average + (1 - smoothing) * probe.train_step()["loss"]
+        losses.append(average / (1 - smoothing ** (i + 1)))  # bias-corrected running mean
+        if not math.isfinite(losses[-1]) or losses[-1] > 4 * min(losses):
+            break  # diverged: every larger rate is worse
+    probe.best_state = start
+    probe.restore_best()
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return LearningRateSearch(rates[best] / 10, rates, losses)
 
 
 def train_prompts(prompted, data: str, *, task: str, template: str, labels: list[str] | None = None,

@@ -36,9 +36,41 @@ def trained_bank(tiny_model_dir, tmp_path, capsys):
                           "--labels", "negative,positive", "--labels", "other,movie", "--num-virtual-tokens", "3",
                           "--max-steps", "4", "--eval-steps", "2", "--eval-data", data, "--eval-data", str(topic),
                           "--per-device-train-batch-size", "4", "--bf16", "no", "--bank", str(bank),
-                          "--output-dir", str(tmp_path / "run"), "--json")
+                          "--output-dir", str(tmp_path / "run"), "--prompt-type", "soft", "--json")
     assert code == 0, err
     return bank, _last_json(out), data
+
+
+def test_train_default_is_a_deep_prompt_that_eval_and_generate_load(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "sentiment.jsonl")
+    bank = tmp_path / "bank"
+    code, out, err = _run(capsys, "train", "--model", tiny_model_dir, "--task", "sentiment", "--data", data,
+                          "--template", TEMPLATE, "--labels", "negative,positive", "--num-virtual-tokens", "3",
+                          "--max-steps", "4", "--eval-steps", "2", "--eval-data", data, "--bf16", "no",
+                          "--per-device-train-batch-size", "4", "--bank", str(bank), "--json")
+    assert code == 0, err
+    saved = PromptBank(bank).load("sentiment")
+    assert saved.kind == "deep" and saved.config["peft_type"] == "PREFIX_TUNING"
+    assert saved.meta["training"]["learning_rate"] == 1e-2  # the deep default
+    assert _last_json(out)["trainable_parameters"] == saved.embeddings.numel()
+    code, out, err = _run(capsys, "eval", "--model", tiny_model_dir, "--bank", str(bank), "--task", "sentiment",
+                          "--data", data, "--json")
+    assert code == 0, err
+    assert _last_json(out)["n"] == 40
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--bank", str(bank), "--task",
+                          "sentiment", "--max-new-tokens", "2", "--json", "a fine film")
+    assert code == 0, err
+    assert len(_last_json(out)["outputs"]) == 1
+
+
+def test_bad_input_learning_rate_must_be_positive_or_auto(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "sentiment.jsonl")
+    for bad in ("-1", "nan", "fast"):
+        with pytest.raises(SystemExit) as exit_info:
+            _run(capsys, "train", "--model", tiny_model_dir, "--task", "s", "--data", data, "--labels",
+                 "negative,positive", "--bank", str(tmp_path / "bank"), "--learning-rate", bad)
+        assert exit_info.value.code == 2
+        assert "positive number or 'auto'" in capsys.readouterr().err
 
 
 def test_train_several_tasks_at_once_lands_each_prompt_in_the_bank(trained_bank):

@@ -136,7 +136,7 @@ def test_save_load_roundtrip_and_peft_loads_it(tiny_llama, tmp_path):
     from peft import PeftModel
 
     deep = DeepPromptModel(tiny_llama, {"a": prompt_kv(tiny_llama, _prompt(3)) + 0.1})
-    folder = deep.save_task("a", tmp_path / "a")
+    folder = deep.save_task("a", tmp_path / "bank")  # the bank's atomic save, like soft prompts
     other = DeepPromptModel(build_tiny_model("llama"))
     other.load_task(folder)
     assert torch.equal(other.kv("a"), deep.kv("a"))

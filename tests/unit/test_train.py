@@ -49,8 +49,8 @@ def test_training_lowers_loss_and_logs_monitoring(tiny_model, tiny_tokenizer, tm
                      output_dir=tmp_path / "run").train()
     assert evaluate_loss(prompted, examples, "sentiment") < start - 0.05
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 30 and len(lines[0]["prompt_grad_norms"]["sentiment"]) == 4
-    assert [r["step"] for r in lines if "validation" in r] == [10, 20, 30]
+    assert len(lines) == 31 and len(lines[1]["prompt_grad_norms"]["sentiment"]) == 4
+    assert [r["step"] for r in lines if "validation" in r] == [0, 10, 20, 30]
     assert result.best_step in (10, 20, 30) and result.examples_per_second > 0
 
 
@@ -96,7 +96,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tiny_model_dir, tmp_path)
     torch.testing.assert_close(_final_prompt(tmp_path / "bank-b"), _final_prompt(tmp_path / "bank-a"),
                                atol=1e-6, rtol=0)
     steps_logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps_logged == list(range(1, steps + 1))
+    assert steps_logged == list(range(0, steps + 1))  # step 0: the untrained validation
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
@@ -128,3 +128,64 @@ def test_train_prompts_api_remembers_template_for_save(tiny_model, tiny_tokenize
     assert result.steps == 3 and result.best_metric is not None
     saved = PromptBank(prompted.save_task("sentiment", tmp_path / "bank").parent).load("sentiment")
     assert saved.meta["template"] == TEMPLATE and saved.meta["verbalizer"]["labels"] == ["negative", "positive"]
+
+
+def test_non_finite_gradient_step_is_skipped_and_counted(tiny_llama, tiny_tokenizer, tmp_path, caplog):
+    prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    start = prompted.table.get("sentiment").detach().clone()
+    poison = tiny_llama.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+    trainer = Trainer(prompted, examples, TrainConfig(max_steps=1, per_device_train_batch_size=4, bf16="no"))
+    with caplog.at_level("WARNING"):
+        record = trainer.train_step()
+    poison.remove()
+    assert record["skipped"] and trainer.skipped_steps == 1 and "update skipped" in caplog.text
+    assert torch.equal(prompted.table.get("sentiment").detach(), start)  # the prompt survived
+    assert all(torch.isfinite(v).all() for state in trainer.optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))
+
+
+def test_lr_finder_returns_a_finite_rate_from_a_real_loss_curve_and_restores_the_prompt(
+        tiny_llama, tiny_tokenizer, tmp_path):
+    from softprompt.train import find_learning_rate
+
+    prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    start = prompted.table.get("sentiment").detach().clone()
+    search = find_learning_rate(prompted, examples, TrainConfig(per_device_train_batch_size=8, bf16="no"),
+                                min_lr=1e-4, max_lr=100.0, steps=30)
+    assert 1e-5 <= search.suggested <= 10.0 and search.suggested == search.suggested  # finite, in range
+    assert len(search.losses) == len(search.learning_rates) >= 5
+    assert search.learning_rates == sorted(search.learning_rates)  # the rate really grew
+    assert max(search.losses) > min(search.losses)  # a real curve, not a constant
+    assert torch.equal(prompted.table.get("sentiment").detach(), start)  # the search leaves no trace
+
+
+def _trained_prompt(tiny_tokenizer, tmp_path, seed: int) -> torch.Tensor:
+    from ..conftest import build_tiny_model
+
+    prompted, _, examples = _setup(build_tiny_model("llama"), tiny_tokenizer, tmp_path)
+    Trainer(prompted, examples, TrainConfig(max_steps=4, per_device_train_batch_size=4, bf16="no", seed=seed,
+                                            learning_rate=0.05)).train()
+    return prompted.table.get("sentiment").detach().clone()
+
+
+def test_seeds_same_seed_same_prompt_other_seed_other_prompt(tiny_tokenizer, tmp_path):
+    first, again = _trained_prompt(tiny_tokenizer, tmp_path, 0), _trained_prompt(tiny_tokenizer, tmp_path, 0)
+    other = _trained_prompt(tiny_tokenizer, tmp_path, 1)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_step_zero_validation_is_logged_with_the_zero_shot_reference(tiny_llama, tiny_tokenizer, tmp_path):
+    from softprompt.plots import plot_training
+
+    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    trainer = Trainer(prompted, examples, TrainConfig(max_steps=2, per_device_train_batch_size=4, eval_steps=2,
+                                                      bf16="no"),
+                      eval_sets={"sentiment": EvalSet(task, examples)}, output_dir=tmp_path / "run")
+    trainer.train()
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and "loss" not in first
+    assert first["validation"]["tasks"]["sentiment"]["n"] == len(examples)
+    assert first["validation"]["zero_shot"]["tasks"]["sentiment"]["n"] == len(examples)
+    plots = plot_training(tmp_path / "run" / "metrics.jsonl", tmp_path / "run")
+    assert tmp_path / "run" / "validation.png" in plots
