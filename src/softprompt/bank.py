@@ -280,8 +280,6 @@ def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = N
         raise IncompatiblePromptError(
             f"prompt '{saved.name}' is a {saved.kind} prompt; this path serves "
             f"{' and '.join(kinds)} prompts only"
-            + (" (a deep prompt puts keys and values in every layer: load it with DeepPromptModel)"
-               if saved.kind == "deep" else "")
         )
     if saved.token_dim != token_dim:
         raise IncompatiblePromptError(
