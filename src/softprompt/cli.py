@@ -318,11 +318,9 @@ def _print_eval(metrics: dict) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .models import load_model
-    from .prompted import PromptedModel
-
     from .bank import PromptBank, read_prompt_dir
-    from .prompted import model_for_saved
+    from .models import load_model
+    from .prompted import PromptedModel, model_for_saved
 
     loaded = load_model(args.model)
     prompted, task = PromptedModel(loaded), None

@@ -45,7 +45,7 @@ from .evaluate import evaluate_task
 from .models import LoadedModel, load_model
 from .options import opt
 from .prompts import NO_TASK, PromptTuningConfig
-from .train import TrainConfig, Trainer, autocast
+from .train import DEFAULT_LEARNING_RATE, TrainConfig, Trainer, autocast
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,14 @@ class CompareConfig:
     )
     max_steps: int = opt(100, "Optimizer steps per method.")
     per_device_train_batch_size: int = opt(8, "Examples per step (the same for every method).")
-    learning_rate_prompt: float = opt(0.1, "Peak learning rate of prompt tuning (softprompt's default).")
-    learning_rate_deep_prompt: float = opt(
-        1e-2, "Peak learning rate of deep prompts (P-tuning v2 uses 5e-3..1e-2)."
-    )
-    learning_rate_lora: float = opt(5e-4, "Peak learning rate of LoRA (usual range 2e-4..1e-3).")
+    learning_rate_prompt: float = opt(DEFAULT_LEARNING_RATE["soft"], "Peak learning rate of prompt tuning "
+                                      "(softprompt's soft-prompt default).")
+    learning_rate_deep_prompt: float = opt(DEFAULT_LEARNING_RATE["deep"], "Peak learning rate of deep prompts "
+                                           "(softprompt's default; P-tuning v2 uses 5e-3..1e-2).")
+    learning_rate_lora: float = opt(3e-3, "Peak learning rate of LoRA (the best of 1e-4..3e-3 in "
+                                    "bench/quality_sst2.py).")
     learning_rate_full: float = opt(
-        3e-5, "Peak learning rate of full fine-tuning (usual range 2e-5..5e-5)."
+        3e-5, "Peak learning rate of full fine-tuning (usual range 2e-5..5e-5; not screened yet)."
     )
     warmup_steps: int = opt(10, "Linear warmup steps (every method).")
     num_virtual_tokens: int = opt(16, "Virtual tokens of the prompt and of the deep prompt.")

@@ -6,8 +6,8 @@ It enters through the same KV-prefix machinery that serves cached soft prompts
 (`inject.batch_cache` / `prefix_forward` / `prefix_loss`): the prefix fills the first cache
 columns, the tokens follow with positions continuing after it. So a deep prompt initialised
 from a soft prompt's own KV computes exactly what that soft prompt computes, and training starts
-there (real-token activations are also Li & Liang's remedy for unstable prefix training, so no
-reparameterising MLP is used).
+there (real-token activations are also Li & Liang's remedy for unstable prefix training; their
+MLP reparameterisation is an option here, `reparam_hidden`, folded away before saving).
 
 Storage: one float32 parameter per task, [n, layers * 2 * kv_heads * head_dim] (token-major, as
 PEFT's PREFIX_TUNING stores it), held in an ordinary `PromptTable`; its logical shape is
