@@ -387,10 +387,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server import serve
+    from .server import RequestLimits, serve
 
     serve(args.model, args.bank, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms)
+          max_wait_ms=args.max_wait_ms, limits=from_args(RequestLimits, args))
     return 0
 
 
@@ -519,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    from .server import RequestLimits
+
+    add_arguments(p, RequestLimits)
     p.set_defaults(func=cmd_serve)
 
     from .compare import CompareConfig
