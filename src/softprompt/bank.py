@@ -300,7 +300,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make renames / new entries in `path` durable; a no-op where directories cannot be synced."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -352,7 +352,7 @@ def _write_files(folder: Path, embeddings: torch.Tensor, config_text: str, meta_
     _write_text(folder / CONFIG_FILE, config_text)
     _write_tensor(folder / WEIGHTS_FILE, embeddings)
     _write_text(folder / META_FILE, meta_text)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def write_prompt_dir(path: str | os.PathLike[str], saved: SavedPrompt) -> None:
@@ -637,7 +637,7 @@ class PromptBank:
                     raise UnknownTaskError(self._unknown_message(name))
                 if self._adopt_plain_dir(name) is None:
                     link.unlink()
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
                 self._cleanup(name, keep=set())
                 _remove_path(self._versions_dir(name))
         except OSError as exc:
@@ -679,7 +679,7 @@ class PromptBank:
             if isinstance(exc, OSError):
                 raise PromptFileError(f"could not export task '{name}' to {dest}: {exc}") from exc
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         logger.info("exported task '%s' to %s", name, dest)
         return dest
 
@@ -731,7 +731,7 @@ class PromptBank:
         except Exception:
             _remove_path(tmp)  # an ordinary error leaves nothing; a killed process is cleaned later
             raise
-        _fsync_dir(versions)
+        fsync_dir(versions)
         return version
 
     def _swap_link(self, name: str, version: str) -> str | None:
@@ -743,7 +743,7 @@ class PromptBank:
         tmp_link = self._root / f"{_LINK_PREFIX}{name}{_LINK_SEP}{version}"
         os.symlink(os.path.join(_VERSIONS_DIR, name, version), tmp_link)
         os.replace(tmp_link, link)  # the commit point: readers see the old or the new version
-        _fsync_dir(self._root)
+        fsync_dir(self._root)
         return previous
 
     def _adopt_plain_dir(self, name: str) -> str | None:
