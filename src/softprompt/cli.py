@@ -134,8 +134,10 @@ def cmd_train(args) -> int:
               f"({len(names)} task(s) x {args.num_virtual_tokens} tokens x {prompted.token_dim}); "
               f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes; "
               f"bf16 autocast {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
-    if args.resume and not trainer.load_checkpoint():
-        print(f"no checkpoint in {output_dir}; starting fresh", file=sys.stderr)
+    if args.resume:
+        resumed = trainer.load_checkpoint()
+        print(f"resumed from step {trainer.step}" if resumed else f"no checkpoint in {output_dir}; starting fresh",
+              file=sys.stderr)
     result = trainer.train()
     _progress_bar.close()
     if not main_process:  # every process holds the same prompt; one writes and reports
@@ -247,7 +249,7 @@ def cmd_eval(args) -> int:
     else:
         if not (args.bank and args.task):
             raise ConfigError("eval needs --bank and --task, or --zero-shot")
-        saved = PromptBank(args.bank).load(args.task)
+        saved = PromptBank(args.bank, create=False).load(args.task)  # reading makes no folder
         prompted.add_task(args.task, saved)
         task = _task_from_saved(args, saved)
         task_name = args.task
@@ -305,7 +307,7 @@ def cmd_generate(args) -> int:
     elif args.bank and args.task:
         from .bank import PromptBank
 
-        prompted.add_task(args.task, PromptBank(args.bank).load(args.task))
+        prompted.add_task(args.task, PromptBank(args.bank, create=False).load(args.task))
         task = args.task
     texts = [t.encode().decode("unicode_escape") if args.unescape else t for t in args.text]
     outputs = prompted.generate(texts, task, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
