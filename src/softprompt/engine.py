@@ -243,7 +243,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model)
         self.base_names = {self.base_model_id, self.model.config.name_or_path or self.base_model_id}
         self.reserved_names = {"default", *self.base_names}
-        """Names a task may not have: a request naming one means the base model."""
+        """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
         self._tasks: dict[str, _Task] = {}
         self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
         self._tasks_lock = threading.RLock()
@@ -314,7 +314,7 @@ class Engine:
     def _check_name(self, name: str) -> None:
         validate_task_name(name)
         if name in self.reserved_names:
-            raise InvalidTaskNameError(f"task name '{name}' is reserved: it names the base model")
+            raise InvalidTaskNameError(f"task name '{name}' is reserved: it names a base model")
 
     def _activate(self, name: str) -> _Task:
         self._check_name(name)
@@ -369,16 +369,14 @@ class Engine:
             self._bad.pop(entry.name, None)
         return entry
 
-    def _resolve(self, name: str | None, snapshot: dict[str, _Task] | None = None) -> _Task | None:
+    def _resolve(self, name: str | None, snapshot: dict[str, _Task]) -> _Task | None:
         """The task entry for a request (None = the base model, no prompt).
 
-        With `snapshot`, each name is resolved once and then taken from it, so all the rows of
-        one request use the same prompt version even when a new one is saved meanwhile.
+        Each name is resolved once per `snapshot` and then taken from it, so all the rows of one
+        request use the same prompt version even when a new one is saved meanwhile.
         """
         if name is None or name == "" or name in self.base_names:
             return None
-        if snapshot is None:
-            return self._activate(name)
         if name not in snapshot:
             snapshot[name] = self._activate(name)
         return snapshot[name]

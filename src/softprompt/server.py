@@ -172,10 +172,10 @@ class ClassifyBody(_Request):
     input: str | list[str] = Field(description="Text or texts to classify.")
 
 
-def _lone_surrogate(value, path: str = "") -> str | None:
-    """Where in a raw JSON value (path like '2.text'; '' = the value itself) a string holds a lone
-    surrogate, or None. Iterative: the value may be nested deeper than the stack."""
-    stack = [(value, path)]
+def _lone_surrogate(value) -> str | None:
+    """Where in a raw JSON value (a path like '2.text'; '' = the value itself) a string holds a
+    lone surrogate, or None. Iterative: the value may be nested deeper than the stack."""
+    stack = [(value, "")]
     while stack:
         item, where = stack.pop()
         if isinstance(item, str) and not is_valid_unicode(item):
@@ -441,6 +441,7 @@ async def _run(scheduler: BatchScheduler, http: Request, prepared: list) -> list
     for piece in prepared:
         piece.cancelled = True
     work.cancel()
+    work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
     raise StarletteHTTPException(499, "client closed the request; it was cancelled")
 
 
