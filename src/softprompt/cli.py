@@ -157,8 +157,10 @@ def cmd_train(args) -> int:
               f"learning rate {config.learning_rate:.3g}); "
               f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes; "
               f"bf16 autocast {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
-    if args.resume and not trainer.load_checkpoint():
-        print(f"no checkpoint in {output_dir}; starting fresh", file=sys.stderr)
+    if args.resume:
+        resumed = trainer.load_checkpoint()
+        print(f"resumed from step {trainer.step}" if resumed else f"no checkpoint in {output_dir}; starting fresh",
+              file=sys.stderr)
     result = trainer.train()
     _progress_bar.close()
     if not main_process:  # every process holds the same prompt; one writes and reports
@@ -270,7 +272,7 @@ def cmd_eval(args) -> int:
     else:
         if not (args.bank and args.task):
             raise ConfigError("eval needs --bank and --task, or --zero-shot")
-        saved = PromptBank(args.bank).load(args.task)
+        saved = PromptBank(args.bank, create=False).load(args.task)  # reading makes no folder
         prompted = model_for_saved(loaded, saved, args.task)
         task = _task_from_saved(args, saved)
         task_name = args.task
@@ -328,7 +330,8 @@ def cmd_generate(args) -> int:
         saved = read_prompt_dir(args.prompt)
         prompted, task = model_for_saved(loaded, saved), saved.name
     elif args.bank and args.task:
-        prompted, task = model_for_saved(loaded, PromptBank(args.bank).load(args.task), args.task), args.task
+        saved = PromptBank(args.bank, create=False).load(args.task)  # reading makes no folder
+        prompted, task = model_for_saved(loaded, saved, args.task), args.task
     texts = [t.encode().decode("unicode_escape") if args.unescape else t for t in args.text]
     outputs = prompted.generate(texts, task, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
@@ -409,10 +412,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server import serve
+    from .server import RequestLimits, serve
 
     serve(args.model, args.bank, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms)
+          max_wait_ms=args.max_wait_ms, limits=from_args(RequestLimits, args))
     return 0
 
 
@@ -548,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    from .server import RequestLimits
+
+    add_arguments(p, RequestLimits)
     p.set_defaults(func=cmd_serve)
 
     from .compare import CompareConfig

@@ -6,6 +6,9 @@ from __future__ import annotations
 class SoftPromptError(Exception):
     """Base class: every error this package raises on purpose."""
 
+    param: str | None = None
+    """The request field at fault, when the error is about one (the server reports it)."""
+
 
 class ModelLoadError(SoftPromptError):
     """A model name, folder, hub id or GGUF file could not be loaded."""
@@ -14,12 +17,17 @@ class ModelLoadError(SoftPromptError):
 class UnknownTaskError(SoftPromptError, KeyError):
     """A task name or task id that is not loaded / not in the bank."""
 
+    param = "model"
+
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "unknown task"
 
 
 class InvalidTaskNameError(SoftPromptError, ValueError):
-    """A task name outside `[a-z0-9][a-z0-9._-]{0,63}` (rejected before touching the disk)."""
+    """A task name outside `[a-z0-9][a-z0-9._-]{0,63}` (rejected before touching the disk), or a
+    reserved one (the base model's name)."""
+
+    param = "model"
 
 
 class IncompatiblePromptError(SoftPromptError, ValueError):
@@ -59,3 +67,11 @@ class AuthenticationError(SoftPromptError):
 
 class UploadError(SoftPromptError, ValueError):
     """A prompt upload that is not a readable multipart/form-data body."""
+
+
+class RequestLimitError(SoftPromptError, ValueError):
+    """A request asking for more work than the server's per-request limit allows."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from .bank import fsync_dir
 from .data import Example, Task, collate, length_grouped_batches
 from .errors import ConfigError
 from .evaluate import evaluate_task
@@ -49,6 +50,9 @@ class TrainConfig:
     lr_scheduler_type: str = opt("linear", "linear, cosine or constant (after warmup).")
     max_grad_norm: float = opt(1.0, "Gradient clipping threshold (0 = off).")
     eval_steps: int = opt(200, "Validate every N steps (and at step 0 and the end).")
+    save_steps: int = opt(10, "Checkpoint every N steps for --resume (0 = only at validations, the time "
+                          "limit and the end).")
+    save_minutes: float = opt(5.0, "Also checkpoint when this many minutes passed since the last one (0 = off).")
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
     max_eval_examples: int = opt(0, "Validate on at most this many examples (0 = all).")
     early_stopping_patience: int = opt(0, "Stop after N validations without improvement (0 = never).")
@@ -70,6 +74,18 @@ class TrainConfig:
         for name in ("max_steps", "per_device_train_batch_size", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.save_steps < 0:
+            raise ConfigError("save_steps must be 0 (off) or more")
+        _check_number("learning_rate", self.learning_rate, positive=True)
+        for name in ("weight_decay", "max_grad_norm", "save_minutes"):
+            _check_number(name, getattr(self, name))
+
+
+def _check_number(name: str, value: float, *, positive: bool = False) -> None:
+    """A finite number, > 0 or >= 0 (the optimizers would fail later with a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name} must be a finite number {'>' if positive else '>='} 0, not {value!r}")
 
 
 DEFAULT_LEARNING_RATE = {"deep": 1e-2, "soft": 3e-2}
@@ -183,6 +199,8 @@ class Trainer:
         self.history: list[dict] = []
         self.untrained_validation: dict | None = None  # step 0, with the zero-shot reference
         self.train_seconds, self.examples_seen = 0.0, 0
+        self._last_save = time.monotonic()
+        self._log_started = False  # the first line of a fresh run starts a new metrics log
 
     @property
     def trainable_parameter_count(self) -> int:
@@ -306,8 +324,9 @@ class Trainer:
                 validation = self.validate() if self.eval_sets else {"metric": None}
                 record["validation"] = validation
                 stop = self._after_validation(validation["metric"])
+            self._log(record)  # before the checkpoint: the log never lacks a step a resume skips
+            if "validation" in record or self._checkpoint_due():
                 self.save_checkpoint()
-            self._log(record)
         self.restore_best()
         log.info("trained %d steps (%d this run); best metric %s at step %d", self.step,
                  self.step - start_step, self.best_metric, self.best_step)
@@ -332,8 +351,9 @@ class Trainer:
 
     def _write_metrics(self, record: dict) -> None:
         if self.output_dir and self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
+            if not self._log_started:
+                self._start_fresh_run()
+            with open(self._metrics_path(), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # -------------------------------------------------------- checkpoints (--resume)
@@ -341,8 +361,19 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.output_dir / "checkpoint.pt" if self.output_dir else None
 
+    def _metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _checkpoint_due(self) -> bool:
+        """--save-steps, or --save-minutes since the last checkpoint."""
+        every = self.config.save_steps
+        minutes = self.config.save_minutes
+        return bool(every and self.step % every == 0) or bool(
+            minutes and time.monotonic() - self._last_save >= minutes * 60)
+
     def save_checkpoint(self) -> None:
-        """Everything needed to continue bit-for-bit: written to a temp file, then renamed."""
+        """Everything needed to continue bit-for-bit: written to a temp file, fsynced, renamed."""
+        self._last_save = time.monotonic()
         path = self.checkpoint_path()
         if path is None or not self.accelerator.is_main_process:
             return
@@ -353,15 +384,43 @@ class Trainer:
                  "examples_seen": self.examples_seen, "config": asdict(self.config)}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def load_checkpoint(self) -> bool:
-        """Continue from the last checkpoint in output_dir; False when there is none."""
+        """Continue from the last checkpoint in output_dir, and cut the metrics log to match it.
+
+        Without a checkpoint (killed before the first) the run starts over from step 0, and the
+        log is emptied, so no step is ever logged twice. False when there was no checkpoint.
+        """
         path = self.checkpoint_path()
-        if path is None or not path.is_file():
+        if path is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        found = path.is_file()
+        if found:
+            self._restore(self._read_checkpoint(path))
+            log.info("resumed from %s at step %d", path, self.step)
+        if self.accelerator.is_main_process:
+            self._rewrite_metrics_log()
+        self._log_started = True
+        return found
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:  # torn by a disk failure, or not ours: torch raises many types
+            raise ConfigError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
+        changed = sorted(k for k, v in state.get("config", {}).items()
+                         if k in asdict(self.config) and getattr(self.config, k) != v)
+        if changed:
+            log.warning("resuming with settings changed since the checkpoint: %s", ", ".join(changed))
+        return state
+
+    def _restore(self, state: dict) -> None:
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"], strict=True):
                 p.copy_(saved)
@@ -371,17 +430,50 @@ class Trainer:
         self.best_step, self.bad_evals = state["best_step"], state["bad_evals"]
         self.best_state = [t.to(self.device) for t in state["best_state"]]
         self.train_seconds, self.examples_seen = state["train_seconds"], state["examples_seen"]
-        self._truncate_metrics_log()
-        log.info("resumed from %s at step %d", path, self.step)
-        return True
 
-    def _truncate_metrics_log(self) -> None:
-        """Drop metric lines written after the checkpoint (the killed run's tail)."""
-        metrics = self.output_dir / "metrics.jsonl"
+    def _rewrite_metrics_log(self) -> None:
+        """Keep the lines up to the resumed step (atomically); a torn line (a write cut by a
+        crash or power loss) is dropped, never fatal."""
+        metrics = self._metrics_path()
         if not metrics.is_file():
             return
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept, torn = [], 0
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            record = _parse_record(line)
+            if record is None:
+                torn += line.strip() != ""
+            elif record["step"] <= self.step:
+                kept.append(line + "\n")
+        if torn:
+            log.warning("dropped %d unreadable line(s) of %s (a write cut short)", torn, metrics)
+        _write_atomically(metrics, "".join(kept))
+
+    def _start_fresh_run(self) -> None:
+        """A run that did not resume starts a new metrics log, and drops a checkpoint left by an
+        earlier run in the same folder (a later --resume must not continue that one)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self._metrics_path(), "")
+        self.checkpoint_path().unlink(missing_ok=True)
+        self._log_started = True
+
+
+def _parse_record(line: str) -> dict | None:
+    """A metrics line, or None for one that is not a complete record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 @dataclass

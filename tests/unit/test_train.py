@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from softprompt.bank import PromptBank
 from softprompt.data import load_examples, make_classification_task
+from softprompt.errors import ConfigError
 from softprompt.evaluate import evaluate_loss
 from softprompt.prompted import PromptedModel
 from softprompt.prompts import PromptTuningConfig
@@ -74,29 +76,6 @@ def _train_cmd(model_dir, data, bank, out, steps, *extra, launcher=None):
 
 def _final_prompt(bank):
     return PromptBank(bank).load("sentiment").embeddings
-
-
-def test_resume_after_kill_9_matches_uninterrupted_run(tiny_model_dir, tmp_path):
-    data = write_sentiment_jsonl(tmp_path / "train.jsonl", repeats=8)
-    steps = 80
-    subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-a", tmp_path / "run-a", steps), check=True,
-                   capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "run-b" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 12):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "bank-b" / "sentiment").exists()
-    resumed = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps,
-                                        "--resume"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    torch.testing.assert_close(_final_prompt(tmp_path / "bank-b"), _final_prompt(tmp_path / "bank-a"),
-                               atol=1e-6, rtol=0)
-    steps_logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps_logged == list(range(0, steps + 1))  # step 0: the untrained validation
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
@@ -189,3 +168,113 @@ def test_step_zero_validation_is_logged_with_the_zero_shot_reference(tiny_llama,
     assert first["validation"]["zero_shot"]["tasks"]["sentiment"]["n"] == len(examples)
     plots = plot_training(tmp_path / "run" / "metrics.jsonl", tmp_path / "run")
     assert tmp_path / "run" / "validation.png" in plots
+
+
+def test_resume_after_kill_9_before_the_first_evaluation_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_sentiment_jsonl(tmp_path / "train.jsonl", repeats=8)
+    steps, flags = 60, ("--eval-steps", "40", "--save-steps", "5", "--save-minutes", "0")  # evaluations at 40, 60
+    subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-a", tmp_path / "run-a", steps, *flags),
+                   check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps, *flags),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run-b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 12):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 40, "killed after the first evaluation: nothing was tested"
+    resumed = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps,
+                                        *flags, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_at = int(resumed.stderr.split("resumed from step ")[1].split()[0])
+    assert 10 <= resumed_at <= killed_at and resumed_at % 5 == 0, resumed.stderr
+    torch.testing.assert_close(_final_prompt(tmp_path / "bank-b"), _final_prompt(tmp_path / "bank-a"),
+                               atol=1e-6, rtol=0)
+    steps_logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps_logged == list(range(0, steps + 1))  # step 0: the untrained validation
+
+
+class _Killed(Exception):
+    """Stands for kill -9 in the middle of a step."""
+
+
+def _trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config):
+    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    config = TrainConfig(**{"max_steps": 8, "per_device_train_batch_size": 4, "eval_steps": 100, "save_steps": 3,
+                            "bf16": "no", **config})
+    return Trainer(prompted, examples, config, eval_sets={"sentiment": EvalSet(task, examples)}, output_dir=out)
+
+
+def _die_at(step):
+    def on_step(record):
+        if record["step"] == step:
+            raise _Killed
+    return on_step
+
+
+def test_resume_tolerates_a_torn_last_line_and_rewrites_the_log_to_the_checkpoint(tiny_llama, tiny_tokenizer,
+                                                                                  tmp_path):
+    uninterrupted = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "whole")
+    uninterrupted.train()
+    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
+    first.on_step = _die_at(5)
+    with pytest.raises(_Killed):
+        first.train()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 0.6')  # the write that power loss cut short
+    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
+    assert second.load_checkpoint() and second.step == 3
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+    second.train()
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
+    torch.testing.assert_close(second.params[0], uninterrupted.params[0], atol=1e-6, rtol=0)
+
+
+def test_resume_without_any_checkpoint_starts_over_with_a_clean_log(tiny_llama, tiny_tokenizer, tmp_path):
+    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    first.on_step = _die_at(3)
+    with pytest.raises(_Killed):
+        first.train()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) == 2 and not (tmp_path / "run" / "checkpoint.pt").exists()
+    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    assert not second.load_checkpoint() and metrics.read_text() == ""
+    second.train()
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
+
+
+def test_resume_a_fresh_run_in_a_used_folder_never_picks_up_the_old_checkpoint(tiny_llama, tiny_tokenizer,
+                                                                                tmp_path):
+    _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run").train()  # an old, finished run
+    fresh = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    fresh.on_step = _die_at(2)
+    with pytest.raises(_Killed):
+        fresh.train()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_checkpoints_on_the_wall_clock_too(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 20))  # each look at the clock is 20 s later
+    monkeypatch.setattr("softprompt.train.time.monotonic", lambda: next(clock))
+    trainer = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0, save_minutes=0.5)
+    saved, save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: (saved.append(trainer.step), save()))
+    trainer.train()
+    assert saved == [2, 4, 6, 8]  # 40 s after the last checkpoint, 30 s asked for; and at the end
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("learning_rate", -1.0, "learning_rate must be a finite number > 0"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number > 0"),
+    ("learning_rate", 0.0, "> 0"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
+    ("save_minutes", -5.0, "save_minutes"),
+    ("save_steps", -1, "save_steps"),
+])
+def test_bad_input_train_config_numbers_are_config_errors(field, value, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        TrainConfig(**{field: value})
