@@ -63,14 +63,12 @@ def test_train_default_is_a_deep_prompt_that_eval_and_generate_load(tiny_model_d
     assert len(_last_json(out)["outputs"]) == 1
 
 
-def test_bad_input_learning_rate_must_be_positive_or_auto(tiny_model_dir, tmp_path, capsys):
+def test_bad_input_learning_rate_must_be_a_number_or_auto(tiny_model_dir, tmp_path, capsys):
     data = write_sentiment_jsonl(tmp_path / "sentiment.jsonl")
-    for bad in ("-1", "nan", "fast"):
-        with pytest.raises(SystemExit) as exit_info:
-            _run(capsys, "train", "--model", tiny_model_dir, "--task", "s", "--data", data, "--labels",
-                 "negative,positive", "--bank", str(tmp_path / "bank"), "--learning-rate", bad)
-        assert exit_info.value.code == 2
-        assert "positive number or 'auto'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, "train", "--model", tiny_model_dir, "--task", "s", "--data", data, "--labels",
+             "negative,positive", "--bank", str(tmp_path / "bank"), "--learning-rate", "fast")
+    assert exit_info.value.code == 2 and "--learning-rate: invalid" in capsys.readouterr().err
 
 
 def test_train_several_tasks_at_once_lands_each_prompt_in_the_bank(trained_bank):
