@@ -437,12 +437,13 @@ class Trainer:
         metrics = self._metrics_path()
         if not metrics.is_file():
             return
+        last = self.step if self.step > 0 else -1  # a run (re)started at step 0 logs its step 0 again
         kept, torn = [], 0
         for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
             record = _parse_record(line)
             if record is None:
                 torn += line.strip() != ""
-            elif record["step"] <= self.step:
+            elif record["step"] <= last:
                 kept.append(line + "\n")
         if torn:
             log.warning("dropped %d unreadable line(s) of %s (a write cut short)", torn, metrics)

@@ -227,9 +227,9 @@ def test_resume_tolerates_a_torn_last_line_and_rewrites_the_log_to_the_checkpoin
         f.write('{"step": 5, "loss": 0.6')  # the write that power loss cut short
     second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
     assert second.load_checkpoint() and second.step == 3
-    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [0, 1, 2, 3]  # 0: untrained
     second.train()
-    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(0, 9))
     torch.testing.assert_close(second.params[0], uninterrupted.params[0], atol=1e-6, rtol=0)
 
 
@@ -239,11 +239,11 @@ def test_resume_without_any_checkpoint_starts_over_with_a_clean_log(tiny_llama, 
     with pytest.raises(_Killed):
         first.train()
     metrics = tmp_path / "run" / "metrics.jsonl"
-    assert len(metrics.read_text().splitlines()) == 2 and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert len(metrics.read_text().splitlines()) == 3 and not (tmp_path / "run" / "checkpoint.pt").exists()
     second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
     assert not second.load_checkpoint() and metrics.read_text() == ""
     second.train()
-    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(0, 9))
 
 
 def test_resume_a_fresh_run_in_a_used_folder_never_picks_up_the_old_checkpoint(tiny_llama, tiny_tokenizer,
@@ -254,7 +254,7 @@ def test_resume_a_fresh_run_in_a_used_folder_never_picks_up_the_old_checkpoint(t
     with pytest.raises(_Killed):
         fresh.train()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
-    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_resume_checkpoints_on_the_wall_clock_too(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
