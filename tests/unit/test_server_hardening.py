@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -30,7 +29,7 @@ from .test_engine import (
     random_prompt,
     save_task,
 )
-from .test_server import ADMIN, API_KEY, assert_error, free_port, upload_files
+from .test_server import ADMIN, API_KEY, assert_error, running, upload_files
 
 LIMITS = RequestLimits(max_inputs_per_request=40, max_prompts_per_request=4, max_tokens_per_request=1000)
 SCORE_BATCH = 4  # pairs per scoring batch: a classify of 40 inputs x 2 labels runs in 20 batches
@@ -40,7 +39,6 @@ SCORE_BATCH = 4  # pairs per scoring batch: a classify of 40 inputs x 2 labels r
 def server(tmp_path_factory):
     """A live server whose scoring can be slowed down (`server.slow.delay` seconds per batch) and
     records each scoring batch (the input length of each pair)."""
-    import uvicorn
 
     from softprompt.server import create_app
 
@@ -58,19 +56,9 @@ def server(tmp_path_factory):
 
     engine.score_pairs = slowed
     app = create_app(engine, api_key=API_KEY, max_wait_ms=5, max_body_bytes=1_000_000, limits=LIMITS)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "server did not start"
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, slow=slow,
-                          http=httpx.Client(base_url=url, timeout=30))
-    uv.should_exit = True
-    thread.join(10)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, slow=slow,
+                              http=httpx.Client(base_url=url, timeout=30))
 
 
 @pytest.fixture
