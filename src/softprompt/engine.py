@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import math
 import queue
@@ -40,6 +41,7 @@ from .bank import (
     validate_task_name,
 )
 from .data import Task, encode_example, is_valid_unicode, task_from_meta
+from .deep_prompt import PrefixShape, prefix_shape, rows_to_prefix
 from .errors import (
     ConfigError,
     ContextLengthError,
@@ -136,6 +138,8 @@ class TaskInfo:
     """Bank version it was loaded from; None for a task added in memory only."""
     loaded_at: float
     has_verbalizer: bool
+    kind: str = "soft"
+    """'soft' (vectors before the input) or 'deep' (keys and values in every layer)."""
 
 
 # ---------------------------------------------------------------- internals: tasks, prepared work
@@ -150,6 +154,7 @@ class _Task:
     loaded_at: float = field(default_factory=time.time)
     prefix: inject.PromptPrefix | None = None  # computed on first use, under the model lock
     classifier: tuple | None = None  # (data.Task, target ids), parsed on first use
+    kind: str = "soft"  # 'deep': `prompt` holds KV rows [n, layers * 2 * kv_heads * head_dim]
 
     @property
     def length(self) -> int:
@@ -157,7 +162,7 @@ class _Task:
 
     def info(self) -> TaskInfo:
         return TaskInfo(self.name, self.length, self.version, self.loaded_at,
-                        isinstance(self.meta.get("verbalizer"), dict))
+                        isinstance(self.meta.get("verbalizer"), dict), self.kind)
 
 
 @dataclass(eq=False)
@@ -220,7 +225,11 @@ def _classification(labels: list[str], scores: list[float]) -> Classification:
 
 
 class Engine:
-    """One frozen model serving many tasks, each a soft prompt loaded from a bank (or added)."""
+    """One frozen model serving many tasks, each a soft or deep prompt loaded from a bank (or
+    added); rows of both kinds and of the base model share a batch."""
+
+    kinds = ("soft", "deep")
+    """The prompt kinds this engine serves (a deep prompt enters as each layer's KV prefix)."""
 
     def __init__(self, loaded: LoadedModel | tuple, bank: PromptBank | str | None = None, *,
                  use_prefix_cache: bool = True, max_new_tokens_cap: int = 512,
@@ -273,10 +282,11 @@ class Engine:
     def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
         """Put a task in memory directly (not from the bank); it stays until deactivated."""
         self._check_name(name)
+        kind = "soft"  # a bare tensor is a soft prompt [n, d]
         if isinstance(prompt, SavedPrompt):
             self._check(prompt)
-            prompt, meta = prompt.embeddings, {**prompt.meta, **(meta or {})}
-        entry = self._entry(name, _check_tensor(name, prompt, self.token_dim), None, meta or {})
+            kind, prompt, meta = prompt.kind, prompt.embeddings, {**prompt.meta, **(meta or {})}
+        entry = self._entry(name, _check_tensor(name, prompt, self._row_width(kind)), None, meta or {}, kind)
         return self._store(entry).info()
 
     def activate(self, name: str) -> TaskInfo:
@@ -343,7 +353,7 @@ class Engine:
         try:
             saved = self.bank.load(name)
             self._check(saved)
-            entry = self._entry(name, saved.embeddings, version, saved.meta)
+            entry = self._entry(name, saved.embeddings, version, saved.meta, saved.kind)
         except UnknownTaskError:
             raise
         except SoftPromptError as exc:
@@ -356,14 +366,24 @@ class Engine:
         return self._store(entry)
 
     def _check(self, saved: SavedPrompt) -> None:
-        check_compatible(saved, token_dim=self.token_dim, fingerprint=self.fingerprint)
-        _check_tensor(saved.name, saved.embeddings, self.token_dim)
+        check_compatible(saved, token_dim=self._row_width(saved.kind), fingerprint=self.fingerprint,
+                         kinds=self.kinds)
+        _check_tensor(saved.name, saved.embeddings, self._row_width(saved.kind))
         if saved.embeddings.shape[0] >= self.context_length:
             raise IncompatiblePromptError(f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
                                           f"virtual tokens; the model's context is {self.context_length}")
 
-    def _entry(self, name: str, values: torch.Tensor, version: str | None, meta: dict) -> _Task:
-        return _Task(name, values.detach().float().to(self.device).clone(), version, dict(meta))
+    def _entry(self, name: str, values: torch.Tensor, version: str | None, meta: dict, kind: str) -> _Task:
+        return _Task(name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind)
+
+    @functools.cached_property
+    def prefix_shape(self) -> PrefixShape:
+        """The KV geometry of this model, which a deep prompt's rows must have (probed once)."""
+        with self._model_lock:
+            return prefix_shape(self.model)
+
+    def _row_width(self, kind: str) -> int:
+        return self.prefix_shape.row_width if kind == "deep" else self.token_dim
 
     def _store(self, entry: _Task) -> _Task:
         with self._tasks_lock:
@@ -629,11 +649,17 @@ class Engine:
         return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
 
     def _prompt_inputs(self, tasks: list[_Task | None], width: int) -> dict:
-        """How the rows' prompts enter: cached KV prefixes when on and exact, else embeddings."""
+        """How the rows' prompts enter: KV prefixes for a batch with a deep prompt (its KV is all
+        there is) or when the cache is on and exact; else embeddings."""
         if not any(tasks):
             return {}
         longest = max(t.length for t in tasks if t)
-        if self.use_prefix_cache and inject.prefix_is_exact(self.model, longest + width):
+        exact = inject.prefix_is_exact(self.model, longest + width)
+        deep = any(t is not None and t.kind == "deep" for t in tasks)
+        if deep and not exact:
+            raise IncompatiblePromptError(f"a deep prompt over {longest + width} columns exceeds this model's "
+                                          "sliding window; shorten the input or max_tokens")
+        if deep or (self.use_prefix_cache and exact):
             return {"prefixes": [self._prefix(t) if t else None for t in tasks]}
         prompts = torch.zeros(len(tasks), longest, self.token_dim, device=self.device)  # (B, N, d)
         for b, task in enumerate(tasks):
@@ -644,7 +670,10 @@ class Engine:
 
     def _prefix(self, task: _Task) -> inject.PromptPrefix:
         """The task's KV prefix, computed once per loaded version (callers hold the model lock)."""
-        if task.prefix is None:
+        if task.prefix is None and task.kind == "deep":  # the rows are the keys and values
+            dtype = self.model.get_input_embeddings().weight.dtype
+            task.prefix = rows_to_prefix(task.prompt, self.prefix_shape, dtype)
+        elif task.prefix is None:
             task.prefix = inject.prompt_prefix(self.model, task.prompt)
             self.prefix_computations += 1
         return task.prefix

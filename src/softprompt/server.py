@@ -81,12 +81,19 @@ class RequestLimits:
     max_tokens_per_request: int = opt(
         65_536, "Tokens one request may make the model process at most: input plus new tokens "
         "to generate; input plus target tokens of every label to classify.")
+    max_body_bytes: int = opt(0, "Largest request body in bytes, prompt uploads included (0 = room for a "
+                              "64-token deep prompt of the served model, and at least 1 MB).")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag(f.name)} must be a positive integer, not {value!r}")
+            value, least = getattr(self, f.name), 0 if f.name == "max_body_bytes" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{flag(f.name)} must be an integer >= {least}, not {value!r}")
+
+    def body_bytes(self, engine: Engine) -> int:
+        """The body limit: the flag, else a 64-token deep prompt of this model in fp32 (its rows
+        hold every layer's keys and values) plus 1 MB for the JSON files and multipart framing."""
+        return self.max_body_bytes or 64 * engine.prefix_shape.row_width * 4 + 1_000_000
 
     def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:
         limit = getattr(self, limit_name)
@@ -287,8 +294,7 @@ class _BodyLimit:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: int = 16,
-               max_wait_ms: float = 5, max_body_bytes: int = 1_000_000,
-               limits: RequestLimits | None = None) -> FastAPI:
+               max_wait_ms: float = 5, limits: RequestLimits | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (one micro-batcher; admin routes behind `api_key`)."""
     scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
     limits = limits or RequestLimits()
@@ -305,7 +311,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: in
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
     app.state.engine, app.state.scheduler, app.state.limits = engine, scheduler, limits
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=limits.body_bytes(engine))
     _install_error_handlers(app)
     if api_key is None:
         log.warning("no API key set: the admin routes (PUT/DELETE /v1/prompts) are open")
@@ -337,7 +343,8 @@ def _add_info_routes(app: FastAPI, engine: Engine) -> None:
         for info in engine.task_infos():
             data.append({"id": info.name, "object": "model", "created": int(info.loaded_at),
                          "owned_by": "softprompt", "parent": engine.base_model_id,
-                         "num_virtual_tokens": info.num_virtual_tokens, "classify": info.has_verbalizer})
+                         "num_virtual_tokens": info.num_virtual_tokens, "kind": info.kind,
+                         "classify": info.has_verbalizer})
         return {"object": "list", "data": data}
 
 
@@ -549,7 +556,7 @@ def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
 
 def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
           port: int = 8000, *, max_batch_size: int = 16, max_wait_ms: float = 5,
-          api_key: str | None = None, max_body_bytes: int = 1_000_000, limits: RequestLimits | None = None,
+          api_key: str | None = None, limits: RequestLimits | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
     """Load the model and the bank, and serve them with uvicorn until stopped.
 
@@ -562,8 +569,7 @@ def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.
 
     engine = Engine(load_model(model_name), PromptBank(bank_dir))
     app = create_app(engine, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
-                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes,
-                     limits=limits)
+                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

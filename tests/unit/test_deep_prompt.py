@@ -207,11 +207,66 @@ def test_deep_prompt_in_the_bank_is_refused_by_soft_prompt_paths_with_a_clear_er
     assert torch.equal(other.kv("a"), deep.kv("a"))
 
 
-def test_builtin_engine_says_it_serves_soft_prompts_only_when_given_a_deep_one(tiny_llama, tmp_path):
-    from softprompt.bank import PromptBank
-    from softprompt.engine import Engine
+VERBALIZER = {"labels": ["positive", "negative"], "targets": [" good", " bad film"]}
+TEXTS = ["the movie was", "a boring plot and", "i love this film"]
 
-    DeepPromptModel(tiny_llama, {"deep-task": _prompt(2)}).save_task("deep-task", tmp_path / "bank")
-    engine = Engine((tiny_llama, build_tiny_tokenizer()), PromptBank(tmp_path / "bank"))
-    with pytest.raises(IncompatiblePromptError, match="is a deep prompt; this path serves soft prompts only"):
-        engine.activate("deep-task")
+
+def _served_bank(model, tokenizer, path):
+    """A bank with a deep prompt (trained a little away from its soft init) and a soft prompt."""
+    from softprompt.bank import PromptBank
+
+    deep = DeepPromptModel(model, {"deep-task": _prompt(3, seed=4)}, tokenizer=tokenizer)
+    with torch.no_grad():
+        deep.table.get("deep-task").add_(0.3 * torch.randn_like(deep.table.get("deep-task")))
+    meta = {"template": "review : {text} sentiment :", "verbalizer": VERBALIZER}
+    deep.save_task("deep-task", path, meta=meta)
+    soft = PromptedModel(model, {"soft-task": _prompt(2, seed=5)}, tokenizer=tokenizer)
+    soft.save_task("soft-task", path, meta=meta)
+    return deep, PromptBank(path)
+
+
+def test_builtin_engine_serves_a_deep_prompt_exactly_as_deep_prompt_model(tiny_llama, tmp_path):
+    from softprompt.data import encode_example, task_from_meta
+    from softprompt.engine import Engine, GenerationRequest
+    from softprompt.evaluate import label_log_likelihoods
+
+    tokenizer = build_tiny_tokenizer()
+    deep, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
+    engine = Engine((tiny_llama, tokenizer), bank)
+    assert engine.activate("deep-task").kind == "deep" and engine.activate("soft-task").kind == "soft"
+    served = engine.generate([GenerationRequest(t, task="deep-task", max_new_tokens=5) for t in TEXTS])
+    assert [r.text for r in served] == deep.generate(TEXTS, "deep-task", max_new_tokens=5)
+    task = task_from_meta("deep-task", bank.load("deep-task").meta)
+    examples = [encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in TEXTS]
+    expected = label_log_likelihoods(deep, examples, task.verbalizer.target_token_ids(tokenizer), 0)
+    for result, scores in zip(engine.classify("deep-task", TEXTS), expected, strict=True):
+        assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(scores.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_builtin_engine_mixes_deep_soft_and_base_rows_in_one_batch(tiny_llama, tmp_path, use_prefix_cache):
+    from softprompt.engine import Engine, GenerationRequest
+
+    tokenizer = build_tiny_tokenizer()
+    _, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
+    engine = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=use_prefix_cache)
+    requests = [GenerationRequest(TEXTS[i], task=name, max_new_tokens=5)
+                for i, name in enumerate(["deep-task", "soft-task", None])]
+    mixed = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in mixed] == [r.token_ids for r in alone]
+    classified = engine.classify(["deep-task", "soft-task"], TEXTS[:2])
+    assert classified[0].probabilities == pytest.approx(engine.classify("deep-task", TEXTS[:1])[0].probabilities, abs=1e-5)
+
+
+def test_builtin_engine_refuses_a_deep_prompt_past_a_sliding_window_instead_of_answering_wrong(tmp_path):
+    from softprompt.engine import Engine, GenerationRequest
+
+    gemma, tokenizer = build_tiny_model("gemma3"), build_tiny_tokenizer()  # sliding window: 8 columns
+    _, bank = _served_bank(gemma, tokenizer, tmp_path / "bank")
+    engine = Engine((gemma, tokenizer), bank)
+    assert engine.generate([GenerationRequest("fun", task="deep-task", max_new_tokens=2)])[0].token_ids
+    with pytest.raises(IncompatiblePromptError, match="exceeds this model's sliding window"):
+        engine.generate([GenerationRequest("the movie was fun", task="deep-task", max_new_tokens=5)])
+    with pytest.raises(IncompatiblePromptError, match="exceeds this model's sliding window"):
+        engine.classify("deep-task", ["the movie was fun and the plot was great"])

@@ -24,6 +24,7 @@ from softprompt.models import fingerprint
 from ..conftest import build_tiny_model
 from .test_engine import (
     TASKS,
+    TEMPLATE,
     TEXTS,
     VERBALIZER,
     build_full_tokenizer,
@@ -69,14 +70,15 @@ def running(app):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
 
-    from softprompt.server import create_app
+    from softprompt.server import RequestLimits, create_app
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
     fill_bank(bank, model)
     engine = Engine((model, tokenizer), bank)
-    app = create_app(engine, api_key=API_KEY, max_batch_size=16, max_wait_ms=5, max_body_bytes=MAX_BODY)
+    app = create_app(engine, api_key=API_KEY, max_batch_size=16, max_wait_ms=5,
+                     limits=RequestLimits(max_body_bytes=MAX_BODY))
     with running(app) as url:
         yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, app=app,
                               client=openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0,
@@ -381,6 +383,26 @@ def test_classify_object_input_serves_a_multi_field_template(server):
                      422, "input 0: missing field 'text'", "invalid_value")
     finally:
         server.bank.delete("titled")
+
+
+def test_deep_prompt_upload_is_served_over_http_and_listed_with_its_kind(server, tmp_path):
+    from softprompt.deep_prompt import DeepPromptModel
+
+    deep = DeepPromptModel(server.model, {"deep": random_prompt(3, seed=46)}, tokenizer=server.engine.tokenizer)
+    folder = deep.save_task("deep", tmp_path / "made", meta={"template": TEMPLATE, "verbalizer": VERBALIZER})
+    files = [(f.name, (f.name, f.read_bytes())) for f in sorted(folder.iterdir()) if f.is_file()]
+    response = server.http.put("/v1/prompts/deep-up", files=files, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    try:
+        listed = {m["id"]: m for m in server.http.get("/v1/models").json()["data"]}
+        assert listed["deep-up"]["kind"] == "deep" and listed["t0"]["kind"] == "soft"
+        body = server.http.post("/v1/completions", json={"model": "deep-up", "prompt": "fun", "max_tokens": 4,
+                                                         "temperature": 0}).json()
+        assert body["choices"][0]["text"] == deep.generate(["fun"], "deep", max_new_tokens=4)[0]
+        classify = server.http.post("/v1/classify", json={"model": "deep-up", "input": ["fun", "the plot"]})
+        assert classify.status_code == 200, classify.text
+    finally:
+        server.http.delete("/v1/prompts/deep-up", headers=ADMIN)
 
 
 def test_error_classify_task_without_verbalizer_is_400(server):

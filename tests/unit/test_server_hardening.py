@@ -16,7 +16,9 @@ import safetensors.torch
 import torch
 
 from softprompt.bank import PromptBank
+from softprompt.cli import build_parser
 from softprompt.engine import Engine
+from softprompt.options import from_args
 from softprompt.server import RequestLimits
 
 from ..conftest import build_tiny_model
@@ -31,7 +33,8 @@ from .test_engine import (
 )
 from .test_server import ADMIN, API_KEY, assert_error, running, upload_files
 
-LIMITS = RequestLimits(max_inputs_per_request=40, max_prompts_per_request=4, max_tokens_per_request=1000)
+LIMITS = RequestLimits(max_inputs_per_request=40, max_prompts_per_request=4, max_tokens_per_request=1000,
+                       max_body_bytes=1_000_000)
 SCORE_BATCH = 4  # pairs per scoring batch: a classify of 40 inputs x 2 labels runs in 20 batches
 
 
@@ -55,7 +58,7 @@ def server(tmp_path_factory):
         return score_pairs(pairs)
 
     engine.score_pairs = slowed
-    app = create_app(engine, api_key=API_KEY, max_wait_ms=5, max_body_bytes=1_000_000, limits=LIMITS)
+    app = create_app(engine, api_key=API_KEY, max_wait_ms=5, limits=LIMITS)
     with running(app) as url:
         yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, slow=slow,
                               http=httpx.Client(base_url=url, timeout=30))
@@ -135,14 +138,22 @@ def test_limits_inputs_prompts_and_tokens_per_request_are_413_naming_the_limit(s
 
 
 def test_limits_are_serve_flags_with_defaults():
-    from softprompt.cli import build_parser
-    from softprompt.options import from_args
-
     args = build_parser().parse_args(["serve", "--bank", "b", "--max-inputs-per-request", "8"])
     assert from_args(RequestLimits, args) == RequestLimits(max_inputs_per_request=8)
     assert RequestLimits().max_prompts_per_request == 64 and RequestLimits().max_tokens_per_request == 65_536
-    with pytest.raises(ValueError, match="--max-tokens-per-request must be a positive integer"):
+    with pytest.raises(ValueError, match="--max-tokens-per-request must be an integer >= 1"):
         RequestLimits(max_tokens_per_request=0)
+    with pytest.raises(ValueError, match="--max-body-bytes must be an integer >= 0"):
+        RequestLimits(max_body_bytes=-1)
+
+
+def test_the_default_body_limit_fits_a_64_token_deep_prompt_of_the_served_model(server):
+    """The deep prompt of a 1.7B model is tens of MB: the default follows the model, the flag overrides it."""
+    deep_prompt = 64 * server.engine.prefix_shape.row_width * 4
+    assert RequestLimits().body_bytes(server.engine) == deep_prompt + 1_000_000
+    assert RequestLimits(max_body_bytes=5).body_bytes(server.engine) == 5
+    args = build_parser().parse_args(["serve", "--bank", "b", "--max-body-bytes", "123"])
+    assert from_args(RequestLimits, args).max_body_bytes == 123
 
 
 # ---------------------------------------------------------------- clean 4xx for bad values
