@@ -274,6 +274,17 @@ class DeepPromptModel(nn.Module):
         )
         return plain.real_logits(out.logits)
 
+    def next_token_logits(self, input_ids, attention_mask, tasks=None) -> torch.Tensor:
+        """Logits [B, V] for the token after each left-padded row (the LM head runs on one column)."""
+        prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
+        if all(p is None for p in prefixes):
+            batch = self._plain(input_ids, attention_mask)
+            return inject.forward(self.model, batch, logits_to_keep=1, use_cache=False).logits[:, -1]
+        self._check_exact(prefixes, input_ids)
+        out, _, _ = inject.prefix_forward(self.model, input_ids, attention_mask, prefixes,
+                                          use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
     def _plain(self, input_ids, attention_mask, labels=None) -> inject.InjectedBatch:
         empty = torch.zeros(len(input_ids), 0, 1, device=input_ids.device)
         return inject.inject(

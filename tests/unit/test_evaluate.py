@@ -28,3 +28,33 @@ def test_ensemble_of_two_prompts_equals_the_mean_of_their_separate_scores(tiny_m
     predicted = together.argmax(1)
     gold = torch.tensor([ex.label for ex in examples])
     assert metrics["accuracy"] == pytest.approx(float((predicted == gold).float().mean()))
+
+
+def _scores_one_forward_per_label(model, examples, targets, task_id):
+    """The general path by hand: every (example, label) pair through the model's loss."""
+    from softprompt.data import Example, collate
+
+    rows = []
+    for ex in examples:
+        pairs = [Example(ex.input_ids, target, task_id, None) for target in targets]
+        batch = collate(pairs, 0, padding_side="left")
+        nll = model.loss(batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"],
+                         reduction="none")
+        rows.append(-nll.float())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["soft", "deep"])
+def test_one_token_labels_read_from_one_forward_equal_one_forward_per_label(kind, tiny_llama, tiny_tokenizer, tmp_path):
+    from softprompt.deep_prompt import DeepPromptModel
+
+    task = make_classification_task("sentiment", "review : {text} sentiment :", ["negative", "positive"],
+                                    [" bad", " good"])
+    examples, _ = load_examples(write_sentiment_jsonl(tmp_path / "d.jsonl", repeats=1), task, tiny_tokenizer)
+    d = tiny_llama.get_input_embeddings().weight.shape[1]
+    prompt = torch.randn(3, d, generator=torch.Generator().manual_seed(3))
+    model = (PromptedModel if kind == "soft" else DeepPromptModel)(tiny_llama, {"a": prompt}, tokenizer=tiny_tokenizer)
+    targets = task.verbalizer.target_token_ids(tiny_tokenizer)
+    assert all(len(t) == 1 for t in targets)  # the one-forward path
+    fast = label_log_likelihoods(model, examples, targets, 0, batch_size=5)
+    torch.testing.assert_close(fast, _scores_one_forward_per_label(model, examples, targets, 0), atol=1e-5, rtol=0)
