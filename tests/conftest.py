@@ -9,6 +9,18 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+def pytest_sessionfinish(session, exitstatus):
+    """With SOFTPROMPT_NO_SKIPS=1 (CI sets it) a skipped test fails the run: a missing model, client
+    or package must not turn a test into a silent pass."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("SOFTPROMPT_NO_SKIPS") == "1" and skipped:
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            reporter.write_line(f"SKIPPED IS A FAILURE HERE (SOFTPROMPT_NO_SKIPS=1): {report.nodeid}: {reason}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 WORDS = ("the a movie film great good bad awful boring fun plot actor love hate review sentiment "
          "positive negative is was very not and it this of to in classify text if or : . , ! ?").split()
 
