@@ -140,7 +140,9 @@ def cmd_train(args) -> int:
         config = replace(config, learning_rate=search.suggested)
         print(f"learning rate {search.suggested:.3g} (LR range test over {len(search.losses)} steps)",
               file=sys.stderr)
-    trainer = Trainer(prompted, train_examples, config, eval_sets=eval_sets, output_dir=output_dir)
+    run_info = {"task": names, "model": args.model, "prompt_type": args.prompt_type,
+                "num_virtual_tokens": args.num_virtual_tokens, "data": args.data}
+    trainer = Trainer(prompted, train_examples, config, eval_sets=eval_sets, output_dir=output_dir, run_info=run_info)
     main_process = trainer.accelerator.is_main_process
     if main_process:
         trainer.on_step = _progress_bar(config.max_steps)

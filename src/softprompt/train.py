@@ -33,6 +33,7 @@ from .data import Example, Task, collate, length_grouped_batches
 from .errors import ConfigError
 from .evaluate import evaluate_task
 from .options import opt
+from .trackers import Trackers, accelerator_kwargs, check_report_to, resolve_report_to
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class TrainConfig:
     max_length: int = opt(256, "Truncate input + target to this many tokens (input cut on the left).")
     vanishing_grad_norm: float = opt(1e-8, "Warn when the prompt gradient norm falls below this.")
     exploding_grad_norm: float = opt(1e3, "Warn when the prompt gradient norm exceeds this.")
+    report_to: list[str] = opt(["none"], "Experiment trackers, as in transformers: tensorboard, trackio, "
+                               "mlflow, wandb (local/offline, under the output dir), all (every installed one) "
+                               "or none.")
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "adafactor"):
@@ -77,6 +81,9 @@ class TrainConfig:
         if self.save_steps < 0:
             raise ConfigError("save_steps must be 0 (off) or more")
         _check_number("learning_rate", self.learning_rate, positive=True)
+        if isinstance(self.report_to, str):  # transformers takes "a,b" or ["a", "b"]
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        check_report_to(self.report_to)
         for name in ("weight_decay", "max_grad_norm", "save_minutes"):
             _check_number(name, getattr(self, name))
 
@@ -172,14 +179,21 @@ class Trainer:
 
     def __init__(self, prompted, train_examples: list[Example], config: TrainConfig, *,
                  eval_sets: dict[str | None, EvalSet] | None = None, output_dir: str | Path | None = None,
-                 on_step: Callable[[dict], None] | None = None, accelerator: Accelerator | None = None):
+                 on_step: Callable[[dict], None] | None = None, accelerator: Accelerator | None = None,
+                 run_info: dict | None = None):
         if not train_examples:
             raise ConfigError("no training examples")
         self.prompted, self.examples, self.config = prompted, train_examples, config
         self.eval_sets = eval_sets or {}
         self.output_dir = Path(output_dir) if output_dir else None
         self.on_step = on_step
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        report_to = resolve_report_to(config.report_to)
+        if report_to and accelerator is not None:
+            raise ConfigError("report_to: let the Trainer make its Accelerator (it passes log_with)")
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                      **accelerator_kwargs(report_to, self.output_dir))
+        # run_info (task, model, ...) joins the config as the trackers' hyperparameters
+        self.trackers = Trackers(self.accelerator, report_to, self.output_dir, {**asdict(config), **(run_info or {})})
         self.device = self.accelerator.device
         self.bf16 = use_bf16(config, self.device)
         self.prompted.to(self.device)
@@ -315,6 +329,18 @@ class Trainer:
 
     def train(self) -> TrainResult:
         start_step = self.step
+        try:
+            self._loop()
+        finally:
+            self.trackers.finish()
+        self.restore_best()
+        log.info("trained %d steps (%d this run); best metric %s at step %d", self.step,
+                 self.step - start_step, self.best_metric, self.best_step)
+        return TrainResult(self.best_metric, self.best_step, self.step, self.history, self.train_seconds,
+                           self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
+                           self.trainable_parameter_count)
+
+    def _loop(self) -> None:
         if self.step == 0 and self.eval_sets:
             self._validate_untrained()
         stop = False
@@ -327,12 +353,6 @@ class Trainer:
             self._log(record)  # before the checkpoint: the log never lacks a step a resume skips
             if "validation" in record or self._checkpoint_due():
                 self.save_checkpoint()
-        self.restore_best()
-        log.info("trained %d steps (%d this run); best metric %s at step %d", self.step,
-                 self.step - start_step, self.best_metric, self.best_step)
-        return TrainResult(self.best_metric, self.best_step, self.step, self.history, self.train_seconds,
-                           self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
-                           self.trainable_parameter_count)
 
     def _validate_untrained(self) -> None:
         """Step 0: the untrained prompt's validation and the plain model's (zero-shot), so the
@@ -355,6 +375,7 @@ class Trainer:
                 self._start_fresh_run()
             with open(self._metrics_path(), "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.trackers.add(record)  # logged once a checkpoint covers it (see save_checkpoint)
 
     # -------------------------------------------------------- checkpoints (--resume)
 
@@ -381,7 +402,8 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "best_metric": self.best_metric, "best_step": self.best_step, "bad_evals": self.bad_evals,
                  "best_state": [t.cpu() for t in self.best_state], "train_seconds": self.train_seconds,
-                 "examples_seen": self.examples_seen, "config": asdict(self.config)}
+                 "examples_seen": self.examples_seen, "config": asdict(self.config),
+                 "trackers": self.trackers.run_ids()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
@@ -390,6 +412,8 @@ class Trainer:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+        # only now: a tracker never holds a step that a --resume from this checkpoint logs again
+        self.trackers.flush()
 
     def load_checkpoint(self) -> bool:
         """Continue from the last checkpoint in output_dir, and cut the metrics log to match it.
@@ -430,6 +454,7 @@ class Trainer:
         self.best_step, self.bad_evals = state["best_step"], state["bad_evals"]
         self.best_state = [t.to(self.device) for t in state["best_state"]]
         self.train_seconds, self.examples_seen = state["train_seconds"], state["examples_seen"]
+        self.trackers.resume(state.get("trackers"), self.step)
 
     def _rewrite_metrics_log(self) -> None:
         """Keep the lines up to the resumed step (atomically); a torn line (a write cut by a
@@ -495,8 +520,8 @@ def find_learning_rate(prompted, examples: list[Example], config: TrainConfig, *
     The trainable values are restored afterwards, so the search leaves no trace."""
     if not 0 < min_lr < max_lr or steps < 5:
         raise ConfigError("lr search needs 0 < min_lr < max_lr and at least 5 steps")
-    probe = Trainer(prompted, examples, replace(config, max_steps=steps, learning_rate=min_lr,
-                                                warmup_steps=0, lr_scheduler_type="constant"))
+    probe = Trainer(prompted, examples, replace(config, max_steps=steps, learning_rate=min_lr, warmup_steps=0,
+                                                lr_scheduler_type="constant", report_to=["none"]))
     start = probe._snapshot()
     growth = (max_lr / min_lr) ** (1 / (steps - 1))
     probe.scheduler = torch.optim.lr_scheduler.LambdaLR(probe.optimizer, lambda i: growth ** i)
