@@ -32,7 +32,7 @@ def test_gemma_text_init_includes_embedding_scale(gemma):
     torch.testing.assert_close(values, gemma.model.get_input_embeddings()(torch.tensor(ids)).float())
 
 
-def test_gemma_mixed_batch_and_kv_prefix_equal_alone(gemma):
+def test_gemma_mixed_batch_and_kv_prefix_equal_alone(gemma, monkeypatch):
     prompted = PromptedModel(gemma, {
         "a": PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="text", prompt_tuning_init_text="Answer in French:"),
         "b": PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="random")})
@@ -42,7 +42,12 @@ def test_gemma_mixed_batch_and_kv_prefix_equal_alone(gemma):
     assert mixed[1] == prompted.generate(texts[1:], "b", max_new_tokens=6)[0]
     enc = gemma.tokenizer(texts, return_tensors="pt", padding=True)
     prefixes = [inject.prompt_prefix(gemma.model, prompted.table.get(t)) for t in ("a", "b")]
+    calls = []
+    prefix_forward = inject.prefix_forward
+    monkeypatch.setattr(inject, "prefix_forward", lambda *a, **k: calls.append(1) or prefix_forward(*a, **k))
     cached = inject.generate(gemma.model, enc["input_ids"], enc["attention_mask"], prefixes=prefixes, max_new_tokens=6)
+    assert calls == [1]  # the cached-prefix path ran (not the exact fallback that injects the prompt)
+    monkeypatch.undo()
     injected = prompted.generate_ids(enc["input_ids"], enc["attention_mask"], ["a", "b"], max_new_tokens=6,
                                      eos_token_ids=())
     assert cached == injected

@@ -41,7 +41,8 @@ def test_peft_interop_text_prompt_same_greedy_generation_as_peft(smollm2):
     torch.testing.assert_close(peft_model.get_prompt_embedding_to_save("default"), prompted.table.get("sentiment").detach())
     text = "Review: a gorgeous, witty and moving film\nSentiment:"
     enc = smollm2.tokenizer(text, return_tensors="pt")
-    ours = prompted.generate_ids(enc["input_ids"], enc["attention_mask"], "sentiment", max_new_tokens=12)[0]
+    ours = prompted.generate_ids(enc["input_ids"], enc["attention_mask"], "sentiment", max_new_tokens=12,
+                                 eos_token_ids=())[0]  # no early stop: all 12 tokens are compared
     # Greedy decoding driven by PEFT's own forward (full recompute, no cache). PEFT 0.21.2's
     # generate() on transformers 5.24 drifts from its own forward after a few tokens, so its
     # forward is the reference for "what PEFT's prompt means".
@@ -51,7 +52,24 @@ def test_peft_interop_text_prompt_same_greedy_generation_as_peft(smollm2):
         for _ in range(12):
             logits = peft_model(input_ids=torch.tensor([tokens + reference])).logits[0, -1]
             reference.append(int(logits.argmax()))
-    assert ours == reference[:len(ours)] and len(ours) >= 1
+    assert len(ours) == 12 and ours == reference
+
+
+def test_engine_kv_prefix_cache_on_the_real_model_equals_injection_and_is_taken(smollm2):
+    from softprompt.engine import Engine, GenerationRequest
+
+    config = PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="text", prompt_tuning_init_text=INIT_TEXT)
+    prompt = PromptedModel(smollm2, {"a": config}).table.get("a").detach()
+    meta = {"template": "Review: {text}\nSentiment:", "verbalizer": {"labels": ["negative", "positive"]}}
+    cached, injected = Engine(smollm2, use_prefix_cache=True), Engine(smollm2, use_prefix_cache=False)
+    for engine in (cached, injected):
+        engine.add_task("a", prompt, meta)
+    request = [GenerationRequest("Review: a gorgeous, witty and moving film\nSentiment:", task="a", max_new_tokens=8)]
+    assert cached.generate(request)[0].token_ids == injected.generate(request)[0].token_ids
+    texts = ["dull and far too long", "a gorgeous, witty and moving film"]
+    for by_cache, by_injection in zip(cached.classify("a", texts), injected.classify("a", texts), strict=True):
+        assert by_cache.log_likelihoods == pytest.approx(by_injection.log_likelihoods, abs=1e-3)
+    assert cached.prefix_computations == 1 and injected.prefix_computations == 0  # each path was the one taken
 
 
 def test_mixed_batch_real_model_rows_equal_alone(smollm2):
