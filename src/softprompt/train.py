@@ -88,6 +88,14 @@ class TrainConfig:
             _check_number(name, getattr(self, name))
 
 
+CHANGEABLE_ON_RESUME = frozenset({
+    "eval_steps", "save_steps", "save_minutes", "eval_batch_size", "max_eval_examples", "logging_steps",
+    "early_stopping_patience", "vanishing_grad_norm", "exploding_grad_norm", "report_to"})
+"""Settings a resumed run may change: they decide what is watched and saved, not what is learned.
+Any other change (learning rate, steps, batch, schedule, seed...) would make the resumed run a
+different run under the old one's name, so it is refused."""
+
+
 def _check_number(name: str, value: float, *, positive: bool = False) -> None:
     """A finite number, > 0 or >= 0 (the optimizers would fail later with a traceback)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
@@ -438,10 +446,15 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:  # torn by a disk failure, or not ours: torch raises many types
             raise ConfigError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
-        changed = sorted(k for k, v in state.get("config", {}).items()
-                         if k in asdict(self.config) and getattr(self.config, k) != v)
+        changed = {k: (v, getattr(self.config, k)) for k, v in state.get("config", {}).items()
+                   if k in asdict(self.config) and getattr(self.config, k) != v}
+        refused = {k: values for k, values in changed.items() if k not in CHANGEABLE_ON_RESUME}
+        if refused:
+            detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items()))
+            raise ConfigError(f"checkpoint {path} was made with other settings ({detail}): resume with the "
+                              "checkpoint's settings, or train into a new --output-dir")
         if changed:
-            log.warning("resuming with settings changed since the checkpoint: %s", ", ".join(changed))
+            log.warning("resuming with settings changed since the checkpoint: %s", ", ".join(sorted(changed)))
         return state
 
     def _restore(self, state: dict) -> None:
