@@ -425,12 +425,14 @@ def _run_method(
         "learning_rate": None,
         "total_params": sum(p.numel() for p in loaded.model.parameters()),
     }
-    base_digest = model_digest(loaded.model) if method in ("prompt", "deep_prompt") else None
+    # Full fine-tuning is digested too: its row shows the same check seeing a trained base change
+    # (LoRA adds modules to the model object, so its digest would say nothing about the base).
+    base_digest = model_digest(loaded.model) if method in ("prompt", "deep_prompt", "full") else None
     run = build_method(method, loaded, config, data.task.verbalizer.labels)
     row |= _train(run, data, config, accelerator, progress)
     if base_digest is not None:
         row["base_unchanged"] = model_digest(loaded.model) == base_digest
-        if not row["base_unchanged"]:
+        if not row["base_unchanged"] and method != "full":
             raise AssertionError(f"{method} changed the frozen base model")
     _notify(progress, method, "evaluate")
     row |= _evaluate(run, data, config, accelerator)

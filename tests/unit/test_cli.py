@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from softprompt.bank import PromptBank
 from softprompt.cli import main
@@ -34,7 +36,7 @@ def trained_bank(tiny_model_dir, tmp_path, capsys):
     code, out, err = _run(capsys, "train", "--model", tiny_model_dir, "--task", "sentiment", "--task", "topic",
                           "--data", data, "--data", str(topic), "--template", TEMPLATE, "--template", "{text} topic :",
                           "--labels", "negative,positive", "--labels", "other,movie", "--num-virtual-tokens", "3",
-                          "--max-steps", "4", "--eval-steps", "2", "--eval-data", data, "--eval-data", str(topic),
+                          "--max-steps", "6", "--eval-steps", "3", "--eval-data", data, "--eval-data", str(topic),
                           "--per-device-train-batch-size", "4", "--bf16", "no", "--bank", str(bank),
                           "--output-dir", str(tmp_path / "run"), "--prompt-type", "soft", "--json")
     assert code == 0, err
@@ -143,6 +145,21 @@ def test_inspect_nearest_tokens_of_a_text_initialised_prompt(trained_bank, tiny_
     report = _last_json(out)
     assert code == 0 and set(report["tasks"]) == {"sentiment", "topic"}
     assert len(report["tasks"]["topic"]["nearest_tokens"]) == 3 and report["similarity"]["topic"]["topic"] == 1.0
+    a, b = (PromptBank(bank).load(name).embeddings.mean(0) for name in ("sentiment", "topic"))
+    expected = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    assert report["similarity"]["sentiment"]["topic"] == pytest.approx(expected, abs=1e-4)
+    assert report["similarity"]["topic"]["sentiment"] == report["similarity"]["sentiment"]["topic"] < 0.999
+
+
+def test_multi_task_training_moves_every_prompt(trained_bank):
+    _, summary, _ = trained_bank
+    lines = [json.loads(line) for line in (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "prompt_norms" in line]  # norms are logged before each step's update
+    for task in ("sentiment", "topic"):
+        first = next(i for i, line in enumerate(steps) if max(line["prompt_grad_norms"][task]) > 0)
+        assert first + 1 < len(steps), f"{task} got no gradient before the last step"
+        later = [line["prompt_norms"][task] for line in steps[first + 1:]]
+        assert any(norms != steps[0]["prompt_norms"][task] for norms in later), task  # an update moved it
 
 
 def test_inspect_text_init_decodes_to_its_own_words(tiny_model, tiny_tokenizer):

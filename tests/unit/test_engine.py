@@ -490,16 +490,20 @@ def test_limits_scheduler_gives_a_later_request_a_turn_before_a_large_one_ends(e
 
 def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, tiny_llama, monkeypatch):
     old = engine.activate("t0").version
-    real_input_ids, calls = engine._input_ids, []
+    calls = []
 
-    def save_on_second_row(prompt):
-        calls.append(prompt)
-        if len(calls) == 2:  # a PUT /v1/prompts/t0 landing while the request is prepared
-            save_task(bank, "t0", random_prompt(5, 99), tiny_llama)
-        return real_input_ids(prompt)
+    def save_on_second_row(encode):  # tokenising each row is where a request spends its time
+        def wrapped(*args):
+            calls.append(args)
+            if len(calls) == 2:  # a PUT /v1/prompts/t0 landing while the request is prepared
+                save_task(bank, "t0", random_prompt(5, 99), tiny_llama)
+            return encode(*args)
+        return wrapped
 
-    monkeypatch.setattr(engine, "_input_ids", save_on_second_row)
+    monkeypatch.setattr(engine, "_classify_input_ids", save_on_second_row(engine._classify_input_ids))
+    monkeypatch.setattr(engine, "_input_ids", save_on_second_row(engine._input_ids))
     classify = engine.prepare(ClassifyRequest("t0", TEXTS[:4]))
+    assert len(calls) == 4
     assert {pair.task.version for pair in classify.pairs} == {old}
     calls.clear()
     generations = engine.prepare_all([greedy(text, "t0") for text in TEXTS[:4]])
