@@ -45,6 +45,7 @@ from softprompt.errors import (
     InvalidTaskNameError,
     PromptFileError,
     UnknownTaskError,
+    UnsupportedPromptKindError,
 )
 
 try:
@@ -200,6 +201,12 @@ def _check_config(config: object, where: str) -> None:
     if not isinstance(config, dict):
         raise PromptFileError(f"{where}: adapter config must be a JSON object")
     peft_type = config.get("peft_type")
+    if peft_type == "PREFIX_TUNING":
+        raise UnsupportedPromptKindError(
+            f"{where}: this is a deep prompt (PEFT PREFIX_TUNING: keys and values for every "
+            "layer); a prompt bank holds soft prompts (PROMPT_TUNING) only",
+            kind="deep_prompt",
+        )
     if peft_type != "PROMPT_TUNING":
         raise PromptFileError(
             f"{where}: peft_type is {peft_type!r}, expected 'PROMPT_TUNING' "

@@ -59,3 +59,19 @@ class AuthenticationError(SoftPromptError):
 
 class UploadError(SoftPromptError, ValueError):
     """A prompt upload that is not a readable multipart/form-data body."""
+
+
+class UnsupportedPromptKindError(IncompatiblePromptError):
+    """A prompt of a kind (e.g. a deep prompt) that this bank or serving backend cannot carry."""
+
+    def __init__(self, message: str, *, kind: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+class BackendUnavailableError(SoftPromptError):
+    """The model backend (a vLLM server) is not reachable, crashed, or failed the request."""
+
+
+class BackendTimeoutError(BackendUnavailableError):
+    """The model backend did not answer within the request timeout."""

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server: routes, schemas and the error mapping; the work is the engine's.
 
     app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
+    app = create_app(VLLMBackend(gateway_engine, "http://127.0.0.1:8001"))   # vLLM does the model work
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` names a task or the base model; `stream: true` sends server-sent events),
@@ -8,6 +9,9 @@ Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
 is set. Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
 mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
+
+The model work is the backend's (`backends.py`): the built-in engine, or vLLM behind a gateway.
+A client that disconnects cancels its request in either.
 
 Replicas are stateless over a shared bank folder: every request checks its task's bank version.
 """
@@ -31,10 +35,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .backends import Backend, BuiltinBackend
 from .bank import validate_task_name
 from .engine import (
     PROMPT_FILES,
-    BatchScheduler,
     ClassifyRequest,
     ContextLengthError,
     Engine,
@@ -44,12 +48,15 @@ from .engine import (
 )
 from .errors import (
     AuthenticationError,
+    BackendTimeoutError,
+    BackendUnavailableError,
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
     PromptFileError,
     SoftPromptError,
     UnknownTaskError,
+    UnsupportedPromptKindError,
     UploadError,
 )
 
@@ -130,10 +137,13 @@ _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match w
     (UnknownTaskError, 404, "invalid_request_error", "model_not_found"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (NoVerbalizerError, 400, "invalid_request_error", "no_verbalizer"),
+    (UnsupportedPromptKindError, 422, "invalid_request_error", "unsupported_prompt_kind"),
     (IncompatiblePromptError, 422, "invalid_request_error", "invalid_prompt"),
     (PromptFileError, 422, "invalid_request_error", "invalid_prompt"),
     (UploadError, 422, "invalid_request_error", "invalid_upload"),
     (ConfigError, 422, "invalid_request_error", "invalid_value"),
+    (BackendTimeoutError, 504, "server_error", "backend_timeout"),
+    (BackendUnavailableError, 503, "server_error", "backend_unavailable"),
     (SoftPromptError, 400, "invalid_request_error", None),
 ]
 _HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
@@ -209,23 +219,25 @@ class _BodyLimit:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: int = 16,
+def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_batch_size: int = 16,
                max_wait_ms: float = 5, max_body_bytes: int = 1_000_000) -> FastAPI:
-    """The FastAPI app serving `engine` (one micro-batcher; admin routes behind `api_key`)."""
-    scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    """The FastAPI app serving `backend` (an Engine: the built-in backend, with one micro-batcher
+    of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`."""
+    if isinstance(backend, Engine):
+        backend = BuiltinBackend(backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    engine = backend.engine
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        errors = await asyncio.to_thread(engine.refresh)
-        log.info("serving %s with %d task(s)%s", engine.base_model_id, len(engine.tasks()),
-                 f"; skipped {sorted(errors)}" if errors else "")
+        await backend.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(scheduler.close)
+            await backend.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
-    app.state.engine, app.state.scheduler = engine, scheduler
+    app.state.engine, app.state.backend = engine, backend
+    app.state.scheduler = getattr(backend, "scheduler", None)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     _install_error_handlers(app)
     if api_key is None:
@@ -240,16 +252,23 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: in
         if not secrets.compare_digest(header[7:].strip().encode(), api_key.encode()):
             raise AuthenticationError("invalid API key")
 
-    _add_info_routes(app, engine)
-    _add_generation_routes(app, engine, scheduler)
+    _add_info_routes(app, backend)
+    _add_generation_routes(app, backend)
     _add_admin_routes(app, engine, Depends(require_admin))
     return app
 
 
-def _add_info_routes(app: FastAPI, engine: Engine) -> None:
+def _add_info_routes(app: FastAPI, backend: Backend) -> None:
+    engine = backend.engine
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.base_model_id, "tasks": len(engine.tasks())}
+        """200 while the backend can serve; 503 (same body) while it is down, e.g. vLLM restarting."""
+        state = await backend.health()
+        up = state["status"] == "up"
+        body = {"status": "ok" if up else "unavailable", "model": engine.base_model_id,
+                "tasks": len(engine.tasks()), "backend": state}
+        return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -262,9 +281,11 @@ def _add_info_routes(app: FastAPI, engine: Engine) -> None:
         return {"object": "list", "data": data}
 
 
-def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchScheduler) -> None:
+def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
+    engine = backend.engine
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, http: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
         if not prompts:
             raise ConfigError("prompt must not be empty")
@@ -272,29 +293,30 @@ def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchSchedul
         if body.stream:
             if len(requests) != 1:
                 raise ConfigError("stream supports one prompt per request")
-            return await _stream(scheduler, requests[0], body, "text_completion")
-        prepared = await asyncio.gather(*(scheduler.prepare(r) for r in requests))
-        results = await asyncio.gather(*(asyncio.wrap_future(scheduler.enqueue(p)) for p in prepared))
+            return await _stream(backend, requests[0], body, "text_completion")
+        prepared = await asyncio.gather(*(backend.prepare(r) for r in requests))
+        results = await _unless_disconnected(http, asyncio.gather(*(backend.run(p) for p in prepared)))
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
         return _response("cmpl", "text_completion", body.model, choices, results)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, http: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await asyncio.to_thread(engine.chat_prompt, messages)
         request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens)
         if body.stream:
-            return await _stream(scheduler, request, body, "chat.completion.chunk")
-        result = await scheduler.submit(request)
+            return await _stream(backend, request, body, "chat.completion.chunk")
+        result = await _unless_disconnected(http, backend.run(await backend.prepare(request)))
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                   "logprobs": None, "finish_reason": result.finish_reason}
         return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
 
     @app.post("/v1/classify")
-    async def classify(body: ClassifyBody):
+    async def classify(body: ClassifyBody, http: Request):
         texts = [body.input] if isinstance(body.input, str) else body.input
-        results = await scheduler.submit(ClassifyRequest(body.model, texts))
+        prepared = await backend.prepare(ClassifyRequest(body.model, texts))
+        results = await _unless_disconnected(http, backend.run(prepared))
         data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
         return {"object": "list", "model": body.model, "data": data}
 
@@ -339,18 +361,32 @@ def _response(prefix: str, obj: str, model: str, choices: list, results: list[Ge
             "model": model, "system_fingerprint": None, "choices": choices, "usage": _usage(results)}
 
 
-_DONE = object()
+async def _unless_disconnected(http: Request, work):
+    """Await `work`, cancelling it if the client disconnects first (it no longer wants the answer).
+
+    The body has been read, so the next ASGI message can only be the disconnect.
+    """
+    work = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(http))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        raise StarletteHTTPException(499, "client closed the request; it was cancelled")
+    return work.result()
 
 
-async def _stream(scheduler: BatchScheduler, request: GenerationRequest, body: _SamplingFields,
+async def _disconnect(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(backend: Backend, request: GenerationRequest, body: _SamplingFields,
                   obj: str) -> StreamingResponse:
-    """Validate now (errors keep their status), then stream OpenAI chunks ending in [DONE]."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-    prepared = await scheduler.prepare(request)
-    future = scheduler.enqueue(prepared)
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
+    """Validate and start now (errors keep their status), then stream OpenAI chunks ending in [DONE]."""
+    pieces = await backend.stream(await backend.prepare(request))
     chat = obj == "chat.completion.chunk"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
             "created": int(time.time()), "model": body.model, "system_fingerprint": None}
@@ -367,19 +403,18 @@ async def _stream(scheduler: BatchScheduler, request: GenerationRequest, body: _
         try:
             if chat:
                 yield chunk(None, first=True)
-            while (piece := await pieces.get()) is not _DONE:
-                yield chunk(piece)
-            try:
-                result = future.result()
-            except Exception as exc:  # the request failed after the stream began
-                yield _sse(classify_error(exc)[1])
-            else:
-                yield chunk(None, result.finish_reason)
-                if (body.stream_options or {}).get("include_usage"):
-                    yield _sse({**head, "choices": [], "usage": _usage([result])})
-            yield "data: [DONE]\n\n"
+            async for piece in pieces:
+                if isinstance(piece, str):
+                    yield chunk(piece)
+                else:
+                    yield chunk(None, piece.finish_reason)
+                    if (body.stream_options or {}).get("include_usage"):
+                        yield _sse({**head, "choices": [], "usage": _usage([piece])})
+        except Exception as exc:  # the request failed after the stream began
+            yield _sse(classify_error(exc)[1])
         finally:
-            prepared.cancelled = True  # the client went away: stop generating for it
+            await pieces.aclose()  # the client went away: stop generating for it
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
