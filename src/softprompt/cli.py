@@ -388,9 +388,10 @@ def cmd_inspect(args) -> int:
 
 def cmd_serve(args) -> int:
     from .server import serve
+    from .vllm_backend import VLLMConfig
 
-    serve(args.model, args.bank, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms)
+    serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
+          vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
     return 0
 
 
@@ -517,8 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
+                   help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
+                        "embeddings, bank) in front of a vLLM server (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="builtin: rows per batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="builtin: wait to fill a batch")
+    from .vllm_backend import VLLMConfig
+
+    add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
 
     from .compare import CompareConfig

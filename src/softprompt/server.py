@@ -460,22 +460,40 @@ def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
 
 
 def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
-          port: int = 8000, *, max_batch_size: int = 16, max_wait_ms: float = 5,
-          api_key: str | None = None, max_body_bytes: int = 1_000_000,
+          port: int = 8000, *, backend: Literal["builtin", "vllm"] = "builtin", vllm=None,
+          max_batch_size: int = 16, max_wait_ms: float = 5, api_key: str | None = None,
+          max_body_bytes: int = 1_000_000,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
-    """Load the model and the bank, and serve them with uvicorn until stopped.
+    """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
 
+    `vllm` (a `VLLMConfig`) says where vLLM is, or how to start one (stopped again on exit).
     The admin key is `api_key`, else the environment variable SOFTPROMPT_API_KEY (else none).
     """
     import uvicorn
 
     from .bank import PromptBank
-    from .models import load_model
 
-    engine = Engine(load_model(model_name), PromptBank(bank_dir))
-    app = create_app(engine, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+    served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm)
+    app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
                      max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        process = getattr(served, "process", None)
+        if process is not None:  # also when uvicorn never started the app (e.g. port taken)
+            process.stop()
+
+
+def _open_backend(backend: str, model_name: str, bank, vllm) -> Backend | Engine:
+    if backend == "builtin":
+        from .models import load_model
+
+        return Engine(load_model(model_name), bank)
+    if backend == "vllm":
+        from .vllm_backend import VLLMConfig, open_vllm_backend
+
+        return open_vllm_backend(model_name, bank, vllm or VLLMConfig())
+    raise ConfigError(f"backend must be builtin or vllm, not {backend!r}")
 
 
 __all__ = ["create_app", "serve", "classify_error", "AuthenticationError", "UploadError"]

@@ -61,9 +61,9 @@ _WHY = {DEEP_PROMPT: " (a deep prompt is keys and values inside every layer; pro
 class VLLMConfig:
     """How `softprompt serve --backend vllm` reaches (or starts) vLLM."""
 
-    vllm_url: str | None = opt(None, "URL of a running vLLM server started with --enable-prompt-embeds "
-                                     "(default: start one from the project's vLLM environment).")
-    vllm_python: str | None = opt(None, "Python of the vLLM environment (default: .venv-vllm/ from `make vllm`).")
+    vllm_url: str | None = opt(None, "URL of a running vLLM server started with --enable-prompt-embeds; "
+                                     "none: start one from the project's vLLM environment.")
+    vllm_python: str | None = opt(None, "Python of the vLLM environment; none: .venv-vllm/ from `make vllm`.")
     vllm_dtype: str = opt("bfloat16", "dtype vLLM runs the model in: float32, bfloat16 or float16; the "
                                       "gateway sends embeddings in it.")
     vllm_max_model_len: int = opt(2048, "Context length of a vLLM the gateway starts (--max-model-len).")
@@ -75,6 +75,22 @@ class VLLMConfig:
             raise ConfigError(f"vllm_dtype must be one of {', '.join(_DTYPES)}, not {self.vllm_dtype!r}")
         if self.request_timeout_s <= 0 or self.vllm_max_model_len < 1:
             raise ConfigError("request_timeout_s must be > 0 and vllm_max_model_len >= 1")
+
+
+def open_vllm_backend(model_name: str, bank, config: VLLMConfig) -> VLLMBackend:
+    """The gateway for `model_name` over `bank`: to `config.vllm_url`, or to a vLLM it starts."""
+    from .vllm_process import VLLMProcess, find_vllm_python
+
+    loaded = load_gateway_model(model_name)
+    engine = Engine(loaded, bank)
+    process, url = None, config.vllm_url
+    if url is None:
+        process = VLLMProcess(find_vllm_python(config.vllm_python), loaded.source,
+                              loaded.model.config.name_or_path, dtype=config.vllm_dtype,
+                              max_model_len=config.vllm_max_model_len)
+        url = process.start(config.vllm_startup_timeout_s)
+    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=config.request_timeout_s,
+                       process=process)
 
 
 # ---------------------------------------------------------------- the light model

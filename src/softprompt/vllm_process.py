@@ -84,7 +84,11 @@ class VLLMProcess:
         self._process = subprocess.Popen(self.command(), stdout=handle, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         os.close(handle)
-        self._wait_ready(timeout_s)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:  # failed, timed out or interrupted: leave nothing running
+            self.stop()
+            raise
         return self.url
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -99,7 +103,6 @@ class VLLMProcess:
             except httpx.TransportError:
                 pass  # not listening yet
             time.sleep(1)
-        self.stop()
         raise BackendUnavailableError(f"vLLM did not start within {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def running(self) -> bool:
