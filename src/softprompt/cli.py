@@ -132,15 +132,17 @@ def cmd_train(args) -> int:
         trainer.on_step = _progress_bar(config.max_steps)
         print(f"model {args.model}: {trainer.trainable_parameter_count:,} trainable parameters "
               f"({len(names)} task(s) x {args.num_virtual_tokens} tokens x {prompted.token_dim}); "
-              f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes; "
+              f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes"
+              f"{f' (FSDP: {trainer.sharded_layers} layers sharded)' if trainer.sharded_layers else ''}; "
               f"bf16 autocast {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
     if args.resume and not trainer.load_checkpoint():
         print(f"no checkpoint in {output_dir}; starting fresh", file=sys.stderr)
     result = trainer.train()
     _progress_bar.close()
+    tests = _test_metrics(prompted, trainer, tasks, test_sets)  # every process: FSDP forwards are collective
     if not main_process:  # every process holds the same prompt; one writes and reports
         return 0
-    summary = _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir, PromptBank(args.bank))
+    summary = _finish_training(args, prompted, trainer, result, tasks, tests, output_dir, PromptBank(args.bank))
     _print_json(summary) if args.json else _print_summary(summary)
     return 0
 
@@ -157,21 +159,29 @@ def _init_config(args, task) -> PromptTuningConfig:
     return from_args(PromptTuningConfig, args, **overrides)
 
 
-def _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir: Path, bank) -> dict:
+def _test_metrics(prompted, trainer, tasks, test_sets) -> dict[str, dict]:
+    """Zero-shot and tuned test metrics per task that has test data."""
     from .evaluate import evaluate_task
-    from .plots import plot_training
     from .train import autocast
+
+    out = {}
+    for task in tasks:
+        if task.name in test_sets:
+            examples = test_sets[task.name].examples
+            with autocast(trainer.device, trainer.bf16):
+                out[task.name] = {"test_zero_shot": evaluate_task(prompted, task, examples, None),
+                                  "test_tuned": evaluate_task(prompted, task, examples, task.name)}
+    return out
+
+
+def _finish_training(args, prompted, trainer, result, tasks, tests, output_dir: Path, bank) -> dict:
+    from .plots import plot_training
 
     summary = {"steps": result.steps, "best_step": result.best_step, "best_validation": result.best_metric,
                "train_seconds": round(result.seconds, 2), "examples_per_second": round(result.examples_per_second, 2),
                "trainable_parameters": result.trainable_parameters, "output_dir": str(output_dir), "tasks": {}}
     for task in tasks:
-        entry = {}
-        if task.name in test_sets:
-            examples = test_sets[task.name].examples
-            with autocast(trainer.device, trainer.bf16):
-                entry["test_zero_shot"] = evaluate_task(prompted, task, examples, None)
-                entry["test_tuned"] = evaluate_task(prompted, task, examples, task.name)
+        entry = dict(tests.get(task.name, {}))
         meta = {"template": task.template.text, "verbalizer": task.verbalizer.to_dict() if task.verbalizer else None,
                 "metrics": {"best_validation": result.best_metric, "best_step": result.best_step, **entry},
                 "training": {"data": args.data, "eval_data": args.eval_data, **asdict(trainer.config)}}

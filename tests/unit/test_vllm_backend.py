@@ -20,8 +20,8 @@ import torch
 from softprompt.backends import BuiltinBackend
 from softprompt.bank import PromptBank
 from softprompt.deep_prompt import DeepPromptModel
-from softprompt.errors import BackendTimeoutError
 from softprompt.engine import Engine, GenerationRequest
+from softprompt.errors import BackendTimeoutError
 from softprompt.models import load_model
 from softprompt.vllm_backend import VLLMBackend, encode_embeds, load_gateway_model
 
