@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import random
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def main(argv=None) -> dict:
     fill_bank(loaded, bank, max(args.tasks), args.num_virtual_tokens, args.seed)
     vllm = VLLMProcess(find_vllm_python(), loaded.source, loaded.model.config.name_or_path,
                        dtype=args.vllm_dtype, max_model_len=2048)
+    load_before = os.getloadavg()
     started = time.perf_counter()
     vllm.start()
     startup_s = time.perf_counter() - started
@@ -183,6 +185,9 @@ def main(argv=None) -> dict:
         "vllm": {"package": _vllm_version(), "dtype": args.vllm_dtype, "startup_s": round(startup_s, 1),
                  "device": "cpu", "kv_cache_gib": 1},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                "after": [round(x, 2) for x in os.getloadavg()],
+                                "note": "the machine's cores are shared; a load above its core count slows every system"},
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,7 @@ class VLLMBackend:
         """A VLLMProcess this gateway started (stopped on close), or None."""
         self._served: _Served | None = None
         self._discovering = asyncio.Lock()
+        self._model_context = engine.context_length  # the model's own; vLLM's may be shorter
 
     # ------------------------------------------------------------ lifecycle and health
 
@@ -411,8 +412,7 @@ class VLLMBackend:
                     raise BackendUnavailableError(f"vLLM at {self.client.url} lists no model")
                 served = _Served(entry["id"], entry.get("max_model_len"))
                 await self._check_same_model(served)
-                if served.max_model_len:
-                    self.engine.context_length = min(self.engine.context_length, int(served.max_model_len))
+                self.engine.context_length = min(self._model_context, int(served.max_model_len or self._model_context))
                 self._served = served
                 log.info("vLLM at %s serves %s (context %s)", self.client.url, served.model, served.max_model_len)
             return self._served
