@@ -13,7 +13,7 @@ draws of real token embeddings (init "sampled_vocab"); their values do not chang
 setting is warmed up, then timed --repeats times round-robin; the best round is kept.
 
     python bench/serve_vllm.py                       # vLLM from .venv-vllm (`make vllm`), float32
-    python bench/serve_vllm.py --requests 64 --concurrency 16 --tasks 1 4 16 --vllm-dtype bfloat16
+    python bench/serve_vllm.py --requests 64 --new-tokens 32 --repeats 2 --vllm-dtype bfloat16
 
 Writes bench/results/serve_vllm.json.
 """
@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,13 +50,13 @@ WORDS = ("the film was great boring fun awful lovely slow the plot acting music 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="Model name (default: %(default)s).")
-    parser.add_argument("--requests", type=int, default=32, help="Timed requests per setting (default: %(default)s).")
+    parser.add_argument("--requests", type=int, default=16, help="Timed requests per setting (default: %(default)s).")
     parser.add_argument("--concurrency", type=int, default=16, help="Concurrent clients (default: %(default)s).")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 16], help="Numbers of interleaved tasks.")
-    parser.add_argument("--new-tokens", type=int, default=32, help="Greedy tokens at most (default: %(default)s).")
+    parser.add_argument("--new-tokens", type=int, default=16, help="Greedy tokens at most (default: %(default)s).")
     parser.add_argument("--num-virtual-tokens", type=int, default=16, help="Soft prompt length (default: %(default)s).")
     parser.add_argument("--vllm-dtype", default="float32", help="vLLM's dtype (default: %(default)s, as the engine).")
-    parser.add_argument("--repeats", type=int, default=2, help="Timed rounds per setting; best kept (default: %(default)s).")
+    parser.add_argument("--repeats", type=int, default=1, help="Timed rounds per setting; best kept (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_vllm.json"))
     return parser.parse_args(argv)
@@ -145,6 +146,7 @@ def measure(urls: dict, texts: list[str], tasks: int, served: str, tokenizer, ar
     for _ in range(args.repeats):
         for system, url in urls.items():
             row = asyncio.run(run_load(url, bodies_for(system, texts, tasks, served, tokenizer, args), args.concurrency))
+            print(f"{tasks} tasks, {system}: {row}", file=sys.stderr, flush=True)
             if system not in best or row["requests_per_s"] > best[system]["requests_per_s"]:
                 best[system] = row
     best["gateway_vs_vllm_requests_per_s"] = round(best["gateway"]["requests_per_s"] / best["vllm"]["requests_per_s"], 3)
@@ -154,6 +156,7 @@ def measure(urls: dict, texts: list[str], tasks: int, served: str, tokenizer, ar
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: stop vLLM
     loaded = load_model(args.model)
     texts = make_texts(args.requests, args.seed)
     bank = tempfile.mkdtemp(prefix="serve-vllm-bank-")
