@@ -5,6 +5,8 @@ tasks, interleaved), sent by C concurrent clients through the OpenAI completions
 
   builtin   `softprompt serve` (the engine's own mixed-task batching, float32)
   gateway   `softprompt serve --backend vllm --vllm-url ...`: prompt embeddings to vLLM
+  embeds    the same vLLM, sent the very embeddings the gateway builds, directly (what the
+            gateway's hop costs = gateway vs embeds)
   vllm      the same vLLM, sent the same texts as token ids with no soft prompt: the limit
 
 Greedy, at most --new-tokens tokens each (all stop at the end-of-sequence token; the completion
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
@@ -41,7 +44,10 @@ from common import machine  # noqa: E402
 from softprompt.bank import PromptBank, SavedPrompt  # noqa: E402
 from softprompt.models import load_model  # noqa: E402
 from softprompt.prompts import PromptTuningConfig, init_prompt  # noqa: E402
+from softprompt.vllm_backend import encode_embeds  # noqa: E402
 from softprompt.vllm_process import VLLMProcess, find_vllm_python, free_port  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 WORDS = ("the film was great boring fun awful lovely slow the plot acting music story ending "
          "characters dialogue felt very quite rather not really a bit").split()
@@ -71,8 +77,8 @@ def make_texts(count: int, seed: int) -> list[str]:
             for _ in range(count)]
 
 
-def fill_bank(loaded, root: str, count: int, n_virtual: int, seed: int) -> None:
-    bank, cfg = PromptBank(root), loaded.model.config
+def fill_bank(loaded, root: str, count: int, n_virtual: int, seed: int) -> list:
+    bank, cfg, prompts = PromptBank(root), loaded.model.config, []
     for i in range(count):
         config = PromptTuningConfig(num_virtual_tokens=n_virtual, prompt_tuning_init="sampled_vocab", seed=seed + i)
         values = init_prompt(config, loaded.model, loaded.tokenizer)  # (n, d)
@@ -80,6 +86,8 @@ def fill_bank(loaded, root: str, count: int, n_virtual: int, seed: int) -> None:
                 "token_dim": values.shape[1], "num_transformer_submodules": 1,
                 "num_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads}
         bank.save(SavedPrompt(f"task-{i}", values, peft, {"fingerprint": loaded.fingerprint}))
+        prompts.append(values)
+    return prompts
 
 
 def start_gateway(bank: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -127,29 +135,35 @@ async def run_load(url: str, bodies: list[dict], concurrency: int) -> dict:
             "p50_s": round(pick(0.50), 3), "p95_s": round(pick(0.95), 3)}
 
 
-def bodies_for(system: str, texts: list[str], tasks: int, served_model: str, tokenizer, args) -> list[dict]:
+def bodies_for(system: str, texts: list[str], tasks: int, served_model: str, loaded, prompts, args) -> list[dict]:
     out = []
     for i, text in enumerate(texts):
         body = {"max_tokens": args.new_tokens, "temperature": 0}
+        ids = loaded.tokenizer(text)["input_ids"]
         if system == "vllm":  # the limit: the same text as token ids, no soft prompt
-            body.update(model=served_model, prompt=tokenizer(text)["input_ids"])
+            body.update(model=served_model, prompt=ids)
+        elif system == "embeds":  # what the gateway sends, sent directly
+            weight = loaded.model.get_input_embeddings().weight.detach()
+            embeds = torch.cat([prompts[i % tasks], weight[ids]]).to(DTYPES[args.vllm_dtype])  # (n + L, d)
+            body.update(model=served_model, prompt_embeds=encode_embeds(embeds))
         else:
             body.update(model=f"task-{i % tasks}", prompt=text)
         out.append(body)
     return out
 
 
-def measure(urls: dict, texts: list[str], tasks: int, served: str, tokenizer, args) -> dict:
+def measure(urls: dict, texts: list[str], tasks: int, served: str, loaded, prompts, args) -> dict:
     best: dict[str, dict] = {}
     for system, url in urls.items():  # warm-up: every task once
-        asyncio.run(run_load(url, bodies_for(system, texts[:tasks], tasks, served, tokenizer, args), args.concurrency))
+        asyncio.run(run_load(url, bodies_for(system, texts[:tasks], tasks, served, loaded, prompts, args), args.concurrency))
     for _ in range(args.repeats):
         for system, url in urls.items():
-            row = asyncio.run(run_load(url, bodies_for(system, texts, tasks, served, tokenizer, args), args.concurrency))
+            row = asyncio.run(run_load(url, bodies_for(system, texts, tasks, served, loaded, prompts, args), args.concurrency))
             print(f"{tasks} tasks, {system}: {row}", file=sys.stderr, flush=True)
             if system not in best or row["requests_per_s"] > best[system]["requests_per_s"]:
                 best[system] = row
     best["gateway_vs_vllm_requests_per_s"] = round(best["gateway"]["requests_per_s"] / best["vllm"]["requests_per_s"], 3)
+    best["embeds_vs_vllm_requests_per_s"] = round(best["embeds"]["requests_per_s"] / best["vllm"]["requests_per_s"], 3)
     best["gateway_vs_builtin_requests_per_s"] = round(best["gateway"]["requests_per_s"] / best["builtin"]["requests_per_s"], 3)
     return best
 
@@ -160,7 +174,7 @@ def main(argv=None) -> dict:
     loaded = load_model(args.model)
     texts = make_texts(args.requests, args.seed)
     bank = tempfile.mkdtemp(prefix="serve-vllm-bank-")
-    fill_bank(loaded, bank, max(args.tasks), args.num_virtual_tokens, args.seed)
+    prompts = fill_bank(loaded, bank, max(args.tasks), args.num_virtual_tokens, args.seed)
     vllm = VLLMProcess(find_vllm_python(), loaded.source, loaded.model.config.name_or_path,
                        dtype=args.vllm_dtype, max_model_len=2048)
     load_before = os.getloadavg()
@@ -173,9 +187,9 @@ def main(argv=None) -> dict:
         gateway, gateway_url = start_gateway(bank, ["--model", args.model, "--backend", "vllm", "--vllm-url", vllm.url,
                                                     "--vllm-dtype", args.vllm_dtype])
         servers = [builtin, gateway]
-        urls = {"builtin": builtin_url, "gateway": gateway_url, "vllm": vllm.url}
+        urls = {"builtin": builtin_url, "gateway": gateway_url, "embeds": vllm.url, "vllm": vllm.url}
         served = loaded.model.config.name_or_path
-        results = {f"{t}_tasks": measure(urls, texts, t, served, loaded.tokenizer, args) for t in args.tasks}
+        results = {f"{t}_tasks": measure(urls, texts, t, served, loaded, prompts, args) for t in args.tasks}
     finally:
         for process in servers:
             process.terminate()
