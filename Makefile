@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_STEPS ?= 200
+DEMO_STEPS ?= 150
 
 .PHONY: setup demo test test-unit test-vllm lint format bench-train bench-compare bench-serve \
 	bench-serve-vllm vllm clean
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 demo: setup
 	$(BIN)/softprompt train --model default --task movie-sentiment \
 	  --data builtin:movie_sentiment:train --eval-data builtin:movie_sentiment:validation \
-	  --test-data builtin:movie_sentiment:test --max-steps $(DEMO_STEPS) --eval-steps 100 \
+	  --test-data builtin:movie_sentiment:test --max-steps $(DEMO_STEPS) --eval-steps 75 \
 	  --max-eval-examples 300 --bank bank --output-dir runs/demo
 
 test: setup

@@ -17,13 +17,21 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, machine, sample_jsonl, today, write_jsonl, write_result  # noqa: E402
+from common import (  # noqa: E402
+    SHARED,
+    machine,
+    sample_jsonl,
+    split_validation,
+    today,
+    train_peft_prompt,
+    write_jsonl,
+    write_result,
+)
 
 TEMPLATE = "Review: {text}\nSentiment:"
 LABELS = ["negative", "positive"]
@@ -33,9 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--train", default=str(SHARED / "data/sst2/train.jsonl"))
-    p.add_argument("--eval", default=str(SHARED / "data/sst2/validation.jsonl"))
     p.add_argument("--train-examples", type=int, default=4800, help="fixed random subset of the train file")
-    p.add_argument("--eval-examples", type=int, default=1000, help="fixed random subset of the validation file")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=None, help="default: softprompt's TrainConfig default")
@@ -112,48 +118,17 @@ def run_softprompt(args) -> dict:
 
 def run_peft(args) -> dict:
     """PEFT prompt tuning the way its docs train it: shuffled batches, right padding, full logits."""
-    import random
-
-    from peft import PromptTuningConfig, get_peft_model
-    from transformers import get_scheduler
-
-    from softprompt.data import collate
-    from softprompt.train import TrainConfig
-
     loaded, prompted, task, train, evaluation = load(args)
     lr, n = defaults(args)
-    peft_model = get_peft_model(loaded.model, PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=args.init_text, tokenizer_name_or_path=loaded.source))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=TrainConfig().warmup_steps,
-                              num_training_steps=args.steps)
-    order = list(range(len(train)))
-    rng = random.Random(0)
-    batches: list[list[int]] = []
-    while len(batches) < args.steps:
-        rng.shuffle(order)
-        batches += [order[i:i + args.batch_size] for i in range(0, len(order) - args.batch_size + 1, args.batch_size)]
-    pad = loaded.tokenizer.pad_token_id
-    peft_model.train()
-    start = time.perf_counter()
-    for rows in batches[:args.steps]:
-        batch = collate([train[i] for i in rows], pad, padding_side="right")
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    peft_model.eval()
-    prompted.add_task("peft", peft_model.get_prompt_embedding_to_save("default").detach())
+    prompt, seconds, last_loss = train_peft_prompt(
+        loaded, train, steps=args.steps, batch_size=args.batch_size, learning_rate=lr,
+        num_virtual_tokens=n, init_text=args.init_text)
+    prompted.add_task("peft", prompt)
     metrics = score(prompted, task, evaluation, "peft")
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n_eval": metrics["n"],
             "train_seconds": seconds, "examples_per_second": args.steps * args.batch_size / seconds,
-            "trainable_parameters": sum(p.numel() for p in params), "learning_rate": lr, "num_virtual_tokens": n,
-            "final_loss": float(out.loss)}
+            "trainable_parameters": prompt.numel(), "learning_rate": lr, "num_virtual_tokens": n,
+            "final_loss": last_loss}
 
 
 PHASES = {"zero_shot": run_zero_shot, "softprompt": run_softprompt, "peft": run_peft}
@@ -176,7 +151,7 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         write_jsonl(sample_jsonl(Path(args.train), args.train_examples, seed=0), Path(tmp) / "train.jsonl")
-        write_jsonl(sample_jsonl(Path(args.eval), args.eval_examples, seed=1), Path(tmp) / "eval.jsonl")
+        write_jsonl(split_validation("sst2")[1], Path(tmp) / "eval.jsonl")  # rows that chose nothing
         results = {}
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--phase", method, "--data-dir", tmp] + (argv or sys.argv[1:])
@@ -202,7 +177,7 @@ def summarise(args, results: dict) -> dict:
         summary["peak_rss_ratio"] = round(ours["peak_rss_bytes"] / peft["peak_rss_bytes"], 3)
         summary["accuracy_delta_vs_peft"] = round(ours["accuracy"] - peft["accuracy"], 4)
     return {"benchmark": "train_sst2", "model": args.model, "machine": machine(), "date": today(),
-            "settings": {"train_examples": args.train_examples, "eval_examples": args.eval_examples,
+            "settings": {"train_examples": args.train_examples, "eval_examples": "700 report rows (bench/common.split_validation)",
                          "steps": args.steps, "batch_size": args.batch_size, "template": TEMPLATE,
                          "labels": LABELS, "init_text": args.init_text},
             "command": "python bench/train_sst2.py " + " ".join(sys.argv[1:]),

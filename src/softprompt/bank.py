@@ -68,6 +68,8 @@ _TMP_PREFIX = ".tmp-"
 _LINK_PREFIX = ".tmp-link-"
 _LINK_SEP = "@"  # cannot occur in a task name, so '<name>@<version>' parses unambiguously
 _READ_ATTEMPTS = 3
+MAX_JSON_DEPTH = 32
+"""Deepest nesting accepted in adapter_config.json / softprompt.json (ours is 3 levels deep)."""
 
 # Our init names -> PEFT's PromptTuningInit values. class_labels / from_file have no PEFT
 # equivalent; the vector is stored anyway, so PEFT only needs a value it accepts.
@@ -125,6 +127,12 @@ class SavedPrompt:
     def fingerprint(self) -> Any:
         """Base-model fingerprint recorded at training time, or None (e.g. a PEFT import)."""
         return self.meta.get("fingerprint")
+
+    @property
+    def kind(self) -> str:
+        """'soft' (PEFT PROMPT_TUNING: vectors before the input) or 'deep' (PEFT PREFIX_TUNING:
+        keys and values in every layer, rows [n, num_layers * 2 * token_dim])."""
+        return PEFT_TYPES[self.config.get("peft_type")]
 
 
 # ----------------------------------------------------------------------------- PEFT config
@@ -196,25 +204,35 @@ def _json_safe(value: Any) -> Any:
 # ----------------------------------------------------------------------------- checks
 
 
+PEFT_TYPES = {"PROMPT_TUNING": "soft", "PREFIX_TUNING": "deep"}
+"""The PEFT adapter types a bank holds, and the prompt kind each one is."""
+
+
 def _check_config(config: object, where: str) -> None:
-    """Raise PromptFileError unless `config` is a prompt-tuning adapter config we can use."""
+    """Raise PromptFileError unless `config` is a prompt- or prefix-tuning adapter config we can use."""
     if not isinstance(config, dict):
         raise PromptFileError(f"{where}: adapter config must be a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type == "PREFIX_TUNING":
-        raise UnsupportedPromptKindError(
-            f"{where}: this is a deep prompt (PEFT PREFIX_TUNING: keys and values for every "
-            "layer); a prompt bank holds soft prompts (PROMPT_TUNING) only",
-            kind="deep_prompt",
-        )
-    if peft_type != "PROMPT_TUNING":
+    if peft_type not in PEFT_TYPES:
         raise PromptFileError(
-            f"{where}: peft_type is {peft_type!r}, expected 'PROMPT_TUNING' "
-            "(only prompt-tuning adapters hold a soft prompt)"
+            f"{where}: peft_type is {peft_type!r}, expected 'PROMPT_TUNING' (a soft prompt) "
+            "or 'PREFIX_TUNING' (a deep prompt)"
         )
     for key in ("num_virtual_tokens", "token_dim"):
         _require_positive_int(config.get(key), key, where)
     _submodules(config, where)
+    if peft_type == "PREFIX_TUNING":
+        _require_positive_int(config.get("num_layers"), "num_layers", where)
+        if config.get("prefix_projection"):
+            raise PromptFileError(f"{where}: prefix_projection (an MLP kept in the file) is not "
+                                  "supported; save the prefix itself")
+
+
+def _row_width(config: dict[str, Any]) -> int:
+    """Columns of the stored tensor: token_dim (soft), or num_layers x (key, value) x token_dim (deep)."""
+    if config["peft_type"] == "PREFIX_TUNING":
+        return config["num_layers"] * 2 * config["token_dim"]
+    return config["token_dim"]
 
 
 def _require_positive_int(value: object, key: str, where: str) -> int:
@@ -243,19 +261,30 @@ def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
             f"{where}: {TENSOR_KEY} has {rows} rows but num_virtual_tokens * "
             f"num_transformer_submodules = {n_virtual} * {n_sub} = {n_virtual * n_sub}"
         )
-    if cols != config["token_dim"]:
+    if cols != _row_width(config):
+        expected = ("num_layers * 2 * token_dim" if config["peft_type"] == "PREFIX_TUNING"
+                    else "token_dim")
         raise IncompatiblePromptError(
-            f"{where}: {TENSOR_KEY} has {cols} columns but token_dim is {config['token_dim']}"
+            f"{where}: {TENSOR_KEY} has {cols} columns but {expected} is {_row_width(config)}"
         )
     if not bool(torch.isfinite(tensor).all()):
         raise IncompatiblePromptError(f"{where}: {TENSOR_KEY} contains NaN/inf")
 
 
-def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None) -> None:
+def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None,
+                     kinds: tuple[str, ...] = ("soft",)) -> None:
     """Raise IncompatiblePromptError if `saved` cannot be used with a model of this kind.
 
-    Checks the hidden size, and, when both sides have a fingerprint, every field they share.
+    Checks the prompt kind against the `kinds` the caller serves, the width of its rows
+    (`token_dim` = what one row must hold), and, when both sides have a fingerprint, every field
+    they share.
     """
+    if saved.kind not in kinds:
+        raise UnsupportedPromptKindError(
+            f"prompt '{saved.name}' is a {saved.kind} prompt; this path serves "
+            f"{' and '.join(kinds)} prompts only",
+            task=saved.name, kind=saved.kind,
+        )
     if saved.token_dim != token_dim:
         raise IncompatiblePromptError(
             f"prompt '{saved.name}' has hidden size {saved.token_dim} but the model has {token_dim}"
@@ -305,7 +334,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make renames / new entries in `path` durable; a no-op where directories cannot be synced."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -357,7 +386,7 @@ def _write_files(folder: Path, embeddings: torch.Tensor, config_text: str, meta_
     _write_text(folder / CONFIG_FILE, config_text)
     _write_tensor(folder / WEIGHTS_FILE, embeddings)
     _write_text(folder / META_FILE, meta_text)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def write_prompt_dir(path: str | os.PathLike[str], saved: SavedPrompt) -> None:
@@ -371,39 +400,86 @@ def write_prompt_dir(path: str | os.PathLike[str], saved: SavedPrompt) -> None:
     _write_files(folder, saved.embeddings, config_text, meta_text)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def parse_json_object(data: bytes | str, where: str) -> dict[str, Any]:
+    """A JSON object from untrusted text; anything else is a PromptFileError naming `where`.
+
+    Also refused: nesting deeper than `MAX_JSON_DEPTH` (it would overflow the stack when written
+    back) and integers with more digits than Python converts (a ValueError from `json`).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PromptFileError(f"{path} is missing") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PromptFileError(f"{path} cannot be read: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PromptFileError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PromptFileError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{where} is not UTF-8 text: {exc.reason}") from None
+    except RecursionError:
+        raise PromptFileError(f"{where} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
+        raise PromptFileError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise PromptFileError(f"{where} must hold a JSON object, got {type(value).__name__}")
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise PromptFileError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
-def _read_tensor(path: Path) -> torch.Tensor:
-    """Load `prompt_embeddings` from a safetensors file as float32."""
-    if not path.is_file():
-        legacy = path.with_name("adapter_model.bin").exists()
-        hint = " (adapter_model.bin is not supported: save with safetensors)" if legacy else ""
-        raise PromptFileError(f"{path} is missing{hint}")
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: the value may be deeper than the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _tensor_from_bytes(data: bytes, where: str) -> torch.Tensor:
+    """`prompt_embeddings` from the bytes of a safetensors file, as float32."""
     try:
-        with safetensors.safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-            if TENSOR_KEY not in keys:
-                found = ", ".join(keys) or "none"
-                raise PromptFileError(f"{path} has no tensor '{TENSOR_KEY}' (found: {found})")
-            tensor = fh.get_tensor(TENSOR_KEY)
-    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
-        # RuntimeError: torch's mmap of the file failed (e.g. the file vanished after is_file)
-        raise PromptFileError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return tensor.to(dtype=torch.float32, copy=True)
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # a malformed header raises several types (SafetensorError, ...)
+        raise PromptFileError(f"{where} is not a readable safetensors file: {exc}") from None
+    if TENSOR_KEY not in tensors:
+        found = ", ".join(tensors) or "none"
+        raise PromptFileError(f"{where} has no tensor '{TENSOR_KEY}' (found: {found})")
+    return tensors[TENSOR_KEY].to(dtype=torch.float32, copy=True)
+
+
+def prompt_from_files(files: dict[str, bytes], name: str, *, where: str = "") -> SavedPrompt:
+    """Parse and check a prompt from its files' bytes (config, weights, optional meta).
+
+    The one parser of prompt files, for folders on disk and for uploads alike. Errors name each
+    file as `where` + its name, so an upload's errors show only the file names the client sent.
+    """
+    config = parse_json_object(_required(files, CONFIG_FILE, where), where + CONFIG_FILE)
+    _check_config(config, where + CONFIG_FILE)
+    weights = _required(files, WEIGHTS_FILE, where)
+    embeddings = _tensor_from_bytes(weights, where + WEIGHTS_FILE)  # (n_virtual * n_sub, d)
+    _check_tensor(embeddings, config, where + WEIGHTS_FILE)
+    meta = parse_json_object(files[META_FILE], where + META_FILE) if META_FILE in files else {}
+    return SavedPrompt(name=name, embeddings=embeddings, config=config, meta=meta)
+
+
+def _required(files: dict[str, bytes], file_name: str, where: str) -> bytes:
+    if file_name not in files:
+        raise PromptFileError(f"{where}{file_name} is missing")
+    return files[file_name]
+
+
+def _read_files(folder: Path, where: str) -> dict[str, bytes]:
+    """The prompt files present in `folder` (PEFT's own folders have no softprompt.json); errors
+    name each file as `where` + its name."""
+    files = {}
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
+        try:
+            files[file_name] = (folder / file_name).read_bytes()
+        except FileNotFoundError:
+            if file_name == WEIGHTS_FILE and (folder / "adapter_model.bin").exists():
+                raise PromptFileError(f"{where}{file_name} is missing (adapter_model.bin is not "
+                                      "supported: save with safetensors)") from None
+        except OSError as exc:
+            raise PromptFileError(f"{where}{file_name} cannot be read: {exc.strerror}") from None
+    return files
 
 
 def read_prompt_dir(path: str | os.PathLike[str], name: str | None = None) -> SavedPrompt:
@@ -414,13 +490,8 @@ def read_prompt_dir(path: str | os.PathLike[str], name: str | None = None) -> Sa
     folder = Path(path)
     if not folder.is_dir():
         raise PromptFileError(f"prompt folder {folder} does not exist or is not a folder")
-    config = _read_json(folder / CONFIG_FILE)
-    _check_config(config, str(folder / CONFIG_FILE))
-    embeddings = _read_tensor(folder / WEIGHTS_FILE)  # (n_virtual * n_sub, d)
-    _check_tensor(embeddings, config, str(folder / WEIGHTS_FILE))
-    meta_path = folder / META_FILE
-    meta = _read_json(meta_path) if meta_path.exists() else {}  # absent in PEFT's own folders
-    return SavedPrompt(name=name or folder.name, embeddings=embeddings, config=config, meta=meta)
+    where = f"{folder}{os.sep}"
+    return prompt_from_files(_read_files(folder, where), name or folder.name, where=where)
 
 
 def _remove_path(path: Path) -> None:
@@ -515,7 +586,7 @@ class PromptBank:
         for attempt in range(1, _READ_ATTEMPTS + 1):
             target = self._resolve(name)
             try:
-                saved = read_prompt_dir(target, name)
+                saved = self._read_version(name, target)
             except (PromptFileError, IncompatiblePromptError):
                 # A writer may have swapped the link and retired `target` while we read; retry
                 # only then, so a genuinely broken task still fails at once.
@@ -525,7 +596,14 @@ class PromptBank:
                 if _still_there(target):
                     return saved
             logger.debug("task '%s' changed while reading it (attempt %d)", name, attempt)
-        raise PromptFileError(f"task '{name}' in bank {self._root} kept changing while being read")
+        raise PromptFileError(f"task '{name}' kept changing while being read")
+
+    @staticmethod
+    def _read_version(name: str, folder: Path) -> SavedPrompt:
+        """Errors name files relative to the bank (`<name>/<file>`): no server path in them."""
+        if not folder.is_dir():
+            raise PromptFileError(f"task '{name}': its folder does not exist (a dangling link?)")
+        return prompt_from_files(_read_files(folder, f"{name}/"), name, where=f"{name}/")
 
     def version(self, name: str) -> str:
         """A cheap id of the task's current content; it changes on every save."""
@@ -593,7 +671,7 @@ class PromptBank:
                     raise UnknownTaskError(self._unknown_message(name))
                 if self._adopt_plain_dir(name) is None:
                     link.unlink()
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
                 self._cleanup(name, keep=set())
                 _remove_path(self._versions_dir(name))
         except OSError as exc:
@@ -635,7 +713,7 @@ class PromptBank:
             if isinstance(exc, OSError):
                 raise PromptFileError(f"could not export task '{name}' to {dest}: {exc}") from exc
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         logger.info("exported task '%s' to %s", name, dest)
         return dest
 
@@ -687,7 +765,7 @@ class PromptBank:
         except Exception:
             _remove_path(tmp)  # an ordinary error leaves nothing; a killed process is cleaned later
             raise
-        _fsync_dir(versions)
+        fsync_dir(versions)
         return version
 
     def _swap_link(self, name: str, version: str) -> str | None:
@@ -699,7 +777,7 @@ class PromptBank:
         tmp_link = self._root / f"{_LINK_PREFIX}{name}{_LINK_SEP}{version}"
         os.symlink(os.path.join(_VERSIONS_DIR, name, version), tmp_link)
         os.replace(tmp_link, link)  # the commit point: readers see the old or the new version
-        _fsync_dir(self._root)
+        fsync_dir(self._root)
         return previous
 
     def _adopt_plain_dir(self, name: str) -> str | None:

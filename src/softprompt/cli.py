@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import __version__
@@ -98,6 +98,11 @@ def _load_split(path: str, task, tokenizer, task_id: int, args):
     return examples
 
 
+def _learning_rate(text: str) -> float | str:
+    """--learning-rate: 'auto' or a number (TrainConfig says which numbers are usable)."""
+    return text if text == "auto" else float(text)
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, default=str))
 
@@ -107,17 +112,21 @@ def _print_json(obj) -> None:
 
 def cmd_train(args) -> int:
     from .bank import PromptBank
+    from .deep_prompt import DeepPromptModel
     from .models import load_model
     from .prompted import PromptedModel
-    from .train import EvalSet, TrainConfig, Trainer
+    from .train import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer, find_learning_rate
 
     names = args.task
     if len(args.data) not in (1, len(names)):
         raise ConfigError(f"give --data once or once per --task ({len(names)} tasks, {len(args.data)} --data)")
-    config = from_args(TrainConfig, args)
+    auto_lr = args.learning_rate == "auto"
+    learning_rate = DEFAULT_LEARNING_RATE[args.prompt_type] if args.learning_rate in (None, "auto") else args.learning_rate
+    config = from_args(TrainConfig, args, learning_rate=learning_rate)
     tasks = [_task_spec(args, i, name) for i, name in enumerate(names)]
     loaded = load_model(args.model)
-    prompted = PromptedModel(loaded, {task.name: _init_config(args, task) for task in tasks})
+    inits = {task.name: _init_config(args, task) for task in tasks}
+    prompted = DeepPromptModel(loaded, inits) if args.prompt_type == "deep" else PromptedModel(loaded, inits)
     train_examples, eval_sets, test_sets = [], {}, {}
     for i, (name, task) in enumerate(zip(names, tasks, strict=True)):
         train_examples += _load_split(_nth(args.data, i), task, loaded.tokenizer, i, args)
@@ -126,17 +135,25 @@ def cmd_train(args) -> int:
         if args.test_data:
             test_sets[name] = EvalSet(task, _load_split(_nth(args.test_data, i), task, loaded.tokenizer, i, args))
     output_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if auto_lr:
+        search = find_learning_rate(prompted, train_examples, config)
+        config = replace(config, learning_rate=search.suggested)
+        print(f"learning rate {search.suggested:.3g} (LR range test over {len(search.losses)} steps)",
+              file=sys.stderr)
     trainer = Trainer(prompted, train_examples, config, eval_sets=eval_sets, output_dir=output_dir)
     main_process = trainer.accelerator.is_main_process
     if main_process:
         trainer.on_step = _progress_bar(config.max_steps)
         print(f"model {args.model}: {trainer.trainable_parameter_count:,} trainable parameters "
-              f"({len(names)} task(s) x {args.num_virtual_tokens} tokens x {prompted.token_dim}); "
+              f"({len(names)} {args.prompt_type} prompt(s) x {args.num_virtual_tokens} tokens, "
+              f"learning rate {config.learning_rate:.3g}); "
               f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes"
               f"{f' (FSDP: {trainer.sharded_layers} layers sharded)' if trainer.sharded_layers else ''}; "
               f"bf16 autocast {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
-    if args.resume and not trainer.load_checkpoint():
-        print(f"no checkpoint in {output_dir}; starting fresh", file=sys.stderr)
+    if args.resume:
+        resumed = trainer.load_checkpoint()
+        print(f"resumed from step {trainer.step}" if resumed else f"no checkpoint in {output_dir}; starting fresh",
+              file=sys.stderr)
     result = trainer.train()
     _progress_bar.close()
     tests = _test_metrics(prompted, trainer, tasks, test_sets)  # every process: FSDP forwards are collective
@@ -244,7 +261,7 @@ def cmd_eval(args) -> int:
     from .data import Template
     from .evaluate import evaluate_task
     from .models import load_model
-    from .prompted import PromptedModel
+    from .prompted import PromptedModel, model_for_saved
     from .train import TrainConfig, autocast, use_bf16
 
     loaded = load_model(args.model)
@@ -257,8 +274,8 @@ def cmd_eval(args) -> int:
     else:
         if not (args.bank and args.task):
             raise ConfigError("eval needs --bank and --task, or --zero-shot")
-        saved = PromptBank(args.bank).load(args.task)
-        prompted.add_task(args.task, saved)
+        saved = PromptBank(args.bank, create=False).load(args.task)  # reading makes no folder
+        prompted = model_for_saved(loaded, saved, args.task)
         task = _task_from_saved(args, saved)
         task_name = args.task
     examples = _load_split(args.data, task, loaded.tokenizer, 0 if task_name else -1, args)
@@ -305,18 +322,18 @@ def _print_eval(metrics: dict) -> None:
 
 
 def cmd_generate(args) -> int:
+    from .bank import PromptBank, read_prompt_dir
     from .models import load_model
-    from .prompted import PromptedModel
+    from .prompted import PromptedModel, model_for_saved
 
-    prompted = PromptedModel(load_model(args.model))
-    task = None
+    loaded = load_model(args.model)
+    prompted, task = PromptedModel(loaded), None
     if args.prompt and args.prompt.lower() != "none":
-        task = prompted.load_task(args.prompt).name
+        saved = read_prompt_dir(args.prompt)
+        prompted, task = model_for_saved(loaded, saved), saved.name
     elif args.bank and args.task:
-        from .bank import PromptBank
-
-        prompted.add_task(args.task, PromptBank(args.bank).load(args.task))
-        task = args.task
+        saved = PromptBank(args.bank, create=False).load(args.task)  # reading makes no folder
+        prompted, task = model_for_saved(loaded, saved, args.task), args.task
     texts = [t.encode().decode("unicode_escape") if args.unescape else t for t in args.text]
     outputs = prompted.generate(texts, task, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
@@ -397,11 +414,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server import serve
+    from .server import RequestLimits, serve
     from .vllm_backend import VLLMConfig
 
     serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
-          vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+          vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          limits=from_args(RequestLimits, args))
     return 0
 
 
@@ -463,8 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="Metrics, plots and checkpoint (default: runs/<time>)")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --output-dir")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON on the last line")
+    p.add_argument("--prompt-type", choices=["deep", "soft"], default="deep",
+                   help="deep: a key/value prefix in every layer (P-tuning v2; the most accurate in "
+                        "bench/quality_sst2.py; served by the built-in engine later, not by vLLM); soft: "
+                        "vectors before the input (Lester et al.; what vLLM prompt embeddings carry)")
+    p.add_argument("--learning-rate", type=_learning_rate, default=None,
+                   help="Peak learning rate, or 'auto' (an LR range test picks it). Default: "
+                        "1e-2 for deep prompts, 3e-2 for soft prompts (bench/quality_sst2.py)")
     add_arguments(p, PromptTuningConfig, skip=("seed",))  # one --seed for init and batches
-    add_arguments(p, TrainConfig, skip=("max_length",))
+    add_arguments(p, TrainConfig, skip=("max_length", "learning_rate"))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="Evaluate a saved prompt, or the zero-shot baseline")
@@ -533,8 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings, bank) in front of a vLLM server (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=16, help="builtin: rows per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="builtin: wait to fill a batch")
+    from .server import RequestLimits
     from .vllm_backend import VLLMConfig
 
+    add_arguments(p, RequestLimits)
     add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
 

@@ -45,7 +45,7 @@ from .evaluate import evaluate_task
 from .models import LoadedModel, load_model
 from .options import opt
 from .prompts import NO_TASK, PromptTuningConfig
-from .train import TrainConfig, Trainer, autocast
+from .train import DEFAULT_LEARNING_RATE, TrainConfig, Trainer, autocast
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,14 @@ class CompareConfig:
     )
     max_steps: int = opt(100, "Optimizer steps per method.")
     per_device_train_batch_size: int = opt(8, "Examples per step (the same for every method).")
-    learning_rate_prompt: float = opt(0.1, "Peak learning rate of prompt tuning (softprompt's default).")
-    learning_rate_deep_prompt: float = opt(
-        1e-2, "Peak learning rate of deep prompts (P-tuning v2 uses 5e-3..1e-2)."
-    )
-    learning_rate_lora: float = opt(5e-4, "Peak learning rate of LoRA (usual range 2e-4..1e-3).")
+    learning_rate_prompt: float = opt(DEFAULT_LEARNING_RATE["soft"], "Peak learning rate of prompt tuning "
+                                      "(softprompt's soft-prompt default).")
+    learning_rate_deep_prompt: float = opt(DEFAULT_LEARNING_RATE["deep"], "Peak learning rate of deep prompts "
+                                           "(softprompt's default; P-tuning v2 uses 5e-3..1e-2).")
+    learning_rate_lora: float = opt(3e-3, "Peak learning rate of LoRA (the best of 1e-4..3e-3 in "
+                                    "bench/quality_sst2.py).")
     learning_rate_full: float = opt(
-        3e-5, "Peak learning rate of full fine-tuning (usual range 2e-5..5e-5)."
+        3e-5, "Peak learning rate of full fine-tuning (usual range 2e-5..5e-5; not screened yet)."
     )
     warmup_steps: int = opt(10, "Linear warmup steps (every method).")
     num_virtual_tokens: int = opt(16, "Virtual tokens of the prompt and of the deep prompt.")
@@ -93,7 +94,9 @@ class CompareConfig:
     max_length: int = opt(256, "Truncate input + target to this many tokens.")
     switch_repeats: int = opt(5, "Task-switch timings per method (the median is reported).")
     bf16: str = opt("auto", "bf16 autocast for every method: auto, yes, no.")
-    seed: int = opt(0, "Seed of the data samples, batch order and prompt init.")
+    seed: int = opt(0, "Seed of the data samples (and of the runs when seeds is empty).")
+    seeds: list[int] = opt([], "Run every method once per seed (batch order, init); the table "
+                               "reports the mean +- std across seeds. Empty: the one --seed.")
     keep_saved: bool = opt(
         False, "Keep each method's saved task under output-dir/saved (full = a model copy)."
     )
@@ -164,17 +167,19 @@ def run_compare(
     task = make_classification_task(TASK, template, labels, targets)
     methods = [m for m in METHODS if m == "zero_shot" or m in config.methods]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    rows, data = [], None
+    runs, data = [], None
     with tempfile.TemporaryDirectory(prefix="softprompt-compare-") as tmp:
         workdir = Path(output_dir) / "saved" if (output_dir and config.keep_saved) else Path(tmp)
-        for method in methods:
-            loaded = load_model(model_name)  # a fresh base per method: no cross-contamination
+        for method, seed in run_plan(methods, config.seeds or [config.seed]):
+            torch.manual_seed(seed)  # LoRA's init; prompts take the seed from their config
+            loaded = load_model(model_name)  # a fresh base per run: no cross-contamination
             data = data or _load_data(train_path, eval_path, task, loaded.tokenizer, config)
-            rows.append(
-                _run_method(method, loaded, data, config, accelerator, workdir / method, progress)
-            )
+            row = _run_method(method, loaded, data, replace(config, seed=seed), accelerator,
+                              workdir / f"{method}-{seed}", progress)
+            runs.append({**row, "seed": seed})
             del loaded
             release_memory()
+    rows = [mean_over_seeds([r for r in runs if r["method"] == m]) for m in methods]
     results = {
         "model": model_name,
         "data": str(train_path),
@@ -187,10 +192,33 @@ def run_compare(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": asdict(config),
         "methods": rows,
+        "runs": runs,
     }
     if output_dir:
         write_outputs(results, output_dir)
     return results
+
+
+def run_plan(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """(method, seed) pairs: zero-shot once (nothing in it depends on a seed), the others per seed."""
+    once = [(m, seeds[0]) for m in methods if m == "zero_shot"]
+    return once + [(m, seed) for seed in seeds for m in methods if m != "zero_shot"]
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One method's runs (one per seed) as one row: the mean of every measured number, plus
+    accuracy_std (sample std; 0 for one seed) and each seed's accuracy. Zero-shot runs once (it
+    has no seed)."""
+    row = dict(runs[0])
+    for key, value in runs[0].items() if len(runs) > 1 else ():
+        if isinstance(value, int | float) and not isinstance(value, bool) and key != "seed":
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.fmean(values) if len(values) == len(runs) else value
+    accuracies = [r["accuracy"] for r in runs]
+    row["accuracy_std"] = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
+    row["accuracy_per_seed"] = accuracies
+    row["seeds"] = [r["seed"] for r in runs]
+    return row
 
 
 def write_outputs(results: dict, output_dir: str | Path) -> dict[str, Path]:
@@ -293,7 +321,7 @@ def _build_deep_prompt(loaded, config, labels) -> MethodRun:
         deep,
         TASK,
         deep.shape.numel(config.num_virtual_tokens),
-        save=lambda folder: deep.save_task(TASK, folder),
+        save=lambda folder: Path(os.path.realpath(deep.save_task(TASK, folder))),
         load=lambda folder: deep.load_task(folder, "switched"),
     )
 
@@ -666,6 +694,13 @@ def _number(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _accuracy(row: dict) -> str:
+    """Mean accuracy, with +- the std across seeds when there were several."""
+    if len(row.get("seeds", [])) > 1:
+        return f"{row['accuracy']:.3f} +- {row['accuracy_std']:.3f}"
+    return f"{row['accuracy']:.3f}"
+
+
 _LABELS = {
     "zero_shot": "zero-shot (reference)",
     "prompt": "prompt tuning",
@@ -702,7 +737,7 @@ def markdown_table(results: dict) -> str:
         cells += [
             _seconds(r["seconds_per_step"]),
             _number(r["examples_per_second"]),
-            f"{r['accuracy']:.3f}",
+            _accuracy(r),
             _seconds(r["task_switch_seconds"]) if r["method"] != "zero_shot" else "-",
             _bytes(r["memory_bytes_100_tasks"]),
         ]
@@ -719,6 +754,7 @@ def _notes(results: dict) -> str:
         f"Model `{results['model']}`; {results['train_examples']} training examples from `{results['data']}`, "
         f"accuracy on {results['eval_examples']} examples of `{results['eval_data']}` (rank classification); "
         f"{config['max_steps']} steps x batch {config['per_device_train_batch_size']} for every method, "
+        f"seeds {config['seeds'] or [config['seed']]} (accuracy: mean +- std across seeds), "
         f"on {where}, {results['date']}.\n"
         "Measured: trainable parameters, bytes of the saved files per task, peak RSS of the process while "
         "training (and its rise over the start of training), median seconds per step and examples/s, "
@@ -754,8 +790,10 @@ def plot_results(results: dict, path: str | Path) -> Path:
             if r.get(key) is not None and (r[key] > 0 or not log_scale)
         ]
         values = [r[key] for r in rows]
+        errors = [r.get("accuracy_std", 0.0) for r in rows] if key == "accuracy" else None
         bars = ax.bar(
-            [r["method"] for r in rows], values, color=[_COLORS[r["method"]] for r in rows]
+            [r["method"] for r in rows], values, yerr=errors, capsize=3,
+            color=[_COLORS[r["method"]] for r in rows],
         )
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=7)
         ax.set_title(title, fontsize=10)

@@ -18,6 +18,7 @@ import math
 import random
 import re
 import string
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -61,12 +62,24 @@ FORMATS = ("jsonl", "csv", "tsv", "parquet", "arrow", "disk")
 # ---------------------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path, *, fmt: str | None = None) -> Rows:
+OnBadLine = Callable[[DataError], None]
+"""Receives the error of a line that cannot be read (the line is then left out)."""
+
+
+def _raise(error: DataError) -> None:
+    raise error
+
+
+def read_records(
+    path: str | Path, *, fmt: str | None = None, on_bad_line: OnBadLine | None = None
+) -> Rows:
     """Read a data file into `(line number, record)` pairs.
 
     `path` is a file, a `save_to_disk` folder, or `builtin:NAME:SPLIT`. Line numbers are physical
     lines for JSONL, CSV and TSV (the first CSV data row is line 2) and row index + 1 for Arrow /
     Parquet / folders. `fmt` overrides the format guessed from the extension (see `FORMATS`).
+    A line that cannot be read as a record (malformed JSON, not a JSON object, invalid UTF-8 or
+    Unicode, a wrong number of columns) raises DataError, or goes to `on_bad_line` and is left out.
     """
     text = str(path)
     if text.startswith(BUILTIN_PREFIX):
@@ -76,7 +89,7 @@ def read_records(path: str | Path, *, fmt: str | None = None) -> Rows:
         raise DataError("file not found", path=text)
     fmt = _resolve_format(p, fmt)
     logger.debug("reading %s as %s", p, fmt)
-    return _READERS[fmt](p)
+    return _READERS[fmt](p, on_bad_line or _raise)
 
 
 def _resolve_format(p: Path, fmt: str | None) -> str:
@@ -98,17 +111,43 @@ def _resolve_format(p: Path, fmt: str | None) -> str:
     return guessed
 
 
-def _read_jsonl(p: Path) -> Rows:
-    with p.open("rb") as f:
-        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        return _read_json_array(p)
+def _read_jsonl(p: Path, on_bad_line: OnBadLine) -> Rows:
+    items = _json_array(p)
+    if items is not None:
+        return _array_rows(items, p, on_bad_line)
     rows: Rows = []
     with p.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            line = _decode_line(raw, p, line_no).strip()
-            if line:
-                rows.append((line_no, _parse_json_object(line, p, line_no)))
+            try:
+                line = _decode_line(raw, p, line_no).strip()
+                if line:
+                    rows.append((line_no, _parse_json_object(line, p, line_no)))
+            except DataError as e:
+                on_bad_line(e)
+    return rows
+
+
+def _json_array(p: Path) -> list | None:
+    """The items of a file holding one JSON array; None for anything else (read as JSON Lines)."""
+    with p.open("rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return None
+    try:
+        value = json.loads(p.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):  # read line by line instead: errors get a line number
+        return None
+    return value if isinstance(value, list) else None
+
+
+def _array_rows(items: list, p: Path, on_bad_line: OnBadLine) -> Rows:
+    """Rows of a file holding one array of objects; line = position in the array + 1."""
+    rows: Rows = []
+    for i, item in enumerate(items):
+        try:
+            rows.append((i + 1, _check_record(item, p, i + 1)))
+        except DataError as e:
+            on_bad_line(e)
     return rows
 
 
@@ -128,34 +167,52 @@ def _parse_json_object(line: str, p: Path, line_no: int) -> Record:
         raise DataError(
             f"invalid JSON: {e.msg} (column {e.colno})", path=str(p), line=line_no
         ) from None
+    except ValueError:  # the one other error json.loads raises: an integer too long to convert
+        raise DataError(
+            f"invalid JSON: a number longer than {sys.get_int_max_str_digits()} digits",
+            path=str(p),
+            line=line_no,
+        ) from None
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply", path=str(p), line=line_no) from None
+    return _check_record(obj, p, line_no)
+
+
+def _check_record(obj: Any, p: Path, line_no: int) -> Record:
+    """A JSON record must be an object whose keys and text values are valid Unicode."""
     if not isinstance(obj, dict):
         raise DataError(
             f"expected a JSON object, got {type(obj).__name__}", path=str(p), line=line_no
         )
+    for key, value in obj.items():
+        if not is_valid_unicode(key) or (isinstance(value, str) and not is_valid_unicode(value)):
+            raise DataError(
+                "text holds a lone surrogate (a \\ud800-\\udfff escape), which is not valid Unicode",
+                path=str(p),
+                line=line_no,
+                field=ascii(key)[1:-1],
+            )
     return obj
 
 
-def _read_json_array(p: Path) -> Rows:
-    """A `.json` file holding one array of objects; line = position in the array + 1."""
+def is_valid_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate: JSON's \\u escapes allow one, but no encoder
+    or tokenizer accepts it."""
     try:
-        items = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"invalid JSON: {e}", path=str(p)) from None
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise DataError(
-                f"expected a JSON object, got {type(item).__name__}", path=str(p), line=i + 1
-            )
-    return [(i + 1, item) for i, item in enumerate(items)]
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _read_csv(p: Path) -> Rows:
-    return _read_delimited(p, csv.reader(_lines(p)), "CSV")
+def _read_csv(p: Path, on_bad_line: OnBadLine = _raise) -> Rows:
+    return _read_delimited(p, csv.reader(_lines(p)), "CSV", on_bad_line)
 
 
-def _read_tsv(p: Path) -> Rows:
+def _read_tsv(p: Path, on_bad_line: OnBadLine = _raise) -> Rows:
     """TSV has no quoting (IANA text/tab-separated-values): one physical line per row."""
-    return _read_delimited(p, csv.reader(_lines(p), delimiter="\t", quoting=csv.QUOTE_NONE), "TSV")
+    reader = csv.reader(_lines(p), delimiter="\t", quoting=csv.QUOTE_NONE)
+    return _read_delimited(p, reader, "TSV", on_bad_line)
 
 
 def _lines(p: Path) -> Iterator[str]:
@@ -165,15 +222,15 @@ def _lines(p: Path) -> Iterator[str]:
             yield _decode_line(raw, p, line_no)
 
 
-def _read_delimited(p: Path, reader: Any, kind: str) -> Rows:
+def _read_delimited(p: Path, reader: Any, kind: str, on_bad_line: OnBadLine) -> Rows:
     """Rows of a CSV/TSV reader as dicts keyed by the header; line = the row's first line."""
     try:
-        return _rows_from_reader(p, reader)
+        return _rows_from_reader(p, reader, on_bad_line)
     except csv.Error as e:
         raise DataError(f"malformed {kind}: {e}", path=str(p), line=reader.line_num) from None
 
 
-def _rows_from_reader(p: Path, reader: Any) -> Rows:
+def _rows_from_reader(p: Path, reader: Any, on_bad_line: OnBadLine) -> Rows:
     header = _read_header(p, reader)
     rows: Rows = []
     prev_end = reader.line_num
@@ -182,11 +239,14 @@ def _rows_from_reader(p: Path, reader: Any) -> Rows:
         if not values or values == [""]:
             continue  # blank line
         if len(values) != len(header):
-            raise DataError(
-                f"expected {len(header)} columns ({', '.join(header)}), got {len(values)}",
-                path=str(p),
-                line=start,
+            on_bad_line(
+                DataError(
+                    f"expected {len(header)} columns ({', '.join(header)}), got {len(values)}",
+                    path=str(p),
+                    line=start,
+                )
             )
+            continue
         rows.append((start, dict(zip(header, values, strict=True))))
     return rows
 
@@ -245,13 +305,13 @@ def _numbered(records: list[Record]) -> Rows:
     return [(i + 1, r) for i, r in enumerate(records)]
 
 
-_READERS: dict[str, Callable[[Path], Rows]] = {
+_READERS: dict[str, Callable[[Path, OnBadLine], Rows]] = {  # columnar formats have no bad lines
     "jsonl": _read_jsonl,
     "csv": _read_csv,
     "tsv": _read_tsv,
-    "parquet": _read_parquet,
-    "arrow": _read_arrow,
-    "disk": _read_disk,
+    "parquet": lambda p, _: _read_parquet(p),
+    "arrow": lambda p, _: _read_arrow(p),
+    "disk": lambda p, _: _read_disk(p),
 }
 
 
@@ -426,12 +486,12 @@ def _read_builtin_path(text: str) -> Rows:
 
 
 class Template:
-    """A prompt template with `{field}` placeholders (`{{` and `}}` are literal braces)."""
+    """A prompt template with plain `{field}` placeholders (`{{` and `}}` are literal braces)."""
 
     def __init__(self, text: str):
         self.text = text
         self._parts = _parse_template(text)
-        self.fields: tuple[str, ...] = tuple(dict.fromkeys(f for _, f, _ in self._parts if f))
+        self.fields: tuple[str, ...] = tuple(dict.fromkeys(f for _, f in self._parts if f))
         """Placeholder names in order of first use."""
 
     @classmethod
@@ -444,14 +504,14 @@ class Template:
     ) -> str:
         """Fill the placeholders from `record`; a missing or empty value is a DataError."""
         out = []
-        for literal, name, spec in self._parts:
+        for literal, name in self._parts:
             out.append(literal)
             if name:
                 value = record.get(name)
                 if _is_empty(value):
                     what = "missing column" if name not in record else "empty value"
                     raise DataError(what, path=path, line=line, field=name)
-                out.append(_format(value, spec, name, path, line))
+                out.append(str(value))
         return "".join(out)
 
     def __eq__(self, other: object) -> bool:
@@ -464,35 +524,36 @@ class Template:
         return f"Template({self.text!r})"
 
 
-def _parse_template(text: str) -> list[tuple[str, str | None, str]]:
-    """(literal, field or None, format spec) pieces; positional or malformed fields -> ConfigError."""
+def _parse_template(text: str) -> list[tuple[str, str | None]]:
+    """(literal, field or None) pieces. Only plain `{field}` placeholders: no positional fields,
+    no format spec, conversion, attribute or index access (`{text:>300000}` would let a template
+    make every row huge, `{text.__class__}` would reach into Python objects)."""
+    if not is_valid_unicode(text):
+        raise ConfigError(f"bad template {text!r}: it holds a lone surrogate (not valid Unicode)")
     try:
         pieces = list(string.Formatter().parse(text))
     except ValueError as e:
         raise ConfigError(
             f"bad template {text!r}: {e} (write {{{{ and }}}} for literal braces)"
         ) from None
-    parts = []
-    for literal, name, spec, conversion in pieces:
-        if name is not None and (not name.strip() or name.isdigit()):
-            raise ConfigError(
-                f"bad template {text!r}: placeholders need a column name, like {{text}}"
-            )
-        if conversion:
-            raise ConfigError(
-                f"bad template {text!r}: conversions like !{conversion} are not supported"
-            )
-        parts.append((literal, name, spec or ""))
-    return parts
+    for _, name, spec, conversion in pieces:
+        if name is not None:
+            _check_placeholder(text, name, spec, conversion)
+    return [(literal, name) for literal, name, _, _ in pieces]
 
 
-def _format(value: Any, spec: str, name: str, path: str | None, line: int | None) -> str:
-    try:
-        return format(value, spec) if spec else str(value)
-    except (ValueError, TypeError) as e:
-        raise DataError(
-            f"cannot format {value!r} with ':{spec}': {e}", path=path, line=line, field=name
-        ) from None
+def _check_placeholder(text: str, name: str, spec: str | None, conversion: str | None) -> None:
+    plain = f"write plain {{{name.split('.')[0].split('[')[0].strip() or 'text'}}}"
+    if not name.strip() or name.isdigit():
+        raise ConfigError(f"bad template {text!r}: placeholders need a column name, like {{text}}")
+    if conversion:
+        raise ConfigError(f"bad template {text!r}: conversions like !{conversion} are not supported; {plain}")
+    if spec:
+        raise ConfigError(f"bad template {text!r}: format specs like :{spec} are not supported; {plain}")
+    if "." in name or "[" in name:
+        raise ConfigError(
+            f"bad template {text!r}: attribute or index access like {{{name}}} is not supported; {plain}"
+        )
 
 
 def _is_empty(value: Any) -> bool:
@@ -796,8 +857,9 @@ def load_examples(
 ) -> tuple[list[Example], int]:
     """Read and tokenise a data file for `task`: returns (examples, number of rows skipped).
 
-    A bad row (missing column, empty text, unknown label, empty target) raises DataError naming
-    the file, line and field, unless `skip_bad_rows`: then it is dropped, counted and logged.
+    A bad row (a line that is not a record, a missing column, empty text, unknown label, empty
+    target) raises DataError naming the file, line and field, unless `skip_bad_rows`: then it is
+    dropped, counted and logged.
     `text_column` names the column that fills the template's `{text}`.
     """
     if text_column is not None and "text" not in task.template.fields:
@@ -809,7 +871,8 @@ def load_examples(
     class_targets = task.verbalizer.target_token_ids(tokenizer) if task.verbalizer else None
     examples: list[Example] = []
     reasons: list[str] = []
-    for line, record in read_records(path, fmt=fmt):
+    skip = (lambda e: reasons.append(str(e))) if skip_bad_rows else None
+    for line, record in read_records(path, fmt=fmt, on_bad_line=skip):
         try:
             record = _rename_text(record, text_column, where, line)
             examples.append(

@@ -6,8 +6,8 @@ It enters through the same KV-prefix machinery that serves cached soft prompts
 (`inject.batch_cache` / `prefix_forward` / `prefix_loss`): the prefix fills the first cache
 columns, the tokens follow with positions continuing after it. So a deep prompt initialised
 from a soft prompt's own KV computes exactly what that soft prompt computes, and training starts
-there (real-token activations are also Li & Liang's remedy for unstable prefix training, so no
-reparameterising MLP is used).
+there (real-token activations are also Li & Liang's remedy for unstable prefix training; their
+MLP reparameterisation is an option here, `reparam_hidden`, folded away before saving).
 
 Storage: one float32 parameter per task, [n, layers * 2 * kv_heads * head_dim] (token-major, as
 PEFT's PREFIX_TUNING stores it), held in an ordinary `PromptTable`; its logical shape is
@@ -17,28 +17,22 @@ monitor applies unchanged, and a saved task is a PEFT prefix-tuning adapter fold
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import uuid
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import inject
-from .errors import ConfigError, IncompatiblePromptError, PromptFileError
+from .bank import PromptBank, SavedPrompt, check_compatible, read_prompt_dir
+from .errors import ConfigError, IncompatiblePromptError
 from .models import LoadedModel, eos_token_ids, fingerprint, freeze
 from .prompts import NO_TASK, PromptTable, PromptTuningConfig, init_prompt
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-META_FILE = "softprompt.json"
 
 
 @dataclass(frozen=True)
@@ -108,15 +102,41 @@ def rows_to_prefix(
 # ---------------------------------------------------------------- the model
 
 
+class PrefixReparam(nn.Module):
+    """Residual reparameterisation of one task's prefix rows: rows + MLP(embedding).
+
+    Prefix tuning trains its prefix through an MLP because raw per-layer KV is unstable to train
+    (Li & Liang 2021, sec. 4.3; P-tuning v2 makes it optional). The MLP's last layer starts at
+    zero, so training starts exactly at the initial prefix (the soft prompt's own KV) and the MLP
+    only shapes the updates; after training it is folded into plain rows (`fold`).
+    """
+
+    def __init__(self, embedding: torch.Tensor, width: int, hidden: int):
+        super().__init__()
+        self.embedding = nn.Parameter(embedding.detach().float().clone())  # (n, d)
+        self.mlp = nn.Sequential(nn.Linear(embedding.shape[1], hidden), nn.Tanh(),
+                                 nn.Linear(hidden, width))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows + self.mlp(self.embedding)  # (n, W)
+
+
 class DeepPromptModel(nn.Module):
     """A frozen causal LM with one trainable KV prefix per task; only the prefixes train.
 
     Speaks the same interface as `PromptedModel` where the trainer and evaluation need it:
     `.model`, `.tokenizer`, `.table` (names, `index`), `.loss(...)`, `.generate_ids(...)`.
+
+    Two training levers (measured in bench/quality_sst2.py): `reparam_hidden` > 0 trains each new
+    task's prefix through a `PrefixReparam` MLP of that width; `prefix_layers` = k > 0 trains the
+    prefix of the last k layers only (the others keep the initial soft prompt's KV).
     """
 
     def __init__(
-        self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None
+        self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None,
+        reparam_hidden: int = 0, prefix_layers: int = 0,
     ):
         super().__init__()
         if isinstance(model, LoadedModel):
@@ -127,13 +147,22 @@ class DeepPromptModel(nn.Module):
         freeze(model)
         self.model, self.tokenizer = model, tokenizer
         self.shape = prefix_shape(model)
+        if not 0 <= prefix_layers <= self.shape.layers:
+            raise ConfigError(f"prefix_layers must be in 0..{self.shape.layers}, not {prefix_layers}")
+        if reparam_hidden and prefix_layers:
+            raise ConfigError("use reparam_hidden or prefix_layers, not both (the MLP would move "
+                              "the layers prefix_layers keeps fixed)")
+        self.reparam_hidden, self.prefix_layers = reparam_hidden, prefix_layers
         self.table = PromptTable()
+        self.reparams = nn.ModuleDict()
+        self.meta: dict[str, dict] = {}  # per task: template, verbalizer... saved with the prompt
         for name, spec in (prompts or {}).items():
             self.add_task(name, spec)
 
     def add_task(self, name: str, spec: PromptTuningConfig | torch.Tensor) -> int:
         """Add a task from a config (the KV of the soft prompt it initialises), a soft prompt
-        [n, d] (its KV), or a KV prefix [layers, 2, kv_heads, n, head_dim]."""
+        [n, d] (its KV), or a KV prefix [layers, 2, kv_heads, n, head_dim]. A task made from a
+        config or a soft prompt trains with this model's reparam / prefix_layers levers."""
         if isinstance(spec, PromptTuningConfig):
             if (
                 spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab")
@@ -141,14 +170,48 @@ class DeepPromptModel(nn.Module):
             ):
                 raise ConfigError(f"init {spec.prompt_tuning_init!r} needs a tokenizer")
             spec = init_prompt(spec, self.model, self.tokenizer)
-        if spec.dim() == 2:
-            spec = prompt_kv(self.model, spec)
+        soft = spec if spec.dim() == 2 else None
+        if soft is not None:
+            spec = prompt_kv(self.model, soft)
         expected = (self.shape.layers, 2, self.shape.kv_heads, spec.shape[-2], self.shape.head_dim)
         if tuple(spec.shape) != expected:
             raise IncompatiblePromptError(
                 f"deep prompt {name!r} has shape {tuple(spec.shape)}, the model needs {expected}"
             )
-        return self.table.add(name, kv_to_rows(spec.float()))
+        task_id = self.table.add(name, kv_to_rows(spec.float()))
+        if name in self.reparams:  # replaced: the new values start without an MLP of their own
+            del self.reparams[name]
+        if soft is not None:
+            self._add_levers(name, soft)
+        return task_id
+
+    def _add_levers(self, name: str, soft: torch.Tensor) -> None:
+        if self.reparam_hidden:
+            self.reparams[name] = PrefixReparam(soft, self.shape.row_width, self.reparam_hidden)
+        if self.prefix_layers:
+            self.table.get(name).register_hook(self._only_last_layers)
+
+    def _only_last_layers(self, grad: torch.Tensor) -> torch.Tensor:
+        """Zero the gradient of the first (layers - prefix_layers) layers' columns: their KV stays
+        the soft prompt's (with no gradient Adam moves nothing; weight decay is off by default)."""
+        frozen = (self.shape.layers - self.prefix_layers) * self.shape.row_width // self.shape.layers
+        mask = torch.ones_like(grad)
+        mask[:, :frozen] = 0  # rows are token-major: layer-major inside a row (kv_to_rows)
+        return grad * mask
+
+    def task_rows(self, task_id: int) -> torch.Tensor:
+        """Task `task_id`'s prefix rows [n, W], through its reparam MLP if it has one."""
+        rows, name = self.table.prompts[task_id], self.table.names[task_id]
+        return self.reparams[name](rows) if name in self.reparams else rows
+
+    def fold_reparams(self) -> None:
+        """Write each reparameterised prefix into its plain rows and drop the MLPs (after training,
+        before saving or serving: what is stored is the prefix, never the MLP)."""
+        with torch.no_grad():
+            for name in list(self.reparams):
+                task_id = self.table.index(name)
+                self.table.prompts[task_id].copy_(self.task_rows(task_id))
+                del self.reparams[name]
 
     def kv(self, name: str) -> torch.Tensor:
         """Task `name`'s prefix as [layers, 2, kv_heads, n, head_dim] (a view of the parameter)."""
@@ -169,7 +232,7 @@ class DeepPromptModel(nn.Module):
         """Each row's prefix (None: no task or an empty prefix), built once per task."""
         dtype = self.model.get_input_embeddings().weight.dtype
         built = {
-            t: rows_to_prefix(self.table.prompts[t], self.shape, dtype)
+            t: rows_to_prefix(self.task_rows(t), self.shape, dtype)
             for t in set(task_ids.tolist())
             if t != NO_TASK and self.table.prompts[t].shape[0]
         }
@@ -228,60 +291,53 @@ class DeepPromptModel(nn.Module):
         kwargs.setdefault("eos_token_ids", eos_token_ids(self.tokenizer, self.model))
         return inject.generate(self.model, input_ids, attention_mask, prefixes=prefixes, **kwargs)
 
+    def generate(self, texts: str | list[str], tasks=None, **kwargs) -> list[str]:
+        """Generated continuations of `texts`, each row with its task's prefix."""
+        from .prompted import generate_texts  # prompted imports this module lazily, not at load
+
+        return generate_texts(self, texts, tasks, **kwargs)
+
     # ------------------------------------------------------------ files
 
-    def save_task(self, name: str, folder: str | os.PathLike) -> Path:
-        """Write task `name` as a PEFT PREFIX_TUNING adapter folder (atomically); returns it."""
-        folder = Path(folder)
-        rows = self.table.get(name).detach().cpu().float().contiguous()  # (n, W)
+    def saved_prompt(self, name: str, meta: dict | None = None) -> SavedPrompt:
+        """Task `name` as a PEFT PREFIX_TUNING adapter (the prefix itself, MLP folded in) with our
+        metadata, ready for a bank."""
+        rows = self.task_rows(self.table.index(name)).detach().cpu().float().contiguous()  # (n, W)
+        kv_width = self.shape.kv_heads * self.shape.head_dim
         config = {
             "peft_type": "PREFIX_TUNING",
             "task_type": "CAUSAL_LM",
             "num_virtual_tokens": rows.shape[0],
-            "token_dim": self.shape.kv_heads * self.shape.head_dim,
+            "token_dim": kv_width,
             "num_layers": self.shape.layers,
             "num_attention_heads": self.shape.kv_heads,
             "num_transformer_submodules": 1,
-            "encoder_hidden_size": self.shape.kv_heads * self.shape.head_dim,
+            "encoder_hidden_size": kv_width,
             "prefix_projection": False,
             "inference_mode": True,
             "base_model_name_or_path": self.base_name,
         }
-        meta = {
-            "kind": "deep_prompt",
-            "name": name,
-            "fingerprint": self.fingerprint,
-            "base_model": self.base_name,
-        }
-        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            save_file({"prompt_embeddings": rows}, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        info = {"kind": "deep_prompt", "fingerprint": self.fingerprint, "base_model": self.base_name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return SavedPrompt(name=name, embeddings=rows, config=config,
+                           meta={**info, **self.meta.get(name, {}), **(meta or {})})
+
+    def save_task(self, name: str, bank: PromptBank | str | os.PathLike, meta: dict | None = None) -> Path:
+        """Write task `name` into a bank folder (atomically, like every bank save); returns its path."""
+        bank = bank if isinstance(bank, PromptBank) else PromptBank(bank)
+        return bank.save(self.saved_prompt(name, meta))
+
+    def add_saved(self, saved: SavedPrompt, name: str | None = None) -> int:
+        """Add a deep prompt read from a bank (or a PEFT prefix-tuning folder), checked first."""
+        check_compatible(saved, token_dim=self.shape.row_width, fingerprint=self.fingerprint,
+                         kinds=("deep",))
+        name = name or saved.name
+        self.meta[name] = {k: v for k, v in saved.meta.items() if k in ("template", "verbalizer")}
+        return self.add_task(name, rows_to_kv(saved.embeddings.float(), self.shape))
 
     def load_task(self, folder: str | os.PathLike, name: str | None = None) -> int:
-        """Add a task from a folder written by `save_task` (or a PEFT prefix-tuning adapter)."""
-        folder = Path(folder)
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-            rows = load_file(str(folder / WEIGHTS_FILE))["prompt_embeddings"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise PromptFileError(f"cannot read deep prompt folder {folder}: {exc}") from exc
-        if config.get("peft_type") != "PREFIX_TUNING" or config.get("prefix_projection"):
-            raise IncompatiblePromptError(f"{folder} is not a plain prefix-tuning adapter")
-        if rows.dim() != 2 or rows.shape[1] != self.shape.row_width:
-            raise IncompatiblePromptError(
-                f"deep prompt in {folder} has shape {tuple(rows.shape)}; "
-                f"this model needs [n, {self.shape.row_width}]"
-            )
-        return self.add_task(name or folder.name, rows_to_kv(rows.float(), self.shape))
+        """Add a task from a prompt folder (a bank entry or a PEFT prefix-tuning adapter)."""
+        return self.add_saved(read_prompt_dir(folder), name or Path(folder).name)
 
 
 __all__ = [

@@ -15,11 +15,11 @@ through `inject.py`; all model calls run under one lock, so the engine is safe t
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,13 +36,16 @@ from .bank import (
     PromptBank,
     SavedPrompt,
     check_compatible,
-    read_prompt_dir,
+    prompt_from_files,
     validate_task_name,
 )
+from .data import Template, is_valid_unicode
 from .errors import (
     ConfigError,
     ContextLengthError,
+    DataError,
     IncompatiblePromptError,
+    InvalidTaskNameError,
     NoVerbalizerError,
     PromptFileError,
     SoftPromptError,
@@ -131,6 +134,8 @@ class TaskInfo:
     """Bank version it was loaded from; None for a task added in memory only."""
     loaded_at: float
     has_verbalizer: bool
+    kind: str = "soft"
+    """The prompt kind; the engine holds soft prompts only (a deep prompt in the bank is refused)."""
 
 
 # ---------------------------------------------------------------- internals: tasks, prepared work
@@ -167,6 +172,11 @@ class _PreparedGeneration:
     cancelled: bool = False  # set when the client went away: the row stops at its next token
     kind = "generate"
 
+    @property
+    def tokens(self) -> int:
+        """The work asked for: input tokens plus new tokens at most."""
+        return len(self.input_ids) + self.max_new_tokens
+
 
 @dataclass(eq=False)
 class _Pair:
@@ -180,8 +190,13 @@ class _PreparedScore:
     request: ClassifyRequest | ScoreRequest
     pairs: list[_Pair]
     labels: list[list[str]] | None  # per row, for classification
-    cancelled: bool = False
+    cancelled: bool = False  # set when the client went away: dropped before the next batch
     kind = "score"
+
+    @property
+    def tokens(self) -> int:
+        """The work asked for: input plus target tokens of every pair (each label's, to classify)."""
+        return sum(len(p.input_ids) + len(p.target_ids) for p in self.pairs)
 
     def finish(self, scores: list[float]) -> list:
         if self.labels is None:
@@ -207,6 +222,9 @@ def _classification(labels: list[str], scores: list[float]) -> Classification:
 class Engine:
     """One frozen model serving many tasks, each a soft prompt loaded from a bank (or added)."""
 
+    prompt_kinds = ("soft",)
+    """The prompt kinds it serves: a deep prompt (keys and values in every layer) is refused."""
+
     def __init__(self, loaded: LoadedModel | tuple, bank: PromptBank | str | None = None, *,
                  use_prefix_cache: bool = True, max_new_tokens_cap: int = 512,
                  score_batch_size: int = 64):
@@ -229,6 +247,8 @@ class Engine:
         self.context_length = _context_length(self.model, self.tokenizer)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model)
         self.base_names = {self.base_model_id, self.model.config.name_or_path or self.base_model_id}
+        self.reserved_names = {"default", *self.base_names}
+        """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
         self._tasks: dict[str, _Task] = {}
         self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
         self._tasks_lock = threading.RLock()
@@ -255,7 +275,7 @@ class Engine:
 
     def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
         """Put a task in memory directly (not from the bank); it stays until deactivated."""
-        validate_task_name(name)
+        self._check_name(name)
         if isinstance(prompt, SavedPrompt):
             self._check(prompt)
             prompt, meta = prompt.embeddings, {**prompt.meta, **(meta or {})}
@@ -289,26 +309,31 @@ class Engine:
         errors = {}
         for name in sorted(names):
             try:
-                self._activate(name)
+                self._activate(name)  # refuses a bank task named like the base model
             except UnknownTaskError:
                 self.deactivate(name)  # deleted while we looked
             except SoftPromptError as exc:
                 errors[name] = str(exc)
         return errors
 
-    def _activate(self, name: str) -> _Task:
+    def _check_name(self, name: str) -> None:
         validate_task_name(name)
+        if name in self.reserved_names:
+            raise InvalidTaskNameError(f"task name '{name}' is reserved: it names a base model")
+
+    def _activate(self, name: str) -> _Task:
+        self._check_name(name)
         with self._tasks_lock:
             entry = self._tasks.get(name)
         if entry is not None and (entry.version is None or self.bank is None):
             return entry  # added in memory: pinned
         if self.bank is None:
-            raise UnknownTaskError(f"unknown task '{name}'; active tasks: {', '.join(self.tasks()) or 'none'}")
+            raise _unknown(name)
         try:
             version = self.bank.version(name)
         except UnknownTaskError:
             self.deactivate(name)
-            raise
+            raise _unknown(name) from None
         if entry is not None and entry.version == version:
             return entry
         return self._load(name, version)
@@ -334,7 +359,7 @@ class Engine:
         return self._store(entry)
 
     def _check(self, saved: SavedPrompt) -> None:
-        check_compatible(saved, token_dim=self.token_dim, fingerprint=self.fingerprint)
+        check_compatible(saved, token_dim=self.token_dim, fingerprint=self.fingerprint, kinds=self.prompt_kinds)
         _check_tensor(saved.name, saved.embeddings, self.token_dim)
         if saved.embeddings.shape[0] >= self.context_length:
             raise IncompatiblePromptError(f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
@@ -349,11 +374,17 @@ class Engine:
             self._bad.pop(entry.name, None)
         return entry
 
-    def _resolve(self, name: str | None) -> _Task | None:
-        """The task entry for a request (None = the base model, no prompt)."""
+    def _resolve(self, name: str | None, snapshot: dict[str, _Task]) -> _Task | None:
+        """The task entry for a request (None = the base model, no prompt).
+
+        Each name is resolved once per `snapshot` and then taken from it, so all the rows of one
+        request use the same prompt version even when a new one is saved meanwhile.
+        """
         if name is None or name == "" or name in self.base_names:
             return None
-        return self._activate(name)
+        if name not in snapshot:
+            snapshot[name] = self._activate(name)
+        return snapshot[name]
 
     # ------------------------------------------------------------ admin (upload / delete)
 
@@ -363,20 +394,22 @@ class Engine:
         `files` maps file names (adapter_config.json, adapter_model.safetensors, optional
         softprompt.json; others are ignored) to their bytes.
         """
-        validate_task_name(name)
+        self._check_name(name)
         missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
         if missing:
             raise PromptFileError(f"upload of task '{name}' lacks {', '.join(missing)}")
-        with tempfile.TemporaryDirectory(prefix="softprompt-upload-") as tmp:
-            for file_name in PROMPT_FILES:
-                if file_name in files:
-                    Path(tmp, file_name).write_bytes(files[file_name])
-            saved = read_prompt_dir(tmp, name=name)
+        saved = prompt_from_files({f: files[f] for f in PROMPT_FILES if f in files}, name)
         self._check(saved)
         _check_meta(saved)
         if self.bank is None:
             return self.add_task(name, saved)
-        self.bank.save(saved)
+        try:
+            self.bank.save(saved)
+        except PromptFileError as exc:
+            if not isinstance(exc.__cause__, OSError):
+                raise
+            log.error("saving uploaded task '%s' failed: %s", name, exc)  # its paths stay here
+            raise PromptFileError(f"could not save task '{name}' on the server") from None
         return self.activate(name)
 
     def remove(self, name: str) -> None:
@@ -385,16 +418,19 @@ class Engine:
         if self.bank is None:
             with self._tasks_lock:
                 if name not in self._tasks:
-                    raise UnknownTaskError(f"unknown task '{name}'")
+                    raise _unknown(name)
         else:
-            self.bank.delete(name)
+            try:
+                self.bank.delete(name)
+            except UnknownTaskError:
+                raise _unknown(name) from None
         self.deactivate(name)
 
     # ------------------------------------------------------------ public operations
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for a mixed-task batch (each row its own task, limits and sampling)."""
-        return self.run([self.prepare(r) for r in requests])
+        return self.run(self.prepare_all(requests))
 
     def classify(self, task: str | None | Sequence[str | None], texts: Sequence[str]) -> list[Classification]:
         """Rank classification with the task's verbalizer: one result per text."""
@@ -417,19 +453,29 @@ class Engine:
 
     # ------------------------------------------------------------ validation
 
-    def prepare(self, request):
-        """Validate and tokenise one request (raises here, before it can join a batch)."""
+    def prepare(self, request, snapshot: dict[str, _Task] | None = None):
+        """Validate and tokenise one request (raises here, before it can join a batch).
+
+        Each task is resolved once per request (once per `snapshot`, when one is shared), so all
+        the rows use one prompt version even if a new one is saved meanwhile.
+        """
+        snapshot = {} if snapshot is None else snapshot
         if isinstance(request, GenerationRequest):
-            return self._prepare_generation(request)
+            return self._prepare_generation(request, snapshot)
         if isinstance(request, ClassifyRequest):
-            return self._prepare_classify(request)
+            return self._prepare_classify(request, snapshot)
         if isinstance(request, ScoreRequest):
-            return self._prepare_score(request)
+            return self._prepare_score(request, snapshot)
         raise TypeError(f"cannot run a {type(request).__name__}")
 
-    def _prepare_generation(self, request: GenerationRequest) -> _PreparedGeneration:
+    def prepare_all(self, requests: Sequence) -> list:
+        """Prepare the pieces of one request (e.g. a completion's prompts) with one snapshot."""
+        snapshot: dict[str, _Task] = {}
+        return [self.prepare(request, snapshot) for request in requests]
+
+    def _prepare_generation(self, request: GenerationRequest, snapshot: dict) -> _PreparedGeneration:
         _check_sampling(request)
-        task = self._resolve(request.task)
+        task = self._resolve(request.task, snapshot)
         ids = self._input_ids(request.prompt)
         used = len(ids) + (task.length if task else 0)
         wanted = request.max_new_tokens
@@ -442,32 +488,33 @@ class Engine:
         stops = tuple(s for s in ([request.stop] if isinstance(request.stop, str) else request.stop) if s)
         return _PreparedGeneration(request, task, ids, wanted, sampling, stops)
 
-    def _prepare_classify(self, request: ClassifyRequest) -> _PreparedScore:
+    def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> _PreparedScore:
         texts = _texts(request.texts, "texts")
         pairs, labels = [], []
-        for name, text in zip(_per_row(request.task, len(texts)), texts, strict=True):
-            task = self._resolve(name)
+        for i, (name, text) in enumerate(zip(_per_row(request.task, len(texts)), texts, strict=True)):
+            task = self._resolve(name, snapshot)
             template, row_labels, targets = self._classifier(task, name)
-            ids = self._input_ids(_render(template, text, name))
+            ids = self._input_ids(_render(template, text, i))
             self._check_context(len(ids), task, max(len(t) for t in targets))
             pairs += [_Pair(task, ids, t) for t in targets]
             labels.append(row_labels)
         return _PreparedScore(request, pairs, labels)
 
-    def _prepare_score(self, request: ScoreRequest) -> _PreparedScore:
+    def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> _PreparedScore:
         texts, targets = _texts(request.texts, "texts"), _texts(request.targets, "targets")
         if len(texts) != len(targets):
             raise ConfigError(f"{len(texts)} texts but {len(targets)} targets")
         pairs = []
         for name, text, target in zip(_per_row(request.task, len(texts)), texts, targets, strict=True):
-            task, ids, target_ids = self._resolve(name), self._input_ids(text), self._encode(target, special=False)
+            task, ids = self._resolve(name, snapshot), self._input_ids(text)
+            target_ids = self._encode(target, special=False)
             if not target_ids:
                 raise ConfigError(f"target {target!r} encodes to no tokens")
             self._check_context(len(ids), task, len(target_ids))
             pairs.append(_Pair(task, ids, target_ids))
         return _PreparedScore(request, pairs, None)
 
-    def _classifier(self, task: _Task | None, name) -> tuple[str, list[str], list[list[int]]]:
+    def _classifier(self, task: _Task | None, name) -> tuple[Template, list[str], list[list[int]]]:
         """(template, labels, target ids) from the task's meta, parsed once per loaded version."""
         if task is None or not isinstance(task.meta.get("verbalizer"), dict):
             raise NoVerbalizerError(f"task {name!r} has no verbalizer: it cannot classify "
@@ -505,6 +552,8 @@ class Engine:
         return ids
 
     def _encode(self, text: str, *, special: bool = True) -> list[int]:
+        if not is_valid_unicode(text):  # tokenizers raise a TypeError on it
+            raise ConfigError("text holds a lone surrogate (a \\ud800-\\udfff escape), which is not valid Unicode")
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -536,17 +585,21 @@ class Engine:
         return [state.finish(t) for state, t in zip(states, tokens, strict=True)]
 
     def _run_scores(self, items: list[_PreparedScore]) -> list:
-        pairs = [pair for item in items for pair in item.pairs]
-        scores: list[float] = []
-        for start in range(0, len(pairs), self.score_batch_size):
-            scores += self._score_chunk(pairs[start:start + self.score_batch_size])
+        scores = self.score_pairs([pair for item in items for pair in item.pairs])
         out, start = [], 0
         for item in items:
             out.append(item.finish(scores[start:start + len(item.pairs)]))
             start += len(item.pairs)
         return out
 
-    def _score_chunk(self, pairs: list[_Pair]) -> list[float]:
+    def score_pairs(self, pairs: Sequence[_Pair]) -> list[float]:
+        """Summed log-probability of each prepared pair's target, `score_batch_size` per forward."""
+        scores: list[float] = []
+        for start in range(0, len(pairs), self.score_batch_size):
+            scores += self._score_chunk(pairs[start:start + self.score_batch_size])
+        return scores
+
+    def _score_chunk(self, pairs: Sequence[_Pair]) -> list[float]:
         ids, mask = self._left_pad([p.input_ids + p.target_ids for p in pairs])  # (B, L)
         keep = max(len(p.target_ids) for p in pairs) + 1  # columns whose logits predict targets
         with self._model_lock, torch.no_grad():
@@ -655,7 +708,14 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
 # ---------------------------------------------------------------- small checks and helpers
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds a torch generator accepts."""
+
+
 def _check_sampling(request: GenerationRequest) -> None:
+    seed = request.seed
+    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise ConfigError(f"seed must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
     if not (isinstance(request.temperature, int | float) and 0 <= request.temperature < math.inf):
         raise ConfigError(f"temperature must be >= 0, not {request.temperature!r}")
     if not (isinstance(request.top_p, int | float) and 0 < request.top_p <= 1):
@@ -663,6 +723,12 @@ def _check_sampling(request: GenerationRequest) -> None:
     stops = [request.stop] if isinstance(request.stop, str) else request.stop
     if not all(isinstance(s, str) for s in stops):
         raise ConfigError("stop must be a string or a list of strings")
+
+
+def _unknown(name: str) -> UnknownTaskError:
+    """The error for a task that is not there. It names only what the client sent: listing the
+    tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's."""
+    return UnknownTaskError(f"unknown task '{name}'")
 
 
 def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tensor:
@@ -679,14 +745,16 @@ def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tens
 
 def _check_meta(saved: SavedPrompt) -> None:
     """An uploaded prompt's verbalizer and template must be usable (refused at upload)."""
-    if "verbalizer" in saved.meta or "template" in saved.meta:
-        try:
+    try:
+        if "template" in saved.meta:
+            _template(saved.meta, saved.name)
+        if "verbalizer" in saved.meta:
             _verbalizer(saved.meta, saved.name)
-        except (NoVerbalizerError, ConfigError) as exc:
-            raise PromptFileError(f"{META_FILE} of '{saved.name}': {exc}") from exc
+    except (NoVerbalizerError, ConfigError) as exc:
+        raise PromptFileError(f"{META_FILE} of '{saved.name}': {exc}") from exc
 
 
-def _verbalizer(meta: dict, name) -> tuple[str, list[str], list[str]]:
+def _verbalizer(meta: dict, name) -> tuple[Template, list[str], list[str]]:
     """(template, labels, target strings) from a prompt's meta; targets default to ' <label>'."""
     verbalizer = meta.get("verbalizer")
     if not isinstance(verbalizer, dict):
@@ -694,24 +762,34 @@ def _verbalizer(meta: dict, name) -> tuple[str, list[str], list[str]]:
     labels, targets = verbalizer.get("labels"), verbalizer.get("targets")
     if targets is None and isinstance(labels, list):
         targets = [f" {label}" for label in labels]
-    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)
-            and isinstance(targets, list) and len(targets) == len(labels)
-            and all(isinstance(x, str) and x for x in targets) and len(set(labels)) == len(labels)):
+    if not (isinstance(labels, list) and labels and _all_text(labels) and isinstance(targets, list)
+            and len(targets) == len(labels) and _all_text(targets) and all(targets)
+            and len(set(labels)) == len(labels)):
         raise ConfigError(f"task {name!r}: verbalizer needs distinct 'labels' and one non-empty "
                           f"target string per label, got {verbalizer!r}")
-    template = meta.get("template") or "{text}"
-    if not isinstance(template, str):
+    return _template(meta, name), labels, targets
+
+
+def _all_text(values: list) -> bool:
+    return all(isinstance(v, str) and is_valid_unicode(v) for v in values)
+
+
+def _template(meta: dict, name) -> Template:
+    """The task's template: plain `{text}` placeholders only (the one field a request sends)."""
+    text = meta.get("template") or "{text}"
+    if not isinstance(text, str):
         raise ConfigError(f"task {name!r}: template must be a string")
-    _render(template, "", name)
-    return template, labels, targets
+    template = Template(text)
+    if set(template.fields) - {"text"}:
+        raise ConfigError(f"task {name!r}: template {text!r} may use only {{text}}")
+    return template
 
 
-def _render(template: str, text: str, name) -> str:
+def _render(template: Template, text: str, index: int) -> str:
     try:
-        return template.format(text=text)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"task {name!r}: template {template!r} must be a str.format template "
-                          f"using only {{text}} ({exc})") from exc
+        return template.render({"text": text})
+    except DataError:  # the one field is empty
+        raise ConfigError(f"text {index} is empty: there is nothing to classify") from None
 
 
 def _texts(values, what: str) -> list[str]:
@@ -744,15 +822,42 @@ def _context_length(model, tokenizer) -> int:
 
 
 _STOP = object()
+_KINDS = ("generate", "score")
+
+
+@dataclass(eq=False)
+class _Job:
+    """One prepared request in the scheduler; a scoring job runs in slices of its pairs."""
+
+    prepared: _PreparedGeneration | _PreparedScore
+    future: concurrent.futures.Future
+    owner: object
+    """The client request it belongs to: batches are shared fairly per owner, not per job."""
+    scores: list[float] = field(default_factory=list)
+    """Scoring jobs: the scores of the pairs done so far, in order."""
+
+    @property
+    def remaining(self) -> int:
+        """Rows still to run: pairs for a scoring job, 1 for a generation."""
+        return len(self.prepared.pairs) - len(self.scores) if self.prepared.kind == "score" else 1
+
+    def next_pairs(self, n: int) -> list[_Pair]:
+        done = len(self.scores)
+        return self.prepared.pairs[done:done + n]
 
 
 class BatchScheduler:
-    """One worker thread that gathers concurrent requests (any tasks) into mixed-task batches.
+    """One worker thread that runs concurrent requests (any tasks) in mixed-task batches, fairly.
 
     A request is validated in the caller (`engine.prepare`), so a bad one fails alone before it
-    can join a batch. If a whole batch raises anyway, each of its requests is retried alone, so a
-    failure stays with the request that caused it. While idle the worker refreshes the engine
-    from its bank every `refresh_interval_s`.
+    can join a batch. Each batch takes its rows in turn from the client requests waiting: one
+    prompt each per turn for generation (up to `max_batch_size` rows), an equal share of
+    `engine.score_batch_size` pairs for scoring. So a classify of 300 inputs runs in slices and a
+    small request arriving meanwhile joins the next slice instead of waiting for all of it, and
+    a request whose client went away (`prepared.cancelled`) is dropped before the next batch.
+    If a batch raises, its requests are retried one by one, so a failure stays with the request
+    that caused it. While idle the worker refreshes the engine from its bank every
+    `refresh_interval_s`.
     """
 
     def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_ms: float = 5.0, *,
@@ -766,24 +871,35 @@ class BatchScheduler:
         self.batches = 0
         """Batches run so far (for tests and stats)."""
         self.largest_batch = 0
-        self._queue: queue.Queue = queue.Queue()
+        """Most requests that shared one batch."""
+        self._queue: queue.Queue = queue.Queue()  # arrivals: _Job or _STOP
+        self._waiting: dict[str, dict[object, collections.deque[_Job]]] = {kind: {} for kind in _KINDS}
+        """Worker-only state: per kind, per owner (in turn order), the jobs not finished."""
         self._closed = False
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ submitting
 
-    def enqueue(self, prepared) -> concurrent.futures.Future:
-        """Queue a prepared request; the future resolves with its result."""
+    def enqueue(self, prepared, owner: object = None) -> concurrent.futures.Future:
+        """Queue a prepared request; the future resolves with its result.
+
+        Requests with the same `owner` (the prompts of one client request) share one turn.
+        """
         if self._closed:
             raise RuntimeError("the batch scheduler is closed")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((prepared, future))
+        self._queue.put(_Job(prepared, future, future if owner is None else owner))
         return future
 
     async def prepare(self, request):
         """Validate a request without blocking the event loop (it may read a prompt from disk)."""
         return await asyncio.to_thread(self.engine.prepare, request)
+
+    async def prepare_all(self, requests: Sequence) -> list:
+        """Validate the pieces of one client request against one snapshot of their tasks."""
+        return await asyncio.to_thread(self.engine.prepare_all, requests)
 
     async def submit(self, request):
         """Validate, queue and await one request (GenerationRequest / ClassifyRequest / ScoreRequest)."""
@@ -810,59 +926,145 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         while True:
-            try:
-                first = self._queue.get(timeout=self.refresh_interval_s)
-            except queue.Empty:
-                self._refresh()
-                continue
-            if first is _STOP:
-                return
-            batch, stop = self._gather(first)
-            self._run(batch)
-            if stop:
-                return
+            if not self._has_work():
+                if self._stopping:
+                    return
+                if not self._wait_for_work():
+                    self._refresh()
+                    continue
+            self._admit_arrived()
+            self._drop_cancelled()
+            for kind in _KINDS:
+                if self._waiting[kind]:
+                    self._run_batch(kind)
 
-    def _gather(self, first) -> tuple[list, bool]:
-        """`first` plus whatever arrives within max_wait, up to max_batch_size requests."""
-        batch, deadline = [first], time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+    def _has_work(self) -> bool:
+        return any(self._waiting[kind] for kind in _KINDS)
+
+    def _wait_for_work(self) -> bool:
+        """Block for an arrival, then let others join it for max_wait (up to max_batch_size).
+
+        False when nothing arrived within `refresh_interval_s`.
+        """
+        try:
+            self._admit(self._queue.get(timeout=self.refresh_interval_s))
+        except queue.Empty:
+            return False
+        deadline, admitted = time.monotonic() + self.max_wait_s, 1
+        while admitted < self.max_batch_size and not self._stopping:
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
+            self._admit(item)
+            admitted += 1
+        return True
 
-    def _run(self, batch: list) -> None:
-        live = []
-        for prepared, future in batch:
-            if prepared.cancelled:
-                future.cancel()
-            elif future.set_running_or_notify_cancel():
-                live.append((prepared, future))
-        for kind in ("generate", "score"):
-            group = [(p, f) for p, f in live if p.kind == kind]
-            if group:
-                self.batches += 1
-                self.largest_batch = max(self.largest_batch, len(group))
-                self._run_group(group)
-
-    def _run_group(self, group: list) -> None:
-        try:
-            results = self.engine.run([p for p, _ in group])
-        except Exception as exc:
-            if len(group) == 1:
-                group[0][1].set_exception(exc)
+    def _admit_arrived(self) -> None:
+        while True:
+            try:
+                self._admit(self._queue.get_nowait())
+            except queue.Empty:
                 return
-            log.warning("a batch of %d failed (%s); retrying its requests one by one", len(group), exc)
-            for item in group:
-                self._run_group([item])
+
+    def _admit(self, item) -> None:
+        if item is _STOP:
+            self._stopping = True
+        else:
+            self._waiting[item.prepared.kind].setdefault(item.owner, collections.deque()).append(item)
+
+    def _drop_cancelled(self) -> None:
+        """Resolve and forget the jobs whose client went away (or whose future was cancelled)."""
+        for owners in self._waiting.values():
+            for owner, jobs in list(owners.items()):
+                for job in [j for j in jobs if j.prepared.cancelled or j.future.cancelled()]:
+                    jobs.remove(job)
+                    if not job.future.cancel():  # already running: resolve it for any listener
+                        job.future.set_exception(concurrent.futures.CancelledError())
+                if not jobs:
+                    del owners[owner]
+
+    def _run_batch(self, kind: str) -> None:
+        slices = self._take_turns(kind)
+        if slices:
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(slices))
+            (self._generate if kind == "generate" else self._score)(slices)
+
+    def _take_turns(self, kind: str) -> list[tuple[_Job, int]]:
+        """(job, rows of it) for one batch: owners take turns, one row per turn for generation,
+        an equal share of the pairs for scoring. Owners served move to the back of the line."""
+        owners = self._waiting[kind]
+        capacity = self.max_batch_size if kind == "generate" else self.engine.score_batch_size
+        taken: dict[_Job, int] = {}
+        while capacity and owners:
+            line = [o for o in owners if self._next_job(owners[o], taken) is not None]
+            if not line:
+                break
+            quantum = 1 if kind == "generate" else max(1, capacity // len(line))
+            for owner in line:
+                job = self._next_job(owners[owner], taken)
+                n = min(quantum, job.remaining - taken.get(job, 0), capacity)
+                taken[job] = taken.get(job, 0) + n
+                capacity -= n
+                owners[owner] = owners.pop(owner)  # to the back of the line
+                if not capacity:
+                    break
+        return list(taken.items())
+
+    def _next_job(self, jobs: collections.deque[_Job], taken: dict[_Job, int]) -> _Job | None:
+        """The owner's first job with rows not yet taken for this batch (started on first take)."""
+        for job in list(jobs):
+            if taken.get(job, 0) >= job.remaining:
+                continue
+            if job in taken or job.future.running() or job.future.set_running_or_notify_cancel():
+                return job
+            jobs.remove(job)  # its future was cancelled before it ever ran
+        return None
+
+    def _generate(self, slices: list[tuple[_Job, int]]) -> None:
+        jobs = [job for job, _ in slices]
+        try:
+            results = self.engine.run([job.prepared for job in jobs])
+        except Exception as exc:
+            self._retry_alone(slices, exc, self._generate)
             return
-        for (_, future), result in zip(group, results, strict=True):
-            future.set_result(result)
+        for job, result in zip(jobs, results, strict=True):
+            self._finish(job, result)
+
+    def _score(self, slices: list[tuple[_Job, int]]) -> None:
+        try:
+            scores = self.engine.score_pairs([pair for job, n in slices for pair in job.next_pairs(n)])
+        except Exception as exc:
+            self._retry_alone(slices, exc, self._score)
+            return
+        start = 0
+        for job, n in slices:
+            job.scores += scores[start:start + n]
+            start += n
+            if not job.remaining:
+                self._finish(job, job.prepared.finish(job.scores))
+
+    def _retry_alone(self, slices: list[tuple[_Job, int]], exc: Exception, run) -> None:
+        if len(slices) == 1:
+            self._finish(slices[0][0], error=exc)
+            return
+        log.warning("a batch of %d failed (%s); retrying its requests one by one", len(slices), exc)
+        for piece in slices:
+            run([piece])
+
+    def _finish(self, job: _Job, result=None, error: Exception | None = None) -> None:
+        owners = self._waiting[job.prepared.kind]
+        jobs = owners.get(job.owner)
+        if jobs is not None and job in jobs:
+            jobs.remove(job)
+            if not jobs:
+                del owners[job.owner]
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
 
     def _refresh(self) -> None:
         try:
@@ -872,6 +1074,6 @@ class BatchScheduler:
 
 
 __all__ = [
-    "BatchScheduler", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
+    "SEED_RANGE", "BatchScheduler", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
     "GenerationRequest", "GenerationResult", "NoVerbalizerError", "ScoreRequest", "TaskInfo",
 ]

@@ -6,6 +6,9 @@ from __future__ import annotations
 class SoftPromptError(Exception):
     """Base class: every error this package raises on purpose."""
 
+    param: str | None = None
+    """The request field at fault, when the error is about one (the server reports it)."""
+
 
 class ModelLoadError(SoftPromptError):
     """A model name, folder, hub id or GGUF file could not be loaded."""
@@ -14,12 +17,17 @@ class ModelLoadError(SoftPromptError):
 class UnknownTaskError(SoftPromptError, KeyError):
     """A task name or task id that is not loaded / not in the bank."""
 
+    param = "model"
+
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "unknown task"
 
 
 class InvalidTaskNameError(SoftPromptError, ValueError):
-    """A task name outside `[a-z0-9][a-z0-9._-]{0,63}` (rejected before touching the disk)."""
+    """A task name outside `[a-z0-9][a-z0-9._-]{0,63}` (rejected before touching the disk), or a
+    reserved one (the base model's name)."""
+
+    param = "model"
 
 
 class IncompatiblePromptError(SoftPromptError, ValueError):
@@ -61,11 +69,20 @@ class UploadError(SoftPromptError, ValueError):
     """A prompt upload that is not a readable multipart/form-data body."""
 
 
-class UnsupportedPromptKindError(IncompatiblePromptError):
-    """A prompt of a kind (e.g. a deep prompt) that this bank or serving backend cannot carry."""
+class RequestLimitError(SoftPromptError, ValueError):
+    """A request asking for more work than the server's per-request limit allows."""
 
-    def __init__(self, message: str, *, kind: str):
-        self.kind = kind
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedPromptKindError(IncompatiblePromptError):
+    """A prompt of a kind (e.g. a deep prompt) that this path cannot serve. An IncompatiblePromptError
+    (422) like any other misfit; `task` and `kind` let a serving backend say why it cannot."""
+
+    def __init__(self, message: str, *, task: str, kind: str):
+        self.task, self.kind = task, kind
         super().__init__(message)
 
 

@@ -11,7 +11,7 @@ import logging
 import re
 import string
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,9 +23,16 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def label_log_likelihoods(prompted, examples: list[Example], target_ids: list[list[int]],
-                          task_id: int, *, batch_size: int = 32, progress: Callable | None = None) -> torch.Tensor:
-    """Log-likelihood [E, K] of each of K label targets after each example's input."""
-    pairs = [Example(ex.input_ids, target, task_id, k) for ex in examples for k, target in enumerate(target_ids)]
+                          task_id: int | Sequence[int], *, batch_size: int = 32,
+                          progress: Callable | None = None) -> torch.Tensor:
+    """Log-likelihood [E, K] of each of K label targets after each example's input.
+
+    Several task ids make a prompt ensemble (Lester et al. 2021, sec. 6): every (example, label,
+    prompt) row goes through the same mixed-task batches and the scores are averaged over prompts.
+    """
+    task_ids = [task_id] if isinstance(task_id, int) else list(task_id)
+    pairs = [Example(ex.input_ids, target, t, k)
+             for t in task_ids for ex in examples for k, target in enumerate(target_ids)]
     scores = torch.empty(len(pairs))
     order = length_grouped_batches([p.length for p in pairs], batch_size, seed=0, shuffle=False)
     pad = prompted.tokenizer.pad_token_id or 0
@@ -37,7 +44,7 @@ def label_log_likelihoods(prompted, examples: list[Example], target_ids: list[li
         scores[batch_rows] = -nll.float().cpu()
         if progress:
             progress(len(batch_rows))
-    return scores.view(len(examples), len(target_ids))
+    return scores.view(len(task_ids), len(examples), len(target_ids)).mean(0)  # (E, K)
 
 
 def classification_metrics(predictions: list[int], gold: list[int], labels: list[str]) -> dict:
@@ -62,12 +69,15 @@ def classification_metrics(predictions: list[int], gold: list[int], labels: list
     }
 
 
-def evaluate_classification(prompted, task: Task, examples: list[Example], task_name: str | None, *,
-                            batch_size: int = 32, progress: Callable | None = None) -> dict:
-    """Rank-classification metrics of `task_name`'s prompt (None = no prompt) on `examples`."""
-    task_id = NO_TASK if task_name is None else prompted.table.index(task_name)
+def evaluate_classification(prompted, task: Task, examples: list[Example],
+                            task_name: str | None | Sequence[str], *, batch_size: int = 32,
+                            progress: Callable | None = None) -> dict:
+    """Rank-classification metrics of `task_name`'s prompt (None = no prompt; a list of names =
+    their ensemble, label scores averaged) on `examples`."""
+    names = [task_name] if task_name is None or isinstance(task_name, str) else list(task_name)
+    task_ids = [prompted.table.index(name) for name in names]
     targets = task.verbalizer.target_token_ids(prompted.tokenizer)
-    scores = label_log_likelihoods(prompted, examples, targets, task_id, batch_size=batch_size,
+    scores = label_log_likelihoods(prompted, examples, targets, task_ids, batch_size=batch_size,
                                    progress=progress)
     predictions = scores.argmax(1).tolist()
     return classification_metrics(predictions, [ex.label for ex in examples], task.verbalizer.labels)

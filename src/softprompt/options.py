@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_type, *, skip: tuple[s
         if kind is bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag(f.name), type=lambda s: [x for x in s.split(",") if x], default=default,
-                                help=help_text + " Comma-separated.")
+            item = typing.get_args(kind)[0]  # list[int] flags give ints
+            parser.add_argument(flag(f.name), type=lambda s, item=item: [item(x) for x in s.split(",") if x],
+                                default=default, help=help_text + " Comma-separated.")
         else:
             parser.add_argument(flag(f.name), type=_scalar_type(kind), default=default, help=help_text)
 

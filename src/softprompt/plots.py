@@ -36,8 +36,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _plot_loss(records: list[dict], path: Path) -> Path:
+    steps = [r for r in records if "loss" in r]  # the step-0 validation has no loss
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8)
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
     ax.set(xlabel="step", ylabel="training loss", title="Loss")
     return _save(fig, path)
 
@@ -45,10 +46,14 @@ def _plot_loss(records: list[dict], path: Path) -> Path:
 def _plot_validation(records: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     evals = [r for r in records if "validation" in r]
+    zero_shot = evals[0]["validation"].get("zero_shot") or {"tasks": {}}  # logged at step 0
     for task in evals[0]["validation"]["tasks"]:
         values = [r["validation"]["tasks"][task] for r in evals]
         key = "accuracy" if "accuracy" in values[0] else "loss"
-        ax.plot([r["step"] for r in evals], [v[key] for v in values], marker="o", label=f"{task} {key}")
+        line, = ax.plot([r["step"] for r in evals], [v[key] for v in values], marker="o", label=f"{task} {key}")
+        if task in zero_shot["tasks"]:  # the plain model on the same rows: what training must beat
+            reference = zero_shot["tasks"][task][key]
+            ax.axhline(reference, color=line.get_color(), ls="--", lw=1, label=f"{task} zero-shot {reference:.3f}")
     ax.set(xlabel="step", title="Validation")
     ax.legend()
     return _save(fig, path)

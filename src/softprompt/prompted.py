@@ -119,17 +119,9 @@ class PromptedModel(nn.Module):
         return inject.generate(self.model, input_ids, attention_mask, prompts=prompts,
                                prompt_lengths=lengths, **kwargs)
 
-    def generate(self, texts: str | list[str], tasks: TaskSpec = None, *, max_new_tokens=32,
-                 temperature=0.0, top_p=1.0, seed=None) -> list[str]:
+    def generate(self, texts: str | list[str], tasks: TaskSpec = None, **kwargs) -> list[str]:
         """Generated continuations of `texts`, each row with its task's prompt."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        device = self.model.get_input_embeddings().weight.device
-        sampling = [inject.Sampling(temperature, top_p, None if seed is None else seed + i)
-                    for i in range(len(texts))]
-        ids = self.generate_ids(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                tasks, max_new_tokens=max_new_tokens, sampling=sampling)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return generate_texts(self, texts, tasks, **kwargs)
 
     # ------------------------------------------------------------ files
 
@@ -163,4 +155,32 @@ class PromptedModel(nn.Module):
         return saved
 
 
-__all__ = ["PromptedModel", "NO_TASK"]
+def generate_texts(prompted, texts: str | list[str], tasks=None, *, max_new_tokens=32,
+                   temperature=0.0, top_p=1.0, seed=None) -> list[str]:
+    """Generated continuations of `texts` from a PromptedModel or DeepPromptModel (anything with
+    `.tokenizer`, `.model` and `.generate_ids`), each row with its task's prompt."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    enc = prompted.tokenizer(texts, return_tensors="pt", padding=True)
+    device = prompted.model.get_input_embeddings().weight.device
+    sampling = [inject.Sampling(temperature, top_p, None if seed is None else seed + i)
+                for i in range(len(texts))]
+    ids = prompted.generate_ids(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                tasks, max_new_tokens=max_new_tokens, sampling=sampling)
+    return prompted.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def model_for_saved(loaded: LoadedModel, saved: SavedPrompt, name: str | None = None):
+    """A PromptedModel (soft prompt) or DeepPromptModel (deep prompt) on `loaded`, holding `saved`
+    under `name` (default: its own name): what eval, generate and inspect load a bank task into."""
+    from .deep_prompt import DeepPromptModel
+
+    if saved.kind == "deep":
+        model = DeepPromptModel(loaded)
+        model.add_saved(saved, name)
+        return model
+    model = PromptedModel(loaded)
+    model.add_task(name or saved.name, saved)
+    return model
+
+
+__all__ = ["PromptedModel", "NO_TASK", "model_for_saved"]

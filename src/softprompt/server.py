@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server: routes, schemas and the error mapping; the work is the engine's.
+"""OpenAI-compatible HTTP server: routes, schemas, request limits and the error mapping; the model
+work is a backend's.
 
     app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
     app = create_app(VLLMBackend(gateway_engine, "http://127.0.0.1:8001"))   # vLLM does the model work
@@ -10,8 +11,10 @@ folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api 
 is set. Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
 mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
 
-The model work is the backend's (`backends.py`): the built-in engine, or vLLM behind a gateway.
-A client that disconnects cancels its request in either.
+What is about the HTTP request lives here, so every backend gets it: the body size, the schemas,
+the per-request limits (`RequestLimits`: 413 naming the limit) and cancelling a request whose
+client disconnects. The model work (and, for the built-in engine, its fair batch scheduler) is the
+backend's (`backends.py`): the built-in engine, or vLLM behind a gateway.
 
 Replicas are stateless over a shared bank folder: every request checks its task's bank version.
 """
@@ -19,6 +22,7 @@ Replicas are stateless over a shared bank folder: every request checks its task'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +31,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -37,8 +42,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend, BuiltinBackend
 from .bank import validate_task_name
+from .data import is_valid_unicode
 from .engine import (
     PROMPT_FILES,
+    SEED_RANGE,
     ClassifyRequest,
     ContextLengthError,
     Engine,
@@ -54,11 +61,12 @@ from .errors import (
     IncompatiblePromptError,
     InvalidTaskNameError,
     PromptFileError,
+    RequestLimitError,
     SoftPromptError,
     UnknownTaskError,
-    UnsupportedPromptKindError,
     UploadError,
 )
+from .options import flag, opt
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +78,55 @@ class BodyTooLargeError(StarletteHTTPException):
         super().__init__(413, f"request body is larger than the server's limit of {limit} bytes")
 
 
+# ---------------------------------------------------------------- limits
+
+
+@dataclass
+class RequestLimits:
+    """The work one request may ask for; a request over a limit is refused with 413 naming it."""
+
+    max_inputs_per_request: int = opt(256, "Texts in one /v1/classify request at most.")
+    max_prompts_per_request: int = opt(64, "Prompts in one /v1/completions request at most.")
+    max_tokens_per_request: int = opt(
+        65_536, "Tokens one request may make the model process at most: input plus new tokens "
+        "to generate; input plus target tokens of every label to classify.")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag(f.name)} must be a positive integer, not {value!r}")
+
+    def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:
+        limit = getattr(self, limit_name)
+        if count > limit:
+            raise RequestLimitError(f"{count} {what} in one request; this server takes at most {limit} "
+                                    f"({flag(limit_name)})", param=param)
+
+    def check_tokens(self, prepared: list) -> None:
+        tokens = sum(p.tokens for p in prepared)
+        if tokens > self.max_tokens_per_request:
+            raise RequestLimitError(
+                f"this request asks for {tokens} tokens of work (input plus new or target tokens); "
+                f"this server takes at most {self.max_tokens_per_request} "
+                f"({flag('max_tokens_per_request')})")
+
+
 # ---------------------------------------------------------------- schemas
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value):
+        """JSON's \\u escapes allow lone surrogates, which no tokenizer or UTF-8 encoder accepts."""
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise ValueError(f"{where or 'text'} holds a lone surrogate (a \\ud800-\\udfff escape), "
+                             "which is not valid Unicode")
+        return value
 
 
 class _SamplingFields(_Request):
@@ -83,7 +135,7 @@ class _SamplingFields(_Request):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     n: int = Field(1, description="Completions per prompt; only 1 is supported.")
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text is cut before one.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Seed for reproducible sampling.")
     stream: bool = Field(False, description="Send the text as server-sent events while it is generated.")
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
 
@@ -129,6 +181,24 @@ class ClassifyBody(_Request):
     input: str | list[str] = Field(description="Text or texts to classify.")
 
 
+def _lone_surrogate(value) -> str | None:
+    """Where in a raw JSON value (a path like '2.text'; '' = the value itself) a string holds a
+    lone surrogate, or None. Iterative: the value may be nested deeper than the stack."""
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str) and not is_valid_unicode(item):
+            return where
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and not is_valid_unicode(key):
+                    return where
+                stack.append((child, f"{where}.{key}".lstrip(".")))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}.{i}".lstrip(".")) for i, child in enumerate(item))
+    return None
+
+
 # ---------------------------------------------------------------- errors: the one mapping
 
 _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match wins
@@ -137,7 +207,7 @@ _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match w
     (UnknownTaskError, 404, "invalid_request_error", "model_not_found"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (NoVerbalizerError, 400, "invalid_request_error", "no_verbalizer"),
-    (UnsupportedPromptKindError, 422, "invalid_request_error", "unsupported_prompt_kind"),
+    (RequestLimitError, 413, "invalid_request_error", "request_too_large"),
     (IncompatiblePromptError, 422, "invalid_request_error", "invalid_prompt"),
     (PromptFileError, 422, "invalid_request_error", "invalid_prompt"),
     (UploadError, 422, "invalid_request_error", "invalid_upload"),
@@ -160,8 +230,7 @@ def classify_error(exc: Exception) -> tuple[int, dict]:
         return exc.status_code, error_body(str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code)
     for kind, status, type_, code in _ERRORS:
         if isinstance(exc, kind):
-            param = "model" if isinstance(exc, UnknownTaskError | InvalidTaskNameError) else None
-            return status, error_body(str(exc), type_, code, param)
+            return status, error_body(str(exc), type_, code, exc.param)
     return 500, error_body("internal server error", "server_error", "internal_error")
 
 
@@ -174,16 +243,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts), first
 
 
+class _ErrorResponse(JSONResponse):
+    """JSON in ASCII: an error message may quote the client's text, lone surrogates included."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, body = classify_error(exc)
         if status >= 500:
             log.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(body, status_code=status)
+        return _ErrorResponse(body, status_code=status)
 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=422)
+        return _ErrorResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=422)
 
     app.add_exception_handler(SoftPromptError, known)
     app.add_exception_handler(StarletteHTTPException, known)
@@ -220,12 +296,14 @@ class _BodyLimit:
 
 
 def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_batch_size: int = 16,
-               max_wait_ms: float = 5, max_body_bytes: int = 1_000_000) -> FastAPI:
-    """The FastAPI app serving `backend` (an Engine: the built-in backend, with one micro-batcher
-    of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`."""
+               max_wait_ms: float = 5, max_body_bytes: int = 1_000_000,
+               limits: RequestLimits | None = None) -> FastAPI:
+    """The FastAPI app serving `backend` (an Engine: the built-in backend, with one fair
+    micro-batcher of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`."""
     if isinstance(backend, Engine):
         backend = BuiltinBackend(backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
     engine = backend.engine
+    limits = limits or RequestLimits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -236,8 +314,8 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_bat
             await backend.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
-    app.state.engine, app.state.backend = engine, backend
-    app.state.scheduler = getattr(backend, "scheduler", None)
+    app.state.engine, app.state.backend, app.state.limits = engine, backend, limits
+    app.state.scheduler = getattr(backend, "scheduler", None)  # the built-in engine's batcher
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     _install_error_handlers(app)
     if api_key is None:
@@ -253,7 +331,7 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_bat
             raise AuthenticationError("invalid API key")
 
     _add_info_routes(app, backend)
-    _add_generation_routes(app, backend)
+    _add_generation_routes(app, backend, limits)
     _add_admin_routes(app, engine, Depends(require_admin))
     return app
 
@@ -277,25 +355,32 @@ def _add_info_routes(app: FastAPI, backend: Backend) -> None:
         for info in engine.task_infos():
             data.append({"id": info.name, "object": "model", "created": int(info.loaded_at),
                          "owned_by": "softprompt", "parent": engine.base_model_id,
-                         "num_virtual_tokens": info.num_virtual_tokens, "classify": info.has_verbalizer})
+                         "num_virtual_tokens": info.num_virtual_tokens, "classify": info.has_verbalizer,
+                         "kind": info.kind})
         return {"object": "list", "data": data}
 
 
-def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
+def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits) -> None:
     engine = backend.engine
+
+    async def prepare(requests: list) -> list:
+        """Validate a request's pieces against one snapshot of their tasks, within the limits."""
+        prepared = await backend.prepare_all(requests)
+        limits.check_tokens(prepared)
+        return prepared
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
         if not prompts:
             raise ConfigError("prompt must not be empty")
+        limits.check_count("max_prompts_per_request", len(prompts), "prompts", "prompt")
         requests = [_generation_request(body, p, body.max_tokens) for p in prompts]
         if body.stream:
             if len(requests) != 1:
                 raise ConfigError("stream supports one prompt per request")
-            return await _stream(backend, requests[0], body, "text_completion")
-        prepared = await asyncio.gather(*(backend.prepare(r) for r in requests))
-        results = await _unless_disconnected(http, asyncio.gather(*(backend.run(p) for p in prepared)))
+            return await _stream(backend, (await prepare(requests))[0], body, "text_completion")
+        results = await _run(backend, http, await prepare(requests))
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
         return _response("cmpl", "text_completion", body.model, choices, results)
@@ -305,9 +390,10 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await asyncio.to_thread(engine.chat_prompt, messages)
         request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens)
+        prepared = await prepare([request])
         if body.stream:
-            return await _stream(backend, request, body, "chat.completion.chunk")
-        result = await _unless_disconnected(http, backend.run(await backend.prepare(request)))
+            return await _stream(backend, prepared[0], body, "chat.completion.chunk")
+        [result] = await _run(backend, http, prepared)
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                   "logprobs": None, "finish_reason": result.finish_reason}
         return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
@@ -315,8 +401,8 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
     @app.post("/v1/classify")
     async def classify(body: ClassifyBody, http: Request):
         texts = [body.input] if isinstance(body.input, str) else body.input
-        prepared = await backend.prepare(ClassifyRequest(body.model, texts))
-        results = await _unless_disconnected(http, backend.run(prepared))
+        limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
+        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts)]))
         data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
         return {"object": "list", "model": body.model, "data": data}
 
@@ -361,21 +447,31 @@ def _response(prefix: str, obj: str, model: str, choices: list, results: list[Ge
             "model": model, "system_fingerprint": None, "choices": choices, "usage": _usage(results)}
 
 
-async def _unless_disconnected(http: Request, work):
-    """Await `work`, cancelling it if the client disconnects first (it no longer wants the answer).
+async def _run(backend: Backend, http: Request, prepared: list) -> list:
+    """Run a request's pieces on the backend (as one client request) and await their results.
+
+    If the client disconnects first it no longer wants the answer: its work is cancelled (the
+    backend stops it: rows at their next token, scoring before its next batch, vLLM's requests).
+    """
+    work = asyncio.ensure_future(backend.run(prepared))
+    if await _unless_disconnected(http, work):
+        return work.result()
+    work.cancel()
+    work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+    raise StarletteHTTPException(499, "client closed the request; it was cancelled")
+
+
+async def _unless_disconnected(http: Request, work: asyncio.Future) -> bool:
+    """Wait for `work`; False if the client disconnected first.
 
     The body has been read, so the next ASGI message can only be the disconnect.
     """
-    work = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnect(http))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if not work.done():
-        work.cancel()
-        raise StarletteHTTPException(499, "client closed the request; it was cancelled")
-    return work.result()
+    return work.done()
 
 
 async def _disconnect(http: Request) -> None:
@@ -383,10 +479,10 @@ async def _disconnect(http: Request) -> None:
         pass
 
 
-async def _stream(backend: Backend, request: GenerationRequest, body: _SamplingFields,
-                  obj: str) -> StreamingResponse:
-    """Validate and start now (errors keep their status), then stream OpenAI chunks ending in [DONE]."""
-    pieces = await backend.stream(await backend.prepare(request))
+async def _stream(backend: Backend, prepared, body: _SamplingFields, obj: str) -> StreamingResponse:
+    """Start a validated request now (errors keep their status), then stream OpenAI chunks ending
+    in [DONE]."""
+    pieces = await backend.stream(prepared)
     chat = obj == "chat.completion.chunk"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
             "created": int(time.time()), "model": body.model, "system_fingerprint": None}
@@ -413,7 +509,7 @@ async def _stream(backend: Backend, request: GenerationRequest, body: _SamplingF
         except Exception as exc:  # the request failed after the stream began
             yield _sse(classify_error(exc)[1])
         finally:
-            await pieces.aclose()  # the client went away: stop generating for it
+            await pieces.aclose()  # ends the backend's work for it, also when the client went away
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
@@ -451,6 +547,8 @@ def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
         params = dict(_PARAM_RE.findall(disposition))
         names = [params.get("name", ""), os.path.basename(params.get("filename", ""))]
         key = next((n for n in names if n in PROMPT_FILES), None)
+        if key in files:  # which one was meant? Taking the last would hide a bad first one
+            raise UploadError(f"duplicate part '{key}' in the upload: send each file once")
         if key is not None:
             files[key] = content
     return files
@@ -462,7 +560,7 @@ def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
 def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
           port: int = 8000, *, backend: Literal["builtin", "vllm"] = "builtin", vllm=None,
           max_batch_size: int = 16, max_wait_ms: float = 5, api_key: str | None = None,
-          max_body_bytes: int = 1_000_000,
+          max_body_bytes: int = 1_000_000, limits: RequestLimits | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
     """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
 
@@ -475,7 +573,8 @@ def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.
 
     served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm)
     app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
-                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
+                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes,
+                     limits=limits)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
@@ -496,4 +595,4 @@ def _open_backend(backend: str, model_name: str, bank, vllm) -> Backend | Engine
     raise ConfigError(f"backend must be builtin or vllm, not {backend!r}")
 
 
-__all__ = ["create_app", "serve", "classify_error", "AuthenticationError", "UploadError"]
+__all__ = ["RequestLimits", "create_app", "serve", "classify_error", "AuthenticationError", "UploadError"]

@@ -23,13 +23,14 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from .bank import fsync_dir
 from .data import Example, Task, collate, length_grouped_batches
 from .errors import ConfigError
 from .evaluate import evaluate_task
@@ -43,15 +44,18 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """How to train (names follow transformers' TrainingArguments)."""
 
-    max_steps: int = opt(300, "Number of optimizer steps.")
+    max_steps: int = opt(800, "Number of optimizer steps.")
     per_device_train_batch_size: int = opt(16, "Examples per step on each process.")
-    learning_rate: float = opt(0.1, "Peak learning rate (prompt tuning wants large ones: 1e-2..0.3).")
+    learning_rate: float = opt(1e-2, "Peak learning rate (deep prompts: 1e-2; soft prompts: 3e-2).")
     optimizer: str = opt("adamw", "adamw or adafactor (Lester et al. used Adafactor, lr 0.3).")
     weight_decay: float = opt(0.0, "Decoupled weight decay.")
     warmup_steps: int = opt(10, "Linear warmup steps.")
     lr_scheduler_type: str = opt("linear", "linear, cosine or constant (after warmup).")
     max_grad_norm: float = opt(1.0, "Gradient clipping threshold (0 = off).")
-    eval_steps: int = opt(50, "Validate every N steps (and at the end).")
+    eval_steps: int = opt(200, "Validate every N steps (and at step 0 and the end).")
+    save_steps: int = opt(10, "Checkpoint every N steps for --resume (0 = only at validations, the time "
+                          "limit and the end).")
+    save_minutes: float = opt(5.0, "Also checkpoint when this many minutes passed since the last one (0 = off).")
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
     max_eval_examples: int = opt(0, "Validate on at most this many examples (0 = all).")
     early_stopping_patience: int = opt(0, "Stop after N validations without improvement (0 = never).")
@@ -73,6 +77,23 @@ class TrainConfig:
         for name in ("max_steps", "per_device_train_batch_size", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.save_steps < 0:
+            raise ConfigError("save_steps must be 0 (off) or more")
+        _check_number("learning_rate", self.learning_rate, positive=True)
+        for name in ("weight_decay", "max_grad_norm", "save_minutes"):
+            _check_number(name, getattr(self, name))
+
+
+def _check_number(name: str, value: float, *, positive: bool = False) -> None:
+    """A finite number, > 0 or >= 0 (the optimizers would fail later with a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name} must be a finite number {'>' if positive else '>='} 0, not {value!r}")
+
+
+DEFAULT_LEARNING_RATE = {"deep": 1e-2, "soft": 3e-2}
+"""Peak learning rate per prompt type: the best of bench/quality_sst2.py's screen (SST-2, chosen
+on validation rows that are never reported)."""
 
 
 @dataclass
@@ -181,9 +202,13 @@ class Trainer:
         self.schedule = batch_schedule(train_examples, config.per_device_train_batch_size * world,
                                        config.max_steps, config)
         self.step, self.best_metric, self.best_step, self.bad_evals = 0, None, 0, 0
+        self.skipped_steps = 0  # steps whose gradient was NaN/inf (not applied)
         self.best_state = self._snapshot()
         self.history: list[dict] = []
+        self.untrained_validation: dict | None = None  # step 0, with the zero-shot reference
         self.train_seconds, self.examples_seen = 0.0, 0
+        self._last_save = time.monotonic()
+        self._log_started = False  # the first line of a fresh run starts a new metrics log
 
     @property
     def trainable_parameter_count(self) -> int:
@@ -213,9 +238,15 @@ class Trainer:
         (nll / n_tokens).backward()
         self._sync_gradients()
         stats = self._gradient_stats()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
+        if math.isfinite(stats["grad_norm"]):
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+        else:  # one NaN/inf step would poison the prompt and every Adam moment for good
+            stats["skipped"] = True
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradient; update skipped (%d so far)", self.step + 1,
+                        self.skipped_steps)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
@@ -246,7 +277,7 @@ class Trainer:
                 for name, p in zip(table.names, table.prompts, strict=True)}
             stats["prompt_norms"] = {name: p.detach().norm(dim=-1).tolist()
                                      for name, p in zip(table.names, table.prompts, strict=True)}
-        if not math.isfinite(total) or total > self.config.exploding_grad_norm:
+        if math.isfinite(total) and total > self.config.exploding_grad_norm:
             log.warning("step %d: exploding gradient (norm %.3g); lower --learning-rate", self.step + 1, total)
         elif total < self.config.vanishing_grad_norm:
             log.warning("step %d: vanishing gradient (norm %.3g)", self.step + 1, total)
@@ -254,15 +285,18 @@ class Trainer:
 
     # -------------------------------------------------------- validation
 
-    def validate(self) -> dict:
-        """Metric per task (accuracy for labelled tasks, negative loss otherwise) and their mean."""
+    def validate(self, *, task_names: bool = True) -> dict:
+        """Metric per task (accuracy for labelled tasks, negative loss otherwise) and their mean.
+
+        `task_names=False` scores the same rows with no prompt (the zero-shot reference)."""
         results = {}
         for name, eval_set in self.eval_sets.items():
             examples = eval_set.examples
             if self.config.max_eval_examples:
                 examples = examples[:self.config.max_eval_examples]
             with autocast(self.device, self.bf16):
-                results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples, name,
+                results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples,
+                                                        name if task_names else None,
                                                         batch_size=self.config.eval_batch_size)
         scores = [r["accuracy"] if "accuracy" in r else -r["loss"] for r in results.values()]
         return {"metric": sum(scores) / len(scores) if scores else None, "tasks": results}
@@ -289,6 +323,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         start_step = self.step
+        if self.step == 0 and self.eval_sets:
+            self._validate_untrained()
         stop = False
         while self.step < self.config.max_steps and not stop:
             record = self.train_step()
@@ -296,8 +332,9 @@ class Trainer:
                 validation = self.validate() if self.eval_sets else {"metric": None}
                 record["validation"] = validation
                 stop = self._after_validation(validation["metric"])
+            self._log(record)  # before the checkpoint: the log never lacks a step a resume skips
+            if "validation" in record or self._checkpoint_due():
                 self.save_checkpoint()
-            self._log(record)
         self.restore_best()
         log.info("trained %d steps (%d this run); best metric %s at step %d", self.step,
                  self.step - start_step, self.best_metric, self.best_step)
@@ -305,14 +342,26 @@ class Trainer:
                            self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
                            self.trainable_parameter_count)
 
+    def _validate_untrained(self) -> None:
+        """Step 0: the untrained prompt's validation and the plain model's (zero-shot), so the
+        curve shows whether training first made things worse, and against what."""
+        validation = self.validate()
+        validation["zero_shot"] = self.validate(task_names=False)
+        self.untrained_validation = validation  # logged only: best-prompt selection starts at step 1
+        self._write_metrics({"step": 0, "validation": validation})
+
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.on_step:
             self.on_step(record)
-        if self.output_dir and self.accelerator.is_main_process and (
-                self.step % self.config.logging_steps == 0 or "validation" in record):
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
+        if self.step % self.config.logging_steps == 0 or "validation" in record:
+            self._write_metrics(record)
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.output_dir and self.accelerator.is_main_process:
+            if not self._log_started:
+                self._start_fresh_run()
+            with open(self._metrics_path(), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # -------------------------------------------------------- checkpoints (--resume)
@@ -320,8 +369,19 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.output_dir / "checkpoint.pt" if self.output_dir else None
 
+    def _metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _checkpoint_due(self) -> bool:
+        """--save-steps, or --save-minutes since the last checkpoint."""
+        every = self.config.save_steps
+        minutes = self.config.save_minutes
+        return bool(every and self.step % every == 0) or bool(
+            minutes and time.monotonic() - self._last_save >= minutes * 60)
+
     def save_checkpoint(self) -> None:
-        """Everything needed to continue bit-for-bit: written to a temp file, then renamed."""
+        """Everything needed to continue bit-for-bit: written to a temp file, fsynced, renamed."""
+        self._last_save = time.monotonic()
         path = self.checkpoint_path()
         if path is None or not self.accelerator.is_main_process:
             return
@@ -332,15 +392,43 @@ class Trainer:
                  "examples_seen": self.examples_seen, "config": asdict(self.config)}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def load_checkpoint(self) -> bool:
-        """Continue from the last checkpoint in output_dir; False when there is none."""
+        """Continue from the last checkpoint in output_dir, and cut the metrics log to match it.
+
+        Without a checkpoint (killed before the first) the run starts over from step 0, and the
+        log is emptied, so no step is ever logged twice. False when there was no checkpoint.
+        """
         path = self.checkpoint_path()
-        if path is None or not path.is_file():
+        if path is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        found = path.is_file()
+        if found:
+            self._restore(self._read_checkpoint(path))
+            log.info("resumed from %s at step %d", path, self.step)
+        if self.accelerator.is_main_process:
+            self._rewrite_metrics_log()
+        self._log_started = True
+        return found
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:  # torn by a disk failure, or not ours: torch raises many types
+            raise ConfigError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
+        changed = sorted(k for k, v in state.get("config", {}).items()
+                         if k in asdict(self.config) and getattr(self.config, k) != v)
+        if changed:
+            log.warning("resuming with settings changed since the checkpoint: %s", ", ".join(changed))
+        return state
+
+    def _restore(self, state: dict) -> None:
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"], strict=True):
                 p.copy_(saved)
@@ -350,17 +438,87 @@ class Trainer:
         self.best_step, self.bad_evals = state["best_step"], state["bad_evals"]
         self.best_state = [t.to(self.device) for t in state["best_state"]]
         self.train_seconds, self.examples_seen = state["train_seconds"], state["examples_seen"]
-        self._truncate_metrics_log()
-        log.info("resumed from %s at step %d", path, self.step)
-        return True
 
-    def _truncate_metrics_log(self) -> None:
-        """Drop metric lines written after the checkpoint (the killed run's tail)."""
-        metrics = self.output_dir / "metrics.jsonl"
+    def _rewrite_metrics_log(self) -> None:
+        """Keep the lines up to the resumed step (atomically); a torn line (a write cut by a
+        crash or power loss) is dropped, never fatal."""
+        metrics = self._metrics_path()
         if not metrics.is_file():
             return
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        last = self.step if self.step > 0 else -1  # a run (re)started at step 0 logs its step 0 again
+        kept, torn = [], 0
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            record = _parse_record(line)
+            if record is None:
+                torn += line.strip() != ""
+            elif record["step"] <= last:
+                kept.append(line + "\n")
+        if torn:
+            log.warning("dropped %d unreadable line(s) of %s (a write cut short)", torn, metrics)
+        _write_atomically(metrics, "".join(kept))
+
+    def _start_fresh_run(self) -> None:
+        """A run that did not resume starts a new metrics log, and drops a checkpoint left by an
+        earlier run in the same folder (a later --resume must not continue that one)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self._metrics_path(), "")
+        self.checkpoint_path().unlink(missing_ok=True)
+        self._log_started = True
+
+
+def _parse_record(line: str) -> dict | None:
+    """A metrics line, or None for one that is not a complete record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass
+class LearningRateSearch:
+    """What the LR range test saw, and the learning rate it suggests."""
+
+    suggested: float
+    learning_rates: list[float]
+    losses: list[float]
+    """Smoothed training loss after each step, at learning_rates[i]."""
+
+
+def find_learning_rate(prompted, examples: list[Example], config: TrainConfig, *, min_lr: float = 1e-4,
+                       max_lr: float = 10.0, steps: int = 60, smoothing: float = 0.8) -> LearningRateSearch:
+    """LR range test (Smith 2017; fastai's lr_find): train from the current values with the
+    learning rate growing geometrically from min_lr to max_lr, one step each, and suggest a
+    tenth of the rate at the lowest smoothed loss (the lowest point is already too hot to keep).
+    The trainable values are restored afterwards, so the search leaves no trace."""
+    if not 0 < min_lr < max_lr or steps < 5:
+        raise ConfigError("lr search needs 0 < min_lr < max_lr and at least 5 steps")
+    probe = Trainer(prompted, examples, replace(config, max_steps=steps, learning_rate=min_lr,
+                                                warmup_steps=0, lr_scheduler_type="constant"))
+    start = probe._snapshot()
+    growth = (max_lr / min_lr) ** (1 / (steps - 1))
+    probe.scheduler = torch.optim.lr_scheduler.LambdaLR(probe.optimizer, lambda i: growth ** i)
+    rates, losses, average = [], [], 0.0
+    for i in range(steps):
+        rates.append(probe.optimizer.param_groups[0]["lr"])
+        average = smoothing * average + (1 - smoothing) * probe.train_step()["loss"]
+        losses.append(average / (1 - smoothing ** (i + 1)))  # bias-corrected running mean
+        if not math.isfinite(losses[-1]) or losses[-1] > 4 * min(losses):
+            break  # diverged: every larger rate is worse
+    probe.best_state = start
+    probe.restore_best()
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return LearningRateSearch(rates[best] / 10, rates, losses)
 
 
 def train_prompts(prompted, data: str, *, task: str, template: str, labels: list[str] | None = None,

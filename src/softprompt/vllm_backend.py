@@ -15,7 +15,8 @@ token (the prefix t[:j] is appended as embeddings), so the scores are the same s
 log-likelihoods the built-in scorer computes.
 
 Prompt kinds: soft prompts only. A deep prompt is keys and values inside every layer, which
-input embeddings cannot carry, so it is refused (UnsupportedPromptKindError), never approximated.
+input embeddings cannot carry, so a request for one is refused like the built-in engine refuses it
+(422, naming the task and the reason), never approximated.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import base64
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,6 @@ import safetensors
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .backends import DEEP_PROMPT, SOFT_PROMPT, check_prompt_kinds, refuse_kind
 from .engine import Engine, GenerationResult
 from .errors import (
     BackendTimeoutError,
@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's limit per request
 _SAME_MODEL_TOLERANCE = 0.05  # nats: token ids vs our embeddings of them, through vLLM
-_WHY = {DEEP_PROMPT: " (a deep prompt is keys and values inside every layer; prompt embeddings "
-                       "enter at the input only and cannot carry it)"}
 
 
 @dataclass
@@ -263,7 +261,6 @@ class VLLMBackend:
     """Serve an engine's tasks through vLLM; see the module docstring."""
 
     name = "vllm"
-    prompt_kinds = (SOFT_PROMPT,)
 
     def __init__(self, engine: Engine, url: str, *, dtype: str = "bfloat16", timeout_s: float = 300,
                  process=None):
@@ -297,22 +294,29 @@ class VLLMBackend:
         if not up:
             self._served = None  # find out again (and check the model) once it is back
         return {"name": self.name, "status": "up" if up else "down", "url": self.client.url,
-                "prompt_kinds": list(self.prompt_kinds)}
+                "prompt_kinds": list(self.engine.prompt_kinds)}
 
     # ------------------------------------------------------------ requests
 
-    async def prepare(self, request):
-        """Validate like the built-in engine (same tasks and errors), then make sure vLLM is there."""
+    async def prepare_all(self, requests: Sequence) -> list:
+        """Validate like the built-in engine (same tasks, snapshot and errors), then make sure vLLM
+        is there."""
         try:
-            prepared = await asyncio.to_thread(self.engine.prepare, request)
-        except UnsupportedPromptKindError as exc:  # e.g. a deep prompt found in the bank
-            raise refuse_kind(self, str(exc), exc.kind, _WHY) from exc
-        check_prompt_kinds(prepared, self, _WHY)
+            prepared = await asyncio.to_thread(self.engine.prepare_all, requests)
+        except UnsupportedPromptKindError as exc:  # a deep prompt in the bank: say why vLLM cannot
+            raise _cannot_serve(exc) from None
         await self._ensure_served()
         return prepared
 
-    async def run(self, prepared):
-        """A GenerationResult, or the scores / classifications of a score request."""
+    async def run(self, prepared: list) -> list:
+        """Per piece: a GenerationResult, or the scores / classifications of a score request.
+
+        Cancelling the call cancels its HTTP requests, and vLLM aborts a request whose connection
+        closes.
+        """
+        return await asyncio.gather(*(self._run_one(piece) for piece in prepared))
+
+    async def _run_one(self, prepared):
         if prepared.kind == "generate":
             return await self._failing_over(self._generate(prepared))
         return await self._failing_over(self._score(prepared))
@@ -436,6 +440,15 @@ class VLLMBackend:
                 f"vLLM at {self.client.url} ({served.model}) does not serve the gateway's model "
                 f"{self.engine.base_model_id!r}: the same tokens as ids and as our embeddings give "
                 f"different next tokens ({a} vs {b}); start vLLM on the same weights")
+
+
+def _cannot_serve(exc: UnsupportedPromptKindError) -> UnsupportedPromptKindError:
+    """The engine's refusal (same type, so the same 422), saying why vLLM cannot serve the kind."""
+    why = {"deep": ": it is keys and values inside every layer, and vLLM's prompt embeddings enter "
+                   "at the input only"}.get(exc.kind, "")
+    return UnsupportedPromptKindError(
+        f"task '{exc.task}' is a {exc.kind} prompt, which the vLLM backend cannot serve{why} "
+        "(it serves soft prompts only)", task=exc.task, kind=exc.kind)
 
 
 def _prefix_key(pair, j: int) -> tuple:

@@ -201,7 +201,7 @@ def test_unknown_task_is_404_and_health_names_the_backend(gateway):
     r = gateway.http.post("/v1/completions", json={"model": "no-such-task", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     health = gateway.http.get("/health").json()
-    assert health["backend"]["name"] == "vllm" and health["backend"]["prompt_kinds"] == ["soft_prompt"]
+    assert health["backend"]["name"] == "vllm" and health["backend"]["prompt_kinds"] == ["soft"]
 
 
 # ---------------------------------------------------------------- faults (last: restarts vLLM)

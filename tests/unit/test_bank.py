@@ -369,6 +369,26 @@ BREAKERS = {
         PromptFileError,
         "softprompt.json is not valid JSON",
     ),
+    "meta_nested_200000_deep": (
+        lambda f: (f / META_FILE).write_text("[" * 200_000 + "]" * 200_000),
+        PromptFileError,
+        "softprompt.json is nested too deeply",
+    ),
+    "meta_nested_40_deep": (
+        lambda f: (f / META_FILE).write_text('{"a": ' * 40 + "1" + "}" * 40),
+        PromptFileError,
+        "softprompt.json is nested deeper than 32 levels",
+    ),
+    "config_5000_digit_integer": (
+        lambda f: (f / CONFIG_FILE).write_text('{"num_virtual_tokens": ' + "4" * 5000 + "}"),
+        PromptFileError,
+        "adapter_config.json is not valid JSON",
+    ),
+    "config_not_utf8": (
+        lambda f: (f / CONFIG_FILE).write_bytes(b'{"peft_type": "\xff"}'),
+        PromptFileError,
+        "adapter_config.json is not UTF-8 text",
+    ),
 }
 
 

@@ -36,9 +36,39 @@ def trained_bank(tiny_model_dir, tmp_path, capsys):
                           "--labels", "negative,positive", "--labels", "other,movie", "--num-virtual-tokens", "3",
                           "--max-steps", "4", "--eval-steps", "2", "--eval-data", data, "--eval-data", str(topic),
                           "--per-device-train-batch-size", "4", "--bf16", "no", "--bank", str(bank),
-                          "--output-dir", str(tmp_path / "run"), "--json")
+                          "--output-dir", str(tmp_path / "run"), "--prompt-type", "soft", "--json")
     assert code == 0, err
     return bank, _last_json(out), data
+
+
+def test_train_default_is_a_deep_prompt_that_eval_and_generate_load(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "sentiment.jsonl")
+    bank = tmp_path / "bank"
+    code, out, err = _run(capsys, "train", "--model", tiny_model_dir, "--task", "sentiment", "--data", data,
+                          "--template", TEMPLATE, "--labels", "negative,positive", "--num-virtual-tokens", "3",
+                          "--max-steps", "4", "--eval-steps", "2", "--eval-data", data, "--bf16", "no",
+                          "--per-device-train-batch-size", "4", "--bank", str(bank), "--json")
+    assert code == 0, err
+    saved = PromptBank(bank).load("sentiment")
+    assert saved.kind == "deep" and saved.config["peft_type"] == "PREFIX_TUNING"
+    assert saved.meta["training"]["learning_rate"] == 1e-2  # the deep default
+    assert _last_json(out)["trainable_parameters"] == saved.embeddings.numel()
+    code, out, err = _run(capsys, "eval", "--model", tiny_model_dir, "--bank", str(bank), "--task", "sentiment",
+                          "--data", data, "--json")
+    assert code == 0, err
+    assert _last_json(out)["n"] == 40
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--bank", str(bank), "--task",
+                          "sentiment", "--max-new-tokens", "2", "--json", "a fine film")
+    assert code == 0, err
+    assert len(_last_json(out)["outputs"]) == 1
+
+
+def test_bad_input_learning_rate_must_be_a_number_or_auto(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "sentiment.jsonl")
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, "train", "--model", tiny_model_dir, "--task", "s", "--data", data, "--labels",
+             "negative,positive", "--bank", str(tmp_path / "bank"), "--learning-rate", "fast")
+    assert exit_info.value.code == 2 and "--learning-rate: invalid" in capsys.readouterr().err
 
 
 def test_train_several_tasks_at_once_lands_each_prompt_in_the_bank(trained_bank):
@@ -124,3 +154,57 @@ def test_inspect_text_init_decodes_to_its_own_words(tiny_model, tiny_tokenizer):
     prompted = PromptedModel(tiny_model, {"t": config}, tokenizer=tiny_tokenizer)
     near = nearest_tokens(tiny_model, tiny_tokenizer, prompted.table.get("t").detach(), k=1)
     assert [row[0][0] for row in near] == ["great", "awful", "movie"] and near[0][0][1] > 0.999
+
+
+def _train_args(model_dir, data, tmp_path, *extra):
+    return ["train", "--model", model_dir, "--task", "sentiment", "--data", str(data), "--template", TEMPLATE,
+            "--labels", "negative,positive", "--num-virtual-tokens", "2", "--max-steps", "2", "--bf16", "no",
+            "--bank", str(tmp_path / "bank"), "--output-dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
+def test_bad_input_learning_rate_is_one_clear_line(tiny_model_dir, tmp_path, capsys, value):
+    data = write_sentiment_jsonl(tmp_path / "d.jsonl")
+    code, _, err = _run(capsys, *_train_args(tiny_model_dir, data, tmp_path, "--learning-rate", value))
+    assert code == 2 and "error: learning_rate must be a finite number > 0" in err and "Traceback" not in err
+
+
+def test_bad_input_template_with_a_format_spec_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "d.jsonl")
+    args = _train_args(tiny_model_dir, data, tmp_path)
+    args[args.index(TEMPLATE)] = "review : {text:>300000}"
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "format specs like :>300000 are not supported" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"text": "good movie", "label": ' + "1" * 5000 + "}", "a number longer than 4300 digits"),
+    ('{"text": "good \\ud800 movie", "label": 1}', "lone surrogate"),
+])
+def test_bad_input_data_line_is_one_clear_line_naming_file_and_line(tiny_model_dir, tmp_path, capsys, line, fragment):
+    data = tmp_path / "d.jsonl"
+    data.write_text(f'{{"text": "{POSITIVE[0]}", "label": 1}}\n' + line + "\n")
+    code, _, err = _run(capsys, *_train_args(tiny_model_dir, data, tmp_path))
+    assert code == 2 and f"{data}:2" in err and fragment in err and "Traceback" not in err
+
+
+def test_bad_input_skip_bad_rows_skips_malformed_json_and_array_lines_with_a_count(tiny_model_dir, tmp_path,
+                                                                                  capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(f'{{"text": "{POSITIVE[0]}", "label": 1}}\n{{"text": oops\n[1, 2]\n'
+                    f'{{"text": "{NEGATIVE[0]}", "label": 0}}\n')
+    code, out, err = _run(capsys, "eval", "--model", tiny_model_dir, "--zero-shot", "--labels", "negative,positive",
+                          "--template", TEMPLATE, "--data", str(data), "--skip-bad-rows", "--json")
+    assert code == 0 and _last_json(out)["n"] == 2 and "skipped 2 bad rows" in err
+
+
+def test_bad_input_reading_commands_never_create_the_bank_folder(tiny_model_dir, tmp_path, capsys):
+    data = write_sentiment_jsonl(tmp_path / "d.jsonl")
+    missing = tmp_path / "no" / "such" / "bank"
+    for args in (["eval", "--model", tiny_model_dir, "--bank", str(missing), "--task", "x", "--data", data],
+                 ["generate", "--model", tiny_model_dir, "--bank", str(missing), "--task", "x", "fun"],
+                 ["bank", "list", "--bank", str(missing)], ["bank", "show", "--bank", str(missing), "x"],
+                 ["inspect", "--model", tiny_model_dir, "--bank", str(missing)]):
+        code, _, err = _run(capsys, *args)
+        assert code == 2 and f"bank folder {missing} does not exist" in err, (args, err)
+    assert not (tmp_path / "no").exists()

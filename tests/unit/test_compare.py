@@ -220,3 +220,25 @@ def test_cli_compare_prints_the_table_and_writes_files(compared, tmp_path, capsy
 def test_config_rejects_unknown_methods():
     with pytest.raises(ConfigError, match="unknown method"):
         CompareConfig(methods=["prompt", "adapter"])
+
+
+def test_seeds_run_each_method_per_seed_and_report_mean_and_std(compared, tmp_path, capsys):
+    from softprompt.cli import main
+
+    model_dir = str(compared["out"].parent / "tiny")
+    data = str(compared["out"].parent / "data.jsonl")
+    code = main(["compare", "--model", model_dir, "--data", data, "--eval-data", data, "--template", TEMPLATE,
+                 "--labels", "negative,positive", "--methods", "prompt", "--max-steps", "2",
+                 "--per-device-train-batch-size", "2", "--switch-repeats", "1", "--bf16", "no",
+                 "--seeds", "0,1,2", "--output-dir", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "compare.json").read_text())
+    runs = [(r["method"], r["seed"]) for r in results["runs"]]
+    assert runs == [("zero_shot", 0), ("prompt", 0), ("prompt", 1), ("prompt", 2)]
+    prompt = next(r for r in results["methods"] if r["method"] == "prompt")
+    per_seed = [r["accuracy"] for r in results["runs"] if r["method"] == "prompt"]
+    assert prompt["accuracy_per_seed"] == per_seed and prompt["seeds"] == [0, 1, 2]
+    assert prompt["accuracy"] == pytest.approx(sum(per_seed) / 3)
+    losses = {r["final_loss"] for r in results["runs"] if r["method"] == "prompt"}
+    assert len(losses) > 1  # the seeds saw other batches
+    assert f"{prompt['accuracy']:.3f} +- {prompt['accuracy_std']:.3f}" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -508,3 +509,58 @@ def test_length_grouped_batches_seeded_and_drop_last():
     assert length_grouped_batches([], 4, seed=0) == []
     with pytest.raises(ConfigError):
         length_grouped_batches(lengths, 0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ("{text:>300000}", "format specs like :>300000 are not supported; write plain {text}"),
+        ("{text:{width}}", "format specs"),
+        ("{text.__class__.__mro__}", "attribute or index access"),
+        ("{text[0]}", "attribute or index access"),
+        ("{text!s}", "conversions like !s"),
+        ("a \udcff {text}", "lone surrogate"),
+    ],
+)
+def test_bad_input_template_beyond_plain_fields_is_a_config_error(bad, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Template(bad)
+
+
+GOOD_LINE = '{"text": "great movie", "label": 1}\n'
+
+
+def test_bad_input_jsonl_huge_integer_or_lone_surrogate_names_line_and_field(tmp_path):
+    huge = write(tmp_path / "huge.jsonl", GOOD_LINE + '{"text": "a", "label": ' + "1" * 5000 + "}\n")
+    with pytest.raises(DataError, match="a number longer than 4300 digits") as e:
+        read_records(huge)
+    assert e.value.line == 2
+    lone = write(tmp_path / "lone.jsonl", GOOD_LINE + '{"text": "abc \\ud800", "label": 1}\n')
+    with pytest.raises(DataError, match="lone surrogate") as e:
+        read_records(lone)
+    assert (e.value.line, e.value.field) == (2, "text")
+
+
+def test_bad_input_skip_bad_rows_also_skips_unreadable_lines_with_a_count(tmp_path, tok, task):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(
+        (
+            GOOD_LINE
+            + '{"text": oops}\n'  # malformed JSON
+            + "[1, 2]\n"  # a JSON array, not an object
+            + '{"text": "a", "label": ' + "9" * 5000 + "}\n"
+            + '{"text": "\\udfff", "label": 0}\n'
+        ).encode()
+        + b'{"text": "\xff"}\n'  # not UTF-8
+        + GOOD_LINE.encode()
+    )
+    with pytest.raises(DataError, match="invalid JSON") as e:
+        load_examples(p, task, tok)
+    assert e.value.line == 2
+    examples, skipped = load_examples(p, task, tok, skip_bad_rows=True)
+    assert skipped == 5 and [ex.line for ex in examples] == [1, 7]

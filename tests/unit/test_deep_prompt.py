@@ -136,7 +136,7 @@ def test_save_load_roundtrip_and_peft_loads_it(tiny_llama, tmp_path):
     from peft import PeftModel
 
     deep = DeepPromptModel(tiny_llama, {"a": prompt_kv(tiny_llama, _prompt(3)) + 0.1})
-    folder = deep.save_task("a", tmp_path / "a")
+    folder = deep.save_task("a", tmp_path / "bank")  # the bank's atomic save, like soft prompts
     other = DeepPromptModel(build_tiny_model("llama"))
     other.load_task(folder)
     assert torch.equal(other.kv("a"), deep.kv("a"))
@@ -157,3 +157,61 @@ def test_bad_inputs_are_refused(tiny_model):
             deep(ids, mask, "a")
     with pytest.raises(Exception, match="unknown task"):
         deep.task_ids(torch.tensor([NO_TASK, 5]), 2)
+
+
+def _examples():
+    return [Example([5, 6, 7], [9], 0, 0), Example([8, 6], [10], 0, 1)] * 4
+
+
+def test_reparam_mlp_starts_at_the_soft_prompt_kv_trains_and_folds_exactly(tiny_llama):
+    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, reparam_hidden=16, tokenizer=build_tiny_tokenizer())
+    start = deep.task_rows(0).detach().clone()
+    torch.testing.assert_close(start, kv_to_rows(prompt_kv(tiny_llama, _prompt(2))))  # zero-init last layer
+    assert "a" in deep.reparams and deep.trainable_parameter_count() > start.numel()
+    config = TrainConfig(max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.05)
+    Trainer(deep, _examples(), config).train()
+    trained = deep.task_rows(0).detach().clone()
+    ids, mask = _batch(ROWS)
+    with torch.no_grad():
+        logits = deep(ids, mask, "a")
+    assert not torch.allclose(trained, start)
+    deep.fold_reparams()
+    assert not deep.reparams and torch.equal(deep.table.get("a").detach(), trained)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(ids, mask, "a"), logits)
+
+
+def test_prefix_layers_trains_only_the_last_layers(tiny_llama):
+    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, prefix_layers=1, tokenizer=build_tiny_tokenizer())
+    before = deep.kv("a").detach().clone()  # (layers, 2, H_kv, n, hd)
+    config = TrainConfig(max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.05)
+    Trainer(deep, _examples(), config).train()
+    after = deep.kv("a").detach()
+    assert torch.equal(after[:-1], before[:-1])  # the first layers keep the soft prompt's KV
+    assert not torch.allclose(after[-1], before[-1])
+    with pytest.raises(Exception, match="prefix_layers"):
+        DeepPromptModel(tiny_llama, prefix_layers=99)
+
+
+def test_deep_prompt_in_the_bank_is_refused_by_soft_prompt_paths_with_a_clear_error(tiny_llama, tmp_path):
+    from softprompt.bank import PromptBank
+
+    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)})
+    deep.save_task("a", tmp_path / "bank")
+    saved = PromptBank(tmp_path / "bank").load("a")
+    assert saved.kind == "deep" and saved.embeddings.shape == (2, deep.shape.row_width)
+    with pytest.raises(IncompatiblePromptError, match="'a' is a deep prompt; this path serves soft prompts only"):
+        PromptedModel(tiny_llama).add_task("a", saved)
+    other = DeepPromptModel(build_tiny_model("llama"))
+    other.add_saved(saved)
+    assert torch.equal(other.kv("a"), deep.kv("a"))
+
+
+def test_builtin_engine_says_it_serves_soft_prompts_only_when_given_a_deep_one(tiny_llama, tmp_path):
+    from softprompt.bank import PromptBank
+    from softprompt.engine import Engine
+
+    DeepPromptModel(tiny_llama, {"deep-task": _prompt(2)}).save_task("deep-task", tmp_path / "bank")
+    engine = Engine((tiny_llama, build_tiny_tokenizer()), PromptBank(tmp_path / "bank"))
+    with pytest.raises(IncompatiblePromptError, match="is a deep prompt; this path serves soft prompts only"):
+        engine.activate("deep-task")

@@ -407,3 +407,46 @@ def test_scheduler_submit_is_awaitable(engine, make_scheduler):
 
     results = asyncio.run(main())
     assert outputs(results) == outputs(engine.generate([greedy(t, "t0") for t in TEXTS]))
+
+
+def test_limits_scheduler_gives_a_later_request_a_turn_before_a_large_one_ends(engine, make_scheduler,
+                                                                                monkeypatch):
+    batches, first_running, release = [], threading.Event(), threading.Event()
+    real_run = engine.run
+
+    def recording_run(prepared):
+        batches.append([p.request.prompt for p in prepared])
+        first_running.set()
+        release.wait(10)  # hold the first batch until the small request has arrived
+        return real_run(prepared)
+
+    monkeypatch.setattr(engine, "run", recording_run)
+    scheduler = make_scheduler(max_batch_size=2, max_wait_ms=0)
+    large = object()  # one client request of 6 prompts
+    futures = [scheduler.enqueue(engine.prepare(greedy("the movie was", "t0", n=2)), large) for _ in range(6)]
+    assert first_running.wait(10)
+    small = scheduler.enqueue(engine.prepare(greedy("fun", "t1", n=2)))
+    release.set()
+    assert small.result(30).token_ids and all(f.result(30).token_ids for f in futures)
+    assert set(batches[0]) == {"the movie was"} and "fun" in batches[1], batches  # not after all of them
+    assert sum(len(b) for b in batches) == 7
+
+
+def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, tiny_llama, monkeypatch):
+    old = engine.activate("t0").version
+    real_input_ids, calls = engine._input_ids, []
+
+    def save_on_second_row(prompt):
+        calls.append(prompt)
+        if len(calls) == 2:  # a PUT /v1/prompts/t0 landing while the request is prepared
+            save_task(bank, "t0", random_prompt(5, 99), tiny_llama)
+        return real_input_ids(prompt)
+
+    monkeypatch.setattr(engine, "_input_ids", save_on_second_row)
+    classify = engine.prepare(ClassifyRequest("t0", TEXTS[:4]))
+    assert {pair.task.version for pair in classify.pairs} == {old}
+    calls.clear()
+    generations = engine.prepare_all([greedy(text, "t0") for text in TEXTS[:4]])
+    versions = {row.task.version for row in generations}
+    assert len(versions) == 1 and versions != {old}  # the first save is seen, the second is not mixed in
+    assert engine.activate("t0").version not in versions | {old}  # the next request sees the newest

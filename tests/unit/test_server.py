@@ -3,6 +3,7 @@ the official `openai` client unchanged and by plain httpx. Loopback only."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -46,9 +47,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def running(app):
+    """`app` served by uvicorn on a free loopback port for the block; yields its base URL."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "server did not start"
+    try:
+        yield f"http://127.0.0.1:{uv.config.port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
 
     from softprompt.server import create_app
 
@@ -58,20 +77,11 @@ def server(tmp_path_factory):
     fill_bank(bank, model)
     engine = Engine((model, tokenizer), bank)
     app = create_app(engine, api_key=API_KEY, max_batch_size=16, max_wait_ms=5, max_body_bytes=MAX_BODY)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "server did not start"
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, app=app,
-                          client=openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=30),
-                          http=httpx.Client(base_url=url, timeout=30))
-    uv.should_exit = True
-    thread.join(10)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, app=app,
+                              client=openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0,
+                                                   timeout=30),
+                              http=httpx.Client(base_url=url, timeout=30))
 
 
 def alone(server, prompt, task, n=8, **kwargs):

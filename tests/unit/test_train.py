@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from softprompt.bank import PromptBank
 from softprompt.data import load_examples, make_classification_task
+from softprompt.errors import ConfigError
 from softprompt.evaluate import evaluate_loss
 from softprompt.prompted import PromptedModel
 from softprompt.prompts import PromptTuningConfig
@@ -49,8 +51,8 @@ def test_training_lowers_loss_and_logs_monitoring(tiny_model, tiny_tokenizer, tm
                      output_dir=tmp_path / "run").train()
     assert evaluate_loss(prompted, examples, "sentiment") < start - 0.05
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 30 and len(lines[0]["prompt_grad_norms"]["sentiment"]) == 4
-    assert [r["step"] for r in lines if "validation" in r] == [10, 20, 30]
+    assert len(lines) == 31 and len(lines[1]["prompt_grad_norms"]["sentiment"]) == 4
+    assert [r["step"] for r in lines if "validation" in r] == [0, 10, 20, 30]
     assert result.best_step in (10, 20, 30) and result.examples_per_second > 0
 
 
@@ -74,29 +76,6 @@ def _train_cmd(model_dir, data, bank, out, steps, *extra, launcher=None):
 
 def _final_prompt(bank):
     return PromptBank(bank).load("sentiment").embeddings
-
-
-def test_resume_after_kill_9_matches_uninterrupted_run(tiny_model_dir, tmp_path):
-    data = write_sentiment_jsonl(tmp_path / "train.jsonl", repeats=8)
-    steps = 80
-    subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-a", tmp_path / "run-a", steps), check=True,
-                   capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "run-b" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 12):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "bank-b" / "sentiment").exists()
-    resumed = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps,
-                                        "--resume"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    torch.testing.assert_close(_final_prompt(tmp_path / "bank-b"), _final_prompt(tmp_path / "bank-a"),
-                               atol=1e-6, rtol=0)
-    steps_logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps_logged == list(range(1, steps + 1))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
@@ -161,3 +140,174 @@ def test_train_prompts_api_remembers_template_for_save(tiny_model, tiny_tokenize
     assert result.steps == 3 and result.best_metric is not None
     saved = PromptBank(prompted.save_task("sentiment", tmp_path / "bank").parent).load("sentiment")
     assert saved.meta["template"] == TEMPLATE and saved.meta["verbalizer"]["labels"] == ["negative", "positive"]
+
+
+def test_non_finite_gradient_step_is_skipped_and_counted(tiny_llama, tiny_tokenizer, tmp_path, caplog):
+    prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    start = prompted.table.get("sentiment").detach().clone()
+    poison = tiny_llama.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+    trainer = Trainer(prompted, examples, TrainConfig(max_steps=1, per_device_train_batch_size=4, bf16="no"))
+    with caplog.at_level("WARNING"):
+        record = trainer.train_step()
+    poison.remove()
+    assert record["skipped"] and trainer.skipped_steps == 1 and "update skipped" in caplog.text
+    assert torch.equal(prompted.table.get("sentiment").detach(), start)  # the prompt survived
+    assert all(torch.isfinite(v).all() for state in trainer.optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))
+
+
+def test_lr_finder_returns_a_finite_rate_from_a_real_loss_curve_and_restores_the_prompt(
+        tiny_llama, tiny_tokenizer, tmp_path):
+    from softprompt.train import find_learning_rate
+
+    prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    start = prompted.table.get("sentiment").detach().clone()
+    search = find_learning_rate(prompted, examples, TrainConfig(per_device_train_batch_size=8, bf16="no"),
+                                min_lr=1e-4, max_lr=100.0, steps=30)
+    assert 1e-5 <= search.suggested <= 10.0 and search.suggested == search.suggested  # finite, in range
+    assert len(search.losses) == len(search.learning_rates) >= 5
+    assert search.learning_rates == sorted(search.learning_rates)  # the rate really grew
+    assert max(search.losses) > min(search.losses)  # a real curve, not a constant
+    assert torch.equal(prompted.table.get("sentiment").detach(), start)  # the search leaves no trace
+
+
+def _trained_prompt(tiny_tokenizer, tmp_path, seed: int) -> torch.Tensor:
+    from ..conftest import build_tiny_model
+
+    prompted, _, examples = _setup(build_tiny_model("llama"), tiny_tokenizer, tmp_path)
+    Trainer(prompted, examples, TrainConfig(max_steps=4, per_device_train_batch_size=4, bf16="no", seed=seed,
+                                            learning_rate=0.05)).train()
+    return prompted.table.get("sentiment").detach().clone()
+
+
+def test_seeds_same_seed_same_prompt_other_seed_other_prompt(tiny_tokenizer, tmp_path):
+    first, again = _trained_prompt(tiny_tokenizer, tmp_path, 0), _trained_prompt(tiny_tokenizer, tmp_path, 0)
+    other = _trained_prompt(tiny_tokenizer, tmp_path, 1)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_step_zero_validation_is_logged_with_the_zero_shot_reference(tiny_llama, tiny_tokenizer, tmp_path):
+    from softprompt.plots import plot_training
+
+    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    trainer = Trainer(prompted, examples, TrainConfig(max_steps=2, per_device_train_batch_size=4, eval_steps=2,
+                                                      bf16="no"),
+                      eval_sets={"sentiment": EvalSet(task, examples)}, output_dir=tmp_path / "run")
+    trainer.train()
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and "loss" not in first
+    assert first["validation"]["tasks"]["sentiment"]["n"] == len(examples)
+    assert first["validation"]["zero_shot"]["tasks"]["sentiment"]["n"] == len(examples)
+    plots = plot_training(tmp_path / "run" / "metrics.jsonl", tmp_path / "run")
+    assert tmp_path / "run" / "validation.png" in plots
+
+
+def test_resume_after_kill_9_before_the_first_evaluation_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_sentiment_jsonl(tmp_path / "train.jsonl", repeats=8)
+    steps, flags = 60, ("--eval-steps", "40", "--save-steps", "5", "--save-minutes", "0")  # evaluations at 40, 60
+    subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-a", tmp_path / "run-a", steps, *flags),
+                   check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps, *flags),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run-b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 12):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 40, "killed after the first evaluation: nothing was tested"
+    resumed = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps,
+                                        *flags, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_at = int(resumed.stderr.split("resumed from step ")[1].split()[0])
+    assert 10 <= resumed_at <= killed_at and resumed_at % 5 == 0, resumed.stderr
+    torch.testing.assert_close(_final_prompt(tmp_path / "bank-b"), _final_prompt(tmp_path / "bank-a"),
+                               atol=1e-6, rtol=0)
+    steps_logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps_logged == list(range(0, steps + 1))  # step 0: the untrained validation
+
+
+class _Killed(Exception):
+    """Stands for kill -9 in the middle of a step."""
+
+
+def _trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config):
+    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    config = TrainConfig(**{"max_steps": 8, "per_device_train_batch_size": 4, "eval_steps": 100, "save_steps": 3,
+                            "bf16": "no", **config})
+    return Trainer(prompted, examples, config, eval_sets={"sentiment": EvalSet(task, examples)}, output_dir=out)
+
+
+def _die_at(step):
+    def on_step(record):
+        if record["step"] == step:
+            raise _Killed
+    return on_step
+
+
+def test_resume_tolerates_a_torn_last_line_and_rewrites_the_log_to_the_checkpoint(tiny_llama, tiny_tokenizer,
+                                                                                  tmp_path):
+    uninterrupted = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "whole")
+    uninterrupted.train()
+    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
+    first.on_step = _die_at(5)
+    with pytest.raises(_Killed):
+        first.train()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 0.6')  # the write that power loss cut short
+    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
+    assert second.load_checkpoint() and second.step == 3
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [0, 1, 2, 3]  # 0: untrained
+    second.train()
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(0, 9))
+    torch.testing.assert_close(second.params[0], uninterrupted.params[0], atol=1e-6, rtol=0)
+
+
+def test_resume_without_any_checkpoint_starts_over_with_a_clean_log(tiny_llama, tiny_tokenizer, tmp_path):
+    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    first.on_step = _die_at(3)
+    with pytest.raises(_Killed):
+        first.train()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) == 3 and not (tmp_path / "run" / "checkpoint.pt").exists()
+    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    assert not second.load_checkpoint() and metrics.read_text() == ""
+    second.train()
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(0, 9))
+
+
+def test_resume_a_fresh_run_in_a_used_folder_never_picks_up_the_old_checkpoint(tiny_llama, tiny_tokenizer,
+                                                                                tmp_path):
+    _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run").train()  # an old, finished run
+    fresh = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    fresh.on_step = _die_at(2)
+    with pytest.raises(_Killed):
+        fresh.train()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_resume_checkpoints_on_the_wall_clock_too(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 20))  # each look at the clock is 20 s later
+    monkeypatch.setattr("softprompt.train.time.monotonic", lambda: next(clock))
+    trainer = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0, save_minutes=0.5)
+    saved, save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: (saved.append(trainer.step), save()))
+    trainer.train()
+    assert saved == [2, 4, 6, 8]  # 40 s after the last checkpoint, 30 s asked for; and at the end
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("learning_rate", -1.0, "learning_rate must be a finite number > 0"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number > 0"),
+    ("learning_rate", 0.0, "> 0"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
+    ("save_minutes", -5.0, "save_minutes"),
+    ("save_steps", -1, "save_steps"),
+])
+def test_bad_input_train_config_numbers_are_config_errors(field, value, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        TrainConfig(**{field: value})

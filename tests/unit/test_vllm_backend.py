@@ -8,8 +8,6 @@ bytes, and can fail, stall or go down to check error mapping, timeouts, cancella
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -28,28 +26,9 @@ from softprompt.vllm_backend import VLLMBackend, encode_embeds, load_gateway_mod
 from ..conftest import build_tiny_model
 from .fake_vllm import FakeVLLM, decode_embeds
 from .test_engine import TASKS, TEXTS, build_full_tokenizer, fill_bank
+from .test_server import free_port, running
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_app(app) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +46,11 @@ def setup(tmp_path_factory):
     fake.start(free_port())
     reference = Engine(load_model(str(folder)), bank)
     backend = VLLMBackend(Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60)
-    url, server, thread = run_app(create_app(backend))
-    yield SimpleNamespace(fake=fake, url=url, bank=bank, folder=folder, model=model, backend=backend,
-                          reference=reference, http=httpx.Client(base_url=url, timeout=30),
-                          client=openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30))
-    server.should_exit = True
-    thread.join(10)
+    with running(create_app(backend)) as url:
+        yield SimpleNamespace(fake=fake, url=url, bank=bank, folder=folder, model=model, backend=backend,
+                              reference=reference, http=httpx.Client(base_url=url, timeout=30),
+                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                                                   timeout=30))
     fake.stop()
 
 
@@ -85,6 +63,12 @@ def clean_fake(setup):
 
 def greedy_alone(setup, prompt, task, n=8, **kwargs):
     return setup.reference.generate([GenerationRequest(prompt, task=task, max_new_tokens=n, **kwargs)])[0]
+
+
+async def run_one(backend, request):
+    """One request through a backend's seam, as the server's routes call it."""
+    [result] = await backend.run(await backend.prepare_all([request]))
+    return result
 
 
 # ---------------------------------------------------------------- the light model
@@ -136,7 +120,7 @@ def test_bf16_gateway_sends_bf16_rows(setup):
 
     async def one():
         try:
-            return await backend.run(await backend.prepare(GenerationRequest("fun", task="t1", max_new_tokens=1)))
+            return await run_one(backend, GenerationRequest("fun", task="t1", max_new_tokens=1))
         finally:
             await backend.close()
 
@@ -226,27 +210,50 @@ def test_vllm_errors_map_to_the_engines_errors(setup, status, message, http, cod
     assert message[:20] in r.json()["error"]["message"]
 
 
-def test_deep_prompt_is_refused_clearly_and_never_sent(setup, tmp_path):
-    deep = DeepPromptModel(load_model(str(setup.folder)))
-    deep.add_task("deep", torch.zeros(2, 32))
-    deep.save_task("deep", setup.bank.root / "deep")
-    before = len(setup.fake.bodies)
-    r = setup.http.post("/v1/completions", json={"model": "deep", "prompt": "fun", "max_tokens": 2})
-    error = r.json()["error"]
-    assert r.status_code == 422 and error["code"] == "unsupported_prompt_kind"
-    assert "deep prompt" in error["message"] and "vllm backend serves soft_prompt only" in error["message"]
-    assert len(setup.fake.bodies) == before
+def test_deep_prompt_is_refused_like_the_builtin_engine_refuses_it_and_never_sent(setup):
+    """vLLM's prompt embeddings carry a soft prompt only: a deep prompt in the bank gets the built-in
+    engine's status and error shape, the message naming the task and why, and reaches no vLLM."""
+    from softprompt.server import create_app
+
+    DeepPromptModel(setup.model, {"deep": torch.zeros(2, 32)}).save_task("deep", setup.bank)
+    try:
+        before = len(setup.fake.bodies)
+        body = {"model": "deep", "prompt": "fun", "max_tokens": 2}
+        gateway = setup.http.post("/v1/completions", json=body)
+        classify = setup.http.post("/v1/classify", json={"model": "deep", "input": "fun"})
+        with running(create_app(Engine(load_model(str(setup.folder)), setup.bank))) as url:
+            builtin = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert len(setup.fake.bodies) == before
+        for r in (gateway, classify):
+            error = r.json()["error"]
+            assert r.status_code == builtin.status_code == 422
+            assert {k: error[k] for k in ("type", "code", "param")} == {
+                k: builtin.json()["error"][k] for k in ("type", "code", "param")}
+            assert error["message"].startswith("task 'deep' is a deep prompt, which the vLLM backend cannot serve")
+        assert "deep prompt; this path serves soft prompts only" in builtin.json()["error"]["message"]
+        listed = {m["id"]: m for m in setup.http.get("/v1/models").json()["data"]}
+        assert "deep" not in listed and listed["t0"]["kind"] == "soft"  # /v1/models lists what is served
+    finally:
+        setup.bank.delete("deep")
 
 
-def test_prompt_kind_declared_by_meta_is_refused(setup):
-    from softprompt.bank import SavedPrompt
+def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
+    """The limits live in the HTTP layer, so the vLLM backend gets them like the built-in one."""
+    from softprompt.server import RequestLimits, create_app
 
-    from .test_engine import peft_config
-
-    setup.bank.save(SavedPrompt("odd", torch.zeros(2, 32), peft_config(2),
-                                {"fingerprint": setup.reference.fingerprint, "kind": "deep_prompt"}))
-    r = setup.http.post("/v1/completions", json={"model": "odd", "prompt": "fun"})
-    assert r.status_code == 422 and "task 'odd' is a deep_prompt" in r.json()["error"]["message"]
+    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=30)
+    with running(create_app(backend, limits=RequestLimits(max_prompts_per_request=2,
+                                                          max_tokens_per_request=40))) as url:
+        before = len(setup.fake.bodies)
+        prompts = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 3}, timeout=30)
+        tokens = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 50},
+                            timeout=30)
+        assert len(setup.fake.bodies) == before
+        within = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 2, "max_tokens": 2},
+                            timeout=30)
+    assert prompts.status_code == 413 and "--max-prompts-per-request" in prompts.json()["error"]["message"]
+    assert tokens.status_code == 413 and "--max-tokens-per-request" in tokens.json()["error"]["message"]
+    assert within.status_code == 200 and len(setup.fake.bodies) == before + 2
 
 
 def test_request_timeout_is_504_backend_timeout(setup):
@@ -257,7 +264,7 @@ def test_request_timeout_is_504_backend_timeout(setup):
 
     async def slow():
         try:
-            return await backend.run(await backend.prepare(GenerationRequest("fun", task="t0", max_new_tokens=8)))
+            return await run_one(backend, GenerationRequest("fun", task="t0", max_new_tokens=8))
         finally:
             await backend.close()
 
@@ -315,7 +322,7 @@ def test_vllm_down_is_503_health_says_so_and_service_recovers(setup):
         setup.fake.start(setup.fake.port)
     health = setup.http.get("/health")
     assert health.status_code == 200 and health.json()["backend"] == {
-        "name": "vllm", "status": "up", "url": setup.fake.url, "prompt_kinds": ["soft_prompt"]}
+        "name": "vllm", "status": "up", "url": setup.fake.url, "prompt_kinds": ["soft"]}
     r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy_alone(setup, "fun", "t0", 2).text
 
@@ -326,7 +333,7 @@ def test_a_vllm_serving_another_model_is_refused(setup):
     try:
         backend = VLLMBackend(setup.backend.engine, other.url, dtype="float32", timeout_s=5)
         with pytest.raises(Exception, match="does not serve the gateway's model"):
-            asyncio.run(backend.prepare(GenerationRequest("fun", task="t0")))
+            asyncio.run(backend.prepare_all([GenerationRequest("fun", task="t0")]))
     finally:
         other.stop()
 
@@ -334,6 +341,6 @@ def test_a_vllm_serving_another_model_is_refused(setup):
 def test_builtin_backend_reports_its_prompt_kinds(setup):
     backend = BuiltinBackend(setup.reference)
     try:
-        assert asyncio.run(backend.health())["prompt_kinds"] == ["soft_prompt"]
+        assert asyncio.run(backend.health())["prompt_kinds"] == ["soft"]
     finally:
         backend.scheduler.close()

@@ -1,0 +1,156 @@
+"""bench/results/quality_sst2.{json,md,png} from a quality study's runs.jsonl (bench/quality_sst2.py).
+
+Selection accuracy (300 validation sentences) chose every setting; the tables report accuracy on
+the other 700 sentences. The time-to-accuracy figure turns each learning curve's steps into CPU
+minutes with the seconds/step measured on this machine (quality_sst2_cpu_speed.json).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from common import machine, today
+
+LABELS = {"prompt": "soft prompt", "deep_prompt": "deep prompt", "lora": "LoRA", "full": "full fine-tuning",
+          "peft_prompt": "PEFT prompt tuning", "zero_shot": "zero-shot"}
+COLORS = {"prompt": "#1f77b4", "deep_prompt": "#17becf", "lora": "#ff7f0e", "full": "#d62728",
+          "peft_prompt": "#9467bd"}
+
+
+def load_runs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def setting(spec: dict) -> str:
+    """A short description of what differs from the method's baseline."""
+    if spec["method"] == "zero_shot":
+        return f"template {spec['template']}"
+    parts = [f"lr {spec['learning_rate']:g}", f"{spec['num_virtual_tokens']} tok" if "prompt" in spec["method"] else "",
+             f"init {spec['init']}" if spec["init"] != "text" else "", spec["schedule"] if spec["schedule"] != "linear" else "",
+             f"template {spec['template']}" if spec["template"] != "review" else "",
+             f"verbalizer {spec['verbalizer']}" if spec["verbalizer"] != "negative_positive" else "",
+             f"batch {spec['batch_size']}" if spec["batch_size"] != 16 else "",
+             f"{spec['train_examples']} examples" if spec["train_examples"] else "",
+             f"MLP {spec['reparam_hidden']}" if spec["reparam_hidden"] else "",
+             f"last {spec['prefix_layers']} layers" if spec["prefix_layers"] else "",
+             f"{spec['steps']} steps x {spec['batch_size']}"]
+    return ", ".join(p for p in parts if p)
+
+
+def diverged_at(run: dict) -> int | None:
+    """First validation step where the run had collapsed (loss NaN: accuracy pinned to one class)."""
+    if not isinstance(run.get("final_loss"), float) or run["final_loss"] == run["final_loss"]:
+        return None
+    return next((c["step"] for c in run.get("curve", []) if c["report"] < 0.55 and c["step"] > 0), None)
+
+
+def screen_table(runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        if r.get("stage") != "screen" or "report_accuracy" not in r:
+            continue
+        spec = r["spec"]
+        rows.append({"group": spec["group"], "method": spec["method"], "setting": setting(spec),
+                     "select_accuracy": round(r["select_accuracy"], 4), "report_accuracy": round(r["report_accuracy"], 4),
+                     "best_step": r.get("best_step"), "diverged_at_step": diverged_at(r), "seed": spec["seed"],
+                     "device": r.get("device"), "train_seconds": r.get("train_seconds")})
+    return sorted(rows, key=lambda x: (x["method"], -x["select_accuracy"]))
+
+
+def best_per_method(table: list[dict]) -> dict[str, dict]:
+    best = {}
+    for row in table:
+        if row["method"] not in best or row["select_accuracy"] > best[row["method"]]["select_accuracy"]:
+            best[row["method"]] = row
+    return best
+
+
+def minutes_to(curve: list[dict], seconds_per_step: float, target: float) -> float | None:
+    step = next((c["step"] for c in curve if c["report"] >= target), None)
+    return None if step is None else round(step * seconds_per_step / 60, 1)
+
+
+def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, command: str | None) -> list[Path]:
+    runs = load_runs(runs_path)
+    speed = json.loads((results / "quality_sst2_cpu_speed.json").read_text())
+    table = screen_table(runs)
+    best = best_per_method(table)
+    curves = {}
+    for method, row in best.items():
+        if method == "zero_shot":
+            continue
+        run = next(r for r in runs if r.get("stage") == "screen" and r["spec"]["method"] == method
+                   and setting(r["spec"]) == row["setting"] and "curve" in r)
+        sps = speed["seconds_per_step"].get(method)
+        curves[method] = {"setting": row["setting"], "seconds_per_step_cpu": sps, "curve": run["curve"],
+                          "cpu_minutes_to_0.90": minutes_to(run["curve"], sps, 0.90) if sps else None}
+    skipped = [setting(r["spec"]) + f" ({r['spec']['method']}, {r['spec']['group']})"
+               for r in runs if r.get("skipped")]
+    devices = sorted({r["device"] for r in runs if r.get("device")})
+    report = {"benchmark": "quality_sst2", "date": today(), "report_machine": machine(),
+              "study_devices": devices, "command": command, "runs_file": str(runs_path),
+              "data": "../shared/data/sst2: train 55,377 phrases; validation 1,000 sentences split by "
+                      "bench/common.split_validation into 300 selection + 700 report rows",
+              "n_report": 700, "n_select": 300, "seeds": sorted({r['spec']['seed'] for r in runs}),
+              "screen": table, "best_per_method": best, "time_to_accuracy": curves,
+              "cpu_seconds_per_step": speed, "not_run": skipped,
+              "ensembles": json.loads(ensembles_path.read_text()) if ensembles_path and ensembles_path.is_file() else []}
+    out = results / "quality_sst2"
+    paths = [out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report) + "\n")
+    plot(report, paths[2])
+    return paths
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Quality study, SST-2 (one seed per setting; devices: {', '.join(report['study_devices'])}; "
+             f"{report['date']}). Accuracy on the {report['n_report']} report sentences; settings chosen on the "
+             f"{report['n_select']} selection sentences.", "",
+             "| method | setting | selection acc | report acc | best step | collapsed (loss NaN) at step |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in report["screen"]:
+        lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['select_accuracy']:.3f} | "
+                     f"{r['report_accuracy']:.3f} | {r['best_step'] or '-'} | {r['diverged_at_step'] or '-'} |")
+    lines += ["", "Time to accuracy (steps from the curve x CPU seconds/step measured here, batch 16):", "",
+              "| method | best setting | CPU s/step | CPU minutes to 0.90 (report rows) |", "|---|---|---:|---:|"]
+    for method, c in report["time_to_accuracy"].items():
+        sps = c["seconds_per_step_cpu"]
+        lines.append(f"| {LABELS[method]} | {c['setting']} | {sps:.2f} | "
+                     f"{c['cpu_minutes_to_0.90'] if c['cpu_minutes_to_0.90'] is not None else 'not reached'} |"
+                     if sps else f"| {LABELS[method]} | {c['setting']} | - | - |")
+    if report["not_run"]:
+        lines += ["", f"Not run (the device time ran out): {'; '.join(report['not_run'])}."]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_steps, ax_minutes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, c in report["time_to_accuracy"].items():
+        steps = [p["step"] for p in c["curve"]]
+        accuracy = [p["report"] for p in c["curve"]]
+        label = f"{LABELS[method]} ({c['setting']})"
+        ax_steps.plot(steps, accuracy, marker="o", color=COLORS.get(method), label=label)
+        if c["seconds_per_step_cpu"]:
+            ax_minutes.plot([s * c["seconds_per_step_cpu"] / 60 for s in steps], accuracy, marker="o",
+                            color=COLORS.get(method), label=LABELS[method])
+    zero = statistics.fmean(r["report_accuracy"] for r in report["screen"] if r["method"] == "zero_shot") \
+        if any(r["method"] == "zero_shot" for r in report["screen"]) else None
+    for ax, xlabel in ((ax_steps, "training step (batch 16)"), (ax_minutes, "CPU minutes (2 cores, measured s/step)")):
+        ax.axhline(0.90, color="grey", ls=":", lw=1)
+        if zero is not None:
+            ax.axhline(zero, color="grey", ls="--", lw=1, label=f"zero-shot {zero:.3f}")
+        ax.set(xlabel=xlabel, ylabel="accuracy, 700 report sentences", ylim=(0.45, 0.95))
+        ax.legend(fontsize=7)
+    ax_steps.set_title("Learning curves (best setting of each method)")
+    ax_minutes.set_title("Time to accuracy on this CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

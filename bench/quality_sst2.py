@@ -1,0 +1,510 @@
+"""Quality study: which settings make prompt tuning accurate on held-out sentences, and how fast.
+
+    python bench/quality_sst2.py study --workers 8 --out runs/quality     # the whole study (GPU)
+    python bench/quality_sst2.py cpu-speed                                # seconds/step here (CPU)
+    python bench/quality_sst2.py report --runs runs/quality/runs.jsonl    # -> bench/results/quality_sst2.*
+
+Data: SST-2 from ../shared/data (train = 55,377 phrases; validation = 1,000 whole sentences) and
+AG News. Each validation file is split once (bench/common.split_validation): 300 rows choose
+settings and checkpoints, the other rows are reported. Nothing reported chose anything.
+
+Stages (each run is one spec: method + settings + seed, trained by softprompt's Trainer, except
+PEFT's own prompt tuning, trained by PEFT's loop):
+  screen   one seed per setting: learning rate, schedule, prompt length, init, template,
+           verbalizer, batch size, data volume, LR finder, longer training; deep prompts (learning
+           rate, MLP reparameterisation, how many layers carry a prefix, length); LoRA and full
+           fine-tuning learning rates; PEFT prompt tuning as its docs run it.
+  confirm  the best setting of each method (chosen on the 300 selection rows) with 3 seeds,
+           mean +- std on the reported rows; ensembles of the 3 prompts (Lester et al. sec. 6).
+  agnews   the confirmed prompt, deep prompt and LoRA settings on AG News (4 labels).
+Every run validates every `eval_every` steps on both row sets, so each run leaves a learning
+curve: the time-to-accuracy figure converts its steps to minutes on the 2-core CPU with the
+seconds/step that `cpu-speed` measures here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS,
+    SHARED,
+    machine,
+    sample_jsonl,
+    split_validation,
+    today,
+    train_peft_prompt,
+    write_result,
+)
+
+TEMPLATES = {
+    "review": "Review: {text}\nSentiment:",
+    "question": "{text}\nQuestion: Is this movie review positive or negative?\nAnswer:",
+    "sentence": "Sentence: {text}\nThe sentiment of this sentence is",
+    "article": "Article: {text}\nTopic:",
+}
+VERBALIZERS = {  # name -> (labels as in the data, target strings)
+    "negative_positive": (["negative", "positive"], None),
+    "bad_good": (["negative", "positive"], [" bad", " good"]),
+    "terrible_great": (["negative", "positive"], [" terrible", " great"]),
+    "topics": (["World", "Sports", "Business", "Sci/Tech"], [" World", " Sports", " Business", " Technology"]),
+}
+INIT_TEXT = {"sst2": "Classify if this review is positive or negative:",
+             "agnews": "Classify the topic of this news article as World, Sports, Business or Technology:"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run."""
+
+    group: str  # which lever this run measures (report sections)
+    method: str = "prompt"  # prompt | deep_prompt | lora | full | peft_prompt | zero_shot
+    task: str = "sst2"
+    learning_rate: float = 0.1
+    lr_auto: bool = False
+    schedule: str = "linear"
+    warmup_steps: int = 10
+    steps: int = 800
+    batch_size: int = 16
+    num_virtual_tokens: int = 16
+    init: str = "text"
+    template: str = "review"
+    verbalizer: str = "negative_positive"
+    train_examples: int = 0  # 0 = all
+    reparam_hidden: int = 0
+    prefix_layers: int = 0
+    seed: int = 0
+    eval_every: int = 200
+
+    @property
+    def key(self) -> str:
+        """The setting without group and seed: runs with the same key are seeds of one setting."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("group", "seed")}
+        return json.dumps(fields, sort_keys=True)
+
+
+# ---------------------------------------------------------------- the study plan
+
+
+def screen_specs() -> list[Spec]:
+    """One seed per setting, most important first (the deadline skips the tail)."""
+    base = Spec("base")
+    deep = Spec("deep_lr", method="deep_prompt", learning_rate=1e-2)
+    specs = [base, replace(deep), Spec("zero_shot", method="zero_shot", steps=0)]
+    specs += [replace(base, group="lr", learning_rate=lr) for lr in (0.01, 0.03, 0.3, 1.0)]
+    specs += [replace(deep, learning_rate=lr) for lr in (3e-3, 3e-2, 1e-1)]
+    specs += [Spec("lora_lr", method="lora", learning_rate=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
+    specs += [Spec("full_lr", method="full", learning_rate=lr) for lr in (1e-5, 3e-5, 1e-4)]
+    specs += [Spec("peft", method="peft_prompt", learning_rate=3e-2, num_virtual_tokens=8)]
+    specs += [replace(base, group="length", num_virtual_tokens=n) for n in (8, 32, 64)]
+    specs += [replace(base, group="init", init=i) for i in ("class_labels", "sampled_vocab", "random")]
+    specs += [replace(base, group="schedule", schedule=s) for s in ("constant", "cosine")]
+    specs += [replace(base, group="template", template=t) for t in ("question", "sentence")]
+    specs += [replace(base, group="verbalizer", verbalizer=v) for v in ("bad_good", "terrible_great")]
+    specs += [Spec("zero_shot", method="zero_shot", steps=0, template=t) for t in ("question", "sentence")]
+    specs += [replace(deep, group="deep_reparam", reparam_hidden=512, learning_rate=lr) for lr in (1e-3, 3e-3)]
+    specs += [replace(deep, group="deep_layers", prefix_layers=k) for k in (8, 15)]
+    specs += [replace(deep, group="deep_length", num_virtual_tokens=n) for n in (8, 32)]
+    specs += [replace(base, group="lr_auto", lr_auto=True)]
+    specs += [replace(base, group="batch", batch_size=8, steps=1600, eval_every=200),
+              replace(base, group="batch", batch_size=32, steps=400, eval_every=50)]
+    specs += [replace(base, group="data", train_examples=n) for n in (100, 1000, 10000)]
+    specs += [replace(base, group="long", steps=2000, eval_every=200),
+              replace(deep, group="long", steps=2000, eval_every=200)]
+    return specs
+
+
+def best_of(runs: list[dict], method: str, task: str = "sst2", groups: tuple[str, ...] | None = None) -> Spec | None:
+    """The setting with the highest selection accuracy among `method`'s screened runs."""
+    done = [r for r in runs if r["spec"]["method"] == method and r["spec"]["task"] == task
+            and "select_accuracy" in r and (groups is None or r["spec"]["group"] in groups)]
+    if not done:
+        return None
+    return Spec(**max(done, key=lambda r: r["select_accuracy"])["spec"])
+
+
+def confirm_specs(screen: list[dict], seeds=(0, 1, 2)) -> list[Spec]:
+    """The best screened setting of each method, at 3 seeds, at the default budget."""
+    specs = []
+    for method in ("prompt", "deep_prompt", "lora", "full", "peft_prompt"):
+        best = best_of(screen, method, groups=None if method == "peft_prompt" else _DEFAULT_BUDGET_GROUPS)
+        if best is not None:
+            specs += [replace(best, group=f"confirm_{method}", seed=s) for s in seeds]
+    specs += [Spec("confirm_zero_shot", method="zero_shot", steps=0)]
+    return specs
+
+
+# Groups run at the default budget (800 steps x 16): the others change the budget itself.
+_DEFAULT_BUDGET_GROUPS = ("base", "lr", "deep_lr", "lora_lr", "full_lr", "length", "init", "schedule",
+                          "template", "verbalizer", "deep_reparam", "deep_layers", "deep_length", "lr_auto")
+
+
+def agnews_specs(screen: list[dict]) -> list[Spec]:
+    specs = [Spec("agnews_zero_shot", method="zero_shot", task="agnews", steps=0, template="article",
+                  verbalizer="topics")]
+    for method in ("prompt", "deep_prompt", "lora"):
+        best = best_of(screen, method, groups=_DEFAULT_BUDGET_GROUPS)
+        if best is not None:
+            specs.append(replace(best, group=f"agnews_{method}", task="agnews", template="article",
+                                 verbalizer="topics"))
+    return specs
+
+
+# ---------------------------------------------------------------- one run (in a worker process)
+
+_CACHE: dict = {}
+
+
+def _model_name() -> str:
+    return os.environ.get("QUALITY_MODEL", "default")
+
+
+def _encoded(spec: Spec, tokenizer):
+    """(task, train, selection, report) examples for the spec's data, template and verbalizer."""
+    from softprompt.data import encode_example, make_classification_task
+
+    key = (spec.task, spec.template, spec.verbalizer)
+    if key not in _CACHE:
+        labels, targets = VERBALIZERS[spec.verbalizer]
+        task = make_classification_task(spec.task, TEMPLATES[spec.template], labels, targets)
+        encode = lambda rows: [encode_example(tokenizer, task, r, 0, line=i + 1, max_length=256)  # noqa: E731
+                               for i, r in enumerate(rows)]
+        train = sample_jsonl(SHARED / f"data/{spec.task}/train.jsonl", 0, seed=0)
+        select, report = split_validation(spec.task)
+        if os.environ.get("QUALITY_SMOKE"):  # a quick end-to-end check of the study's plumbing
+            train, select, report = train[:256], select[:16], report[:16]
+        _CACHE[key] = (task, encode(train), encode(select), encode(report))
+    return _CACHE[key]
+
+
+def _trainable(spec: Spec, loaded, task):
+    """(the model the Trainer trains, its task name or None when the weights are the task)."""
+    from softprompt.compare import CompareConfig, build_method
+    from softprompt.deep_prompt import DeepPromptModel
+    from softprompt.prompted import PromptedModel
+    from softprompt.prompts import PromptTuningConfig
+
+    labels = task.verbalizer.labels
+    config = PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, prompt_tuning_init=spec.init,
+                                prompt_tuning_init_text=INIT_TEXT[spec.task],
+                                init_labels=[t.strip() for t in task.verbalizer.targets], seed=spec.seed)
+    if spec.method == "prompt":
+        return PromptedModel(loaded, {spec.task: config}), spec.task
+    if spec.method == "deep_prompt":
+        return DeepPromptModel(loaded, {spec.task: config}, reparam_hidden=spec.reparam_hidden,
+                               prefix_layers=spec.prefix_layers), spec.task
+    if spec.method == "zero_shot":
+        return PromptedModel(loaded), None
+    run = build_method(spec.method, loaded, CompareConfig(methods=[spec.method], seed=spec.seed), labels)
+    return run.model, None
+
+
+def _accuracy(model, task, examples, name, device) -> float:
+    from softprompt.evaluate import evaluate_classification
+    from softprompt.train import autocast, bf16_supported
+
+    with autocast(device, bf16_supported(device)):
+        return evaluate_classification(model, task, examples, name, batch_size=64)["accuracy"]
+
+
+def run_spec(args: tuple[dict, float, str | None]) -> dict:
+    """Train and score one spec; never raises (an error is a result too)."""
+    spec_dict, deadline, save_dir = args
+    spec = Spec(**spec_dict)
+    if time.time() > deadline:
+        return {"spec": spec_dict, "skipped": "deadline"}
+    try:
+        return {"spec": spec_dict, **_run(spec, save_dir)}
+    except Exception as exc:  # a failed setting must not stop the study
+        import traceback
+
+        return {"spec": spec_dict, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+
+
+def _run(spec: Spec, save_dir: str | None) -> dict:
+    import torch
+
+    from softprompt.models import load_model
+
+    torch.manual_seed(spec.seed)
+    loaded = load_model(_model_name())  # a fresh base per run: LoRA and full change it
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task, train, select, report = _encoded(spec, loaded.tokenizer)
+    if spec.train_examples:
+        train = random.Random(spec.seed).sample(train, spec.train_examples)
+    start = time.perf_counter()
+    if spec.method == "peft_prompt":
+        loaded.model.to(device)
+        result = _run_peft(spec, loaded, task, train, select, report, device)
+    else:
+        result = _run_trainer(spec, loaded, task, train, select, report, device, save_dir)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return result
+
+
+def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) -> dict:
+    from softprompt.train import EvalSet, TrainConfig, Trainer, find_learning_rate
+
+    model, name = _trainable(spec, loaded, task)
+    model.to(device)
+    untrained_report = _accuracy(model, task, report, name, device)
+    if spec.method == "zero_shot":
+        return {"select_accuracy": _accuracy(model, task, select, None, device),
+                "report_accuracy": untrained_report}
+    train = [replace(ex, task_id=0 if name else -1) for ex in train]
+    config = TrainConfig(max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+                         learning_rate=spec.learning_rate, lr_scheduler_type=spec.schedule,
+                         warmup_steps=spec.warmup_steps, eval_steps=spec.eval_every, seed=spec.seed,
+                         eval_batch_size=64)
+    extra = {}
+    if spec.lr_auto:
+        search = find_learning_rate(model, train, config)
+        config = replace(config, learning_rate=search.suggested)
+        extra = {"lr_found": search.suggested, "lr_search": asdict(search)}
+    curve = []
+
+    def on_step(record: dict) -> None:
+        if "validation" in record:
+            curve.append({"step": record["step"], "select": record["validation"]["metric"],
+                          "report": _accuracy(model, task, report, name, device)})
+
+    trainer = Trainer(model, train, config, eval_sets={name: EvalSet(task, select)}, on_step=on_step)
+    result = trainer.train()
+    if hasattr(model, "fold_reparams"):
+        model.fold_reparams()
+    if save_dir and name:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        save_prompt_tensor(model, name, Path(save_dir) / f"{run_id(spec)}.pt")
+    untrained = trainer.untrained_validation
+    curve.insert(0, {"step": 0, "select": untrained["metric"], "report": untrained_report})
+    return {**extra, "select_accuracy": result.best_metric, "best_step": result.best_step,
+            "report_accuracy": _accuracy(model, task, report, name, device),
+            "steps": result.steps, "train_seconds": round(result.seconds, 2),
+            "zero_shot_select": untrained["zero_shot"]["metric"], "curve": curve,
+            "final_loss": result.history[-1]["loss"]}
+
+
+def _run_peft(spec, loaded, task, train, select, report, device) -> dict:
+    from softprompt.prompted import PromptedModel
+
+    scorer = PromptedModel(loaded)  # our rank classifier scores PEFT's prompt too
+    curve = []
+
+    def on_eval(step, prompt):
+        scorer.add_task("peft", prompt)
+        curve.append({"step": step, "select": _accuracy(scorer, task, select, "peft", device),
+                      "report": _accuracy(scorer, task, report, "peft", device)})
+
+    prompt, seconds, last_loss = train_peft_prompt(
+        loaded, train, steps=spec.steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+        num_virtual_tokens=spec.num_virtual_tokens, init_text=INIT_TEXT[spec.task],
+        warmup_steps=spec.warmup_steps, seed=spec.seed, eval_every=spec.eval_every, on_eval=on_eval)
+    scorer.add_task("peft", prompt)
+    return {"select_accuracy": curve[-1]["select"], "report_accuracy": curve[-1]["report"],
+            "steps": spec.steps, "train_seconds": round(seconds, 2), "curve": curve, "final_loss": last_loss}
+
+
+def save_prompt_tensor(model, name: str, path: Path) -> None:
+    import torch
+
+    torch.save(model.table.get(name).detach().cpu().clone(), path)
+
+
+def run_id(spec: Spec) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+def ensemble_rows(confirm: list[dict], prompts_dir: Path) -> list[dict]:
+    """Each confirmed prompt / deep prompt setting's seeds as one ensemble: the saved prompts in
+    one table, label scores averaged in one mixed-task batch per row set."""
+    import torch
+
+    from softprompt.deep_prompt import DeepPromptModel
+    from softprompt.models import load_model
+    from softprompt.prompted import PromptedModel
+
+    rows = []
+    for method in ("prompt", "deep_prompt"):
+        seeds = [r for r in confirm if r["spec"]["method"] == method and "report_accuracy" in r]
+        files = [prompts_dir / f"{run_id(Spec(**r['spec']))}.pt" for r in seeds]
+        if len(files) < 2 or not all(f.is_file() for f in files):
+            continue
+        loaded = load_model(_model_name())
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = PromptedModel(loaded) if method == "prompt" else DeepPromptModel(loaded)
+        names = [f"seed{r['spec']['seed']}" for r in seeds]
+        for name, f in zip(names, files, strict=True):
+            values = torch.load(f)
+            model.table.add(name, values) if method == "deep_prompt" else model.add_task(name, values)
+        model.to(device)
+        task, _, select, report = _encoded(Spec(**seeds[0]["spec"]), loaded.tokenizer)
+        rows.append({"method": method, "members": names, "spec": seeds[0]["spec"],
+                     "select_accuracy": _accuracy(model, task, select, names, device),
+                     "report_accuracy": _accuracy(model, task, report, names, device),
+                     "member_report_accuracy": [r["report_accuracy"] for r in seeds]})
+    return rows
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_stage(specs: list[Spec], workers: int, deadline: float, out: Path, prompts_dir: Path,
+              stage: str) -> list[dict]:
+    """Run specs on a pool of worker processes (several processes share one GPU); every result
+    is appended to out/runs.jsonl as it arrives, so a cut-off study keeps what it finished."""
+    jobs = [(asdict(s), deadline, str(prompts_dir)) for s in specs]
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool, open(out / "runs.jsonl", "a") as log:
+        for result in pool.imap_unordered(run_spec, jobs):
+            result["stage"] = stage
+            results.append(result)
+            log.write(json.dumps(result) + "\n")
+            log.flush()
+            summary = {k: result.get(k) for k in ("select_accuracy", "report_accuracy", "wall_seconds", "error", "skipped")}
+            print(stage, result["spec"]["group"], result["spec"]["method"], json.dumps(summary), file=sys.stderr, flush=True)
+    return results
+
+
+def cmd_study(args) -> int:
+    out, prompts_dir = Path(args.out), Path(args.prompts_dir or Path(args.out) / "prompts")
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    shrink = (lambda specs: [replace(s, steps=min(s.steps, 4), eval_every=2, train_examples=min(s.train_examples, 64))
+                             for s in specs][:args.smoke]) if args.smoke else (lambda specs: specs)
+    if args.smoke:
+        os.environ["QUALITY_SMOKE"] = "1"
+    screen_deadline = start + args.budget_seconds * args.screen_share
+    screen = run_stage(shrink(screen_specs()), args.workers, screen_deadline, out, prompts_dir, "screen")
+    final_deadline = start + args.budget_seconds
+    confirm = run_stage(shrink(confirm_specs(screen) + agnews_specs(screen)), args.workers, final_deadline, out,
+                        prompts_dir, "confirm")
+    ensembles = ensemble_rows(confirm, prompts_dir)
+    (out / "ensembles.json").write_text(json.dumps(ensembles, indent=2))
+    print(f"study done in {time.time() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_cpu_speed(args) -> int:
+    """Median seconds per training step of each method on this machine (batch 16, SST-2), the
+    figure that turns a learning curve's steps into CPU minutes."""
+    import torch
+
+    from softprompt.models import load_model
+    from softprompt.train import TrainConfig, Trainer
+
+    rows = {}
+    for method in ("prompt", "deep_prompt", "lora", "full", "peft_prompt"):
+        spec = Spec("cpu_speed", method=method, steps=args.steps, learning_rate={"lora": 3e-4, "full": 3e-5,
+                    "deep_prompt": 1e-2, "peft_prompt": 3e-2}.get(method, 0.1))
+        loaded = load_model(_model_name())
+        task, train, _, _ = _encoded(spec, loaded.tokenizer)
+        train = random.Random(0).sample(train, args.steps * spec.batch_size)
+        if method == "peft_prompt":
+            _, seconds, _ = train_peft_prompt(loaded, train, steps=args.steps, batch_size=spec.batch_size,
+                                              learning_rate=spec.learning_rate, num_virtual_tokens=8,
+                                              init_text=INIT_TEXT["sst2"])
+            rows[method] = seconds / args.steps
+            continue
+        model, name = _trainable(spec, loaded, task)
+        train = [replace(ex, task_id=0 if name else -1) for ex in train]
+        trainer = Trainer(model, train, TrainConfig(max_steps=args.steps, per_device_train_batch_size=spec.batch_size,
+                                                    learning_rate=spec.learning_rate))
+        history = trainer.train().history
+        rows[method] = statistics.median(r["seconds"] for r in history[2:])  # first steps warm up
+        print(method, rows[method], file=sys.stderr, flush=True)
+    result = {"benchmark": "quality_sst2_cpu_speed", "machine": machine(), "date": today(),
+              "command": "python bench/quality_sst2.py cpu-speed " + " ".join(sys.argv[2:]),
+              "batch_size": 16, "steps": args.steps, "threads": torch.get_num_threads(),
+              "seconds_per_step": rows}
+    print(f"wrote {write_result('quality_sst2_cpu_speed.json', result)}", file=sys.stderr)
+    return 0
+
+
+def cmd_cpu_default(args) -> int:
+    """`softprompt train` with its defaults (only data, template and labels given) on the whole
+    SST-2 train, validating on the 300 selection sentences, tested on the other 700: the accuracy
+    and training minutes a user gets on this machine."""
+    import subprocess
+
+    from common import write_jsonl
+
+    out = Path(args.out)
+    select, report = split_validation("sst2")
+    select_path, report_path = write_jsonl(select, out / "select.jsonl"), write_jsonl(report, out / "report.jsonl")
+    cmd = [sys.executable, "-m", "softprompt", "train", "--model", _model_name(), "--task", "sst2",
+           "--data", str(SHARED / "data/sst2/train.jsonl"), "--eval-data", str(select_path),
+           "--test-data", str(report_path), "--template", TEMPLATES["review"], "--labels", "negative,positive",
+           "--bank", str(out / "bank"), "--output-dir", str(out / "run"), "--seed", str(args.seed), "--json",
+           *args.extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return 1
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    result = {"benchmark": "quality_sst2_cpu_default", "machine": machine(), "date": today(),
+              "command": "python bench/quality_sst2.py cpu-default " + " ".join(sys.argv[2:]),
+              "train_command": " ".join(cmd), "seed": args.seed, "wall_seconds": round(time.perf_counter() - start, 1),
+              "selection_rows": len(select), "report_rows": len(report), "summary": summary,
+              "metrics": [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+                          if "validation" in line]}
+    name = f"quality_sst2_cpu_default_seed{args.seed}.json"
+    print(f"wrote {write_result(name, result)}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    study = sub.add_parser("study", help="screen, confirm (3 seeds), AG News, ensembles")
+    study.add_argument("--workers", type=int, default=1, help="worker processes (they share the GPU)")
+    study.add_argument("--out", default="runs/quality")
+    study.add_argument("--prompts-dir", default=None, help="where each run's trained prompt goes (default OUT/prompts)")
+    study.add_argument("--budget-seconds", type=float, default=3600, help="runs not started by then are skipped")
+    study.add_argument("--screen-share", type=float, default=0.55, help="share of the budget for the screen")
+    study.add_argument("--smoke", type=int, default=0, help="check the plumbing: the first N specs of each "
+                       "stage, 4 steps each, on a few rows")
+    speed = sub.add_parser("cpu-speed", help="seconds per step of each method here")
+    speed.add_argument("--steps", type=int, default=12)
+    default = sub.add_parser("cpu-default", help="softprompt train with its defaults, here, timed")
+    default.add_argument("--out", default="runs/quality_cpu")
+    default.add_argument("--seed", type=int, default=0)
+    default.add_argument("extra", nargs="*", help="extra flags for softprompt train (after --)")
+    report = sub.add_parser("report", help="write bench/results/quality_sst2.{json,md,png}")
+    report.add_argument("--runs", default="runs/quality/runs.jsonl")
+    report.add_argument("--ensembles", default=None)
+    report.add_argument("--command-line", default=None, help="the command that produced the runs")
+    args = p.parse_args(argv)
+    commands = {"study": cmd_study, "cpu-speed": cmd_cpu_speed, "cpu-default": cmd_cpu_default, "report": cmd_report}
+    return commands[args.command](args)
+
+
+def cmd_report(args) -> int:
+    from quality_report import write_report
+
+    paths = write_report(Path(args.runs), Path(args.ensembles) if args.ensembles else None, RESULTS,
+                         args.command_line)
+    print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

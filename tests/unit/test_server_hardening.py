@@ -1,0 +1,351 @@
+"""Hostile input against a live server: every bad request a clean 4xx naming the problem, bounded
+work per request, abandoned work cancelled, small requests never starved by a large one."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import safetensors.torch
+import torch
+
+from softprompt.bank import PromptBank
+from softprompt.engine import Engine
+from softprompt.server import RequestLimits
+
+from ..conftest import build_tiny_model
+from .test_engine import (
+    TEMPLATE,
+    VERBALIZER,
+    build_full_tokenizer,
+    fill_bank,
+    peft_config,
+    random_prompt,
+    save_task,
+)
+from .test_server import ADMIN, API_KEY, assert_error, running, upload_files
+
+LIMITS = RequestLimits(max_inputs_per_request=40, max_prompts_per_request=4, max_tokens_per_request=1000)
+SCORE_BATCH = 4  # pairs per scoring batch: a classify of 40 inputs x 2 labels runs in 20 batches
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A live server whose scoring can be slowed down (`server.slow.delay` seconds per batch) and
+    records each scoring batch (the input length of each pair)."""
+
+    from softprompt.server import create_app
+
+    model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
+    bank = PromptBank(tmp_path_factory.mktemp("bank"))
+    fill_bank(bank, model)
+    engine = Engine((model, tokenizer), bank, score_batch_size=SCORE_BATCH)
+    slow = SimpleNamespace(delay=0.0, batches=[])
+    score_pairs = engine.score_pairs
+
+    def slowed(pairs):
+        time.sleep(slow.delay)
+        slow.batches.append([len(p.input_ids) for p in pairs])
+        return score_pairs(pairs)
+
+    engine.score_pairs = slowed
+    app = create_app(engine, api_key=API_KEY, max_wait_ms=5, max_body_bytes=1_000_000, limits=LIMITS)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, slow=slow,
+                              http=httpx.Client(base_url=url, timeout=30))
+
+
+@pytest.fixture
+def slow_scoring(server):
+    """Scoring batches of 0.1 s: a classify of 40 inputs (80 pairs, 20 batches) takes 2 s at least."""
+    server.slow.delay, server.slow.batches = 0.1, []
+    yield server.slow
+    server.slow.delay = 0.0
+
+
+LARGE, SMALL = 8, 5  # input tokens of each pair of the large and of the small request
+
+
+def classify(server, n, timeout=30.0):
+    texts = ["the movie was fun"] * n if n > 1 else ["fun"]  # 8 and 5 tokens once templated
+    return httpx.post(f"{server.url}/v1/classify", json={"model": "t0", "input": texts}, timeout=timeout)
+
+
+def pairs_run(slow, length: int) -> int:
+    return sum(batch.count(length) for batch in slow.batches)
+
+
+def wait_until(condition, timeout=10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- bounded work per request
+
+
+def test_limits_abandoned_classify_stops_between_batches_and_frees_the_model(server, slow_scoring):
+    with ThreadPoolExecutor(1) as pool:
+        abandoned = pool.submit(classify, server, 40, 0.4)  # the client gives up after 0.4 s
+        wait_until(lambda: pairs_run(slow_scoring, LARGE) > 0)
+        with pytest.raises(httpx.ReadTimeout):
+            abandoned.result()
+    settled = -1
+    while settled != len(slow_scoring.batches):  # the batch running at the disconnect is the last
+        settled = len(slow_scoring.batches)
+        time.sleep(0.5)
+    assert pairs_run(slow_scoring, LARGE) < 80 - 2 * SCORE_BATCH, slow_scoring.batches
+    small = classify(server, 1)
+    assert small.status_code == 200, small.text
+    assert slow_scoring.batches[settled:] == [[SMALL, SMALL]]  # nothing of the abandoned request ran before it
+
+
+def test_limits_small_request_is_not_starved_by_a_large_one(server, slow_scoring):
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(classify, server, 40)
+        wait_until(lambda: pairs_run(slow_scoring, LARGE) > 0)
+        small = classify(server, 1)
+        assert small.status_code == 200 and len(small.json()["data"]) == 1
+        assert large.result().status_code == 200
+    batches = slow_scoring.batches
+    small_batch = next(i for i, batch in enumerate(batches) if SMALL in batch)
+    large_batches = [i for i, batch in enumerate(batches) if LARGE in batch]
+    assert len(large_batches) >= 20 and small_batch < large_batches[-1] - 5, batches  # it cut in
+
+
+def test_limits_inputs_prompts_and_tokens_per_request_are_413_naming_the_limit(server):
+    too_many = server.http.post("/v1/classify", json={"model": "t0", "input": ["fun"] * 41})
+    assert_error(too_many, 413, "41 inputs in one request; this server takes at most 40 (--max-inputs-per-request)",
+                 "request_too_large")
+    assert too_many.json()["error"]["param"] == "input"
+    prompts = server.http.post("/v1/completions", json={"model": "t0", "prompt": ["fun"] * 5, "max_tokens": 1})
+    assert_error(prompts, 413, "at most 4 (--max-prompts-per-request)", "request_too_large")
+    assert prompts.json()["error"]["param"] == "prompt"
+    tokens = server.http.post("/v1/completions", json={"model": "t0", "prompt": ["fun"] * 4, "max_tokens": 250})
+    assert_error(tokens, 413, "takes at most 1000 (--max-tokens-per-request)", "request_too_large")
+    within = server.http.post("/v1/classify", json={"model": "t0", "input": ["fun"] * 40})
+    assert within.status_code == 200 and len(within.json()["data"]) == 40
+
+
+def test_limits_are_serve_flags_with_defaults():
+    from softprompt.cli import build_parser
+    from softprompt.options import from_args
+
+    args = build_parser().parse_args(["serve", "--bank", "b", "--max-inputs-per-request", "8"])
+    assert from_args(RequestLimits, args) == RequestLimits(max_inputs_per_request=8)
+    assert RequestLimits().max_prompts_per_request == 64 and RequestLimits().max_tokens_per_request == 65_536
+    with pytest.raises(ValueError, match="--max-tokens-per-request must be a positive integer"):
+        RequestLimits(max_tokens_per_request=0)
+
+
+# ---------------------------------------------------------------- clean 4xx for bad values
+
+
+def test_bad_input_huge_or_negative_seed_is_422_naming_the_field(server):
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        response = server.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "seed": seed})
+        assert_error(response, 422, "seed", "invalid_value")
+        assert response.json()["error"]["param"] == "seed"
+    edge = server.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2,
+                                                     "temperature": 1, "seed": 2**64 - 1})
+    assert edge.status_code == 200, edge.text
+
+
+LONE = '"abc \\ud800"'  # raw JSON: a lone surrogate
+PLACEHOLDER = "__HOSTILE__"
+
+
+def with_raw(body: dict, raw: str) -> bytes:
+    """`body` as JSON with the string PLACEHOLDER replaced by raw JSON text."""
+    return json.dumps(body).replace(json.dumps(PLACEHOLDER), raw).encode()
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/classify", {"model": "t0", "input": PLACEHOLDER}, "input"),
+    ("/v1/classify", {"model": "t0", "input": ["fun", PLACEHOLDER]}, "input"),
+    ("/v1/completions", {"model": "t0", "prompt": PLACEHOLDER}, "prompt"),
+    ("/v1/completions", {"model": "t0", "prompt": "fun", "stop": [PLACEHOLDER]}, "stop"),
+    ("/v1/completions", {"model": PLACEHOLDER, "prompt": "fun"}, "model"),
+    ("/v1/chat/completions", {"model": "t0", "messages": [{"role": "user", "content": PLACEHOLDER}]}, "messages"),
+    ("/v1/chat/completions",
+     {"model": "t0", "messages": [{"role": "user", "content": [{"type": "text", "text": PLACEHOLDER}]}]}, "messages"),
+])
+def test_bad_input_lone_surrogate_is_422_naming_the_field(server, route, body, param):
+    response = server.http.post(route, content=with_raw(body, LONE), headers={"content-type": "application/json"})
+    assert_error(response, 422, "lone surrogate", "invalid_value")
+    assert response.json()["error"]["param"] == param
+
+
+def test_bad_input_unknown_task_404_names_only_what_the_client_sent(server):
+    response = server.http.post("/v1/classify", json={"model": "nope", "input": "fun"})
+    assert_error(response, 404, "unknown task 'nope'", "model_not_found")
+    assert response.json()["error"]["message"] == "unknown task 'nope'"  # no task list, no bank path
+    deleted = server.http.delete("/v1/prompts/nope", headers=ADMIN)
+    assert deleted.status_code == 404 and deleted.json()["error"]["message"] == "unknown task 'nope'"
+
+
+def upload(server, name, files):
+    return server.http.put(f"/v1/prompts/{name}", files=files, headers=ADMIN)
+
+
+def with_file(files, name, content: bytes):
+    return {**files, name: (name, io.BytesIO(content))}
+
+
+def test_bad_input_upload_errors_never_show_server_paths(server):
+    files = upload_files(random_prompt(2, 1))
+    for name, content, fragment in [("adapter_config.json", b"{not json", "adapter_config.json is not valid JSON"),
+                                    ("adapter_model.safetensors", b"garbage", "not a readable safetensors file"),
+                                    ("softprompt.json", b"[1, 2]", "softprompt.json must hold a JSON object")]:
+        response = upload(server, "leaky", with_file(files, name, content))
+        assert_error(response, 422, fragment)
+        message = response.json()["error"]["message"]
+        assert tempfile.gettempdir() not in message and str(server.bank.root) not in message, message
+        assert "softprompt-upload" not in message
+    assert "leaky" not in server.bank.names()
+
+
+@pytest.mark.parametrize("file_name", ["adapter_config.json", "softprompt.json"])
+@pytest.mark.parametrize("content, fragment", [
+    (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+    (b'{"a": ' * 40 + b"1" + b"}" * 40, "nested deeper than 32 levels"),
+    (b'{"num_virtual_tokens": ' + b"7" * 5000 + b"}", "not valid JSON"),
+])
+def test_bad_input_hostile_json_in_an_uploaded_file_is_422(server, file_name, content, fragment):
+    files = upload_files(random_prompt(2, 1), meta={})
+    response = upload(server, "hostile-json", with_file(files, file_name, content))
+    assert_error(response, 422, f"{file_name} ", "invalid_prompt")
+    assert fragment in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("template, fragment", [
+    ("{text:>300000}", "format specs like :>300000 are not supported"),
+    ("{text.__class__.__mro__}", "attribute or index access"),
+    ("{text[0]}", "attribute or index access"),
+    ("{text!r}", "conversions like !r are not supported"),
+    ("{text:{text}}", "format specs"),
+    ("{title}: {text}", "may use only {text}"),
+])
+def test_bad_input_template_beyond_plain_fields_is_refused_on_upload(server, template, fragment):
+    meta = {"verbalizer": VERBALIZER, "template": template}
+    response = upload(server, "templated", upload_files(random_prompt(2, 1), meta=meta, model=server.model))
+    assert_error(response, 422, fragment, "invalid_prompt")
+    assert "templated" not in server.bank.names()
+
+
+@pytest.mark.parametrize("name", ["default", "base"])
+def test_bad_input_reserved_task_name_is_400(server, name):
+    assert server.engine.base_model_id == "base"
+    response = upload(server, name, upload_files(random_prompt(2, 1)))
+    assert_error(response, 400, f"task name '{name}' is reserved", "invalid_task_name")
+    assert name not in server.bank.names()
+
+
+def test_bad_input_reserved_name_saved_in_the_bank_is_never_listed_twice(server):
+    save_task(server.bank, "default", random_prompt(2, 3), server.model)
+    try:
+        ids = [m["id"] for m in server.http.get("/v1/models").json()["data"]]
+        assert ids.count("default") == 0 and ids.count("base") == 1
+    finally:
+        server.bank.delete("default")
+
+
+def test_bad_input_duplicate_multipart_part_is_422_naming_it(server):
+    weights = safetensors.torch.save({"prompt_embeddings": random_prompt(2, 1)})
+    nan = safetensors.torch.save({"prompt_embeddings": torch.full((2, 32), float("nan"))})
+    config = json.dumps(peft_config(2)).encode()
+    files = [("adapter_config.json", ("adapter_config.json", config)),
+             ("adapter_model.safetensors", ("adapter_model.safetensors", nan)),
+             ("adapter_model.safetensors", ("adapter_model.safetensors", weights))]
+    response = upload(server, "twice", files)
+    assert_error(response, 422, "duplicate part 'adapter_model.safetensors'", "invalid_upload")
+    assert "twice" not in server.bank.names()
+
+
+# ---------------------------------------------------------------- the fuzz table
+
+HOSTILE = [  # raw JSON text, so values Python's json would never write are sent as they are
+    "null", "true", "-1", "0", "1e308", "-1e308", "NaN", "Infinity", "-Infinity", "0.5",
+    str(2**64), str(-(2**63) - 1), "1" * 5000, '""', '" "', LONE, '"a\\u0000b"', '"' + "x" * 5000 + '"',
+    "[]", "{}", '[[[["a"]]]]', "[" * 3000 + "]" * 3000, '["\\udfff"]', '[1, "a", null]', "[-1]", f"[{2**70}]",
+    '{"text": "\\ud800"}', '"../../etc/passwd"', '"{text.__class__}"', '"default"', '"t0"', '"no-such-task"', '"Bad/Name"',
+]
+ROUTES = {
+    "/v1/completions": {"model": "t0", "prompt": "the movie", "max_tokens": 2, "temperature": 0},
+    "/v1/chat/completions": {"model": "t1", "max_tokens": 2,
+                             "messages": [{"role": "user", "content": [{"type": "text", "text": "fun"}]}]},
+    "/v1/classify": {"model": "t2", "input": ["fun"]},
+}
+FIELDS = {
+    "/v1/completions": ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+                        "stream_options", "logprobs"],
+    "/v1/chat/completions": ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                             "n", "stop", "seed", "stream", "stream_options", "messages.0.role",
+                             "messages.0.content", "messages.0.content.0", "messages.0.content.0.text"],
+    "/v1/classify": ["model", "input", "input.0"],
+}
+def hostile_body(base: dict, field: str, raw: str) -> bytes:
+    """`base` with the field at a dotted path (list items by index) replaced by raw JSON text."""
+    body = json.loads(json.dumps(base))
+    *parents, last = [int(key) if key.isdigit() else key for key in field.split(".")]
+    target = body
+    for key in parents:
+        target = target[key]
+    target[last] = PLACEHOLDER
+    return with_raw(body, raw)
+
+
+def assert_clean(response) -> None:
+    assert response.status_code < 500, (response.request.content[:200], response.text[:500])
+    assert "Traceback" not in response.text and 'File "' not in response.text, response.text[:500]
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_bad_input_fuzz_every_field_of_every_route_never_5xx(server):
+    bodies = [(route, hostile_body(base, field, raw)) for route, base in ROUTES.items()
+              for field in FIELDS[route] for raw in HOSTILE]
+    bodies += [(route, raw.encode()) for route in ROUTES for raw in HOSTILE]  # the whole body hostile
+    statuses = set()
+    for route, body in bodies:
+        response = server.http.post(route, content=body, headers={"content-type": "application/json"})
+        assert_clean(response)
+        statuses.add(response.status_code)
+    assert {200, 400, 404, 422} <= statuses  # the table reaches good requests and every kind of refusal
+    for name in ["..", "a%2Fb", "default", "x" * 65, "%F0%9F%98%80", "t0%00", "UP"]:
+        assert_clean(server.http.delete(f"/v1/prompts/{name}", headers=ADMIN))
+        assert_clean(upload(server, name, upload_files(random_prompt(2, 1))))
+    assert set(server.bank.names()) == {"t0", "t1", "t2", "t3"}
+
+
+UPLOAD_CASES = {
+    "adapter_config.json": [b"", b"null", b"[]", b'{"peft_type": "PROMPT_TUNING"}', b"\xff\xfe",
+                            json.dumps({**peft_config(2), "num_virtual_tokens": -1}).encode(),
+                            json.dumps({**peft_config(2), "num_virtual_tokens": 2**70}).encode(),
+                            json.dumps({**peft_config(2), "token_dim": "32"}).encode(),
+                            b'{"peft_type": "PROMPT_TUNING", "x": "\\ud800"}'],
+    "adapter_model.safetensors": [b"", b"\x00" * 8, b"\xff" * 16, b"{}" * 10,
+                                  (2**63).to_bytes(8, "little") + b"{}"],
+    "softprompt.json": [b"null", b'{"verbalizer": "x"}', b'{"verbalizer": {"labels": []}}',
+                        b'{"verbalizer": {"labels": ["a", "a"]}}', b'{"template": 5}',
+                        b'{"verbalizer": {"labels": ["\\ud800", "b"]}}', b'{"template": "\\ud800{text}"}',
+                        b'{"fingerprint": [1, 2]}', b'{"verbalizer": {"labels": ["a", "b"], "targets": [1, 2]}}'],
+}
+
+
+def test_bad_input_fuzz_uploaded_files_never_5xx(server):
+    files = upload_files(random_prompt(2, 1), meta={"verbalizer": VERBALIZER, "template": TEMPLATE},
+                         model=server.model)
+    for file_name, contents in UPLOAD_CASES.items():
+        for content in contents:
+            response = upload(server, "fuzzed", with_file(files, file_name, content))
+            assert_clean(response)
+            assert response.status_code in (200, 422), (file_name, content[:40], response.text)
+    server.http.delete("/v1/prompts/fuzzed", headers=ADMIN)
