@@ -72,6 +72,41 @@ def minutes_to(curve: list[dict], seconds_per_step: float, target: float) -> flo
     return None if step is None else round(step * seconds_per_step / 60, 1)
 
 
+def confirm_table(runs: list[dict], speed: dict) -> list[dict]:
+    """Each confirmed setting on each device: mean +- std over its seeds, and the mean curve."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r.get("stage") == "confirm" and "report_accuracy" in r and r["spec"]["task"] == "sst2":
+            key = (r["spec"]["method"], setting(r["spec"]), r.get("device"))
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for (method, described, device), seeds in sorted(groups.items()):
+        report = [r["report_accuracy"] for r in seeds]
+        curve = mean_curve([r["curve"] for r in seeds if "curve" in r])
+        sps = speed["seconds_per_step"].get(method)
+        rows.append({"method": method, "setting": described, "device": device,
+                     "seeds": sorted(r["spec"]["seed"] for r in seeds),
+                     "report_mean": round(statistics.fmean(report), 4), "report_std": round(_std(report), 4),
+                     "select_mean": round(statistics.fmean(r["select_accuracy"] for r in seeds), 4),
+                     "report_per_seed": [round(a, 4) for a in report], "curve_mean": curve,
+                     "cpu_minutes_to_0.90": minutes_to(curve, sps, 0.90) if sps and curve else None})
+    return rows
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Mean (and std) accuracy at the steps every seed's curve has."""
+    steps = sorted(set.intersection(*(set(c["step"] for c in curve) for curve in curves))) if curves else []
+    points = []
+    for step in steps:
+        values = [next(c["report"] for c in curve if c["step"] == step) for curve in curves]
+        points.append({"step": step, "report": round(statistics.fmean(values), 4), "report_std": round(_std(values), 4)})
+    return points
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, command: str | None) -> list[Path]:
     runs = load_runs(runs_path)
     speed = json.loads((results / "quality_sst2_cpu_speed.json").read_text())
@@ -95,6 +130,7 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
                       "bench/common.split_validation into 300 selection + 700 report rows",
               "n_report": 700, "n_select": 300, "seeds": sorted({r['spec']['seed'] for r in runs}),
               "screen": table, "best_per_method": best, "time_to_accuracy": curves,
+              "confirm": confirm_table(runs, speed),
               "cpu_seconds_per_step": speed, "not_run": skipped,
               "ensembles": json.loads(ensembles_path.read_text()) if ensembles_path and ensembles_path.is_file() else []}
     out = results / "quality_sst2"
@@ -106,10 +142,22 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Quality study, SST-2 (one seed per setting; devices: {', '.join(report['study_devices'])}; "
-             f"{report['date']}). Accuracy on the {report['n_report']} report sentences; settings chosen on the "
-             f"{report['n_select']} selection sentences.", "",
-             "| method | setting | selection acc | report acc | best step | collapsed (loss NaN) at step |",
+    lines = [f"Quality study, SST-2 (devices: {', '.join(report['study_devices'])}; {report['date']}). Accuracy on "
+             f"the {report['n_report']} report sentences; settings chosen on the {report['n_select']} selection "
+             "sentences.", ""]
+    if report["confirm"]:
+        lines += ["Confirmation: the best screened setting, several seeds (mean +- std over seeds; minutes to 0.90 "
+                  "from the mean curve x CPU seconds/step measured here):", "",
+                  "| method | setting | device | seeds | report acc per seed | report acc | CPU minutes to 0.90 |",
+                  "|---|---|---|---|---|---:|---:|"]
+        for r in report["confirm"]:
+            minutes = r["cpu_minutes_to_0.90"] if r["cpu_minutes_to_0.90"] is not None else "not reached"
+            lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['device']} | {','.join(map(str, r['seeds']))} | "
+                         f"{', '.join(f'{a:.3f}' for a in r['report_per_seed'])} | "
+                         f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | {minutes} |")
+        lines += [""]
+    lines += ["Screen (one seed per setting):", "",
+              "| method | setting | selection acc | report acc | best step | collapsed (loss NaN) at step |",
              "|---|---|---:|---:|---:|---:|"]
     for r in report["screen"]:
         lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['select_accuracy']:.3f} | "
@@ -137,10 +185,22 @@ def plot(report: dict, path: Path) -> None:
         steps = [p["step"] for p in c["curve"]]
         accuracy = [p["report"] for p in c["curve"]]
         label = f"{LABELS[method]} ({c['setting']})"
-        ax_steps.plot(steps, accuracy, marker="o", color=COLORS.get(method), label=label)
+        ax_steps.plot(steps, accuracy, marker="o", lw=1, alpha=0.6, color=COLORS.get(method), label=label + ", 1 seed")
         if c["seconds_per_step_cpu"]:
             ax_minutes.plot([s * c["seconds_per_step_cpu"] / 60 for s in steps], accuracy, marker="o",
                             color=COLORS.get(method), label=LABELS[method])
+    for c in report["confirm"]:
+        steps = [p["step"] for p in c["curve_mean"]]
+        mean = [p["report"] for p in c["curve_mean"]]
+        std = [p["report_std"] for p in c["curve_mean"]]
+        sps = report["cpu_seconds_per_step"]["seconds_per_step"].get(c["method"])
+        label = f"{LABELS[c['method']]}, {len(c['seeds'])} seeds on {c['device']} (mean +- std)"
+        for ax, xs in ((ax_steps, steps), (ax_minutes, [s * sps / 60 for s in steps] if sps else None)):
+            if xs is None:
+                continue
+            ax.plot(xs, mean, color=COLORS.get(c["method"]), lw=2.5, label=label)
+            ax.fill_between(xs, [m - d for m, d in zip(mean, std, strict=True)],
+                            [m + d for m, d in zip(mean, std, strict=True)], color=COLORS.get(c["method"]), alpha=0.2)
     zero = statistics.fmean(r["report_accuracy"] for r in report["screen"] if r["method"] == "zero_shot") \
         if any(r["method"] == "zero_shot" for r in report["screen"]) else None
     for ax, xlabel in ((ax_steps, "training step (batch 16)"), (ax_minutes, "CPU minutes (2 cores, measured s/step)")):

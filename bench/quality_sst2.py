@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     train_peft_prompt,
     write_result,
 )
+from quality_report import load_runs  # noqa: E402
 
 TEMPLATES = {
     "review": "Review: {text}\nSentiment:",
@@ -278,6 +279,9 @@ def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) ->
         if "validation" in record:
             curve.append({"step": record["step"], "select": record["validation"]["metric"],
                           "report": _accuracy(model, task, report, name, device)})
+            if save_dir:  # a study cut off mid-run keeps the curve so far
+                with open(Path(save_dir) / f"{run_id(spec)}.curve.jsonl", "a") as progress:
+                    progress.write(json.dumps({**curve[-1], "train_seconds": round(trainer.train_seconds, 1)}) + "\n")
 
     trainer = Trainer(model, train, config, eval_sets={name: EvalSet(task, select)}, on_step=on_step)
     result = trainer.train()
@@ -371,7 +375,9 @@ def run_stage(specs: list[Spec], workers: int, deadline: float, out: Path, promp
     jobs = [(asdict(s), deadline, str(prompts_dir)) for s in specs]
     results = []
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool, open(out / "runs.jsonl", "a") as log:
+    threads = max(1, (os.cpu_count() or 1) // workers)  # on a CPU, workers split the cores, not oversubscribe
+    with context.Pool(workers, initializer=_set_threads, initargs=(threads,)) as pool, \
+            open(out / "runs.jsonl", "a") as log:
         for result in pool.imap_unordered(run_spec, jobs):
             result["stage"] = stage
             results.append(result)
@@ -380,6 +386,12 @@ def run_stage(specs: list[Spec], workers: int, deadline: float, out: Path, promp
             summary = {k: result.get(k) for k in ("select_accuracy", "report_accuracy", "wall_seconds", "error", "skipped")}
             print(stage, result["spec"]["group"], result["spec"]["method"], json.dumps(summary), file=sys.stderr, flush=True)
     return results
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def cmd_study(args) -> int:
@@ -399,6 +411,20 @@ def cmd_study(args) -> int:
     ensembles = ensemble_rows(confirm, prompts_dir)
     (out / "ensembles.json").write_text(json.dumps(ensembles, indent=2))
     print(f"study done in {time.time() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_confirm(args) -> int:
+    """The confirm stage alone, for chosen methods, from a finished screen (e.g. the GPU screen's
+    runs confirmed on this CPU): the best screened setting of each method at each seed."""
+    screen = [r for r in load_runs(Path(args.screen)) if r.get("stage") == "screen"]
+    methods = args.methods.split(",")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    specs = [replace(s, eval_every=args.eval_every) for s in confirm_specs(screen, seeds) if s.method in methods]
+    out = Path(args.out)
+    (out / "prompts").mkdir(parents=True, exist_ok=True)
+    print(f"confirming {len(specs)} runs: {[s.method + ' seed ' + str(s.seed) for s in specs]}", file=sys.stderr)
+    run_stage(specs, args.workers, time.time() + args.budget_seconds, out, out / "prompts", "confirm")
     return 0
 
 
@@ -482,6 +508,14 @@ def main(argv=None) -> int:
     study.add_argument("--screen-share", type=float, default=0.55, help="share of the budget for the screen")
     study.add_argument("--smoke", type=int, default=0, help="check the plumbing: the first N specs of each "
                        "stage, 4 steps each, on a few rows")
+    confirm = sub.add_parser("confirm", help="3 seeds of the best screened setting of chosen methods")
+    confirm.add_argument("--screen", default="bench/results/quality_sst2_runs.jsonl", help="a study's runs.jsonl")
+    confirm.add_argument("--methods", default="deep_prompt", help="comma-separated, e.g. deep_prompt,lora")
+    confirm.add_argument("--seeds", default="0,1,2")
+    confirm.add_argument("--eval-every", type=int, default=100, help="validation interval (the learning curve)")
+    confirm.add_argument("--workers", type=int, default=1)
+    confirm.add_argument("--budget-seconds", type=float, default=7 * 24 * 3600)
+    confirm.add_argument("--out", default="runs/quality_confirm")
     speed = sub.add_parser("cpu-speed", help="seconds per step of each method here")
     speed.add_argument("--steps", type=int, default=12)
     default = sub.add_parser("cpu-default", help="softprompt train with its defaults, here, timed")
@@ -493,7 +527,7 @@ def main(argv=None) -> int:
     report.add_argument("--ensembles", default=None)
     report.add_argument("--command-line", default=None, help="the command that produced the runs")
     args = p.parse_args(argv)
-    commands = {"study": cmd_study, "cpu-speed": cmd_cpu_speed, "cpu-default": cmd_cpu_default, "report": cmd_report}
+    commands = {"study": cmd_study, "confirm": cmd_confirm, "cpu-speed": cmd_cpu_speed, "cpu-default": cmd_cpu_default, "report": cmd_report}
     return commands[args.command](args)
 
 

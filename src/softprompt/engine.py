@@ -39,7 +39,7 @@ from .bank import (
     prompt_from_files,
     validate_task_name,
 )
-from .data import Template, is_valid_unicode
+from .data import Task, encode_example, is_valid_unicode, task_from_meta
 from .errors import (
     ConfigError,
     ContextLengthError,
@@ -99,10 +99,12 @@ class GenerationResult:
 
 @dataclass
 class ClassifyRequest:
-    """Rank classification of texts with the task's verbalizer and template (from its meta)."""
+    """Rank classification with the task's verbalizer and template (from its meta), exactly as
+    `softprompt eval` scores: each input is a string (a template with one field) or a mapping
+    of the template's fields."""
 
     task: str | None | Sequence[str | None]
-    texts: Sequence[str]
+    texts: Sequence[str | Mapping[str, str]]
 
 
 @dataclass
@@ -149,7 +151,7 @@ class _Task:
     meta: dict
     loaded_at: float = field(default_factory=time.time)
     prefix: inject.PromptPrefix | None = None  # computed on first use, under the model lock
-    classifier: tuple | None = None  # (template, labels, target ids), parsed on first use
+    classifier: tuple | None = None  # (data.Task, target ids), parsed on first use
 
     @property
     def length(self) -> int:
@@ -489,16 +491,26 @@ class Engine:
         return _PreparedGeneration(request, task, ids, wanted, sampling, stops)
 
     def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> _PreparedScore:
-        texts = _texts(request.texts, "texts")
+        inputs = _classify_inputs(request.texts)
         pairs, labels = [], []
-        for i, (name, text) in enumerate(zip(_per_row(request.task, len(texts)), texts, strict=True)):
+        for i, (name, value) in enumerate(zip(_per_row(request.task, len(inputs)), inputs, strict=True)):
             task = self._resolve(name, snapshot)
-            template, row_labels, targets = self._classifier(task, name)
-            ids = self._input_ids(_render(template, text, i))
+            spec, targets = self._classifier(task, name)
+            ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
             self._check_context(len(ids), task, max(len(t) for t in targets))
             pairs += [_Pair(task, ids, t) for t in targets]
-            labels.append(row_labels)
+            labels.append(spec.verbalizer.labels)
         return _PreparedScore(request, pairs, labels)
+
+    def _classify_input_ids(self, spec: Task, record: dict[str, str], index: int) -> list[int]:
+        """The input tokens `softprompt eval` scores for this record (data.encode_example)."""
+        try:
+            with self._tokenizer_lock:
+                return encode_example(self.tokenizer, spec, record, 0, require_target=False).input_ids
+        except DataError as exc:  # a missing or empty field
+            what = "empty" if exc.field in record else "missing"
+            raise ConfigError(f"input {index}: {what} field '{exc.field}' (the template of "
+                              f"'{spec.name}' uses {', '.join(spec.template.fields)})") from None
 
     def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> _PreparedScore:
         texts, targets = _texts(request.texts, "texts"), _texts(request.targets, "targets")
@@ -514,17 +526,15 @@ class Engine:
             pairs.append(_Pair(task, ids, target_ids))
         return _PreparedScore(request, pairs, None)
 
-    def _classifier(self, task: _Task | None, name) -> tuple[Template, list[str], list[list[int]]]:
-        """(template, labels, target ids) from the task's meta, parsed once per loaded version."""
-        if task is None or not isinstance(task.meta.get("verbalizer"), dict):
-            raise NoVerbalizerError(f"task {name!r} has no verbalizer: it cannot classify "
-                                    "(save it with meta['verbalizer'] = {'labels': [...], 'targets': [...]})")
+    def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
+        """(data.Task, target ids) from the task's meta, parsed once per loaded version."""
+        if task is None:
+            raise NoVerbalizerError(f"task {name!r} has no verbalizer: it cannot classify (name a task whose "
+                                    "saved prompt has one)")
         if task.classifier is None:
-            template, labels, targets = _verbalizer(task.meta, name)
-            ids = [self._encode(t, special=False) for t in targets]
-            if not all(ids):
-                raise ConfigError(f"a target of task '{name}' encodes to no tokens: {targets}")
-            task.classifier = (template, labels, ids)
+            spec = task_from_meta(task.name, task.meta)
+            with self._tokenizer_lock:
+                task.classifier = (spec, spec.verbalizer.target_token_ids(self.tokenizer))
         return task.classifier
 
     def _check_context(self, n_input: int, task: _Task | None, n_new: int) -> None:
@@ -745,51 +755,41 @@ def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tens
 
 def _check_meta(saved: SavedPrompt) -> None:
     """An uploaded prompt's verbalizer and template must be usable (refused at upload)."""
+    if "template" not in saved.meta and "verbalizer" not in saved.meta:
+        return
+    meta = {"verbalizer": {"labels": ["x"]}, **saved.meta}  # a template alone is checked too
     try:
-        if "template" in saved.meta:
-            _template(saved.meta, saved.name)
-        if "verbalizer" in saved.meta:
-            _verbalizer(saved.meta, saved.name)
+        task_from_meta(saved.name, meta)
     except (NoVerbalizerError, ConfigError) as exc:
         raise PromptFileError(f"{META_FILE} of '{saved.name}': {exc}") from exc
 
 
-def _verbalizer(meta: dict, name) -> tuple[Template, list[str], list[str]]:
-    """(template, labels, target strings) from a prompt's meta; targets default to ' <label>'."""
-    verbalizer = meta.get("verbalizer")
-    if not isinstance(verbalizer, dict):
-        raise NoVerbalizerError(f"task {name!r} has no verbalizer")
-    labels, targets = verbalizer.get("labels"), verbalizer.get("targets")
-    if targets is None and isinstance(labels, list):
-        targets = [f" {label}" for label in labels]
-    if not (isinstance(labels, list) and labels and _all_text(labels) and isinstance(targets, list)
-            and len(targets) == len(labels) and _all_text(targets) and all(targets)
-            and len(set(labels)) == len(labels)):
-        raise ConfigError(f"task {name!r}: verbalizer needs distinct 'labels' and one non-empty "
-                          f"target string per label, got {verbalizer!r}")
-    return _template(meta, name), labels, targets
+def _classify_inputs(values) -> list[str | Mapping]:
+    """A classify request's inputs: one string or mapping, or a non-empty list of them."""
+    if isinstance(values, str | Mapping):
+        values = [values]
+    values = list(values)
+    if not values or not all(isinstance(v, str | Mapping) for v in values):
+        raise ConfigError("input must be a string, an object of template fields, or a non-empty list of them")
+    return values
 
 
-def _all_text(values: list) -> bool:
-    return all(isinstance(v, str) and is_valid_unicode(v) for v in values)
-
-
-def _template(meta: dict, name) -> Template:
-    """The task's template: plain `{text}` placeholders only (the one field a request sends)."""
-    text = meta.get("template") or "{text}"
-    if not isinstance(text, str):
-        raise ConfigError(f"task {name!r}: template must be a string")
-    template = Template(text)
-    if set(template.fields) - {"text"}:
-        raise ConfigError(f"task {name!r}: template {text!r} may use only {{text}}")
-    return template
-
-
-def _render(template: Template, text: str, index: int) -> str:
-    try:
-        return template.render({"text": text})
-    except DataError:  # the one field is empty
-        raise ConfigError(f"text {index} is empty: there is nothing to classify") from None
+def _fields(spec: Task, value: str | Mapping, index: int) -> dict[str, str]:
+    """The template fields of one input: a string fills a one-field template; an object names
+    every field (an unknown key is refused rather than ignored: it is usually a typo)."""
+    fields = spec.template.fields
+    if isinstance(value, str):
+        if len(fields) != 1:
+            raise ConfigError(f"input {index}: the template of '{spec.name}' has fields {list(fields)}; "
+                              f"send an object with {'them' if fields else 'no fields'}, not a string")
+        return {fields[0]: value}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        raise ConfigError(f"input {index}: unknown field {unknown[0]!r} (the template of '{spec.name}' "
+                          f"uses {', '.join(fields) or 'no fields'})")
+    if not all(isinstance(v, str) and is_valid_unicode(v) for v in value.values()):
+        raise ConfigError(f"input {index}: every field value must be a string")
+    return dict(value)
 
 
 def _texts(values, what: str) -> list[str]:

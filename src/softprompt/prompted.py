@@ -162,8 +162,9 @@ def generate_texts(prompted, texts: str | list[str], tasks=None, *, max_new_toke
     texts = [texts] if isinstance(texts, str) else list(texts)
     enc = prompted.tokenizer(texts, return_tensors="pt", padding=True)
     device = prompted.model.get_input_embeddings().weight.device
-    sampling = [inject.Sampling(temperature, top_p, None if seed is None else seed + i)
-                for i in range(len(texts))]
+    # Every row gets the same seed, as each request does on the server: a text samples the same
+    # continuation from `softprompt generate` and from /v1/completions, whatever else is in the batch.
+    sampling = [inject.Sampling(temperature, top_p, seed) for _ in texts]
     ids = prompted.generate_ids(enc["input_ids"].to(device), enc["attention_mask"].to(device),
                                 tasks, max_new_tokens=max_new_tokens, sampling=sampling)
     return prompted.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -178,7 +178,9 @@ class ChatBody(_SamplingFields):
 
 class ClassifyBody(_Request):
     model: str = Field(description="A task whose saved prompt has a verbalizer.")
-    input: str | list[str] = Field(description="Text or texts to classify.")
+    input: str | dict[str, str] | list[str | dict[str, str]] = Field(
+        description="What to classify: a text (a template with one field), an object of the template's "
+                    "fields (e.g. {\"question\": ...}), or a list of either.")
 
 
 def _lone_surrogate(value) -> str | None:
@@ -400,7 +402,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyBody, http: Request):
-        texts = [body.input] if isinstance(body.input, str) else body.input
+        texts = body.input if isinstance(body.input, list) else [body.input]
         limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
         [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts)]))
         data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]

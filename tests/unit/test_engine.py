@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -13,6 +14,7 @@ import torch
 
 from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
+from softprompt.data import encode_example, task_from_meta
 from softprompt.engine import (
     BatchScheduler,
     ClassifyRequest,
@@ -21,8 +23,10 @@ from softprompt.engine import (
     GenerationRequest,
     NoVerbalizerError,
 )
-from softprompt.errors import IncompatiblePromptError, UnknownTaskError
+from softprompt.errors import ConfigError, IncompatiblePromptError, UnknownTaskError
+from softprompt.evaluate import label_log_likelihoods
 from softprompt.models import fingerprint
+from softprompt.prompted import PromptedModel
 
 from ..conftest import WORDS, build_tiny_model
 
@@ -271,6 +275,58 @@ def test_classify_task_without_verbalizer_raises(engine, bank, tiny_llama):
         engine.classify("plain", ["the movie"])
     with pytest.raises(NoVerbalizerError):
         engine.classify(None, ["the movie"])
+
+
+def test_sampled_generation_with_a_seed_equals_prompted_model_generate(engine, bank, tiny_llama, tokenizer):
+    """`softprompt generate --seed` (PromptedModel.generate) and a server request with the same
+    seed sample the same continuation, row for row."""
+    prompted = PromptedModel(tiny_llama, {"t1": bank.load("t1")}, tokenizer=tokenizer)
+    texts = TEXTS[:3]
+    local = prompted.generate(texts, "t1", max_new_tokens=6, temperature=1.5, seed=11)
+    served = engine.generate([GenerationRequest(t, task="t1", max_new_tokens=6, temperature=1.5, seed=11)
+                              for t in texts])
+    assert local == [r.text for r in served]
+    assert local != prompted.generate(texts, "t1", max_new_tokens=6, temperature=1.5, seed=12)
+
+
+MULTI_FIELD_TEMPLATE = "title : {title} review : {text} sentiment :"
+
+
+def test_classify_multi_field_template_equals_softprompt_eval(engine, bank, tiny_llama, tokenizer):
+    """The engine reads a saved task as `softprompt eval` does (data.task_from_meta) and scores
+    the same tokens: a multi-field template is served, and labels and scores agree row by row."""
+    save_task(bank, "titled", random_prompt(3, 7), tiny_llama, template=MULTI_FIELD_TEMPLATE)
+    rows = [{"title": title, "text": text} for title, text in zip(["fun", "plot", "the actor", "i"], TEXTS[:4], strict=True)]
+    served = engine.classify("titled", rows)
+    saved = bank.load("titled")
+    task = task_from_meta("titled", saved.meta)
+    prompted = PromptedModel(tiny_llama, {"titled": saved}, tokenizer=tokenizer)
+    examples = [encode_example(tokenizer, task, row, 0, require_target=False) for row in rows]
+    scores = label_log_likelihoods(prompted, examples, task.verbalizer.target_token_ids(tokenizer), 0)
+    for row_scores, result in zip(scores, served, strict=True):
+        assert [result.log_likelihoods[label] for label in task.verbalizer.labels] == \
+            pytest.approx(row_scores.tolist(), abs=1e-4)
+        assert result.label == task.verbalizer.labels[int(row_scores.argmax())]
+    assert len({tuple(r.log_likelihoods.values()) for r in served}) == len(rows)  # every field reached the model
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("just a text", "has fields ['title', 'text']; send an object"),
+    ({"title": "fun"}, "input 0: missing field 'text'"),
+    ({"title": "fun", "text": "  "}, "input 0: empty field 'text'"),
+    ({"title": "fun", "text": "plot", "txet": "plot"}, "input 0: unknown field 'txet'"),
+    ({"title": "fun", "text": 3}, "input 0: every field value must be a string"),
+])
+def test_classify_multi_field_bad_input_names_the_field(engine, bank, tiny_llama, value, fragment):
+    save_task(bank, "titled", random_prompt(3, 7), tiny_llama, template=MULTI_FIELD_TEMPLATE)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        engine.classify("titled", [value])
+
+
+def test_classify_string_input_fills_the_one_field_of_any_name(engine, bank, tiny_llama):
+    save_task(bank, "question", random_prompt(3, 8), tiny_llama, template="q : {question} a :")
+    by_string, by_object = engine.classify("question", ["the movie was", {"question": "the movie was"}])
+    assert by_string.log_likelihoods == by_object.log_likelihoods
 
 
 # ---------------------------------------------------------------- following the bank

@@ -364,6 +364,25 @@ def test_error_invalid_task_name_is_400(server):
     assert_error(server.http.delete("/v1/prompts/a%2Fb", headers=ADMIN), 400, "invalid task name")
 
 
+def test_classify_object_input_serves_a_multi_field_template(server):
+    template = "title : {title} review : {text} sentiment :"
+    save_task(server.bank, "titled", random_prompt(3, seed=45), server.model, template=template)
+    try:
+        rows = [{"title": "fun", "text": TEXTS[0]}, {"title": "plot", "text": TEXTS[1]}]
+        response = server.http.post("/v1/classify", json={"model": "titled", "input": rows})
+        assert response.status_code == 200, response.text
+        expected = server.engine.classify("titled", rows)
+        assert [d["label"] for d in response.json()["data"]] == [r.label for r in expected]
+        one = server.http.post("/v1/classify", json={"model": "titled", "input": rows[0]})
+        assert one.json()["data"][0]["probabilities"] == pytest.approx(expected[0].probabilities)
+        assert_error(server.http.post("/v1/classify", json={"model": "titled", "input": TEXTS[0]}), 422,
+                     "has fields ['title', 'text']; send an object", "invalid_value")
+        assert_error(server.http.post("/v1/classify", json={"model": "titled", "input": [{"title": "fun"}]}),
+                     422, "input 0: missing field 'text'", "invalid_value")
+    finally:
+        server.bank.delete("titled")
+
+
 def test_error_classify_task_without_verbalizer_is_400(server):
     response = server.http.post("/v1/classify", json={"model": server.engine.base_model_id, "input": ["fun"]})
     assert_error(response, 400, "no verbalizer", "no_verbalizer")
