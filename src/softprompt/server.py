@@ -1,6 +1,8 @@
-"""OpenAI-compatible HTTP server: routes, schemas and the error mapping; the work is the engine's.
+"""OpenAI-compatible HTTP server: routes, schemas, request limits and the error mapping; the model
+work is a backend's.
 
     app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
+    app = create_app(VLLMBackend(gateway_engine, "http://127.0.0.1:8001"))   # vLLM does the model work
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` names a task or the base model; `stream: true` sends server-sent events),
@@ -8,6 +10,11 @@ Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
 is set. Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
 mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
+
+What is about the HTTP request lives here, so every backend gets it: the body size, the schemas,
+the per-request limits (`RequestLimits`: 413 naming the limit) and cancelling a request whose
+client disconnects. The model work (and, for the built-in engine, its fair batch scheduler) is the
+backend's (`backends.py`): the built-in engine, or vLLM behind a gateway.
 
 Replicas are stateless over a shared bank folder: every request checks its task's bank version.
 """
@@ -33,12 +40,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .backends import Backend, BuiltinBackend
 from .bank import validate_task_name
 from .data import is_valid_unicode
 from .engine import (
     PROMPT_FILES,
     SEED_RANGE,
-    BatchScheduler,
     ClassifyRequest,
     ContextLengthError,
     Engine,
@@ -48,6 +55,8 @@ from .engine import (
 )
 from .errors import (
     AuthenticationError,
+    BackendTimeoutError,
+    BackendUnavailableError,
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
@@ -91,9 +100,11 @@ class RequestLimits:
                 raise ConfigError(f"{flag(f.name)} must be an integer >= {least}, not {value!r}")
 
     def body_bytes(self, engine: Engine) -> int:
-        """The body limit: the flag, else a 64-token deep prompt of this model in fp32 (its rows
-        hold every layer's keys and values) plus 1 MB for the JSON files and multipart framing."""
-        return self.max_body_bytes or 64 * engine.prefix_shape.row_width * 4 + 1_000_000
+        """The body limit: the flag, else a 64-token prompt of the largest kind the engine serves
+        (a deep prompt's rows hold every layer's keys and values), fp32, plus 1 MB for the JSON
+        files and multipart framing."""
+        row = engine.prefix_shape.row_width if "deep" in engine.kinds else engine.token_dim
+        return self.max_body_bytes or 64 * row * 4 + 1_000_000
 
     def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:
         limit = getattr(self, limit_name)
@@ -212,6 +223,8 @@ _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match w
     (PromptFileError, 422, "invalid_request_error", "invalid_prompt"),
     (UploadError, 422, "invalid_request_error", "invalid_upload"),
     (ConfigError, 422, "invalid_request_error", "invalid_value"),
+    (BackendTimeoutError, 504, "server_error", "backend_timeout"),
+    (BackendUnavailableError, 503, "server_error", "backend_unavailable"),
     (SoftPromptError, 400, "invalid_request_error", None),
 ]
 _HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
@@ -293,24 +306,26 @@ class _BodyLimit:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: int = 16,
+def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_batch_size: int = 16,
                max_wait_ms: float = 5, limits: RequestLimits | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (one micro-batcher; admin routes behind `api_key`)."""
-    scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    """The FastAPI app serving `backend` (an Engine: the built-in backend, with one fair
+    micro-batcher of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`."""
+    if isinstance(backend, Engine):
+        backend = BuiltinBackend(backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    engine = backend.engine
     limits = limits or RequestLimits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        errors = await asyncio.to_thread(engine.refresh)
-        log.info("serving %s with %d task(s)%s", engine.base_model_id, len(engine.tasks()),
-                 f"; skipped {sorted(errors)}" if errors else "")
+        await backend.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(scheduler.close)
+            await backend.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan)
-    app.state.engine, app.state.scheduler, app.state.limits = engine, scheduler, limits
+    app.state.engine, app.state.backend, app.state.limits = engine, backend, limits
+    app.state.scheduler = getattr(backend, "scheduler", None)  # the built-in engine's batcher
     app.add_middleware(_BodyLimit, limit=limits.body_bytes(engine))
     _install_error_handlers(app)
     if api_key is None:
@@ -325,16 +340,23 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: in
         if not secrets.compare_digest(header[7:].strip().encode(), api_key.encode()):
             raise AuthenticationError("invalid API key")
 
-    _add_info_routes(app, engine)
-    _add_generation_routes(app, engine, scheduler, limits)
+    _add_info_routes(app, backend)
+    _add_generation_routes(app, backend, limits)
     _add_admin_routes(app, engine, Depends(require_admin))
     return app
 
 
-def _add_info_routes(app: FastAPI, engine: Engine) -> None:
+def _add_info_routes(app: FastAPI, backend: Backend) -> None:
+    engine = backend.engine
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.base_model_id, "tasks": len(engine.tasks())}
+        """200 while the backend can serve; 503 (same body) while it is down, e.g. vLLM restarting."""
+        state = await backend.health()
+        up = state["status"] == "up"
+        body = {"status": "ok" if up else "unavailable", "model": engine.base_model_id,
+                "tasks": len(engine.tasks()), "backend": state}
+        return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -348,11 +370,12 @@ def _add_info_routes(app: FastAPI, engine: Engine) -> None:
         return {"object": "list", "data": data}
 
 
-def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchScheduler,
-                           limits: RequestLimits) -> None:
+def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits) -> None:
+    engine = backend.engine
+
     async def prepare(requests: list) -> list:
         """Validate a request's pieces against one snapshot of their tasks, within the limits."""
-        prepared = await scheduler.prepare_all(requests)
+        prepared = await backend.prepare_all(requests)
         limits.check_tokens(prepared)
         return prepared
 
@@ -366,8 +389,8 @@ def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchSchedul
         if body.stream:
             if len(requests) != 1:
                 raise ConfigError("stream supports one prompt per request")
-            return await _stream(scheduler, (await prepare(requests))[0], body, "text_completion")
-        results = await _run(scheduler, http, await prepare(requests))
+            return await _stream(backend, (await prepare(requests))[0], body, "text_completion")
+        results = await _run(backend, http, await prepare(requests))
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
         return _response("cmpl", "text_completion", body.model, choices, results)
@@ -379,8 +402,8 @@ def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchSchedul
         request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens)
         prepared = await prepare([request])
         if body.stream:
-            return await _stream(scheduler, prepared[0], body, "chat.completion.chunk")
-        [result] = await _run(scheduler, http, prepared)
+            return await _stream(backend, prepared[0], body, "chat.completion.chunk")
+        [result] = await _run(backend, http, prepared)
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                   "logprobs": None, "finish_reason": result.finish_reason}
         return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
@@ -389,7 +412,7 @@ def _add_generation_routes(app: FastAPI, engine: Engine, scheduler: BatchSchedul
     async def classify(body: ClassifyBody, http: Request):
         texts = body.input if isinstance(body.input, list) else [body.input]
         limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
-        [results] = await _run(scheduler, http, await prepare([ClassifyRequest(body.model, texts)]))
+        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts)]))
         data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
         return {"object": "list", "model": body.model, "data": data}
 
@@ -434,21 +457,15 @@ def _response(prefix: str, obj: str, model: str, choices: list, results: list[Ge
             "model": model, "system_fingerprint": None, "choices": choices, "usage": _usage(results)}
 
 
-_DONE = object()
+async def _run(backend: Backend, http: Request, prepared: list) -> list:
+    """Run a request's pieces on the backend (as one client request) and await their results.
 
-
-async def _run(scheduler: BatchScheduler, http: Request, prepared: list) -> list:
-    """Run a request's pieces as one owner (one fair share of the batches) and await them.
-
-    If the client disconnects first it no longer wants the answer: its work is cancelled (rows
-    stop at their next token, scoring stops before its next batch).
+    If the client disconnects first it no longer wants the answer: its work is cancelled (the
+    backend stops it: rows at their next token, scoring before its next batch, vLLM's requests).
     """
-    owner = object()
-    work = asyncio.gather(*(asyncio.wrap_future(scheduler.enqueue(p, owner)) for p in prepared))
+    work = asyncio.ensure_future(backend.run(prepared))
     if await _unless_disconnected(http, work):
         return work.result()
-    for piece in prepared:
-        piece.cancelled = True
     work.cancel()
     work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
     raise StarletteHTTPException(499, "client closed the request; it was cancelled")
@@ -472,13 +489,10 @@ async def _disconnect(http: Request) -> None:
         pass
 
 
-async def _stream(scheduler: BatchScheduler, prepared, body: _SamplingFields, obj: str) -> StreamingResponse:
-    """Start a validated request now, then stream OpenAI chunks ending in [DONE]."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    prepared.request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-    future = scheduler.enqueue(prepared)
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
+async def _stream(backend: Backend, prepared, body: _SamplingFields, obj: str) -> StreamingResponse:
+    """Start a validated request now (errors keep their status), then stream OpenAI chunks ending
+    in [DONE]."""
+    pieces = await backend.stream(prepared)
     chat = obj == "chat.completion.chunk"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
             "created": int(time.time()), "model": body.model, "system_fingerprint": None}
@@ -495,19 +509,18 @@ async def _stream(scheduler: BatchScheduler, prepared, body: _SamplingFields, ob
         try:
             if chat:
                 yield chunk(None, first=True)
-            while (piece := await pieces.get()) is not _DONE:
-                yield chunk(piece)
-            try:
-                result = future.result()
-            except Exception as exc:  # the request failed after the stream began
-                yield _sse(classify_error(exc)[1])
-            else:
-                yield chunk(None, result.finish_reason)
-                if (body.stream_options or {}).get("include_usage"):
-                    yield _sse({**head, "choices": [], "usage": _usage([result])})
-            yield "data: [DONE]\n\n"
+            async for piece in pieces:
+                if isinstance(piece, str):
+                    yield chunk(piece)
+                else:
+                    yield chunk(None, piece.finish_reason)
+                    if (body.stream_options or {}).get("include_usage"):
+                        yield _sse({**head, "choices": [], "usage": _usage([piece])})
+        except Exception as exc:  # the request failed after the stream began
+            yield _sse(classify_error(exc)[1])
         finally:
-            prepared.cancelled = True  # the client went away: stop generating for it
+            await pieces.aclose()  # ends the backend's work for it, also when the client went away
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -555,22 +568,40 @@ def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
 
 
 def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
-          port: int = 8000, *, max_batch_size: int = 16, max_wait_ms: float = 5,
-          api_key: str | None = None, limits: RequestLimits | None = None,
+          port: int = 8000, *, backend: Literal["builtin", "vllm"] = "builtin", vllm=None,
+          max_batch_size: int = 16, max_wait_ms: float = 5, api_key: str | None = None,
+          limits: RequestLimits | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
-    """Load the model and the bank, and serve them with uvicorn until stopped.
+    """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
 
+    `vllm` (a `VLLMConfig`) says where vLLM is, or how to start one (stopped again on exit).
     The admin key is `api_key`, else the environment variable SOFTPROMPT_API_KEY (else none).
     """
     import uvicorn
 
     from .bank import PromptBank
-    from .models import load_model
 
-    engine = Engine(load_model(model_name), PromptBank(bank_dir))
-    app = create_app(engine, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+    served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm)
+    app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
                      max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        process = getattr(served, "process", None)
+        if process is not None:  # also when uvicorn never started the app (e.g. port taken)
+            process.stop()
+
+
+def _open_backend(backend: str, model_name: str, bank, vllm) -> Backend | Engine:
+    if backend == "builtin":
+        from .models import load_model
+
+        return Engine(load_model(model_name), bank)
+    if backend == "vllm":
+        from .vllm_backend import VLLMConfig, open_vllm_backend
+
+        return open_vllm_backend(model_name, bank, vllm or VLLMConfig())
+    raise ConfigError(f"backend must be builtin or vllm, not {backend!r}")
 
 
 __all__ = ["RequestLimits", "create_app", "serve", "classify_error", "AuthenticationError", "UploadError"]

@@ -4,7 +4,9 @@ It trains whatever parameters of the model require grad; for prompt tuning that 
 prompt table. It runs on `accelerate` (one process, or `accelerate launch` with several: every
 process builds the same batch schedule and takes its share of each global batch; gradients are
 summed across processes and the loss is normalised by the *global* token count, so N processes
-compute exactly what one process computes on the same global batch).
+compute exactly what one process computes on the same global batch). Under FSDP
+(`accelerate launch --use_fsdp`) the frozen base model's decoder layers are sharded across the
+processes and the prompt stays replicated (`sharding.py`); the loop is the same.
 
 Speed levers (measured in bench/train_sst2.py): length-grouped batches, left padding so the
 labelled tokens sit in the last columns and logits are computed only there, and bf16 autocast
@@ -33,6 +35,7 @@ from .data import Example, Task, collate, length_grouped_batches
 from .errors import ConfigError
 from .evaluate import evaluate_task
 from .options import opt
+from .sharding import fsdp_requested, shard_frozen_base
 from .trackers import Trackers, accelerator_kwargs, check_report_to, resolve_report_to
 
 log = logging.getLogger(__name__)
@@ -205,6 +208,11 @@ class Trainer:
         self.device = self.accelerator.device
         self.bf16 = use_bf16(config, self.device)
         self.prompted.to(self.device)
+        self.sharded_layers = 0
+        """Decoder layers sharded by FSDP (0: every process holds the whole model)."""
+        if fsdp_requested(self.accelerator):
+            self.sharded_layers = shard_frozen_base(self.prompted.model, self.device,
+                                                    self.accelerator.num_processes)
         self.params = [p for p in prompted.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: no parameter requires grad")

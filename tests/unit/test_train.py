@@ -97,6 +97,39 @@ def test_distributed_two_processes_equal_one_process(tiny_model_dir, tmp_path):
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
+def test_fsdp_two_processes_shard_the_frozen_base_and_equal_one_process(tiny_model_dir, tmp_path):
+    """`accelerate launch --use_fsdp`: decoder layers sharded over 2 gloo CPU processes, the prompt
+    replicated; the trained prompt equals one whole-model process on the same global batches."""
+    data = write_sentiment_jsonl(tmp_path / "train.jsonl")
+    one = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-1", tmp_path / "run-1", 6,
+                                    "--per-device-train-batch-size", "8", "--test-data", data),
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(29600 + os.getpid() % 1000), "-m"]
+    two = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank-2", tmp_path / "run-2", 6,
+                                    "--per-device-train-batch-size", "4", "--test-data", data, launcher=launcher),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes (FSDP: 2 layers sharded)" in two.stderr  # the tiny Llama has 2 layers
+    torch.testing.assert_close(_final_prompt(tmp_path / "bank-2"), _final_prompt(tmp_path / "bank-1"),
+                               atol=1e-5, rtol=1e-4)
+    tuned = [json.loads((tmp_path / f"run-{n}" / "summary.json").read_text())["tasks"]["sentiment"]["test_tuned"]
+             for n in (1, 2)]
+    assert tuned[0]["accuracy"] == tuned[1]["accuracy"]
+
+
+def test_sharding_splits_each_decoder_layer_and_refuses_a_trainable_base(tiny_llama):
+    from softprompt.errors import ConfigError
+    from softprompt.sharding import decoder_layers, shard_frozen_base
+
+    assert len(decoder_layers(tiny_llama)) == 2
+    with pytest.raises(ConfigError, match="frozen base"):
+        shard_frozen_base(tiny_llama, torch.device("cpu"), 2)  # build_tiny_model leaves grads on
+
+
 def test_train_prompts_api_remembers_template_for_save(tiny_model, tiny_tokenizer, tmp_path):
     from softprompt import train_prompts
 

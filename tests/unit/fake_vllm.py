@@ -1,0 +1,183 @@
+"""A stand-in for vLLM's OpenAI server, for the gateway's unit tests.
+
+It answers `/health`, `/v1/models` and `/v1/completions` the way vLLM does (prompt ids or
+`prompt_embeds` = base64 of `torch.save`, greedy or seeded sampling, stop strings, streaming,
+`logprob_token_ids`, `return_tokens_as_token_ids`, OpenAI-shaped errors), with a tiny HF model doing
+the work by plain full forwards over the embeddings. It records every body it receives and every
+request whose client went away, and can be told to fail, to be slow, or to go down and come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+class FakeVLLM:
+    def __init__(self, model, tokenizer, *, served: str = "tiny", max_model_len: int = 200):
+        self.model, self.tokenizer = model, tokenizer
+        self.served, self.max_model_len = served, max_model_len
+        self.bodies: list[dict] = []
+        """Every /v1/completions body received, in order."""
+        self.cancelled: list[int] = []
+        """Indexes (into `bodies`) of requests whose client disconnected before the answer."""
+        self.failures: list[tuple[int, dict]] = []
+        """(status, body) answers to give to the next completion requests, first one first."""
+        self.token_delay_s = 0.0
+        self.port: int | None = None
+        self._server: uvicorn.Server | None = None
+        self._lock = threading.Lock()  # the tiny model runs one request at a time
+
+    # ------------------------------------------------------------ running
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int) -> None:
+        self.port = port
+        self._server = uvicorn.Server(uvicorn.Config(self._app(), host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self._server.started, "fake vLLM did not start"
+
+    def stop(self) -> None:
+        """Go down (connections refused) until `start` again, like a crashed vLLM."""
+        self._server.should_exit = True
+        self._thread.join(20)
+
+    # ------------------------------------------------------------ the app
+
+    def _app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            return {}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.served, "object": "model", "root": "tiny",
+                                                "max_model_len": self.max_model_len}]}
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            with self._lock:
+                self.bodies.append(body)
+                index = len(self.bodies) - 1
+                failure = self.failures.pop(0) if self.failures else None
+            if failure is not None:
+                return JSONResponse(failure[1], status_code=failure[0])
+            if body.get("model") != self.served:
+                return _error(404, f"The model `{body.get('model')}` does not exist.")
+            embeds = self._embeds(body)
+            if embeds.shape[0] + body.get("max_tokens", 16) > self.max_model_len:
+                return _error(400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                                   f"However, your request has {embeds.shape[0]} input tokens.")
+            if body.get("stream"):
+                return StreamingResponse(self._stream(body, embeds, index), media_type="text/event-stream")
+            return await self._complete(request, body, embeds, index)
+
+        return app
+
+    def _embeds(self, body: dict) -> torch.Tensor:
+        table = self.model.get_input_embeddings().weight
+        if "prompt_embeds" in body:
+            return torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])), weights_only=True).float()
+        return table[torch.tensor(body["prompt"])].detach()
+
+    async def _complete(self, request: Request, body: dict, embeds: torch.Tensor, index: int):
+        tokens, pieces, logprobs = [], [], []
+        async for token, piece, top in self._tokens(body, embeds):
+            tokens.append(token)
+            pieces.append(piece)
+            logprobs.append(top)
+            if self.token_delay_s and await request.is_disconnected():
+                self.cancelled.append(index)  # vLLM aborts a request whose client went away
+                return JSONResponse({}, status_code=499)
+        text, finish = self._finish(body, tokens)
+        choice = {"index": 0, "text": text, "token_ids": tokens, "finish_reason": finish,
+                  "logprobs": {"top_logprobs": logprobs} if body.get("logprobs") is not None else None}
+        return {"id": "cmpl-fake", "object": "text_completion", "model": self.served, "choices": [choice],
+                "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)}}
+
+    async def _stream(self, body: dict, embeds: torch.Tensor, index: int):
+        tokens, sent = [], ""
+        try:
+            async for token, _, _ in self._tokens(body, embeds):
+                tokens.append(token)
+                text, finish = self._finish(body, tokens)
+                if finish == "stop" and self.tokenizer.eos_token_id not in tokens:
+                    break  # a stop string: the text is already cut before it
+                yield _sse({"choices": [{"index": 0, "text": text[len(sent):], "token_ids": [token],
+                                         "finish_reason": None}]})
+                sent = text
+            text, finish = self._finish(body, tokens)
+            yield _sse({"choices": [{"index": 0, "text": text[len(sent):], "token_ids": [], "finish_reason": finish}]})
+            yield _sse({"choices": [], "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)}})
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled.append(index)
+            raise
+
+    async def _tokens(self, body: dict, embeds: torch.Tensor):
+        """(token id, its text, {'token_id:N': logprob} of the asked ids) per generated token."""
+        table = self.model.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(body["seed"]) if body.get("seed") is not None else None
+        for _ in range(body.get("max_tokens", 16)):
+            with torch.no_grad():
+                logits = self.model(inputs_embeds=embeds[None]).logits[0, -1].float()  # (V,)
+            logprobs = logits.log_softmax(-1)
+            if body.get("temperature", 1.0) == 0:
+                token = int(logits.argmax())
+            else:
+                token = int(torch.multinomial((logits / body["temperature"]).softmax(-1), 1, generator=generator))
+            asked = body.get("logprob_token_ids") or logprobs.topk(body.get("logprobs") or 1).indices.tolist()
+            top = {f"token_id:{t}": float(logprobs[t]) for t in [token, *asked]}
+            yield token, self.tokenizer.decode([token]), top
+            if token == self.tokenizer.eos_token_id:
+                return
+            embeds = torch.cat([embeds, table[token][None].detach()])
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+
+    def _finish(self, body: dict, tokens: list[int]) -> tuple[str, str]:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in body.get("stop") or []) if i >= 0]
+        if cuts:
+            return text[:min(cuts)], "stop"
+        if tokens and tokens[-1] == self.tokenizer.eos_token_id:
+            return text, "stop"
+        return text, "length"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
+
+
+def decode_embeds(body: dict) -> torch.Tensor:
+    """The tensor a body's `prompt_embeds` carries, decoded as vLLM decodes it."""
+    return torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"], validate=True)),
+                      weights_only=True, map_location="cpu")
+
+
+__all__ = ["FakeVLLM", "decode_embeds"]

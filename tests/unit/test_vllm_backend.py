@@ -1,0 +1,344 @@
+"""The vLLM gateway against a fake vLLM HTTP server (tests/unit/fake_vllm.py) on 127.0.0.1.
+
+The fake runs the same tiny Llama the reference engine runs, so the gateway's answers must equal
+the built-in engine's; it also records each body, to check the request shape and the exact tensor
+bytes, and can fail, stall or go down to check error mapping, timeouts, cancellation and recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from softprompt.backends import BuiltinBackend
+from softprompt.bank import PromptBank
+from softprompt.deep_prompt import DeepPromptModel
+from softprompt.engine import Engine, GenerationRequest
+from softprompt.errors import BackendTimeoutError
+from softprompt.models import load_model
+from softprompt.vllm_backend import VLLMBackend, encode_embeds, load_gateway_model
+
+from ..conftest import build_tiny_model
+from .fake_vllm import FakeVLLM, decode_embeds
+from .test_engine import TASKS, TEXTS, build_full_tokenizer, fill_bank
+from .test_server import free_port, running
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model folder, a bank of 4 tasks, the fake vLLM, the gateway app and a reference engine."""
+    from softprompt.server import create_app
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    bank = PromptBank(tmp_path_factory.mktemp("bank"))
+    fill_bank(bank, model)
+    fake = FakeVLLM(model, tokenizer)
+    fake.start(free_port())
+    reference = Engine(load_model(str(folder)), bank)
+    backend = VLLMBackend(Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60)
+    with running(create_app(backend)) as url:
+        yield SimpleNamespace(fake=fake, url=url, bank=bank, folder=folder, model=model, backend=backend,
+                              reference=reference, http=httpx.Client(base_url=url, timeout=30),
+                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                                                   timeout=30))
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_fake(setup):
+    setup.fake.failures.clear()
+    setup.fake.token_delay_s = 0.0
+    yield
+
+
+def greedy_alone(setup, prompt, task, n=8, **kwargs):
+    return setup.reference.generate([GenerationRequest(prompt, task=task, max_new_tokens=n, **kwargs)])[0]
+
+
+async def run_one(backend, request):
+    """One request through a backend's seam, as the server's routes call it."""
+    [result] = await backend.run(await backend.prepare_all([request]))
+    return result
+
+
+# ---------------------------------------------------------------- the light model
+
+
+def test_gateway_holds_only_embeddings_with_the_full_models_fingerprint(setup):
+    light = load_gateway_model(str(setup.folder))
+    full = load_model(str(setup.folder))
+    assert light.fingerprint == full.fingerprint
+    assert torch.equal(light.model.get_input_embeddings().weight, full.model.get_input_embeddings().weight)
+    assert [n for n, _ in light.model.named_parameters()] == ["embed_tokens.weight"]
+
+
+# ---------------------------------------------------------------- request shape and bytes
+
+
+def test_request_shape_and_base64_tensor_bytes_are_prompt_then_token_embeddings(setup):
+    before = len(setup.fake.bodies)
+    setup.client.completions.create(model="t2", prompt=TEXTS[0], max_tokens=3, temperature=0, stop=["xyz"])
+    body = setup.fake.bodies[before]
+    assert "prompt" not in body and body["model"] == "tiny"  # never `prompt: ""` next to embeddings
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop")} == {
+        "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": ["xyz"]}
+    sent = decode_embeds(body)
+    ids = setup.reference.tokenizer(TEXTS[0])["input_ids"]
+    prompt = setup.bank.load("t2").embeddings
+    expected = torch.cat([prompt, setup.model.get_input_embeddings().weight[ids].detach()])  # (n + L, d)
+    assert sent.dtype == torch.float32 and sent.shape == (TASKS["t2"] + len(ids), 32)
+    assert torch.equal(sent, expected)
+
+
+def test_encoded_embeddings_carry_only_their_rows_not_the_whole_matrix():
+    table = torch.randn(5000, 32)
+    view = table[10:12]  # a view: torch.save would write all 5000 rows of its storage
+    encoded = encode_embeds(view)
+    assert len(encoded) < 4000  # 2 x 32 float32 plus torch.save's zip framing, in base64
+    assert torch.equal(decode_embeds({"prompt_embeds": encoded}), view)
+
+
+def test_plain_rows_are_sent_as_token_ids(setup):
+    before = len(setup.fake.bodies)
+    setup.client.completions.create(model=setup.reference.base_model_id, prompt=TEXTS[1], max_tokens=2, temperature=0)
+    body = setup.fake.bodies[before]
+    assert "prompt_embeds" not in body and body["prompt"] == setup.reference.tokenizer(TEXTS[1])["input_ids"]
+
+
+def test_bf16_gateway_sends_bf16_rows(setup):
+    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="bfloat16", timeout_s=5)
+
+    async def one():
+        try:
+            return await run_one(backend, GenerationRequest("fun", task="t1", max_new_tokens=1))
+        finally:
+            await backend.close()
+
+    before = len(setup.fake.bodies)
+    asyncio.run(one())
+    sent = decode_embeds(setup.fake.bodies[-1])
+    assert len(setup.fake.bodies) > before and sent.dtype == torch.bfloat16 and sent.shape == (TASKS["t1"] + 1, 32)
+
+
+# ---------------------------------------------------------------- answers equal the built-in engine
+
+
+def test_16_concurrent_requests_over_4_tasks_and_plain_rows_equal_the_engine(setup):
+    tasks = [*TASKS, None]
+    jobs = [(TEXTS[i % len(TEXTS)], tasks[i % len(tasks)]) for i in range(16)]
+
+    def call(job):
+        text, task = job
+        return setup.client.completions.create(model=task or setup.reference.base_model_id, prompt=text,
+                                               max_tokens=6, temperature=0).choices[0].text
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(call, jobs))
+    assert got == [greedy_alone(setup, text, task, 6).text for text, task in jobs]
+    assert len(set(got)) > 3  # the tasks really differ
+
+
+def test_chat_with_stop_and_usage_equals_the_engine(setup):
+    messages = [{"role": "user", "content": "the movie was"}]
+    out = setup.client.chat.completions.create(model="t1", messages=messages, max_tokens=6, temperature=0)
+    ids = setup.reference.chat_prompt(messages)
+    expected = greedy_alone(setup, ids, "t1", 6)
+    assert out.choices[0].message.content == expected.text
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_streaming_passes_pieces_through_and_joins_to_the_engines_text(setup):
+    stream = setup.client.completions.create(model="t3", prompt=TEXTS[2], max_tokens=6, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == greedy_alone(setup, TEXTS[2], "t3", 6).text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1  # really streamed
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_classify_equals_the_engine_with_single_and_multi_token_targets(setup):
+    """VERBALIZER's targets are ' good' (1 token) and ' bad film' (2 tokens)."""
+    before = len(setup.fake.bodies)
+    got = setup.http.post("/v1/classify", json={"model": "t0", "input": TEXTS[:3]}).json()["data"]
+    expected = setup.reference.classify("t0", TEXTS[:3])
+    assert [row["label"] for row in got] == [c.label for c in expected]
+    for row, ref in zip(got, expected, strict=True):
+        assert row["probabilities"] == pytest.approx(ref.probabilities, abs=1e-5)
+    asked = setup.fake.bodies[before:]
+    assert len(asked) == 3 * 2  # per row: 1 request for the first tokens of both, 1 for 'film'
+    assert all(b["max_tokens"] == 1 and b["logprob_token_ids"] and b["return_tokens_as_token_ids"] for b in asked)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_task_is_404_and_nothing_reaches_vllm(setup):
+    before = len(setup.fake.bodies)
+    r = setup.http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert len(setup.fake.bodies) == before
+
+
+def test_context_longer_than_vllms_is_the_engines_400(setup):
+    r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun " * 150, "max_tokens": 100})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "200 tokens" in r.json()["error"]["message"]  # the fake vLLM's max_model_len, learned
+
+
+@pytest.mark.parametrize(("status", "message", "http", "code"), [
+    (400, "This model's maximum context length is 200 tokens. However...", 400, "context_length_exceeded"),
+    (400, "temperature must be >= 0", 422, "invalid_value"),
+    (500, "engine core died", 503, "backend_unavailable"),
+])
+def test_vllm_errors_map_to_the_engines_errors(setup, status, message, http, code):
+    setup.fake.failures.append((status, {"error": {"message": message, "type": "X", "code": status}}))
+    r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2})
+    assert r.status_code == http and r.json()["error"]["code"] == code
+    assert message[:20] in r.json()["error"]["message"]
+
+
+def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_the_builtin_engine(setup):
+    """vLLM's prompt embeddings carry a soft prompt only: a deep prompt in the bank gets a 422 naming
+    the task and why, reaches no vLLM, and is not listed; the built-in engine serves the same task."""
+    from softprompt.server import create_app
+
+    DeepPromptModel(setup.model, {"deep": torch.zeros(2, 32)}).save_task("deep", setup.bank)
+    try:
+        before = len(setup.fake.bodies)
+        body = {"model": "deep", "prompt": "fun", "max_tokens": 2}
+        gateway = setup.http.post("/v1/completions", json=body)
+        classify = setup.http.post("/v1/classify", json={"model": "deep", "input": "fun"})
+        with running(create_app(Engine(load_model(str(setup.folder)), setup.bank))) as url:
+            builtin = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert len(setup.fake.bodies) == before
+        for r in (gateway, classify):
+            error = r.json()["error"]
+            assert r.status_code == 422 and (error["type"], error["code"]) == ("invalid_request_error", "invalid_prompt")
+            assert error["message"].startswith("task 'deep' is a deep prompt, which the vLLM backend cannot serve")
+        assert builtin.status_code == 200, builtin.text
+        listed = {m["id"]: m for m in setup.http.get("/v1/models").json()["data"]}
+        assert "deep" not in listed and listed["t0"]["kind"] == "soft"  # /v1/models lists what is served
+    finally:
+        setup.bank.delete("deep")
+
+
+def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
+    """The limits live in the HTTP layer, so the vLLM backend gets them like the built-in one."""
+    from softprompt.server import RequestLimits, create_app
+
+    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=30)
+    with running(create_app(backend, limits=RequestLimits(max_prompts_per_request=2,
+                                                          max_tokens_per_request=40))) as url:
+        before = len(setup.fake.bodies)
+        prompts = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 3}, timeout=30)
+        tokens = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 50},
+                            timeout=30)
+        assert len(setup.fake.bodies) == before
+        within = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 2, "max_tokens": 2},
+                            timeout=30)
+    assert prompts.status_code == 413 and "--max-prompts-per-request" in prompts.json()["error"]["message"]
+    assert tokens.status_code == 413 and "--max-tokens-per-request" in tokens.json()["error"]["message"]
+    assert within.status_code == 200 and len(setup.fake.bodies) == before + 2
+
+
+def test_request_timeout_is_504_backend_timeout(setup):
+    from softprompt.server import classify_error
+
+    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=1)
+    setup.fake.token_delay_s = 0.5  # 8 tokens take 4 s: longer than the 1 s timeout
+
+    async def slow():
+        try:
+            return await run_one(backend, GenerationRequest("fun", task="t0", max_new_tokens=8))
+        finally:
+            await backend.close()
+
+    with pytest.raises(BackendTimeoutError) as caught:
+        asyncio.run(slow())
+    status, body = classify_error(caught.value)
+    assert status == 504 and body["error"]["code"] == "backend_timeout"
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+def _cancelled_after(fake, before: int, timeout=10.0) -> list[dict]:
+    """Bodies of requests sent after `before` whose client (the gateway) went away."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not [i for i in fake.cancelled if i >= before]:
+        time.sleep(0.05)
+    return [fake.bodies[i] for i in fake.cancelled if i >= before]
+
+
+def test_client_disconnect_mid_stream_cancels_the_vllm_request(setup):
+    setup.fake.token_delay_s = 0.3
+    before = len(setup.fake.bodies)
+    with httpx.Client(base_url=setup.url, timeout=30) as client:
+        with client.stream("POST", "/v1/completions", json={"model": "t1", "prompt": "fun", "max_tokens": 30,
+                                                            "stream": True}) as r:
+            next(r.iter_lines())  # the stream began; now hang up
+    cancelled = _cancelled_after(setup.fake, before)
+    assert [(b["stream"], b["max_tokens"]) for b in cancelled] == [(True, 30)]
+
+
+def test_client_disconnect_without_streaming_cancels_the_vllm_request(setup):
+    setup.fake.token_delay_s = 0.3
+    before = len(setup.fake.bodies)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{setup.url}/v1/completions", json={"model": "t2", "prompt": "fun", "max_tokens": 30},
+                   timeout=1.0)
+    cancelled = _cancelled_after(setup.fake, before)
+    assert [(b.get("stream"), b["max_tokens"]) for b in cancelled] == [(None, 30)]
+
+
+# ---------------------------------------------------------------- faults and recovery
+
+
+def test_vllm_down_is_503_health_says_so_and_service_recovers(setup):
+    setup.fake.stop()
+    try:
+        r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
+        assert "not reachable" in r.json()["error"]["message"]
+        health = setup.http.get("/health")
+        assert health.status_code == 503 and health.json()["backend"]["status"] == "down"
+        assert setup.http.get("/v1/models").status_code == 200  # the gateway itself keeps serving
+    finally:
+        setup.fake.start(setup.fake.port)
+    health = setup.http.get("/health")
+    assert health.status_code == 200 and health.json()["backend"] == {
+        "name": "vllm", "status": "up", "url": setup.fake.url, "prompt_kinds": ["soft"]}
+    r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy_alone(setup, "fun", "t0", 2).text
+
+
+def test_a_vllm_serving_another_model_is_refused(setup):
+    other = FakeVLLM(build_tiny_model("llama", seed=1), build_full_tokenizer())
+    other.start(free_port())
+    try:
+        backend = VLLMBackend(setup.backend.engine, other.url, dtype="float32", timeout_s=5)
+        with pytest.raises(Exception, match="does not serve the gateway's model"):
+            asyncio.run(backend.prepare_all([GenerationRequest("fun", task="t0")]))
+    finally:
+        other.stop()
+
+
+def test_builtin_backend_reports_its_prompt_kinds(setup):
+    backend = BuiltinBackend(setup.reference)
+    try:
+        assert asyncio.run(backend.health())["prompt_kinds"] == ["soft", "deep"]
+    finally:
+        backend.scheduler.close()
