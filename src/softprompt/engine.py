@@ -40,7 +40,7 @@ from .bank import (
     prompt_from_files,
     validate_task_name,
 )
-from .data import Task, encode_example, is_valid_unicode, task_from_meta
+from .data import Task, encode_example, is_valid_unicode, task_from_meta, template_from_meta
 from .deep_prompt import PrefixShape, prefix_shape, rows_to_prefix
 from .errors import (
     ConfigError,
@@ -780,11 +780,11 @@ def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tens
 
 def _check_meta(saved: SavedPrompt) -> None:
     """An uploaded prompt's verbalizer and template must be usable (refused at upload)."""
-    if "template" not in saved.meta and "verbalizer" not in saved.meta:
-        return
-    meta = {"verbalizer": {"labels": ["x"]}, **saved.meta}  # a template alone is checked too
     try:
-        task_from_meta(saved.name, meta)
+        if saved.meta.get("verbalizer") is not None:
+            task_from_meta(saved.name, saved.meta)  # template and verbalizer, as classify reads them
+        else:  # a generation task: its template alone
+            template_from_meta(saved.name, saved.meta)
     except (NoVerbalizerError, ConfigError) as exc:
         raise PromptFileError(f"{META_FILE} of '{saved.name}': {exc}") from exc
 

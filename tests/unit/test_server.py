@@ -281,6 +281,20 @@ def test_upload_then_immediate_use_then_delete_then_404(server):
     assert_error(server.http.delete("/v1/prompts/uploaded", headers=ADMIN), 404, "unknown task")
 
 
+def test_upload_of_a_generation_task_as_softprompt_train_saves_it_serves(server):
+    meta = {"verbalizer": None, "template": "q : {question} a :"}  # what `train --target-column` writes
+    files = upload_files(random_prompt(3, seed=43), meta=meta, model=server.model)
+    response = server.http.put("/v1/prompts/free-form", files=files, headers=ADMIN)
+    try:
+        assert response.status_code == 200, response.text
+        served = server.http.post("/v1/completions", json={"model": "free-form", "prompt": "fun", "max_tokens": 3})
+        assert served.status_code == 200, served.text
+        assert_error(server.http.post("/v1/classify", json={"model": "free-form", "input": "fun"}), 400,
+                     "no verbalizer", "no_verbalizer")
+    finally:
+        server.http.delete("/v1/prompts/free-form", headers=ADMIN)
+
+
 def test_upload_of_a_peft_folder_without_our_metadata_serves(server):
     files = upload_files(random_prompt(2, seed=43))  # what PEFT's save_pretrained writes
     assert server.http.put("/v1/prompts/from-peft", files=files, headers=ADMIN).status_code == 200
