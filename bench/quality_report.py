@@ -80,7 +80,13 @@ def confirm_table(runs: list[dict], speed: dict) -> list[dict]:
             key = (r["spec"]["method"], setting(r["spec"]), r.get("device"))
             groups.setdefault(key, []).append(r)
     rows = []
+    for r in runs:  # a run cut off before its last step: its curve so far, reported as such
+        if r.get("stage") == "confirm" and "stopped_at_step" in r and r["spec"]["task"] == "sst2":
+            groups.setdefault((r["spec"]["method"], setting(r["spec"]), r.get("device")), []).append(r)
     for (method, described, device), seeds in sorted(groups.items()):
+        if any("stopped_at_step" in r for r in seeds):
+            rows.append(_unfinished_row(method, described, device, seeds))
+            continue
         report = [r["report_accuracy"] for r in seeds]
         curve = mean_curve([r["curve"] for r in seeds if "curve" in r])
         sps = speed["seconds_per_step"].get(method)
@@ -90,7 +96,39 @@ def confirm_table(runs: list[dict], speed: dict) -> list[dict]:
                      "select_mean": round(statistics.fmean(r["select_accuracy"] for r in seeds), 4),
                      "report_per_seed": [round(a, 4) for a in report], "curve_mean": curve,
                      "cpu_minutes_to_0.90": minutes_to(curve, sps, 0.90) if sps and curve else None})
-    return rows
+    return rows + _pooled_rows(runs, rows)
+
+
+def _pooled_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
+    """A confirmed setting's finished runs on every device (the screen's run is a seed too): one
+    row over all of them, each seed labelled with its device."""
+    pooled = []
+    for described, method in sorted({(r["setting"], r["method"]) for r in rows if not r.get("unfinished")}):
+        done = [r for r in runs if r.get("stage") in ("screen", "confirm") and "report_accuracy" in r
+                and r["spec"]["method"] == method and setting(r["spec"]) == described and r["spec"]["task"] == "sst2"]
+        if len({r.get("device") for r in done}) < 2:
+            continue
+        report = [r["report_accuracy"] for r in done]
+        pooled.append({"method": method, "setting": described, "device": "all (" + ", ".join(
+                           f"seed {r['spec']['seed']}: {r.get('device')}" for r in done) + ")",
+                       "seeds": [r["spec"]["seed"] for r in done], "report_per_seed": [round(a, 4) for a in report],
+                       "report_mean": round(statistics.fmean(report), 4), "report_std": round(_std(report), 4),
+                       "select_mean": round(statistics.fmean(r["select_accuracy"] for r in done), 4),
+                       "curve_mean": mean_curve([r["curve"] for r in done if "curve" in r]),
+                       "cpu_minutes_to_0.90": None, "pooled": True})
+    return pooled
+
+
+def _unfinished_row(method: str, described: str, device: str, seeds: list[dict]) -> dict:
+    """Seeds of one setting of which at least one was cut off: the mean curve up to the last step
+    every seed reached, and each seed's accuracy there; no final accuracy is claimed."""
+    curve = mean_curve([r["curve"] for r in seeds])
+    last = curve[-1]["step"] if curve else 0
+    at_last = [next(c["report"] for c in r["curve"] if c["step"] == last) for r in seeds]
+    return {"method": method, "setting": described, "device": device, "seeds": sorted(r["spec"]["seed"] for r in seeds),
+            "unfinished": True, "compared_at_step": last, "report_per_seed": [round(a, 4) for a in at_last],
+            "report_mean": round(statistics.fmean(at_last), 4), "report_std": round(_std(at_last), 4),
+            "curve_mean": curve, "cpu_minutes_to_0.90": None}
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -152,6 +190,10 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---:|---:|"]
         for r in report["confirm"]:
             minutes = r["cpu_minutes_to_0.90"] if r["cpu_minutes_to_0.90"] is not None else "not reached"
+            if r.get("unfinished"):
+                minutes = f"cut off: accuracy at step {r['compared_at_step']}, not the end of training"
+            elif r.get("pooled"):
+                minutes = "- (devices differ)"
             lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['device']} | {','.join(map(str, r['seeds']))} | "
                          f"{', '.join(f'{a:.3f}' for a in r['report_per_seed'])} | "
                          f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | {minutes} |")
@@ -190,6 +232,8 @@ def plot(report: dict, path: Path) -> None:
             ax_minutes.plot([s * c["seconds_per_step_cpu"] / 60 for s in steps], accuracy, marker="o",
                             color=COLORS.get(method), label=LABELS[method])
     for c in report["confirm"]:
+        if c.get("pooled"):  # its seeds are already drawn: the screen's curve and the device's mean
+            continue
         steps = [p["step"] for p in c["curve_mean"]]
         mean = [p["report"] for p in c["curve_mean"]]
         std = [p["report_std"] for p in c["curve_mean"]]

@@ -424,7 +424,28 @@ def cmd_confirm(args) -> int:
     out = Path(args.out)
     (out / "prompts").mkdir(parents=True, exist_ok=True)
     print(f"confirming {len(specs)} runs: {[s.method + ' seed ' + str(s.seed) for s in specs]}", file=sys.stderr)
+    if args.collect_unfinished:
+        return collect_unfinished(specs, out)
     run_stage(specs, args.workers, time.time() + args.budget_seconds, out, out / "prompts", "confirm")
+    return 0
+
+
+def collect_unfinished(specs: list[Spec], out: Path) -> int:
+    """Runs cut off before their last step (e.g. the session ended): their learning curves so far,
+    from the progress files, appended to runs.jsonl marked `stopped_at_step` (never as finished)."""
+    import torch
+
+    finished = {run_id(Spec(**r["spec"])) for r in load_runs(out / "runs.jsonl")} if (out / "runs.jsonl").is_file() else set()
+    with open(out / "runs.jsonl", "a") as log:
+        for spec in specs:
+            progress = out / "prompts" / f"{run_id(spec)}.curve.jsonl"
+            if run_id(spec) in finished or not progress.is_file():
+                continue
+            curve = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+            log.write(json.dumps({"spec": asdict(spec), "stage": "confirm", "device": "cpu" if not torch.cuda.is_available()
+                                  else torch.cuda.get_device_name(0), "curve": curve,
+                                  "stopped_at_step": curve[-1]["step"]}) + "\n")
+            print(f"{spec.method} seed {spec.seed}: stopped at step {curve[-1]['step']}", file=sys.stderr)
     return 0
 
 
@@ -516,6 +537,8 @@ def main(argv=None) -> int:
     confirm.add_argument("--workers", type=int, default=1)
     confirm.add_argument("--budget-seconds", type=float, default=7 * 24 * 3600)
     confirm.add_argument("--out", default="runs/quality_confirm")
+    confirm.add_argument("--collect-unfinished", action="store_true",
+                         help="append the curves of runs that were cut off to OUT/runs.jsonl, marked as stopped")
     speed = sub.add_parser("cpu-speed", help="seconds per step of each method here")
     speed.add_argument("--steps", type=int, default=12)
     default = sub.add_parser("cpu-default", help="softprompt train with its defaults, here, timed")
