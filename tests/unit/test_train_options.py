@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from softprompt.data import Task, Template, load_examples, make_classification_task
+from softprompt.data import Task, Template, load_examples
 from softprompt.errors import ConfigError
 from softprompt.evaluate import evaluate_classification, evaluate_task, generation_metrics, token_f1
 from softprompt.prompted import PromptedModel
@@ -17,15 +17,7 @@ from softprompt.prompts import PromptTuningConfig
 from softprompt.train import EvalSet, TrainConfig, Trainer
 
 from ..conftest import write_sentiment_jsonl
-
-TEMPLATE = "review : {text} sentiment :"
-
-
-def _setup(model, tokenizer, tmp_path):
-    task = make_classification_task("sentiment", TEMPLATE, ["negative", "positive"])
-    examples, _ = load_examples(write_sentiment_jsonl(tmp_path / "train.jsonl"), task, tokenizer)
-    config = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="text", prompt_tuning_init_text="classify")
-    return PromptedModel(model, {"sentiment": config}, tokenizer=tokenizer), task, examples
+from .test_train import TEMPLATE, _setup
 
 
 def _train(model, tokenizer, tmp_path, **config):
