@@ -9,8 +9,9 @@ Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/
 `POST /v1/classify`, and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
 is set. With a keys file (`keys=`) every /v1 route needs a key and each tenant sees only its own
-tasks (tenants.py: the keys, the checks, the audit log). Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
-mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
+tasks (tenants.py: the keys, the checks, the audit log). Every error is JSON in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`, mapped from exception types in `_ERRORS` and the
+handlers below, and nowhere else.
 
 What is about the HTTP request lives here, so every backend gets it: the body size, the schemas,
 the per-request limits (`RequestLimits`: 413 naming the limit) and cancelling a request whose
