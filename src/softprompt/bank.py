@@ -39,7 +39,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from softprompt.errors import (
+from .atomic import fsync_dir, fsync_file
+from .errors import (
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
@@ -326,28 +327,6 @@ def _fingerprint_diffs(ours: Any, theirs: Any) -> list[tuple[str, Any, Any]]:
 # ----------------------------------------------------------------------------- file io
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames / new entries in `path` durable; a no-op where directories cannot be synced."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems (and Windows) refuse fsync on a directory
-        logger.debug("fsync of folder %s not supported: %s", path, exc)
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -359,7 +338,7 @@ def _write_tensor(path: Path, tensor: torch.Tensor) -> None:
     """Write the prompt tensor as float32 safetensors and fsync it."""
     data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
     safetensors.torch.save_file({TENSOR_KEY: data}, str(path), metadata={"format": "pt"})
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _dumps(obj: object, where: str, *, sort_keys: bool = False) -> str:

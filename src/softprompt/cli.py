@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import __version__
+from .atomic import write_file
 from .errors import ConfigError, SoftPromptError
 from .options import add_arguments, from_args
 from .prompts import PromptTuningConfig
@@ -209,7 +210,7 @@ def _finish_training(args, prompted, trainer, result, tasks, tests, output_dir: 
     metrics_file = output_dir / "metrics.jsonl"
     if metrics_file.is_file():
         summary["plots"] = [str(p) for p in plot_training(metrics_file, output_dir)]
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_file(output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

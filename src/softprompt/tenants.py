@@ -42,7 +42,8 @@ from pathlib import Path
 
 from fastapi import Request
 
-from .bank import TASK_NAME_PATTERN, fsync_dir
+from .atomic import write_file
+from .bank import TASK_NAME_PATTERN
 from .errors import AuthenticationError, ConfigError, PermissionDeniedError, UnknownTaskError
 
 log = logging.getLogger(__name__)
@@ -186,19 +187,7 @@ def write_keys(path: str | Path, tenants: Iterable[Tenant]) -> None:
     """Replace the keys file atomically (temp file, fsync, rename), readable by its owner only."""
     path = Path(path)
     text = json.dumps({"version": KEYS_FORMAT, "tenants": [t.to_json() for t in tenants]}, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    write_file(path, text, mode=0o600)
 
 
 @contextlib.contextmanager

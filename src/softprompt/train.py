@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from .bank import fsync_dir
+from .atomic import write_file
 from .data import Example, Task, collate, length_grouped_batches
 from .errors import ConfigError
 from .evaluate import evaluate_task
@@ -421,13 +420,7 @@ class Trainer:
                  "examples_seen": self.examples_seen, "config": asdict(self.config),
                  "trackers": self.trackers.run_ids()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        write_file(path, lambda f: torch.save(state, f))
         # only now: a tracker never holds a step that a --resume from this checkpoint logs again
         self.trackers.flush()
 
@@ -493,13 +486,13 @@ class Trainer:
                 kept.append(line + "\n")
         if torn:
             log.warning("dropped %d unreadable line(s) of %s (a write cut short)", torn, metrics)
-        _write_atomically(metrics, "".join(kept))
+        write_file(metrics, "".join(kept))
 
     def _start_fresh_run(self) -> None:
         """A run that did not resume starts a new metrics log, and drops a checkpoint left by an
         earlier run in the same folder (a later --resume must not continue that one)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self._metrics_path(), "")
+        write_file(self._metrics_path(), "")
         self.checkpoint_path().unlink(missing_ok=True)
         self._log_started = True
 
@@ -511,16 +504,6 @@ def _parse_record(line: str) -> dict | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass

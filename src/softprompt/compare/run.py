@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..atomic import write_file
 from ..data import Task, Template, load_examples, make_classification_task
 from ..errors import ConfigError
 from ..models import load_model
@@ -111,8 +112,8 @@ def write_outputs(results: dict, output_dir: str | Path) -> dict[str, Path]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "compare.json", "md": out / "compare.md", "png": out / "compare.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    paths["md"].write_text(markdown_table(results) + "\n")
+    write_file(paths["json"], json.dumps(results, indent=2) + "\n")
+    write_file(paths["md"], markdown_table(results) + "\n")
     plot_results(results, paths["png"])
     return paths
 
