@@ -600,15 +600,65 @@ class Engine:
         return results
 
     def _run_generation(self, rows: list[_PreparedGeneration]) -> list[GenerationResult]:
+        """Generate for `rows` together until the last one ends (how `run` and `generate` batch)."""
+        batch, results = self.start_generation(rows), {}
+        while batch.rows:
+            results.update((id(row), result) for row, result in self.step(batch))
+        return [results[id(row)] for row in rows]
+
+    # ------------------------------------------------------------ generation, one step at a time
+
+    def start_generation(self, rows: list[_PreparedGeneration]) -> GenerationBatch:
+        """Prefill `rows` (any tasks and kinds): a batch ready to `step`, or to `join` another."""
         ids, mask = self._left_pad([r.input_ids for r in rows])  # (B, L)
         max_new = max(r.max_new_tokens for r in rows)
-        states = [_RowState(r, self._decode, self.eos_token_ids) for r in rows]
         with self._model_lock:
             prompt_inputs = self._prompt_inputs([r.task for r in rows], ids.shape[1] + max_new)
-            tokens = inject.generate(self.model, ids, mask, max_new_tokens=max_new,
-                                     eos_token_ids=self.eos_token_ids, sampling=[r.sampling for r in rows],
-                                     should_stop=lambda b, t: states[b].step(t), **prompt_inputs)
-        return [state.finish(t) for state, t in zip(states, tokens, strict=True)]
+            state = inject.prefill(self.model, ids, mask, max_new_tokens=max_new, **prompt_inputs)
+        states = [_RowState(r, self._decode, self.eos_token_ids) for r in rows]
+        return GenerationBatch(states, state, inject.TokenPicker([r.sampling for r in rows]))
+
+    @functools.cached_property
+    def can_join(self) -> bool:
+        """Whether rows can join a running batch (continuous batching); not for a sliding-window
+        model, whose cache cannot be merged exactly."""
+        return inject.can_merge(self.model)
+
+    def join(self, running: GenerationBatch, new: GenerationBatch) -> None:
+        """Add the prefilled rows of `new` to `running`, which keeps generating with them."""
+        if not self.can_join:
+            raise ConfigError("this model's rows cannot join a running batch (sliding-window attention)")
+        with self._model_lock:
+            self._catch_up(running)
+            running.state = inject.merge_states(running.state, new.state)
+        running.rows += new.rows
+        running.picker = running.picker + new.picker
+
+    def step(self, batch: GenerationBatch) -> list[tuple[_PreparedGeneration, GenerationResult]]:
+        """One new token for every row of `batch`; the rows that ended leave it at once (their
+        last text streamed) and are returned with their results. Cancelled rows end here."""
+        with self._model_lock:
+            self._catch_up(batch)
+            next_ids = batch.picker(batch.state.logits)  # (B,)
+        keep, ended = [], []
+        for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
+            row.tokens.append(token)
+            if token in self.eos_token_ids or row.step(row.tokens):
+                ended.append(row)
+            else:
+                keep.append(i)
+        if ended:
+            with self._model_lock:
+                batch.state = inject.select_rows(batch.state, keep) if keep else None
+            batch.rows, batch.picker = [batch.rows[i] for i in keep], batch.picker.select(keep)
+        batch.pending = next_ids[keep] if keep else None
+        return [(row.row, row.finish(row.tokens)) for row in ended]
+
+    def _catch_up(self, batch: GenerationBatch) -> None:
+        """Feed the tokens picked at the last step (under the model lock): logits for every row."""
+        if batch.pending is not None:
+            batch.state = inject.decode(self.model, batch.state, batch.pending)
+            batch.pending = None
 
     def _run_scores(self, items: list[_PreparedScore]) -> list:
         scores = self.score_pairs([pair for item in items for pair in item.pairs])
@@ -693,11 +743,23 @@ class Engine:
 # ---------------------------------------------------------------- per-row generation state
 
 
+@dataclass(eq=False)
+class GenerationBatch:
+    """Rows generating together, between two steps: each row's state, the model's decode state
+    (cache, mask, positions, logits) and the rows' token pickers, all in the same row order."""
+
+    rows: list[_RowState]
+    state: inject.DecodeState | None
+    picker: inject.TokenPicker
+    pending: torch.Tensor | None = None  # (B,) tokens picked but not yet fed to the model
+
+
 class _RowState:
-    """Stop strings, per-row token limit and streamed text of one generating row."""
+    """Stop strings, per-row token limit, tokens and streamed text of one generating row."""
 
     def __init__(self, row: _PreparedGeneration, decode, eos_ids: tuple[int, ...]):
         self.row, self.decode, self.eos_ids = row, decode, eos_ids
+        self.tokens: list[int] = []
         self.holdback = max((len(s) for s in row.stops), default=1) - 1
         self.watch = bool(row.stops or row.request.on_text)
 
