@@ -420,11 +420,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .scheduler import SchedulerConfig
     from .server import RequestLimits, serve
     from .vllm_backend import VLLMConfig
 
     serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
-          vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          vllm=from_args(VLLMConfig, args), scheduling=from_args(SchedulerConfig, args),
           limits=from_args(RequestLimits, args))
     return 0
 
@@ -562,11 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
                    help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
                         "embeddings, bank) in front of a vLLM server (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="builtin: rows per batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="builtin: wait to fill a batch")
+    from .scheduler import SchedulerConfig
     from .server import RequestLimits
     from .vllm_backend import VLLMConfig
 
+    add_arguments(p, SchedulerConfig)
     add_arguments(p, RequestLimits)
     add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
