@@ -1,14 +1,14 @@
 """Multi-task inference over one frozen model: mixed-task batches, a per-task KV prefix cache,
-generation / classification / scoring, and a micro-batcher for the server.
+generation / classification / scoring, one decoding step at a time (the server's scheduler,
+scheduler.py, joins and drops rows between steps).
 
     engine = Engine(load_model("default"), PromptBank("bank/"))
     engine.generate([GenerationRequest("Review: great film", task="sentiment")])
     engine.classify("sentiment", ["great film", "boring plot"])
 
-Tasks live in memory as `_Task` entries (prompt [n, d] fp32 on the model's device, its bank
-version, its metadata and, once used, its KV prefix). A request names a task; before it runs the
-engine asks the bank for that task's version (one `readlink`), so a prompt saved, changed or
-deleted by any replica is seen on the very next request. Everything that touches the model goes
+The tasks are the engine's `registry` (registry.py): a request names one, and before it runs
+the registry checks the task's bank version, so a prompt saved, changed or deleted by any replica
+is seen on the very next request. Everything that touches the model goes
 through `inject.py`; all model calls run under one lock, so the engine is safe to share.
 """
 
@@ -18,42 +18,28 @@ import functools
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import inject
-from .bank import (
-    CONFIG_FILE,
-    META_FILE,
-    WEIGHTS_FILE,
-    PromptBank,
-    SavedPrompt,
-    check_compatible,
-    prompt_from_files,
-    validate_task_name,
-)
-from .data import Task, encode_example, is_valid_unicode, task_from_meta, template_from_meta
+from .bank import PromptBank
+from .data import Task, encode_example, is_valid_unicode, task_from_meta
 from .deep_prompt import PrefixShape, prefix_shape, rows_to_prefix
 from .errors import (
     ConfigError,
     ContextLengthError,
     DataError,
     IncompatiblePromptError,
-    InvalidTaskNameError,
     NoVerbalizerError,
-    PromptFileError,
-    SoftPromptError,
-    UnknownTaskError,
 )
 from .models import LoadedModel, eos_token_ids, fingerprint
+from .registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
 
 log = logging.getLogger(__name__)
 
-PROMPT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
 
 
 # ---------------------------------------------------------------- requests and results
@@ -124,41 +110,7 @@ class ScoreRequest:
     targets: Sequence[str]
 
 
-@dataclass
-class TaskInfo:
-    """What the engine holds for one task in memory."""
-
-    name: str
-    num_virtual_tokens: int
-    version: str | None
-    """Bank version it was loaded from; None for a task added in memory only."""
-    loaded_at: float
-    has_verbalizer: bool
-    kind: str = "soft"
-    """'soft' (vectors before the input) or 'deep' (keys and values in every layer)."""
-
-
 # ---------------------------------------------------------------- internals: tasks, prepared work
-
-
-@dataclass(eq=False)
-class _Task:
-    name: str
-    prompt: torch.Tensor  # (n, d) fp32 on the model's device
-    version: str | None
-    meta: dict
-    loaded_at: float = field(default_factory=time.time)
-    prefix: inject.PromptPrefix | None = None  # computed on first use, under the model lock
-    classifier: tuple | None = None  # (data.Task, target ids), parsed on first use
-    kind: str = "soft"  # 'deep': `prompt` holds KV rows [n, layers * 2 * kv_heads * head_dim]
-
-    @property
-    def length(self) -> int:
-        return self.prompt.shape[0]
-
-    def info(self) -> TaskInfo:
-        return TaskInfo(self.name, self.length, self.version, self.loaded_at,
-                        isinstance(self.meta.get("verbalizer"), dict), self.kind)
 
 
 @dataclass(eq=False)
@@ -251,126 +203,17 @@ class Engine:
         self.base_names = {self.base_model_id, self.model.config.name_or_path or self.base_model_id}
         self.reserved_names = {"default", *self.base_names}
         """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
-        self._tasks: dict[str, _Task] = {}
-        self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
-        self._tasks_lock = threading.RLock()
         self._model_lock = threading.RLock()
         self._tokenizer_lock = threading.Lock()
-
-    # ------------------------------------------------------------ tasks
-
-    def tasks(self) -> list[str]:
-        """Names of the tasks in memory."""
-        with self._tasks_lock:
-            return sorted(self._tasks)
-
-    def task_infos(self) -> list[TaskInfo]:
-        """What is in memory, one consistent snapshot (sorted by name)."""
-        with self._tasks_lock:
-            return [self._tasks[name].info() for name in sorted(self._tasks)]
-
-    def task_info(self, name: str) -> TaskInfo:
-        with self._tasks_lock:
-            if name not in self._tasks:
-                raise UnknownTaskError(f"task '{name}' is not active")
-            return self._tasks[name].info()
-
-    def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
-        """Put a task in memory directly (not from the bank); it stays until deactivated."""
-        self._check_name(name)
-        kind = "soft"  # a bare tensor is a soft prompt [n, d]
-        if isinstance(prompt, SavedPrompt):
-            self._check(prompt)
-            kind, prompt, meta = prompt.kind, prompt.embeddings, {**prompt.meta, **(meta or {})}
-        entry = self._entry(name, _check_tensor(name, prompt, self._row_width(kind)), None, meta or {}, kind)
-        return self._store(entry).info()
-
-    def activate(self, name: str) -> TaskInfo:
-        """Have `name` in memory at the bank's current version (microseconds if it already is)."""
-        return self._activate(name).info()
-
-    def deactivate(self, name: str) -> None:
-        """Drop a task (and its KV prefix) from memory; the bank is untouched."""
-        with self._tasks_lock:
-            self._tasks.pop(name, None)
-            self._bad.pop(name, None)
-
-    def refresh(self) -> dict[str, str]:
-        """Follow the bank: load new tasks, reload changed ones, drop deleted ones.
-
-        Cheap when nothing changed (a folder scan and one `readlink` per task). Bad entries are
-        logged and skipped; returns {name: error message} for them.
-        """
-        if self.bank is None:
-            return {}
-        names = set(self.bank.names())
-        with self._tasks_lock:
-            gone = [n for n, t in self._tasks.items() if t.version is not None and n not in names]
-        for name in gone:
-            log.info("task '%s' left the bank; dropping it", name)
-            self.deactivate(name)
-        errors = {}
-        for name in sorted(names):
-            try:
-                self._activate(name)  # refuses a bank task named like the base model
-            except UnknownTaskError:
-                self.deactivate(name)  # deleted while we looked
-            except SoftPromptError as exc:
-                errors[name] = str(exc)
-        return errors
-
-    def _check_name(self, name: str) -> None:
-        validate_task_name(name)
-        if name in self.reserved_names:
-            raise InvalidTaskNameError(f"task name '{name}' is reserved: it names a base model")
-
-    def _activate(self, name: str) -> _Task:
-        self._check_name(name)
-        with self._tasks_lock:
-            entry = self._tasks.get(name)
-        if entry is not None and (entry.version is None or self.bank is None):
-            return entry  # added in memory: pinned
-        if self.bank is None:
-            raise _unknown(name)
-        try:
-            version = self.bank.version(name)
-        except UnknownTaskError:
-            self.deactivate(name)
-            raise _unknown(name) from None
-        if entry is not None and entry.version == version:
-            return entry
-        return self._load(name, version)
-
-    def _load(self, name: str, version: str) -> _Task:
-        """Read `name` from the bank (version read first: a racing save only causes a reload)."""
-        bad = self._bad.get(name)
-        if bad is not None and bad[0] == version:
-            raise bad[1]  # same broken version as before: do not read it again
-        try:
-            saved = self.bank.load(name)
-            self._check(saved)
-            entry = self._entry(name, saved.embeddings, version, saved.meta, saved.kind)
-        except UnknownTaskError:
-            raise
-        except SoftPromptError as exc:
-            log.warning("task '%s' in bank %s is unusable: %s", name, self.bank.root, exc)
-            with self._tasks_lock:
-                self._bad[name] = (version, exc)
-                self._tasks.pop(name, None)
-            raise
-        log.info("loaded task '%s' (version %s, %d virtual tokens)", name, version, entry.length)
-        return self._store(entry)
-
-    def _check(self, saved: SavedPrompt) -> None:
-        check_compatible(saved, token_dim=self._row_width(saved.kind), fingerprint=self.fingerprint,
-                         kinds=self.kinds)
-        _check_tensor(saved.name, saved.embeddings, self._row_width(saved.kind))
-        if saved.embeddings.shape[0] >= self.context_length:
-            raise IncompatiblePromptError(f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
-                                          f"virtual tokens; the model's context is {self.context_length}")
-
-    def _entry(self, name: str, values: torch.Tensor, version: str | None, meta: dict, kind: str) -> _Task:
-        return _Task(name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind)
+        self.registry = TaskRegistry(self.bank, kinds=kinds, fingerprint=self.fingerprint,
+                                     reserved_names=self.reserved_names, row_width=self._row_width,
+                                     context_length=self.context_length, device=self.device)
+        """The tasks in memory (registry.py): load, check, install, remove, follow the bank."""
+        self.tasks, self.task_infos, self.task_info = (self.registry.tasks, self.registry.task_infos,
+                                                       self.registry.task_info)
+        self.add_task, self.activate, self.deactivate = (self.registry.add_task, self.registry.activate,
+                                                         self.registry.deactivate)
+        self.refresh, self.install, self.remove = self.registry.refresh, self.registry.install, self.registry.remove
 
     @functools.cached_property
     def prefix_shape(self) -> PrefixShape:
@@ -382,12 +225,6 @@ class Engine:
         """Width of one prompt row of `kind` (a kind not served is refused before width matters)."""
         return self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
 
-    def _store(self, entry: _Task) -> _Task:
-        with self._tasks_lock:
-            self._tasks[entry.name] = entry
-            self._bad.pop(entry.name, None)
-        return entry
-
     def _resolve(self, name: str | None, snapshot: dict[str, _Task]) -> _Task | None:
         """The task entry for a request (None = the base model, no prompt).
 
@@ -397,48 +234,8 @@ class Engine:
         if name is None or name == "" or name in self.base_names:
             return None
         if name not in snapshot:
-            snapshot[name] = self._activate(name)
+            snapshot[name] = self.registry._activate(name)
         return snapshot[name]
-
-    # ------------------------------------------------------------ admin (upload / delete)
-
-    def install(self, name: str, files: Mapping[str, bytes]) -> TaskInfo:
-        """Validate an uploaded prompt folder like a bank load, save it atomically, activate it.
-
-        `files` maps file names (adapter_config.json, adapter_model.safetensors, optional
-        softprompt.json; others are ignored) to their bytes.
-        """
-        self._check_name(name)
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
-        if missing:
-            raise PromptFileError(f"upload of task '{name}' lacks {', '.join(missing)}")
-        saved = prompt_from_files({f: files[f] for f in PROMPT_FILES if f in files}, name)
-        self._check(saved)
-        _check_meta(saved)
-        if self.bank is None:
-            return self.add_task(name, saved)
-        try:
-            self.bank.save(saved)
-        except PromptFileError as exc:
-            if not isinstance(exc.__cause__, OSError):
-                raise
-            log.error("saving uploaded task '%s' failed: %s", name, exc)  # its paths stay here
-            raise PromptFileError(f"could not save task '{name}' on the server") from None
-        return self.activate(name)
-
-    def remove(self, name: str) -> None:
-        """Delete a task from the bank (UnknownTaskError if absent) and from memory."""
-        validate_task_name(name)
-        if self.bank is None:
-            with self._tasks_lock:
-                if name not in self._tasks:
-                    raise _unknown(name)
-        else:
-            try:
-                self.bank.delete(name)
-            except UnknownTaskError:
-                raise _unknown(name) from None
-        self.deactivate(name)
 
     # ------------------------------------------------------------ public operations
 
@@ -818,35 +615,6 @@ def _check_sampling(request: GenerationRequest) -> None:
         raise ConfigError("stop must be a string or a list of strings")
 
 
-def _unknown(name: str) -> UnknownTaskError:
-    """The error for a task that is not there. It names only what the client sent: listing the
-    tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's."""
-    return UnknownTaskError(f"unknown task '{name}'")
-
-
-def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tensor:
-    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[0] < 1:
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise IncompatiblePromptError(f"prompt '{name}' must be a tensor [n, d] with n >= 1, got {shape}")
-    if values.shape[1] != token_dim:
-        raise IncompatiblePromptError(f"prompt '{name}' has hidden size {values.shape[1]} "
-                                      f"but the model has {token_dim}")
-    if not bool(torch.isfinite(values).all()):
-        raise IncompatiblePromptError(f"prompt '{name}' contains NaN or inf values")
-    return values
-
-
-def _check_meta(saved: SavedPrompt) -> None:
-    """An uploaded prompt's verbalizer and template must be usable (refused at upload)."""
-    try:
-        if saved.meta.get("verbalizer") is not None:
-            task_from_meta(saved.name, saved.meta)  # template and verbalizer, as classify reads them
-        else:  # a generation task: its template alone
-            template_from_meta(saved.name, saved.meta)
-    except (NoVerbalizerError, ConfigError) as exc:
-        raise PromptFileError(f"{META_FILE} of '{saved.name}': {exc}") from exc
-
-
 def _classify_inputs(values) -> list[str | Mapping]:
     """A classify request's inputs: one string or mapping, or a non-empty list of them."""
     if isinstance(values, str | Mapping):
@@ -911,6 +679,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "SEED_RANGE", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
+    "PROMPT_FILES", "SEED_RANGE", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
     "GenerationRequest", "GenerationResult", "NoVerbalizerError", "ScoreRequest", "TaskInfo",
 ]
