@@ -187,9 +187,6 @@ class Engine:
             self.base_model_id = self.model.config.name_or_path or "base"
             self.fingerprint = fingerprint(self.model)
         self.bank = PromptBank(bank) if isinstance(bank, str | Path) else bank
-        self.kinds = kinds
-        """The prompt kinds served (a deep prompt enters as each layer's KV prefix; the vLLM
-        gateway's engine has no layers and serves soft prompts only)."""
         self.use_prefix_cache = use_prefix_cache
         """Start requests from each task's cached KV prefix (off: inject the prompt each time)."""
         self.max_new_tokens_cap = max_new_tokens_cap
@@ -214,6 +211,16 @@ class Engine:
         self.add_task, self.activate, self.deactivate = (self.registry.add_task, self.registry.activate,
                                                          self.registry.deactivate)
         self.refresh, self.install, self.remove = self.registry.refresh, self.registry.install, self.registry.remove
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The prompt kinds served (a deep prompt enters as each layer's KV prefix; the vLLM
+        gateway's engine has no layers and serves soft prompts only); the registry checks them."""
+        return self.registry.kinds
+
+    @kinds.setter
+    def kinds(self, kinds: tuple[str, ...]) -> None:
+        self.registry.kinds = kinds
 
     @functools.cached_property
     def prefix_shape(self) -> PrefixShape:
