@@ -97,8 +97,9 @@ class RequestLimits:
         "to generate; input plus target tokens of every label to classify.")
     max_body_bytes: int = opt(0, "Largest request body in bytes, prompt uploads included (0 = room for a "
                               "64-token deep prompt of the served model, and at least 1 MB).")
-    request_timeout_s: float = opt(300.0, "Seconds a request may take, waiting included, before it fails with "
-                                          "504 (code backend_timeout) and its work is cancelled.")
+    request_timeout_s: float = opt(300.0, "Seconds before a request fails with 504 (code backend_timeout) and "
+                                          "its work is cancelled: builtin, from its arrival (queue wait "
+                                          "included) to its result; vllm, waiting for vLLM's next answer.")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
