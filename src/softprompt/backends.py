@@ -9,7 +9,8 @@ and reports its health:
     results = await backend.run(prepared)    # one result per piece; cancelling the call stops them
     pieces = await backend.stream(prepared[0])  # str pieces, then the GenerationResult
 
-- `BuiltinBackend`: the engine's own model behind one fair micro-batcher (`BatchScheduler`).
+- `BuiltinBackend`: the engine's own model behind one fair continuous batcher (`scheduler.py`),
+  with a bounded queue (503 when full) and a per-request timeout (504).
 - `VLLMBackend` (`vllm_backend.py`): a vLLM server fed prompt embeddings over HTTP.
 """
 
@@ -20,7 +21,10 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from .engine import BatchScheduler, Engine, GenerationResult
+from .engine import Engine, GenerationResult
+from .errors import BackendTimeoutError, ConfigError
+from .options import flag
+from .scheduler import BatchScheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,21 @@ _DONE = object()
 
 
 class BuiltinBackend:
-    """The engine's own model; concurrent requests share mixed-task batches, taking fair turns."""
+    """The engine's own model; concurrent requests share batches step by step, taking fair turns.
+
+    A request waiting in the queue and running together may take `request_timeout_s` at most:
+    then its rows stop at their next step and it fails with BackendTimeoutError (504).
+    """
 
     name = "builtin"
 
-    def __init__(self, engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 5):
+    def __init__(self, engine: Engine, scheduling: SchedulerConfig | None = None, *,
+                 request_timeout_s: float = 300):
+        if not isinstance(request_timeout_s, int | float) or request_timeout_s <= 0:
+            raise ConfigError(f"{flag('request_timeout_s')} must be > 0, not {request_timeout_s!r}")
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        self.request_timeout_s = request_timeout_s
+        self.scheduler = BatchScheduler.from_config(engine, scheduling or SchedulerConfig())
 
     async def start(self) -> None:
         errors = await asyncio.to_thread(self.engine.refresh)
@@ -58,7 +70,8 @@ class BuiltinBackend:
         await asyncio.to_thread(self.scheduler.close)
 
     async def health(self) -> dict:
-        return {"name": self.name, "status": "up", "prompt_kinds": list(self.engine.kinds)}
+        return {"name": self.name, "status": "up", "prompt_kinds": list(self.engine.kinds),
+                "queued": self.scheduler.queued}
 
     async def prepare_all(self, requests: Sequence) -> list:
         return await self.scheduler.prepare_all(requests)
@@ -66,12 +79,17 @@ class BuiltinBackend:
     async def run(self, prepared: list) -> list:
         """Run a client request's pieces as one owner: one fair share of the batches, not one per piece.
 
-        Cancelled (the client went away): rows stop at their next token, scoring before its next batch.
+        Cancelled (the client went away) or timed out: rows stop at their next step, scoring
+        before its next slice.
         """
-        owner = object()
-        futures = [self.scheduler.enqueue(piece, owner) for piece in prepared]
+        futures = self.scheduler.enqueue_all(prepared, object())  # OverloadedError when full
         try:
-            return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
+                                          self.request_timeout_s)
+        except TimeoutError:
+            for piece in prepared:
+                piece.cancelled = True
+            raise self._timeout() from None
         except asyncio.CancelledError:
             for piece in prepared:
                 piece.cancelled = True
@@ -83,13 +101,24 @@ class BuiltinBackend:
         prepared.request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
         future = self.scheduler.enqueue(prepared)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
-        return self._pieces(prepared, pieces, future)
+        return self._pieces(prepared, pieces, future, loop.time() + self.request_timeout_s)
 
-    @staticmethod
-    async def _pieces(prepared, pieces: asyncio.Queue, future) -> AsyncIterator[str | GenerationResult]:
+    async def _pieces(self, prepared, pieces: asyncio.Queue, future,
+                      deadline: float) -> AsyncIterator[str | GenerationResult]:
         try:
-            while (piece := await pieces.get()) is not _DONE:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        piece = await pieces.get()
+                except TimeoutError:
+                    raise self._timeout() from None
+                if piece is _DONE:
+                    break
                 yield piece
             yield future.result()  # raises if the request failed after the stream began
         finally:
-            prepared.cancelled = True  # the client went away: stop generating for it
+            prepared.cancelled = True  # the client went away (or time ran out): stop generating for it
+
+    def _timeout(self) -> BackendTimeoutError:
+        return BackendTimeoutError(f"the request did not finish within {self.request_timeout_s:g} s "
+                                   f"({flag('request_timeout_s')}); it was cancelled")

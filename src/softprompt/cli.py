@@ -421,6 +421,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .scheduler import SchedulerConfig
     from .server import RequestLimits, serve
     from .tenants import read_keys
     from .vllm_backend import VLLMConfig
@@ -428,7 +429,7 @@ def cmd_serve(args) -> int:
     if args.keys:
         read_keys(args.keys)  # a bad keys file fails now, not after the model has loaded
     serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
-          vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          vllm=from_args(VLLMConfig, args), scheduling=from_args(SchedulerConfig, args),
           keys=args.keys, audit_log=args.audit_log, limits=from_args(RequestLimits, args))
     return 0
 
@@ -588,8 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
                    help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
                         "embeddings, bank) in front of a vLLM server (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="builtin: rows per batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="builtin: wait to fill a batch")
+    from .scheduler import SchedulerConfig
     p.add_argument("--keys", help="Tenants' keys file (softprompt keys add): every /v1 route then needs a "
                    "key, and each tenant sees only its tasks. The admin key is SOFTPROMPT_API_KEY")
     p.add_argument("--audit-log", help="Where admin actions are appended as JSON lines (default with "
@@ -597,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import RequestLimits
     from .vllm_backend import VLLMConfig
 
+    add_arguments(p, SchedulerConfig)
     add_arguments(p, RequestLimits)
     add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)

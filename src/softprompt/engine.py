@@ -1,63 +1,45 @@
 """Multi-task inference over one frozen model: mixed-task batches, a per-task KV prefix cache,
-generation / classification / scoring, and a micro-batcher for the server.
+generation / classification / scoring, one decoding step at a time (the server's scheduler,
+scheduler.py, joins and drops rows between steps).
 
     engine = Engine(load_model("default"), PromptBank("bank/"))
     engine.generate([GenerationRequest("Review: great film", task="sentiment")])
     engine.classify("sentiment", ["great film", "boring plot"])
 
-Tasks live in memory as `_Task` entries (prompt [n, d] fp32 on the model's device, its bank
-version, its metadata and, once used, its KV prefix). A request names a task; before it runs the
-engine asks the bank for that task's version (one `readlink`), so a prompt saved, changed or
-deleted by any replica is seen on the very next request. Everything that touches the model goes
+The tasks are the engine's `registry` (registry.py): a request names one, and before it runs
+the registry checks the task's bank version, so a prompt saved, changed or deleted by any replica
+is seen on the very next request. Everything that touches the model goes
 through `inject.py`; all model calls run under one lock, so the engine is safe to share.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import concurrent.futures
 import functools
 import logging
 import math
-import queue
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import inject
-from .bank import (
-    CONFIG_FILE,
-    META_FILE,
-    WEIGHTS_FILE,
-    PromptBank,
-    SavedPrompt,
-    check_compatible,
-    prompt_from_files,
-    validate_task_name,
-)
-from .data import Task, encode_example, is_valid_unicode, task_from_meta, template_from_meta
+from .bank import PromptBank
+from .data import Task, encode_example, is_valid_unicode, task_from_meta
 from .deep_prompt import PrefixShape, prefix_shape, rows_to_prefix
 from .errors import (
     ConfigError,
     ContextLengthError,
     DataError,
     IncompatiblePromptError,
-    InvalidTaskNameError,
     NoVerbalizerError,
-    PromptFileError,
-    SoftPromptError,
-    UnknownTaskError,
 )
 from .models import LoadedModel, eos_token_ids, fingerprint
+from .registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
 
 log = logging.getLogger(__name__)
 
-PROMPT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
 
 
 # ---------------------------------------------------------------- requests and results
@@ -128,41 +110,7 @@ class ScoreRequest:
     targets: Sequence[str]
 
 
-@dataclass
-class TaskInfo:
-    """What the engine holds for one task in memory."""
-
-    name: str
-    num_virtual_tokens: int
-    version: str | None
-    """Bank version it was loaded from; None for a task added in memory only."""
-    loaded_at: float
-    has_verbalizer: bool
-    kind: str = "soft"
-    """'soft' (vectors before the input) or 'deep' (keys and values in every layer)."""
-
-
 # ---------------------------------------------------------------- internals: tasks, prepared work
-
-
-@dataclass(eq=False)
-class _Task:
-    name: str
-    prompt: torch.Tensor  # (n, d) fp32 on the model's device
-    version: str | None
-    meta: dict
-    loaded_at: float = field(default_factory=time.time)
-    prefix: inject.PromptPrefix | None = None  # computed on first use, under the model lock
-    classifier: tuple | None = None  # (data.Task, target ids), parsed on first use
-    kind: str = "soft"  # 'deep': `prompt` holds KV rows [n, layers * 2 * kv_heads * head_dim]
-
-    @property
-    def length(self) -> int:
-        return self.prompt.shape[0]
-
-    def info(self) -> TaskInfo:
-        return TaskInfo(self.name, self.length, self.version, self.loaded_at,
-                        isinstance(self.meta.get("verbalizer"), dict), self.kind)
 
 
 @dataclass(eq=False)
@@ -239,9 +187,6 @@ class Engine:
             self.base_model_id = self.model.config.name_or_path or "base"
             self.fingerprint = fingerprint(self.model)
         self.bank = PromptBank(bank) if isinstance(bank, str | Path) else bank
-        self.kinds = kinds
-        """The prompt kinds served (a deep prompt enters as each layer's KV prefix; the vLLM
-        gateway's engine has no layers and serves soft prompts only)."""
         self.use_prefix_cache = use_prefix_cache
         """Start requests from each task's cached KV prefix (off: inject the prompt each time)."""
         self.max_new_tokens_cap = max_new_tokens_cap
@@ -255,126 +200,27 @@ class Engine:
         self.base_names = {self.base_model_id, self.model.config.name_or_path or self.base_model_id}
         self.reserved_names = {"default", *self.base_names}
         """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
-        self._tasks: dict[str, _Task] = {}
-        self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
-        self._tasks_lock = threading.RLock()
         self._model_lock = threading.RLock()
         self._tokenizer_lock = threading.Lock()
+        self.registry = TaskRegistry(self.bank, kinds=kinds, fingerprint=self.fingerprint,
+                                     reserved_names=self.reserved_names, row_width=self._row_width,
+                                     context_length=self.context_length, device=self.device)
+        """The tasks in memory (registry.py): load, check, install, remove, follow the bank."""
+        self.tasks, self.task_infos, self.task_info = (self.registry.tasks, self.registry.task_infos,
+                                                       self.registry.task_info)
+        self.add_task, self.activate, self.deactivate = (self.registry.add_task, self.registry.activate,
+                                                         self.registry.deactivate)
+        self.refresh, self.install, self.remove = self.registry.refresh, self.registry.install, self.registry.remove
 
-    # ------------------------------------------------------------ tasks
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The prompt kinds served (a deep prompt enters as each layer's KV prefix; the vLLM
+        gateway's engine has no layers and serves soft prompts only); the registry checks them."""
+        return self.registry.kinds
 
-    def tasks(self) -> list[str]:
-        """Names of the tasks in memory."""
-        with self._tasks_lock:
-            return sorted(self._tasks)
-
-    def task_infos(self) -> list[TaskInfo]:
-        """What is in memory, one consistent snapshot (sorted by name)."""
-        with self._tasks_lock:
-            return [self._tasks[name].info() for name in sorted(self._tasks)]
-
-    def task_info(self, name: str) -> TaskInfo:
-        with self._tasks_lock:
-            if name not in self._tasks:
-                raise UnknownTaskError(f"task '{name}' is not active")
-            return self._tasks[name].info()
-
-    def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
-        """Put a task in memory directly (not from the bank); it stays until deactivated."""
-        self._check_name(name)
-        kind = "soft"  # a bare tensor is a soft prompt [n, d]
-        if isinstance(prompt, SavedPrompt):
-            self._check(prompt)
-            kind, prompt, meta = prompt.kind, prompt.embeddings, {**prompt.meta, **(meta or {})}
-        entry = self._entry(name, _check_tensor(name, prompt, self._row_width(kind)), None, meta or {}, kind)
-        return self._store(entry).info()
-
-    def activate(self, name: str) -> TaskInfo:
-        """Have `name` in memory at the bank's current version (microseconds if it already is)."""
-        return self._activate(name).info()
-
-    def deactivate(self, name: str) -> None:
-        """Drop a task (and its KV prefix) from memory; the bank is untouched."""
-        with self._tasks_lock:
-            self._tasks.pop(name, None)
-            self._bad.pop(name, None)
-
-    def refresh(self) -> dict[str, str]:
-        """Follow the bank: load new tasks, reload changed ones, drop deleted ones.
-
-        Cheap when nothing changed (a folder scan and one `readlink` per task). Bad entries are
-        logged and skipped; returns {name: error message} for them.
-        """
-        if self.bank is None:
-            return {}
-        names = set(self.bank.names())
-        with self._tasks_lock:
-            gone = [n for n, t in self._tasks.items() if t.version is not None and n not in names]
-        for name in gone:
-            log.info("task '%s' left the bank; dropping it", name)
-            self.deactivate(name)
-        errors = {}
-        for name in sorted(names):
-            try:
-                self._activate(name)  # refuses a bank task named like the base model
-            except UnknownTaskError:
-                self.deactivate(name)  # deleted while we looked
-            except SoftPromptError as exc:
-                errors[name] = str(exc)
-        return errors
-
-    def _check_name(self, name: str) -> None:
-        validate_task_name(name)
-        if name in self.reserved_names:
-            raise InvalidTaskNameError(f"task name '{name}' is reserved: it names a base model")
-
-    def _activate(self, name: str) -> _Task:
-        self._check_name(name)
-        with self._tasks_lock:
-            entry = self._tasks.get(name)
-        if entry is not None and (entry.version is None or self.bank is None):
-            return entry  # added in memory: pinned
-        if self.bank is None:
-            raise _unknown(name)
-        try:
-            version = self.bank.version(name)
-        except UnknownTaskError:
-            self.deactivate(name)
-            raise _unknown(name) from None
-        if entry is not None and entry.version == version:
-            return entry
-        return self._load(name, version)
-
-    def _load(self, name: str, version: str) -> _Task:
-        """Read `name` from the bank (version read first: a racing save only causes a reload)."""
-        bad = self._bad.get(name)
-        if bad is not None and bad[0] == version:
-            raise bad[1]  # same broken version as before: do not read it again
-        try:
-            saved = self.bank.load(name)
-            self._check(saved)
-            entry = self._entry(name, saved.embeddings, version, saved.meta, saved.kind)
-        except UnknownTaskError:
-            raise
-        except SoftPromptError as exc:
-            log.warning("task '%s' in bank %s is unusable: %s", name, self.bank.root, exc)
-            with self._tasks_lock:
-                self._bad[name] = (version, exc)
-                self._tasks.pop(name, None)
-            raise
-        log.info("loaded task '%s' (version %s, %d virtual tokens)", name, version, entry.length)
-        return self._store(entry)
-
-    def _check(self, saved: SavedPrompt) -> None:
-        check_compatible(saved, token_dim=self._row_width(saved.kind), fingerprint=self.fingerprint,
-                         kinds=self.kinds)
-        _check_tensor(saved.name, saved.embeddings, self._row_width(saved.kind))
-        if saved.embeddings.shape[0] >= self.context_length:
-            raise IncompatiblePromptError(f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
-                                          f"virtual tokens; the model's context is {self.context_length}")
-
-    def _entry(self, name: str, values: torch.Tensor, version: str | None, meta: dict, kind: str) -> _Task:
-        return _Task(name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind)
+    @kinds.setter
+    def kinds(self, kinds: tuple[str, ...]) -> None:
+        self.registry.kinds = kinds
 
     @functools.cached_property
     def prefix_shape(self) -> PrefixShape:
@@ -386,12 +232,6 @@ class Engine:
         """Width of one prompt row of `kind` (a kind not served is refused before width matters)."""
         return self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
 
-    def _store(self, entry: _Task) -> _Task:
-        with self._tasks_lock:
-            self._tasks[entry.name] = entry
-            self._bad.pop(entry.name, None)
-        return entry
-
     def _resolve(self, name: str | None, snapshot: dict[str, _Task]) -> _Task | None:
         """The task entry for a request (None = the base model, no prompt).
 
@@ -401,48 +241,8 @@ class Engine:
         if name is None or name == "" or name in self.base_names:
             return None
         if name not in snapshot:
-            snapshot[name] = self._activate(name)
+            snapshot[name] = self.registry._activate(name)
         return snapshot[name]
-
-    # ------------------------------------------------------------ admin (upload / delete)
-
-    def install(self, name: str, files: Mapping[str, bytes]) -> TaskInfo:
-        """Validate an uploaded prompt folder like a bank load, save it atomically, activate it.
-
-        `files` maps file names (adapter_config.json, adapter_model.safetensors, optional
-        softprompt.json; others are ignored) to their bytes.
-        """
-        self._check_name(name)
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
-        if missing:
-            raise PromptFileError(f"upload of task '{name}' lacks {', '.join(missing)}")
-        saved = prompt_from_files({f: files[f] for f in PROMPT_FILES if f in files}, name)
-        self._check(saved)
-        _check_meta(saved)
-        if self.bank is None:
-            return self.add_task(name, saved)
-        try:
-            self.bank.save(saved)
-        except PromptFileError as exc:
-            if not isinstance(exc.__cause__, OSError):
-                raise
-            log.error("saving uploaded task '%s' failed: %s", name, exc)  # its paths stay here
-            raise PromptFileError(f"could not save task '{name}' on the server") from None
-        return self.activate(name)
-
-    def remove(self, name: str) -> None:
-        """Delete a task from the bank (UnknownTaskError if absent) and from memory."""
-        validate_task_name(name)
-        if self.bank is None:
-            with self._tasks_lock:
-                if name not in self._tasks:
-                    raise _unknown(name)
-        else:
-            try:
-                self.bank.delete(name)
-            except UnknownTaskError:
-                raise _unknown(name) from None
-        self.deactivate(name)
 
     # ------------------------------------------------------------ public operations
 
@@ -600,15 +400,65 @@ class Engine:
         return results
 
     def _run_generation(self, rows: list[_PreparedGeneration]) -> list[GenerationResult]:
+        """Generate for `rows` together until the last one ends (how `run` and `generate` batch)."""
+        batch, results = self.start_generation(rows), {}
+        while batch.rows:
+            results.update((id(row), result) for row, result in self.step(batch))
+        return [results[id(row)] for row in rows]
+
+    # ------------------------------------------------------------ generation, one step at a time
+
+    def start_generation(self, rows: list[_PreparedGeneration]) -> GenerationBatch:
+        """Prefill `rows` (any tasks and kinds): a batch ready to `step`, or to `join` another."""
         ids, mask = self._left_pad([r.input_ids for r in rows])  # (B, L)
         max_new = max(r.max_new_tokens for r in rows)
-        states = [_RowState(r, self._decode, self.eos_token_ids) for r in rows]
         with self._model_lock:
             prompt_inputs = self._prompt_inputs([r.task for r in rows], ids.shape[1] + max_new)
-            tokens = inject.generate(self.model, ids, mask, max_new_tokens=max_new,
-                                     eos_token_ids=self.eos_token_ids, sampling=[r.sampling for r in rows],
-                                     should_stop=lambda b, t: states[b].step(t), **prompt_inputs)
-        return [state.finish(t) for state, t in zip(states, tokens, strict=True)]
+            state = inject.prefill(self.model, ids, mask, max_new_tokens=max_new, **prompt_inputs)
+        states = [_RowState(r, self._decode, self.eos_token_ids) for r in rows]
+        return GenerationBatch(states, state, inject.TokenPicker([r.sampling for r in rows]))
+
+    @functools.cached_property
+    def can_join(self) -> bool:
+        """Whether rows can join a running batch (continuous batching); not for a sliding-window
+        model, whose cache cannot be merged exactly."""
+        return inject.can_merge(self.model)
+
+    def join(self, running: GenerationBatch, new: GenerationBatch) -> None:
+        """Add the prefilled rows of `new` to `running`, which keeps generating with them."""
+        if not self.can_join:
+            raise ConfigError("this model's rows cannot join a running batch (sliding-window attention)")
+        with self._model_lock:
+            self._catch_up(running)
+            running.state = inject.merge_states(running.state, new.state)
+        running.rows += new.rows
+        running.picker = running.picker + new.picker
+
+    def step(self, batch: GenerationBatch) -> list[tuple[_PreparedGeneration, GenerationResult]]:
+        """One new token for every row of `batch`; the rows that ended leave it at once (their
+        last text streamed) and are returned with their results. Cancelled rows end here."""
+        with self._model_lock:
+            self._catch_up(batch)
+            next_ids = batch.picker(batch.state.logits)  # (B,)
+        keep, ended = [], []
+        for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
+            row.tokens.append(token)
+            if token in self.eos_token_ids or row.step(row.tokens):
+                ended.append(row)
+            else:
+                keep.append(i)
+        if ended:
+            with self._model_lock:
+                batch.state = inject.select_rows(batch.state, keep) if keep else None
+            batch.rows, batch.picker = [batch.rows[i] for i in keep], batch.picker.select(keep)
+        batch.pending = next_ids[keep] if keep else None
+        return [(row.row, row.finish(row.tokens)) for row in ended]
+
+    def _catch_up(self, batch: GenerationBatch) -> None:
+        """Feed the tokens picked at the last step (under the model lock): logits for every row."""
+        if batch.pending is not None:
+            batch.state = inject.decode(self.model, batch.state, batch.pending)
+            batch.pending = None
 
     def _run_scores(self, items: list[_PreparedScore]) -> list:
         scores = self.score_pairs([pair for item in items for pair in item.pairs])
@@ -693,11 +543,23 @@ class Engine:
 # ---------------------------------------------------------------- per-row generation state
 
 
+@dataclass(eq=False)
+class GenerationBatch:
+    """Rows generating together, between two steps: each row's state, the model's decode state
+    (cache, mask, positions, logits) and the rows' token pickers, all in the same row order."""
+
+    rows: list[_RowState]
+    state: inject.DecodeState | None
+    picker: inject.TokenPicker
+    pending: torch.Tensor | None = None  # (B,) tokens picked but not yet fed to the model
+
+
 class _RowState:
-    """Stop strings, per-row token limit and streamed text of one generating row."""
+    """Stop strings, per-row token limit, tokens and streamed text of one generating row."""
 
     def __init__(self, row: _PreparedGeneration, decode, eos_ids: tuple[int, ...]):
         self.row, self.decode, self.eos_ids = row, decode, eos_ids
+        self.tokens: list[int] = []
         self.holdback = max((len(s) for s in row.stops), default=1) - 1
         self.watch = bool(row.stops or row.request.on_text)
 
@@ -760,35 +622,6 @@ def _check_sampling(request: GenerationRequest) -> None:
         raise ConfigError("stop must be a string or a list of strings")
 
 
-def _unknown(name: str) -> UnknownTaskError:
-    """The error for a task that is not there. It names only what the client sent: listing the
-    tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's."""
-    return UnknownTaskError(f"unknown task '{name}'")
-
-
-def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tensor:
-    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[0] < 1:
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise IncompatiblePromptError(f"prompt '{name}' must be a tensor [n, d] with n >= 1, got {shape}")
-    if values.shape[1] != token_dim:
-        raise IncompatiblePromptError(f"prompt '{name}' has hidden size {values.shape[1]} "
-                                      f"but the model has {token_dim}")
-    if not bool(torch.isfinite(values).all()):
-        raise IncompatiblePromptError(f"prompt '{name}' contains NaN or inf values")
-    return values
-
-
-def _check_meta(saved: SavedPrompt) -> None:
-    """An uploaded prompt's verbalizer and template must be usable (refused at upload)."""
-    try:
-        if saved.meta.get("verbalizer") is not None:
-            task_from_meta(saved.name, saved.meta)  # template and verbalizer, as classify reads them
-        else:  # a generation task: its template alone
-            template_from_meta(saved.name, saved.meta)
-    except (NoVerbalizerError, ConfigError) as exc:
-        raise PromptFileError(f"{META_FILE} of '{saved.name}': {exc}") from exc
-
-
 def _classify_inputs(values) -> list[str | Mapping]:
     """A classify request's inputs: one string or mapping, or a non-empty list of them."""
     if isinstance(values, str | Mapping):
@@ -843,262 +676,16 @@ def _context_length(model, tokenizer) -> int:
     return int(min(length, 1 << 20))
 
 
-# ---------------------------------------------------------------- the micro-batcher
+def __getattr__(name: str):
+    """`BatchScheduler` lives in scheduler.py (which imports this module); still importable here."""
+    if name == "BatchScheduler":
+        from .scheduler import BatchScheduler
 
-
-_STOP = object()
-_KINDS = ("generate", "score")
-
-
-@dataclass(eq=False)
-class _Job:
-    """One prepared request in the scheduler; a scoring job runs in slices of its pairs."""
-
-    prepared: _PreparedGeneration | _PreparedScore
-    future: concurrent.futures.Future
-    owner: object
-    """The client request it belongs to: batches are shared fairly per owner, not per job."""
-    scores: list[float] = field(default_factory=list)
-    """Scoring jobs: the scores of the pairs done so far, in order."""
-
-    @property
-    def remaining(self) -> int:
-        """Rows still to run: pairs for a scoring job, 1 for a generation."""
-        return len(self.prepared.pairs) - len(self.scores) if self.prepared.kind == "score" else 1
-
-    def next_pairs(self, n: int) -> list[_Pair]:
-        done = len(self.scores)
-        return self.prepared.pairs[done:done + n]
-
-
-class BatchScheduler:
-    """One worker thread that runs concurrent requests (any tasks) in mixed-task batches, fairly.
-
-    A request is validated in the caller (`engine.prepare`), so a bad one fails alone before it
-    can join a batch. Each batch takes its rows in turn from the client requests waiting: one
-    prompt each per turn for generation (up to `max_batch_size` rows), an equal share of
-    `engine.score_batch_size` pairs for scoring. So a classify of 300 inputs runs in slices and a
-    small request arriving meanwhile joins the next slice instead of waiting for all of it, and
-    a request whose client went away (`prepared.cancelled`) is dropped before the next batch.
-    If a batch raises, its requests are retried one by one, so a failure stays with the request
-    that caused it. While idle the worker refreshes the engine from its bank every
-    `refresh_interval_s`.
-    """
-
-    def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_ms: float = 5.0, *,
-                 refresh_interval_s: float = 2.0):
-        if max_batch_size < 1 or max_wait_ms < 0:
-            raise ConfigError("max_batch_size must be >= 1 and max_wait_ms >= 0")
-        self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_ms / 1000
-        self.refresh_interval_s = refresh_interval_s
-        self.batches = 0
-        """Batches run so far (for tests and stats)."""
-        self.largest_batch = 0
-        """Most requests that shared one batch."""
-        self._queue: queue.Queue = queue.Queue()  # arrivals: _Job or _STOP
-        self._waiting: dict[str, dict[object, collections.deque[_Job]]] = {kind: {} for kind in _KINDS}
-        """Worker-only state: per kind, per owner (in turn order), the jobs not finished."""
-        self._closed = False
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------ submitting
-
-    def enqueue(self, prepared, owner: object = None) -> concurrent.futures.Future:
-        """Queue a prepared request; the future resolves with its result.
-
-        Requests with the same `owner` (the prompts of one client request) share one turn.
-        """
-        if self._closed:
-            raise RuntimeError("the batch scheduler is closed")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Job(prepared, future, future if owner is None else owner))
-        return future
-
-    async def prepare(self, request):
-        """Validate a request without blocking the event loop (it may read a prompt from disk)."""
-        return await asyncio.to_thread(self.engine.prepare, request)
-
-    async def prepare_all(self, requests: Sequence) -> list:
-        """Validate the pieces of one client request against one snapshot of their tasks."""
-        return await asyncio.to_thread(self.engine.prepare_all, requests)
-
-    async def submit(self, request):
-        """Validate, queue and await one request (GenerationRequest / ClassifyRequest / ScoreRequest)."""
-        prepared = await self.prepare(request)
-        future = self.enqueue(prepared)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            prepared.cancelled = True
-            raise
-
-    def submit_sync(self, request, timeout: float | None = None):
-        """The blocking form of `submit`, for threads."""
-        return self.enqueue(self.engine.prepare(request)).result(timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Finish the queued work, then stop the worker."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-
-    # ------------------------------------------------------------ the worker
-
-    def _loop(self) -> None:
-        while True:
-            if not self._has_work():
-                if self._stopping:
-                    return
-                if not self._wait_for_work():
-                    self._refresh()
-                    continue
-            self._admit_arrived()
-            self._drop_cancelled()
-            for kind in _KINDS:
-                if self._waiting[kind]:
-                    self._run_batch(kind)
-
-    def _has_work(self) -> bool:
-        return any(self._waiting[kind] for kind in _KINDS)
-
-    def _wait_for_work(self) -> bool:
-        """Block for an arrival, then let others join it for max_wait (up to max_batch_size).
-
-        False when nothing arrived within `refresh_interval_s`.
-        """
-        try:
-            self._admit(self._queue.get(timeout=self.refresh_interval_s))
-        except queue.Empty:
-            return False
-        deadline, admitted = time.monotonic() + self.max_wait_s, 1
-        while admitted < self.max_batch_size and not self._stopping:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._admit(item)
-            admitted += 1
-        return True
-
-    def _admit_arrived(self) -> None:
-        while True:
-            try:
-                self._admit(self._queue.get_nowait())
-            except queue.Empty:
-                return
-
-    def _admit(self, item) -> None:
-        if item is _STOP:
-            self._stopping = True
-        else:
-            self._waiting[item.prepared.kind].setdefault(item.owner, collections.deque()).append(item)
-
-    def _drop_cancelled(self) -> None:
-        """Resolve and forget the jobs whose client went away (or whose future was cancelled)."""
-        for owners in self._waiting.values():
-            for owner, jobs in list(owners.items()):
-                for job in [j for j in jobs if j.prepared.cancelled or j.future.cancelled()]:
-                    jobs.remove(job)
-                    if not job.future.cancel():  # already running: resolve it for any listener
-                        job.future.set_exception(concurrent.futures.CancelledError())
-                if not jobs:
-                    del owners[owner]
-
-    def _run_batch(self, kind: str) -> None:
-        slices = self._take_turns(kind)
-        if slices:
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(slices))
-            (self._generate if kind == "generate" else self._score)(slices)
-
-    def _take_turns(self, kind: str) -> list[tuple[_Job, int]]:
-        """(job, rows of it) for one batch: owners take turns, one row per turn for generation,
-        an equal share of the pairs for scoring. Owners served move to the back of the line."""
-        owners = self._waiting[kind]
-        capacity = self.max_batch_size if kind == "generate" else self.engine.score_batch_size
-        taken: dict[_Job, int] = {}
-        while capacity and owners:
-            line = [o for o in owners if self._next_job(owners[o], taken) is not None]
-            if not line:
-                break
-            quantum = 1 if kind == "generate" else max(1, capacity // len(line))
-            for owner in line:
-                job = self._next_job(owners[owner], taken)
-                n = min(quantum, job.remaining - taken.get(job, 0), capacity)
-                taken[job] = taken.get(job, 0) + n
-                capacity -= n
-                owners[owner] = owners.pop(owner)  # to the back of the line
-                if not capacity:
-                    break
-        return list(taken.items())
-
-    def _next_job(self, jobs: collections.deque[_Job], taken: dict[_Job, int]) -> _Job | None:
-        """The owner's first job with rows not yet taken for this batch (started on first take)."""
-        for job in list(jobs):
-            if taken.get(job, 0) >= job.remaining:
-                continue
-            if job in taken or job.future.running() or job.future.set_running_or_notify_cancel():
-                return job
-            jobs.remove(job)  # its future was cancelled before it ever ran
-        return None
-
-    def _generate(self, slices: list[tuple[_Job, int]]) -> None:
-        jobs = [job for job, _ in slices]
-        try:
-            results = self.engine.run([job.prepared for job in jobs])
-        except Exception as exc:
-            self._retry_alone(slices, exc, self._generate)
-            return
-        for job, result in zip(jobs, results, strict=True):
-            self._finish(job, result)
-
-    def _score(self, slices: list[tuple[_Job, int]]) -> None:
-        try:
-            scores = self.engine.score_pairs([pair for job, n in slices for pair in job.next_pairs(n)])
-        except Exception as exc:
-            self._retry_alone(slices, exc, self._score)
-            return
-        start = 0
-        for job, n in slices:
-            job.scores += scores[start:start + n]
-            start += n
-            if not job.remaining:
-                self._finish(job, job.prepared.finish(job.scores))
-
-    def _retry_alone(self, slices: list[tuple[_Job, int]], exc: Exception, run) -> None:
-        if len(slices) == 1:
-            self._finish(slices[0][0], error=exc)
-            return
-        log.warning("a batch of %d failed (%s); retrying its requests one by one", len(slices), exc)
-        for piece in slices:
-            run([piece])
-
-    def _finish(self, job: _Job, result=None, error: Exception | None = None) -> None:
-        owners = self._waiting[job.prepared.kind]
-        jobs = owners.get(job.owner)
-        if jobs is not None and job in jobs:
-            jobs.remove(job)
-            if not jobs:
-                del owners[job.owner]
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    def _refresh(self) -> None:
-        try:
-            self.engine.refresh()
-        except Exception:  # the bank folder may be briefly unreadable; try again later
-            log.exception("refreshing tasks from the bank failed")
+        return BatchScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "SEED_RANGE", "BatchScheduler", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
+    "PROMPT_FILES", "SEED_RANGE", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
     "GenerationRequest", "GenerationResult", "NoVerbalizerError", "ScoreRequest", "TaskInfo",
 ]

@@ -96,3 +96,7 @@ class BackendUnavailableError(SoftPromptError):
 
 class BackendTimeoutError(BackendUnavailableError):
     """The model backend did not answer within the request timeout."""
+
+
+class OverloadedError(BackendUnavailableError):
+    """The server's queue of waiting requests is full: retry later (HTTP 503, code `overloaded`)."""

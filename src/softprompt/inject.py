@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .errors import IncompatiblePromptError
 
@@ -263,18 +264,27 @@ class Sampling:
 
 
 class TokenPicker:
-    """Greedy or sampled next tokens, each row with its own settings and generator."""
+    """Greedy or sampled next tokens, each row with its own settings and generator.
 
-    def __init__(self, sampling: list[Sampling]):
-        self.sampling = sampling
-        self.generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-                           for s in sampling]
+    Rows can leave (`select`) and join (`+`) between steps: a row keeps its generator, so its
+    samples never depend on what else is in the batch."""
+
+    def __init__(self, sampling: list[Sampling], generators: list | None = None):
+        self.sampling = list(sampling)
+        self.generators = generators if generators is not None else [
+            torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in self.sampling]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
         greedy = logits.argmax(-1)
         picks = [self._sample(logits[b], b) if s.temperature > 0 else greedy[b]
                  for b, s in enumerate(self.sampling)]
         return torch.stack(picks)
+
+    def select(self, rows: list[int]) -> TokenPicker:
+        return TokenPicker([self.sampling[r] for r in rows], [self.generators[r] for r in rows])
+
+    def __add__(self, other: TokenPicker) -> TokenPicker:
+        return TokenPicker(self.sampling + other.sampling, self.generators + other.generators)
 
     def _sample(self, logits: torch.Tensor, row: int) -> torch.Tensor:
         s = self.sampling[row]
@@ -287,24 +297,34 @@ class TokenPicker:
         return pick.to(logits.device)
 
 
+@dataclass
+class DecodeState:
+    """A batch of generating rows between two steps.
+
+    Every row ends at the cache's last column (left-aligned layout, as `inject` builds it), so
+    rows can leave (`select_rows`) and batches can join (`merge_states`) between steps: a row's
+    own columns, positions and mask never change, only the padding on its left.
+    """
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, T) 1 on each row's prompt, input and generated columns
+    positions: torch.Tensor  # (B,) position id of each row's last token
+    logits: torch.Tensor  # (B, V) each row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+
 @torch.no_grad()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    prompts: torch.Tensor | None = None,
-    prompt_lengths: torch.Tensor | None = None,
-    prefixes: list[PromptPrefix | None] | None = None,
-    max_new_tokens: int = 32,
-    eos_token_ids: tuple[int, ...] = (),
-    sampling: list[Sampling] | None = None,
-    should_stop=None,
-) -> list[list[int]]:
-    """New tokens for each row (an end-of-sequence token is kept, as transformers does).
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+            prompts: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
+            prefixes: list[PromptPrefix | None] | None = None, max_new_tokens: int = 0) -> DecodeState:
+    """Run the rows' prompts and inputs once: the state from which they decode.
 
     The prompt enters either as embeddings (`prompts`, `prompt_lengths`) or as cached KV
-    (`prefixes`, one per row or None). `should_stop(row, tokens)` ends a row early (stop strings).
+    (`prefixes`, one per row or None). Where a cached prefix would not be exact over the
+    `max_new_tokens` to come (a sliding window), the prompts are injected instead; a deep
+    prompt, which has nothing to inject, is refused.
     """
     rows = len(input_ids)
     width = max((p.length for p in prefixes or [] if p is not None), default=0)
@@ -326,19 +346,104 @@ def generate(
         batch = inject(model, input_ids, attention_mask, prompts, prompt_lengths)
         out = forward(model, batch, logits_to_keep=1, use_cache=True)
         mask, positions = batch.attention_mask, batch.position_ids[:, -1]
-    pick = TokenPicker(sampling or [Sampling()] * rows)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
+    return DecodeState(out.cache, mask, positions, out.logits[:, -1])
+
+
+@torch.no_grad()
+def decode(model, state: DecodeState, next_ids: torch.Tensor) -> DecodeState:
+    """Feed each row's new token (B,): the state one column further, with the next logits."""
+    mask = torch.cat([state.mask, state.mask.new_ones(len(state), 1)], 1)  # (B, T+1)
+    positions = state.positions + 1
+    out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, None],
+                cache=state.cache, use_cache=True)
+    return DecodeState(out.cache, mask, positions, out.logits[:, -1])
+
+
+def can_merge(model) -> bool:
+    """Whether batches of this model can join between steps. A sliding-window cache keeps only
+    its last columns per layer (and counts columns for the window), so its rows are never merged."""
+    config = model.config.get_text_config()
+    return not (getattr(config, "sliding_window", None)
+                and "sliding_attention" in (getattr(config, "layer_types", None) or []))
+
+
+def select_rows(state: DecodeState, rows: list[int]) -> DecodeState:
+    """Keep `rows` (indices into the batch), dropping the columns no remaining row uses."""
+    index = torch.tensor(rows, device=state.mask.device)
+    state.cache.batch_select_indices(index)
+    mask = state.mask[index]
+    first = int(mask.any(0).long().argmax())  # leading columns that are padding for every row
+    if first and _plain_layers(state.cache):
+        for layer in state.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        mask = mask[:, first:]
+    return DecodeState(state.cache, mask, state.positions[index], state.logits[index])
+
+
+def merge_states(a: DecodeState, b: DecodeState) -> DecodeState:
+    """One batch of the rows of `a` then `b`: the narrower side is left-padded (masked keys and
+    values of zeros), which leaves each row's own columns, positions and results unchanged."""
+    if not (_plain_layers(a.cache) and _plain_layers(b.cache)):
+        raise ValueError("only full-attention dynamic caches can be merged (see can_merge)")
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for left, right in zip(a.cache.layers, b.cache.layers, strict=True):
+        left.keys = torch.cat([_pad_columns(left.keys, width), _pad_columns(right.keys, width)], 0)
+        left.values = torch.cat([_pad_columns(left.values, width), _pad_columns(right.values, width)], 0)
+    mask = torch.cat([_pad_columns(a.mask, width), _pad_columns(b.mask, width)], 0)  # (Ba+Bb, W)
+    return DecodeState(a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
+
+
+def _plain_layers(cache: DynamicCache) -> bool:
+    """Every layer a full-attention dynamic layer, holding all its columns."""
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros on the left of the column dim (dim 2 of keys (B, H, T, hd), dim 1 of a mask (B, T))."""
+    dim = 2 if values.dim() == 4 else 1
+    missing = width - values.shape[dim]
+    if not missing:
+        return values
+    shape = list(values.shape)
+    shape[dim] = missing
+    return torch.cat([values.new_zeros(shape), values], dim)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prompts: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+    prefixes: list[PromptPrefix | None] | None = None,
+    max_new_tokens: int = 32,
+    eos_token_ids: tuple[int, ...] = (),
+    sampling: list[Sampling] | None = None,
+    should_stop=None,
+) -> list[list[int]]:
+    """New tokens for each row (an end-of-sequence token is kept, as transformers does).
+
+    The prompt enters as in `prefill`. `should_stop(row, tokens)` ends a row early (stop
+    strings); a finished row leaves the batch at once.
+    """
+    state = prefill(model, input_ids, attention_mask, prompts=prompts, prompt_lengths=prompt_lengths,
+                    prefixes=prefixes, max_new_tokens=max_new_tokens)
+    pick = TokenPicker(sampling or [Sampling()] * len(input_ids))
+    tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
+    live = list(range(len(input_ids)))  # the caller's row of each batch row
     for step in range(max_new_tokens):
-        next_ids = pick(out.logits[:, -1])  # (B,)
-        for b, token in enumerate(next_ids.tolist()):
-            if not done[b]:
-                tokens[b].append(token)
-                done[b] = token in eos_token_ids or bool(should_stop and should_stop(b, tokens[b]))
-        if all(done) or step == max_new_tokens - 1:
+        next_ids = pick(state.logits)  # (B,)
+        keep = []
+        for i, (row, token) in enumerate(zip(live, next_ids.tolist(), strict=True)):
+            tokens[row].append(token)
+            done = token in eos_token_ids or bool(should_stop and should_stop(row, tokens[row]))
+            if not done and step < max_new_tokens - 1:
+                keep.append(i)
+        if not keep:
             break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-        positions = positions + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, None],
-                    cache=out.cache, use_cache=True)
+        if len(keep) < len(live):
+            state, pick, live = select_rows(state, keep), pick.select(keep), [live[i] for i in keep]
+        state = decode(model, state, next_ids[keep])
     return tokens

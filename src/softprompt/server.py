@@ -61,6 +61,7 @@ from .errors import (
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
+    OverloadedError,
     PermissionDeniedError,
     PromptFileError,
     RequestLimitError,
@@ -69,6 +70,7 @@ from .errors import (
     UploadError,
 )
 from .options import flag, opt
+from .scheduler import SchedulerConfig
 from .tenants import Access, build_access, reload_on_sighup
 
 log = logging.getLogger(__name__)
@@ -95,10 +97,18 @@ class RequestLimits:
         "to generate; input plus target tokens of every label to classify.")
     max_body_bytes: int = opt(0, "Largest request body in bytes, prompt uploads included (0 = room for a "
                               "64-token deep prompt of the served model, and at least 1 MB).")
+    request_timeout_s: float = opt(300.0, "Seconds before a request fails with 504 (code backend_timeout) and "
+                                          "its work is cancelled: builtin, from its arrival (queue wait "
+                                          "included) to its result; vllm, waiting for vLLM's next answer.")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            value, least = getattr(self, f.name), 0 if f.name == "max_body_bytes" else 1
+            value = getattr(self, f.name)
+            if f.name == "request_timeout_s":
+                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                    raise ConfigError(f"{flag(f.name)} must be a number > 0, not {value!r}")
+                continue
+            least = 0 if f.name == "max_body_bytes" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{flag(f.name)} must be an integer >= {least}, not {value!r}")
 
@@ -228,6 +238,7 @@ _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match w
     (UploadError, 422, "invalid_request_error", "invalid_upload"),
     (ConfigError, 422, "invalid_request_error", "invalid_value"),
     (BackendTimeoutError, 504, "server_error", "backend_timeout"),
+    (OverloadedError, 503, "server_error", "overloaded"),
     (BackendUnavailableError, 503, "server_error", "backend_unavailable"),
     (SoftPromptError, 400, "invalid_request_error", None),
 ]
@@ -311,15 +322,15 @@ class _BodyLimit:
 
 
 def create_app(backend: Backend | Engine, *, api_key: str | None = None, keys: str | os.PathLike | None = None,
-               audit_log: str | os.PathLike | None = None, max_batch_size: int = 16,
-               max_wait_ms: float = 5, limits: RequestLimits | None = None) -> FastAPI:
-    """The FastAPI app serving `backend` (an Engine: the built-in backend, with one fair
-    micro-batcher of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`; with a
-    `keys` file, every /v1 route behind a tenant's key (or `api_key`), admin actions in `audit_log`."""
-    if isinstance(backend, Engine):
-        backend = BuiltinBackend(backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-    engine = backend.engine
+               audit_log: str | os.PathLike | None = None, scheduling: SchedulerConfig | None = None,
+               limits: RequestLimits | None = None) -> FastAPI:
+    """The FastAPI app serving `backend` (an Engine: the built-in backend, batching as
+    `scheduling` says); admin routes behind `api_key`; with a `keys` file, every /v1 route behind
+    a tenant's key (or `api_key`), admin actions in `audit_log`."""
     limits = limits or RequestLimits()
+    if isinstance(backend, Engine):
+        backend = BuiltinBackend(backend, scheduling, request_timeout_s=limits.request_timeout_s)
+    engine = backend.engine
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -573,7 +584,7 @@ async def _prompt_parts(items: list[tuple[str, UploadFile | str]]) -> dict[str, 
 
 def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
           port: int = 8000, *, backend: Literal["builtin", "vllm"] = "builtin", vllm=None,
-          max_batch_size: int = 16, max_wait_ms: float = 5, api_key: str | None = None,
+          scheduling: SchedulerConfig | None = None, api_key: str | None = None,
           keys: str | None = None, audit_log: str | None = None, limits: RequestLimits | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
     """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
@@ -586,10 +597,11 @@ def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.
 
     from .bank import PromptBank
 
-    served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm)
+    limits = limits or RequestLimits()
+    served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm, limits.request_timeout_s)
     try:
         app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None, keys=keys,
-                         audit_log=audit_log, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         audit_log=audit_log, scheduling=scheduling,
                          limits=limits)
         if app.state.access.keys is not None:
             reload_on_sighup(app.state.access.keys)
@@ -600,7 +612,7 @@ def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.
             process.stop()
 
 
-def _open_backend(backend: str, model_name: str, bank, vllm) -> Backend | Engine:
+def _open_backend(backend: str, model_name: str, bank, vllm, timeout_s: float) -> Backend | Engine:
     if backend == "builtin":
         from .models import load_model
 
@@ -608,7 +620,7 @@ def _open_backend(backend: str, model_name: str, bank, vllm) -> Backend | Engine
     if backend == "vllm":
         from .vllm_backend import VLLMConfig, open_vllm_backend
 
-        return open_vllm_backend(model_name, bank, vllm or VLLMConfig())
+        return open_vllm_backend(model_name, bank, vllm or VLLMConfig(), timeout_s=timeout_s)
     raise ConfigError(f"backend must be builtin or vllm, not {backend!r}")
 
 

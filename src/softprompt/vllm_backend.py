@@ -66,17 +66,17 @@ class VLLMConfig:
                                       "gateway sends embeddings in it.")
     vllm_max_model_len: int = opt(2048, "Context length of a vLLM the gateway starts (--max-model-len).")
     vllm_startup_timeout_s: float = opt(900, "Seconds to wait for a started vLLM to answer.")
-    request_timeout_s: float = opt(300, "Seconds a request may wait for vLLM before it fails with 504.")
 
     def __post_init__(self):
         if self.vllm_dtype not in _DTYPES:
             raise ConfigError(f"vllm_dtype must be one of {', '.join(_DTYPES)}, not {self.vllm_dtype!r}")
-        if self.request_timeout_s <= 0 or self.vllm_max_model_len < 1:
-            raise ConfigError("request_timeout_s must be > 0 and vllm_max_model_len >= 1")
+        if self.vllm_max_model_len < 1:
+            raise ConfigError("vllm_max_model_len must be >= 1")
 
 
-def open_vllm_backend(model_name: str, bank, config: VLLMConfig) -> VLLMBackend:
-    """The gateway for `model_name` over `bank`: to `config.vllm_url`, or to a vLLM it starts."""
+def open_vllm_backend(model_name: str, bank, config: VLLMConfig, *, timeout_s: float = 300) -> VLLMBackend:
+    """The gateway for `model_name` over `bank`: to `config.vllm_url`, or to a vLLM it starts;
+    a request waits `timeout_s` for vLLM at most (the server's --request-timeout-s)."""
     from .vllm_process import VLLMProcess, find_vllm_python
 
     loaded = load_gateway_model(model_name)
@@ -87,7 +87,7 @@ def open_vllm_backend(model_name: str, bank, config: VLLMConfig) -> VLLMBackend:
                               loaded.model.config.name_or_path, dtype=config.vllm_dtype,
                               max_model_len=config.vllm_max_model_len)
         url = process.start(config.vllm_startup_timeout_s)
-    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=config.request_timeout_s,
+    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s,
                        process=process)
 
 

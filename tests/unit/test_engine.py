@@ -3,10 +3,8 @@ the micro-batcher, on a tiny random Llama (and Gemma 3) with a temporary prompt 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 import time
 
 import pytest
@@ -16,7 +14,6 @@ from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
 from softprompt.data import encode_example, task_from_meta
 from softprompt.engine import (
-    BatchScheduler,
     ClassifyRequest,
     ContextLengthError,
     Engine,
@@ -87,20 +84,6 @@ def bank(tmp_path):
 def engine(tiny_llama, tokenizer, bank):
     fill_bank(bank, tiny_llama)
     return Engine((tiny_llama, tokenizer), bank)
-
-
-@pytest.fixture
-def make_scheduler(engine):
-    """BatchSchedulers over `engine`, closed at teardown even when the test fails."""
-    made = []
-
-    def make(**kwargs):
-        made.append(BatchScheduler(engine, **kwargs))
-        return made[-1]
-
-    yield make
-    for scheduler in made:
-        scheduler.close()
 
 
 def greedy(text, task, n=8):
@@ -408,84 +391,6 @@ def test_chat_prompt_uses_template_or_falls_back_to_role_lines(engine, tokenizer
     assert engine.chat_prompt(messages) == tokenizer("user : the movie\nassistant :")["input_ids"]
     engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} . {% endfor %}review :"
     assert engine.chat_prompt(messages) == tokenizer("the movie . review :")["input_ids"]
-
-
-# ---------------------------------------------------------------- micro-batcher
-
-
-def test_scheduler_gathers_concurrent_requests_and_a_bad_one_fails_alone(engine, make_scheduler):
-    requests = [greedy(TEXTS[i % 5], [*TASKS, None][i % 5]) for i in range(10)]
-    alone = [engine.generate([r])[0] for r in requests]
-    scheduler = make_scheduler(max_batch_size=16, max_wait_ms=50)
-    results: dict = {}
-
-    def call(i, request):
-        try:
-            results[i] = scheduler.submit_sync(request, timeout=30)
-        except Exception as exc:
-            results[i] = exc
-
-    bad = GenerationRequest("the", task="no-such-task")
-    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate([*requests, bad])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert outputs([results[i] for i in range(10)]) == outputs(alone)
-    assert isinstance(results[10], UnknownTaskError)
-    assert scheduler.largest_batch > 1
-
-
-def test_scheduler_retries_rows_one_by_one_when_a_batch_raises(engine, make_scheduler, monkeypatch):
-    real_run = engine.run
-
-    def fragile_run(prepared):
-        if any(getattr(p.request, "prompt", None) == "boom" for p in prepared):
-            raise RuntimeError("boom")
-        return real_run(prepared)
-
-    monkeypatch.setattr(engine, "run", fragile_run)
-    scheduler = make_scheduler(max_batch_size=8, max_wait_ms=200)
-    futures = [scheduler.enqueue(engine.prepare(greedy(p, "t0"))) for p in ("fun", "boom", "the movie")]
-    futures.append(scheduler.enqueue(engine.prepare(ClassifyRequest("t1", ["fun"]))))
-    assert futures[0].result(30).token_ids and futures[2].result(30).token_ids
-    assert futures[3].result(30)[0].label in VERBALIZER["labels"]
-    with pytest.raises(RuntimeError, match="boom"):
-        futures[1].result(30)
-
-
-def test_scheduler_submit_is_awaitable(engine, make_scheduler):
-    scheduler = make_scheduler(max_wait_ms=20)
-
-    async def main():
-        return await asyncio.gather(*(scheduler.submit(greedy(t, "t0")) for t in TEXTS),
-                                    return_exceptions=True)
-
-    results = asyncio.run(main())
-    assert outputs(results) == outputs(engine.generate([greedy(t, "t0") for t in TEXTS]))
-
-
-def test_limits_scheduler_gives_a_later_request_a_turn_before_a_large_one_ends(engine, make_scheduler,
-                                                                                monkeypatch):
-    batches, first_running, release = [], threading.Event(), threading.Event()
-    real_run = engine.run
-
-    def recording_run(prepared):
-        batches.append([p.request.prompt for p in prepared])
-        first_running.set()
-        release.wait(10)  # hold the first batch until the small request has arrived
-        return real_run(prepared)
-
-    monkeypatch.setattr(engine, "run", recording_run)
-    scheduler = make_scheduler(max_batch_size=2, max_wait_ms=0)
-    large = object()  # one client request of 6 prompts
-    futures = [scheduler.enqueue(engine.prepare(greedy("the movie was", "t0", n=2)), large) for _ in range(6)]
-    assert first_running.wait(10)
-    small = scheduler.enqueue(engine.prepare(greedy("fun", "t1", n=2)))
-    release.set()
-    assert small.result(30).token_ids and all(f.result(30).token_ids for f in futures)
-    assert set(batches[0]) == {"the movie was"} and "fun" in batches[1], batches  # not after all of them
-    assert sum(len(b) for b in batches) == 7
 
 
 def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, tiny_llama, monkeypatch):

@@ -20,6 +20,7 @@ import torch
 from softprompt.bank import PromptBank
 from softprompt.engine import Engine, GenerationRequest
 from softprompt.models import fingerprint
+from softprompt.scheduler import SchedulerConfig
 
 from ..conftest import build_tiny_model
 from .test_engine import (
@@ -77,7 +78,7 @@ def server(tmp_path_factory):
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
     fill_bank(bank, model)
     engine = Engine((model, tokenizer), bank)
-    app = create_app(engine, api_key=API_KEY, max_batch_size=16, max_wait_ms=5,
+    app = create_app(engine, api_key=API_KEY, scheduling=SchedulerConfig(max_batch_size=16, max_wait_ms=5),
                      limits=RequestLimits(max_body_bytes=MAX_BODY))
     with running(app) as url:
         yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, app=app,
@@ -185,7 +186,7 @@ def test_seeded_sampling_over_http_is_reproducible(server):
 def test_32_concurrent_requests_over_4_tasks_equal_each_alone_and_are_batched(server):
     jobs = [(TEXTS[i % 5], list(TASKS)[i % 4], 4 + i % 5) for i in range(32)]
     expected = [alone(server, text, task, n).text for text, task, n in jobs]
-    batches_before = server.app.state.scheduler.batches
+    steps_before = server.app.state.scheduler.step_sizes.copy()
 
     def call(job):
         text, task, n = job
@@ -194,7 +195,9 @@ def test_32_concurrent_requests_over_4_tasks_equal_each_alone_and_are_batched(se
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(call, jobs))
     assert got == expected
-    assert server.app.state.scheduler.batches - batches_before < 32  # some requests shared a batch
+    steps = server.app.state.scheduler.step_sizes - steps_before  # decode steps run, by rows in them
+    assert max(steps) >= 4, steps  # requests really generated together, not one after another
+    assert sum(n * k for n, k in steps.items() if n > 1) > sum(n * k for n, k in steps.items()) / 2, steps
 
 
 def test_bad_requests_never_disturb_concurrent_good_ones(server):

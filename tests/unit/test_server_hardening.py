@@ -3,9 +3,11 @@ work per request, abandoned work cancelled, small requests never starved by a la
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ from softprompt.bank import PromptBank
 from softprompt.cli import build_parser
 from softprompt.engine import Engine
 from softprompt.options import from_args
+from softprompt.scheduler import SchedulerConfig
 from softprompt.server import RequestLimits
 
 from ..conftest import build_tiny_model
@@ -58,7 +61,7 @@ def server(tmp_path_factory):
         return score_pairs(pairs)
 
     engine.score_pairs = slowed
-    app = create_app(engine, api_key=API_KEY, max_wait_ms=5, limits=LIMITS)
+    app = create_app(engine, api_key=API_KEY, limits=LIMITS)
     with running(app) as url:
         yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, slow=slow,
                               http=httpx.Client(base_url=url, timeout=30))
@@ -145,6 +148,72 @@ def test_limits_are_serve_flags_with_defaults():
         RequestLimits(max_tokens_per_request=0)
     with pytest.raises(ValueError, match="--max-body-bytes must be an integer >= 0"):
         RequestLimits(max_body_bytes=-1)
+
+
+def test_limits_queue_timeout_and_batching_are_serve_flags_with_defaults():
+    args = build_parser().parse_args(["serve", "--bank", "b", "--max-queue", "3", "--request-timeout-s", "2.5",
+                                      "--no-join-running"])
+    assert from_args(SchedulerConfig, args) == SchedulerConfig(max_queue=3, join_running=False)
+    assert from_args(RequestLimits, args).request_timeout_s == 2.5
+    defaults = from_args(SchedulerConfig, build_parser().parse_args(["serve", "--bank", "b"]))
+    assert defaults.join_running and defaults.max_queue == 1024 and RequestLimits().request_timeout_s == 300
+    with pytest.raises(ValueError, match="--request-timeout-s must be a number > 0"):
+        RequestLimits(request_timeout_s=0)
+
+
+@contextlib.contextmanager
+def paced_server(tmp_path, *, max_queue=1024, timeout_s=300.0):
+    """A live server whose decode steps wait for `pace.release` (set) and then `pace.delay` s."""
+    from softprompt.server import create_app
+
+    model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
+    bank = PromptBank(tmp_path / "bank")
+    fill_bank(bank, model)
+    engine = Engine((model, tokenizer), bank)
+    pace, step = SimpleNamespace(release=threading.Event(), delay=0.0), engine.step
+
+    def paced_step(batch):
+        pace.release.wait(30)
+        time.sleep(pace.delay)
+        return step(batch)
+
+    engine.step = paced_step
+    app = create_app(engine, scheduling=SchedulerConfig(max_queue=max_queue, max_wait_ms=0),
+                     limits=RequestLimits(request_timeout_s=timeout_s))
+    with running(app) as url:
+        yield SimpleNamespace(url=url, scheduler=app.state.scheduler, pace=pace)
+    pace.release.set()
+
+
+def complete(url, n, timeout=30.0):
+    body = {"model": "t0", "prompt": "the movie was", "max_tokens": n, "temperature": 0}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+
+
+def test_limits_full_queue_is_503_overloaded_and_the_waiting_requests_still_run(tmp_path):
+    with paced_server(tmp_path, max_queue=1) as server, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(complete, server.url, 4)
+        wait_until(lambda: server.scheduler.step_sizes or server.scheduler._running is not None)
+        second = pool.submit(complete, server.url, 4)  # waits: the worker is held in a step
+        wait_until(lambda: server.scheduler.queued == 1)
+        assert_error(complete(server.url, 4), 503, "the server is busy", "overloaded")
+        assert "--max-queue" in complete(server.url, 4).json()["error"]["message"]
+        server.pace.release.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    assert server.scheduler.queued == 0
+
+
+def test_limits_request_over_its_time_is_504_and_its_rows_stop(tmp_path):
+    with paced_server(tmp_path, timeout_s=0.5) as server:
+        server.pace.release.set()
+        server.pace.delay = 0.05  # 200 tokens would take 10 s
+        start = time.monotonic()
+        slow = complete(server.url, 200)
+        assert_error(slow, 504, "did not finish within 0.5 s (--request-timeout-s)", "backend_timeout")
+        assert time.monotonic() - start < 5
+        wait_until(lambda: server.scheduler._running is None)  # the row left at its next step
+        server.pace.delay = 0.0
+        assert complete(server.url, 4).status_code == 200
 
 
 def test_the_default_body_limit_fits_a_64_token_deep_prompt_of_the_served_model(server):
