@@ -107,6 +107,9 @@ class ClassifyRequest:
 
     task: str | None | Sequence[str | None]
     texts: Sequence[str | Mapping[str, str]]
+    zero_shot: bool = False
+    """Score with the task's template and verbalizer but without its prompt: the plain model's
+    answer (`softprompt eval --zero-shot`), e.g. to show next to the tuned one."""
 
 
 @dataclass
@@ -140,6 +143,8 @@ class TaskInfo:
     has_verbalizer: bool
     kind: str = "soft"
     """'soft' (vectors before the input) or 'deep' (keys and values in every layer)."""
+    meta: dict = field(default_factory=dict)
+    """Its softprompt.json (template, verbalizer, metrics, ...), as loaded."""
 
 
 # ---------------------------------------------------------------- internals: tasks, prepared work
@@ -162,7 +167,7 @@ class _Task:
 
     def info(self) -> TaskInfo:
         return TaskInfo(self.name, self.length, self.version, self.loaded_at,
-                        isinstance(self.meta.get("verbalizer"), dict), self.kind)
+                        isinstance(self.meta.get("verbalizer"), dict), self.kind, dict(self.meta))
 
 
 @dataclass(eq=False)
@@ -278,6 +283,11 @@ class Engine:
             if name not in self._tasks:
                 raise UnknownTaskError(f"task '{name}' is not active")
             return self._tasks[name].info()
+
+    def prompt_values(self, name: str) -> torch.Tensor:
+        """A CPU float32 copy of the task's prompt rows at the bank's current version (soft: [n, d];
+        deep: [n, layers * 2 * kv_heads * head_dim]), e.g. for `inspect`."""
+        return self._activate(name).prompt.detach().float().cpu().clone()
 
     def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
         """Put a task in memory directly (not from the bank); it stays until deactivated."""
@@ -513,8 +523,9 @@ class Engine:
             task = self._resolve(name, snapshot)
             spec, targets = self._classifier(task, name)
             ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
-            self._check_context(len(ids), task, max(len(t) for t in targets))
-            pairs += [_Pair(task, ids, t) for t in targets]
+            prompt = None if request.zero_shot else task
+            self._check_context(len(ids), prompt, max(len(t) for t in targets))
+            pairs += [_Pair(prompt, ids, t) for t in targets]
             labels.append(spec.verbalizer.labels)
         return _PreparedScore(request, pairs, labels)
 

@@ -6,7 +6,7 @@ work is a backend's.
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` names a task or the base model; `stream: true` sends server-sent events),
-`POST /v1/classify`, and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
+`POST /v1/classify`, the web console at `/` with its JSON routes (`console.py`), and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
 is set. Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
 mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend, BuiltinBackend
 from .bank import validate_task_name
+from .console import add_console_routes
 from .data import is_valid_unicode
 from .engine import (
     PROMPT_FILES,
@@ -190,6 +191,8 @@ class ClassifyBody(_Request):
     input: str | dict[str, str] | list[str | dict[str, str]] = Field(
         description="What to classify: a text (a template with one field), an object of the template's "
                     "fields (e.g. {\"question\": ...}), or a list of either.")
+    zero_shot: bool = Field(False, description="Score with the task's template and labels but without its "
+                                               "prompt: the plain model's answer, as `eval --zero-shot` gives it.")
 
 
 def _lone_surrogate(value) -> str | None:
@@ -343,6 +346,7 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_bat
     _add_info_routes(app, backend)
     _add_generation_routes(app, backend, limits)
     _add_admin_routes(app, engine, Depends(require_admin))
+    add_console_routes(app, backend)
     return app
 
 
@@ -412,7 +416,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
     async def classify(body: ClassifyBody, http: Request):
         texts = body.input if isinstance(body.input, list) else [body.input]
         limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
-        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts)]))
+        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts, body.zero_shot)]))
         data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
         return {"object": "list", "model": body.model, "data": data}
 
