@@ -303,3 +303,53 @@ def test_console_in_a_real_browser(page_server, tmp_path):
         assert all("/v1/prompts/" in e["message"] and "401" in e["message"] for e in _severe(driver))
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------- the same routes through the vLLM gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """The console's routes on the vLLM gateway (a fake vLLM doing the model work) next to the
+    built-in engine on the same bank, with a deep prompt the gateway cannot serve."""
+    from softprompt.deep_prompt import DeepPromptModel
+    from softprompt.models import load_model
+    from softprompt.server import create_app
+    from softprompt.vllm_backend import VLLMBackend, load_gateway_model
+
+    from .fake_vllm import FakeVLLM
+    from .test_server import free_port
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    bank = PromptBank(tmp_path_factory.mktemp("bank"))
+    fill_bank(bank, model)
+    DeepPromptModel(model, {"deep": random_prompt(2, seed=11)}, tokenizer=tokenizer).save_task("deep", bank)
+    fake = FakeVLLM(model, tokenizer)
+    fake.start(free_port())
+    backend = VLLMBackend(Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60)
+    builtin = create_app(Engine(load_model(str(folder)), bank))
+    try:
+        with running(create_app(backend)) as url, running(builtin) as builtin_url:
+            yield SimpleNamespace(vllm=httpx.Client(base_url=url, timeout=60),
+                                  builtin=httpx.Client(base_url=builtin_url, timeout=60))
+    finally:
+        fake.stop()
+
+
+def test_console_routes_answer_alike_on_the_vllm_gateway_and_the_builtin_engine(gateway):
+    ours, theirs = gateway.vllm.get("/v1/tasks").json(), gateway.builtin.get("/v1/tasks").json()
+    assert ours["backend"] == "vllm" and theirs["backend"] == "builtin"
+    assert [t["id"] for t in ours["data"]] == sorted(set(t["id"] for t in theirs["data"]) - {"deep"})
+    [unavailable] = ours["unavailable"]
+    assert unavailable["id"] == "deep" and "deep" in unavailable["reason"]
+    assert ours["data"] == [t for t in theirs["data"] if t["id"] != "deep"]  # one bank, the same rows
+    assert gateway.vllm.get("/").status_code == 200
+    query = {"a": "t0", "b": "t3", "k": 3}
+    assert gateway.vllm.get("/v1/compare", params=query).json() == gateway.builtin.get("/v1/compare", params=query).json()
+    body = {"model": "t2", "input": "a boring plot", "zero_shot": True}
+    via_vllm, via_builtin = (c.post("/v1/classify", json=body).json()["data"][0] for c in (gateway.vllm, gateway.builtin))
+    assert via_vllm["label"] == via_builtin["label"]
+    assert via_vllm["probabilities"] == pytest.approx(via_builtin["probabilities"], abs=1e-4)

@@ -160,13 +160,16 @@ function renderMetrics(task) {
   }
 }
 
+const PLOT_ORDER = ["loss", "validation", "grad_norms"];
+
 async function renderPlots(task) {
   const box = $("detail-plots");
   if (!task.plots.length) {
     box.append(el("p", { class: "muted", text: "No plots were saved with this prompt." }));
     return;
   }
-  for (const plot of task.plots) {
+  const order = (name) => { const i = PLOT_ORDER.indexOf(name); return i < 0 ? PLOT_ORDER.length : i; };
+  for (const plot of [...task.plots].sort((a, b) => order(a) - order(b))) {
     const img = el("img", { alt: `${plot} plot of ${task.id}`, "data-plot": plot });
     box.append(img);
     try {
@@ -215,6 +218,8 @@ function renderTryForm() {
 
 function updateModeControls() {
   $("max-tokens-label").hidden = state.mode !== "generate";
+  $("plain-title").textContent = state.mode === "classify"
+    ? "plain model (same template and labels, no prompt)" : `plain model (${state.base})`;
 }
 
 function fieldValues() {
