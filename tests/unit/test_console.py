@@ -17,13 +17,22 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from softprompt.bank import PNG_SIGNATURE, PromptBank
-from softprompt.engine import Engine
+from softprompt.bank import PNG_SIGNATURE, PromptBank, SavedPrompt
+from softprompt.engine import ClassifyRequest, Engine
 from softprompt.inspect import nearest_tokens, task_similarity
+from softprompt.models import fingerprint
 from softprompt.plots import plot_training
 
 from ..conftest import build_tiny_model
-from .test_engine import TEMPLATE, VERBALIZER, build_full_tokenizer, fill_bank, random_prompt, save_task
+from .test_engine import (
+    TEMPLATE,
+    VERBALIZER,
+    build_full_tokenizer,
+    fill_bank,
+    peft_config,
+    random_prompt,
+)
+from .test_engine import save_task as save_soft_task
 from .test_server import running
 
 API_KEY = "console-admin-key"
@@ -48,11 +57,6 @@ def _write_metrics(path: Path) -> Path:
 def _plotted_task(bank: PromptBank, model, run_dir: Path) -> dict[str, bytes]:
     """Task 'plotted' saved with real PNGs drawn from a metrics log, as `softprompt train` saves it."""
     pngs = {p.stem: p.read_bytes() for p in plot_training(_write_metrics(run_dir / "metrics.jsonl"), run_dir)}
-    from softprompt.bank import SavedPrompt
-    from softprompt.models import fingerprint
-
-    from .test_engine import peft_config
-
     values = random_prompt(3, seed=7)
     meta = {"fingerprint": fingerprint(model), "verbalizer": VERBALIZER, "template": TEMPLATE,
             "base_model": "tiny-llama", "metrics": METRICS, "training": TRAINING}
@@ -69,7 +73,7 @@ def console(tmp_path_factory):
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
     fill_bank(bank, model)
     pngs = _plotted_task(bank, model, tmp_path_factory.mktemp("run"))
-    save_task(bank, "pair", random_prompt(2, seed=9), model,
+    save_soft_task(bank, "pair", random_prompt(2, seed=9), model,
               template="question : {question} context : {context} answer :")
     deep = DeepPromptModel(model, {"deep": random_prompt(2, seed=11)}, tokenizer=tokenizer)
     deep.save_task("deep", bank, meta={"template": TEMPLATE, "verbalizer": VERBALIZER})
@@ -95,9 +99,8 @@ def test_console_page_and_assets_are_served_by_the_package(console, path, conten
 
 
 def test_console_assets_ship_in_the_package_data():
-    from importlib import resources
-
     import tomllib
+    from importlib import resources
 
     patterns = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["softprompt"]
@@ -196,8 +199,6 @@ def test_classify_zero_shot_scores_the_template_without_the_prompt(console):
     body = console.http.post("/v1/classify", json={"model": "t1", "input": text, "zero_shot": True}).json()
     plain = console.engine.score(None, [TEMPLATE.format(text=text)] * 2, VERBALIZER["targets"])
     expected = dict(zip(VERBALIZER["labels"], plain, strict=True))
-    from softprompt.engine import ClassifyRequest
-
     [[result]] = console.engine.run(console.engine.prepare_all([ClassifyRequest("t1", [text], zero_shot=True)]))
     assert result.log_likelihoods == pytest.approx(expected, abs=1e-4)
     assert body["data"][0]["label"] == result.label
