@@ -302,6 +302,23 @@ def test_console_in_a_real_browser(page_server, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#task-table tr[data-task="{task["id"]}"]'))
         # the only console error now is the browser reporting the refused request itself
         assert all("/v1/prompts/" in e["message"] and "401" in e["message"] for e in _severe(driver))
+
+        # with the admin key: upload a prompt folder through the page, then delete it again
+        folder = PromptBank(server.engine.bank.root).export(task["id"], tmp_path / "exported")
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "key-state"), "key set"))
+        driver.find_element(By.ID, "upload-name").send_keys("uploaded-copy")
+        driver.find_element(By.ID, "upload-files").send_keys("\n".join(str(f) for f in sorted(folder.iterdir())))
+        driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "admin-message"), "Uploaded 'uploaded-copy'"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "detail-title"), "uploaded-copy"))
+        assert "uploaded-copy" in [t["id"] for t in server.http.get("/v1/tasks").json()["data"]]
+        driver.find_element(By.ID, "delete-task").click()
+        driver.find_element(By.ID, "delete-task").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "admin-message"), "Deleted 'uploaded-copy'"))
+        assert "uploaded-copy" not in [t["id"] for t in server.http.get("/v1/tasks").json()["data"]]
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '#task-table tr[data-task="uploaded-copy"]'))
     finally:
         driver.quit()
 
