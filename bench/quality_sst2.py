@@ -151,14 +151,16 @@ _DEFAULT_BUDGET_GROUPS = ("base", "lr", "deep_lr", "lora_lr", "full_lr", "length
 
 
 def agnews_specs(screen: list[dict]) -> list[Spec]:
-    specs = [Spec("agnews_zero_shot", method="zero_shot", task="agnews", steps=0, template="article",
-                  verbalizer="topics")]
+    specs = [_on_agnews(Spec("agnews_zero_shot", method="zero_shot", steps=0))]
     for method in ("prompt", "deep_prompt", "lora"):
         best = best_of(screen, method, groups=_DEFAULT_BUDGET_GROUPS)
         if best is not None:
-            specs.append(replace(best, group=f"agnews_{method}", task="agnews", template="article",
-                                 verbalizer="topics"))
+            specs.append(_on_agnews(best, group=f"agnews_{method}"))
     return specs
+
+
+def _on_agnews(spec: Spec, **changes) -> Spec:
+    return replace(spec, task="agnews", template="article", verbalizer="topics", **changes)
 
 
 # ---------------------------------------------------------------- one run (in a worker process)
@@ -421,6 +423,8 @@ def cmd_confirm(args) -> int:
     methods = args.methods.split(",")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     specs = [replace(s, eval_every=args.eval_every) for s in confirm_specs(screen, seeds) if s.method in methods]
+    if args.task == "agnews":  # the SST-2-confirmed settings, unchanged, on AG News' template and labels
+        specs = [_on_agnews(s, group=f"agnews_{s.method}") for s in specs]
     out = Path(args.out)
     (out / "prompts").mkdir(parents=True, exist_ok=True)
     print(f"confirming {len(specs)} runs: {[s.method + ' seed ' + str(s.seed) for s in specs]}", file=sys.stderr)
@@ -533,6 +537,8 @@ def main(argv=None) -> int:
     confirm.add_argument("--screen", default="bench/results/quality_sst2_runs.jsonl", help="a study's runs.jsonl")
     confirm.add_argument("--methods", default="deep_prompt", help="comma-separated, e.g. deep_prompt,lora")
     confirm.add_argument("--seeds", default="0,1,2")
+    confirm.add_argument("--task", default="sst2", choices=("sst2", "agnews"),
+                         help="agnews: the settings confirmed on SST-2, unchanged, on AG News (4 labels)")
     confirm.add_argument("--eval-every", type=int, default=100, help="validation interval (the learning curve)")
     confirm.add_argument("--workers", type=int, default=1)
     confirm.add_argument("--budget-seconds", type=float, default=7 * 24 * 3600)

@@ -1,4 +1,4 @@
-"""`softprompt train|eval|generate|info|bank|inspect|serve|compare`: the only place that prints.
+"""`softprompt train|eval|generate|info|bank|inspect|serve|keys|compare`: the only place that prints.
 
 Each verb parses flags (built from the config dataclasses), calls the library, and reports.
 Every SoftPromptError becomes one clear `error: ...` line and exit status 2.
@@ -436,11 +436,36 @@ def cmd_inspect(args) -> int:
 
 def cmd_serve(args) -> int:
     from .server import RequestLimits, serve
+    from .tenants import read_keys
     from .vllm_backend import VLLMConfig
 
+    if args.keys:
+        read_keys(args.keys)  # a bad keys file fails now, not after the model has loaded
     serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
           vllm=from_args(VLLMConfig, args), max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-          limits=from_args(RequestLimits, args))
+          keys=args.keys, audit_log=args.audit_log, limits=from_args(RequestLimits, args))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from .tenants import add_tenant, read_keys, revoke_tenant
+
+    if args.keys_command == "add":
+        key = add_tenant(args.file, args.tenant, args.tasks, upload=args.upload, delete=args.delete)
+        print(f"added tenant '{args.tenant}' to {args.file}; its key (shown this once, stored only as "
+              "its sha256) is:", file=sys.stderr)
+        print(key)
+    elif args.keys_command == "revoke":
+        revoke_tenant(args.file, args.tenant)
+        print(f"revoked tenant '{args.tenant}'; a running server drops it within a second, or at SIGHUP",
+              file=sys.stderr)
+    else:
+        tenants = read_keys(args.file)
+        if args.json:
+            _print_json([{k: v for k, v in t.to_json().items() if k != "key_sha256"} for t in tenants])
+        for t in tenants if not args.json else ():
+            rights = ",".join(a for a in ("upload", "delete") if getattr(t, a)) or "use"
+            print(f"{t.name}\t{' '.join(t.tasks)}\t{rights}\t{t.created or ''}")
     return 0
 
 
@@ -579,12 +604,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings, bank) in front of a vLLM server (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=16, help="builtin: rows per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="builtin: wait to fill a batch")
+    p.add_argument("--keys", help="Tenants' keys file (softprompt keys add): every /v1 route then needs a "
+                   "key, and each tenant sees only its tasks. The admin key is SOFTPROMPT_API_KEY")
+    p.add_argument("--audit-log", help="Where admin actions are appended as JSON lines (default with "
+                   "--keys: next to it, KEYS.audit.jsonl; else none)")
     from .server import RequestLimits
     from .vllm_backend import VLLMConfig
 
     add_arguments(p, RequestLimits)
     add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="Add, revoke or list tenants in a keys file for serve --keys")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    q = keys_sub.add_parser("add", help="Add a tenant with a new random key, printed once (only its hash is stored)")
+    q.add_argument("file", help="Keys file (created if missing)")
+    q.add_argument("--tenant", required=True, help="Tenant name (as task names: a-z 0-9 . _ -)")
+    q.add_argument("--tasks", action="append", required=True,
+                   help="Task name pattern the tenant may use, e.g. 'acme-*' (repeat for several)")
+    q.add_argument("--upload", action="store_true", help="May upload prompts to tasks its patterns match")
+    q.add_argument("--delete", action="store_true", help="May delete tasks its patterns match")
+    q = keys_sub.add_parser("revoke", help="Remove a tenant and its key")
+    q.add_argument("file", help="Keys file")
+    q.add_argument("--tenant", required=True, help="Tenant name")
+    q = keys_sub.add_parser("list", help="Tenants, their task patterns and rights (never keys)")
+    q.add_argument("file", help="Keys file")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys)
 
     from .compare import CompareConfig
 

@@ -65,6 +65,10 @@ class AuthenticationError(SoftPromptError):
     """A missing or wrong API key on an admin route."""
 
 
+class PermissionDeniedError(SoftPromptError):
+    """A valid key that may not do this (a tenant's upload or delete outside its rights)."""
+
+
 class UploadError(SoftPromptError, ValueError):
     """A prompt upload that is not a readable multipart/form-data body."""
 

@@ -8,8 +8,10 @@ Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/
 (`model` names a task or the base model; `stream: true` sends server-sent events),
 `POST /v1/classify`, the web console at `/` with its JSON routes (`console.py`), and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
-is set. Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
-mapped from exception types in `_ERRORS` and the handlers below, and nowhere else.
+is set. With a keys file (`keys=`) every /v1 route needs a key and each tenant sees only its own
+tasks (tenants.py: the keys, the checks, the audit log). Every error is JSON in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`, mapped from exception types in `_ERRORS` and the
+handlers below, and nowhere else.
 
 What is about the HTTP request lives here, so every backend gets it: the body size, the schemas,
 the per-request limits (`RequestLimits`: 413 naming the limit) and cancelling a request whose
@@ -26,8 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
-import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -38,6 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend, BuiltinBackend
@@ -61,6 +62,7 @@ from .errors import (
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
+    PermissionDeniedError,
     PromptFileError,
     RequestLimitError,
     SoftPromptError,
@@ -68,6 +70,7 @@ from .errors import (
     UploadError,
 )
 from .options import flag, opt
+from .tenants import Access, build_access, reload_on_sighup
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +220,7 @@ def _lone_surrogate(value) -> str | None:
 
 _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match wins
     (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
+    (PermissionDeniedError, 403, "permission_error", "permission_denied"),
     (InvalidTaskNameError, 400, "invalid_request_error", "invalid_task_name"),
     (UnknownTaskError, 404, "invalid_request_error", "model_not_found"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
@@ -309,10 +313,12 @@ class _BodyLimit:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_batch_size: int = 16,
+def create_app(backend: Backend | Engine, *, api_key: str | None = None, keys: str | os.PathLike | None = None,
+               audit_log: str | os.PathLike | None = None, max_batch_size: int = 16,
                max_wait_ms: float = 5, limits: RequestLimits | None = None) -> FastAPI:
     """The FastAPI app serving `backend` (an Engine: the built-in backend, with one fair
-    micro-batcher of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`."""
+    micro-batcher of `max_batch_size` / `max_wait_ms`); admin routes behind `api_key`; with a
+    `keys` file, every /v1 route behind a tenant's key (or `api_key`), admin actions in `audit_log`."""
     if isinstance(backend, Engine):
         backend = BuiltinBackend(backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
     engine = backend.engine
@@ -326,31 +332,25 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, max_bat
         finally:
             await backend.close()
 
-    app = FastAPI(title="softprompt", lifespan=lifespan)
+    access = build_access(api_key=api_key, keys=keys, audit_log=audit_log, base_names=engine.base_names,
+                          status_of=lambda exc: classify_error(exc)[0])
+    app = FastAPI(title="softprompt", lifespan=lifespan, dependencies=[Depends(access.authenticate)])
     app.state.engine, app.state.backend, app.state.limits = engine, backend, limits
+    app.state.access = access
     app.state.scheduler = getattr(backend, "scheduler", None)  # the built-in engine's batcher
     app.add_middleware(_BodyLimit, limit=limits.body_bytes(engine))
     _install_error_handlers(app)
-    if api_key is None:
+    if api_key is None and keys is None:
         log.warning("no API key set: the admin routes (PUT/DELETE /v1/prompts) are open")
 
-    def require_admin(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
-        if not secrets.compare_digest(header[7:].strip().encode(), api_key.encode()):
-            raise AuthenticationError("invalid API key")
-
-    _add_info_routes(app, backend)
-    _add_generation_routes(app, backend, limits)
-    _add_admin_routes(app, engine, Depends(require_admin))
-    add_console_routes(app, backend)
+    _add_info_routes(app, backend, access)
+    _add_generation_routes(app, backend, limits, access)
+    _add_admin_routes(app, engine, access)
+    add_console_routes(app, backend, visible=access.may_use)
     return app
 
 
-def _add_info_routes(app: FastAPI, backend: Backend) -> None:
+def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
     engine = backend.engine
 
     @app.get("/health")
@@ -363,10 +363,10 @@ def _add_info_routes(app: FastAPI, backend: Backend) -> None:
         return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(http: Request):
         await asyncio.to_thread(engine.refresh)
         data = [{"id": engine.base_model_id, "object": "model", "created": 0, "owned_by": "softprompt"}]
-        for info in engine.task_infos():
+        for info in (i for i in engine.task_infos() if access.may_use(http, i.name)):
             data.append({"id": info.name, "object": "model", "created": int(info.loaded_at),
                          "owned_by": "softprompt", "parent": engine.base_model_id,
                          "num_virtual_tokens": info.num_virtual_tokens, "kind": info.kind,
@@ -374,7 +374,7 @@ def _add_info_routes(app: FastAPI, backend: Backend) -> None:
         return {"object": "list", "data": data}
 
 
-def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits) -> None:
+def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits, access: Access) -> None:
     engine = backend.engine
 
     async def prepare(requests: list) -> list:
@@ -385,6 +385,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):
+        access.check_use(http, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
         if not prompts:
             raise ConfigError("prompt must not be empty")
@@ -401,6 +402,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: Request):
+        access.check_use(http, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await asyncio.to_thread(engine.chat_prompt, messages)
         request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens)
@@ -414,6 +416,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyBody, http: Request):
+        access.check_use(http, body.model)
         texts = body.input if isinstance(body.input, list) else [body.input]
         limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
         [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts, body.zero_shot)]))
@@ -421,19 +424,22 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
         return {"object": "list", "model": body.model, "data": data}
 
 
-def _add_admin_routes(app: FastAPI, engine: Engine, admin) -> None:
-    @app.put("/v1/prompts/{task:path}", dependencies=[admin])
+def _add_admin_routes(app: FastAPI, engine: Engine, access: Access) -> None:
+    @app.put("/v1/prompts/{task:path}")
     async def upload(task: str, request: Request):
-        validate_task_name(task)  # before reading the body or touching the disk
-        files = _multipart_files(await request.body(), request.headers.get("content-type", ""))
-        info = await asyncio.to_thread(engine.install, task, files)
+        async with access.admin_action(request, "upload", task) as outcome:
+            validate_task_name(task)  # before reading the body or touching the disk
+            files = await _uploaded_files(request)
+            info = await asyncio.to_thread(engine.install, task, files)
+            outcome["version"] = info.version
         return {"object": "prompt", "id": info.name, "num_virtual_tokens": info.num_virtual_tokens,
                 "version": info.version, "classify": info.has_verbalizer}
 
-    @app.delete("/v1/prompts/{task:path}", dependencies=[admin])
-    async def delete(task: str):
-        validate_task_name(task)  # before reading the body or touching the disk
-        await asyncio.to_thread(engine.remove, task)
+    @app.delete("/v1/prompts/{task:path}")
+    async def delete(task: str, request: Request):
+        async with access.admin_action(request, "delete", task):
+            validate_task_name(task)  # before touching the disk
+            await asyncio.to_thread(engine.remove, task)
         return {"object": "prompt", "id": task, "deleted": True}
 
 
@@ -534,37 +540,35 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-_PARAM_RE = re.compile(r'(\w+)\*?="?([^";]*)"?')
-
-
-def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
-    """Files of a multipart/form-data body, by field name or file name (whichever is a prompt file).
-
-    Parsed here (byte-exact, a few lines) rather than through an extra form-parsing dependency.
-    """
-    if not content_type.lower().startswith("multipart/form-data"):
+async def _uploaded_files(request: Request) -> dict[str, bytes]:
+    """The prompt files of a multipart/form-data upload, by field name or file name (whichever is
+    a prompt file). The body limit holds while the form is read (`_BodyLimit` wraps its stream)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise UploadError("upload the prompt as multipart/form-data with the files "
                           f"{', '.join(PROMPT_FILES)}")
-    boundary = dict(_PARAM_RE.findall(content_type)).get("boundary")
-    if not boundary:
-        raise UploadError("multipart/form-data body without a boundary")
+    try:
+        async with request.form() as form:
+            return await _prompt_parts(form.multi_items())
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # 413 stays 413
+            raise
+        raise UploadError(f"malformed multipart/form-data body: {exc.detail}") from None
+
+
+async def _prompt_parts(items: list[tuple[str, UploadFile | str]]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
-    parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())  # the CRLF belongs to the delimiter
-    if len(parts) < 2 or not parts[-1].startswith(b"--"):
-        raise UploadError("malformed multipart/form-data body (no closing boundary)")
-    for part in parts[1:-1]:
-        head, sep, content = part.partition(b"\r\n\r\n")
-        if not sep:
-            raise UploadError("malformed multipart/form-data body (a part without headers)")
-        disposition = next((line for line in head.decode("latin-1").split("\r\n")
-                            if line.lower().startswith("content-disposition:")), "")
-        params = dict(_PARAM_RE.findall(disposition))
-        names = [params.get("name", ""), os.path.basename(params.get("filename", ""))]
+    for field_name, value in items:  # request.form() gives Starlette UploadFiles (FastAPI's subclass them)
+        names = [field_name]
+        if isinstance(value, UploadFile):
+            names.append(os.path.basename(value.filename or ""))
         key = next((n for n in names if n in PROMPT_FILES), None)
+        if key is None:
+            continue
         if key in files:  # which one was meant? Taking the last would hide a bad first one
             raise UploadError(f"duplicate part '{key}' in the upload: send each file once")
-        if key is not None:
-            files[key] = content
+        if not isinstance(value, UploadFile):  # a form field's bytes were decoded as text
+            raise UploadError(f"send {key} as a file part (with a filename), e.g. curl -F {key}=@{key}")
+        files[key] = await value.read()
     return files
 
 
@@ -574,21 +578,25 @@ def _multipart_files(body: bytes, content_type: str) -> dict[str, bytes]:
 def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
           port: int = 8000, *, backend: Literal["builtin", "vllm"] = "builtin", vllm=None,
           max_batch_size: int = 16, max_wait_ms: float = 5, api_key: str | None = None,
-          limits: RequestLimits | None = None,
+          keys: str | None = None, audit_log: str | None = None, limits: RequestLimits | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
     """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
 
     `vllm` (a `VLLMConfig`) says where vLLM is, or how to start one (stopped again on exit).
     The admin key is `api_key`, else the environment variable SOFTPROMPT_API_KEY (else none).
+    `keys` is a tenants' keys file (tenants.py), re-read on SIGHUP and when it changes.
     """
     import uvicorn
 
     from .bank import PromptBank
 
     served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm)
-    app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
-                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits)
     try:
+        app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None, keys=keys,
+                         audit_log=audit_log, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         limits=limits)
+        if app.state.access.keys is not None:
+            reload_on_sighup(app.state.access.keys)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         process = getattr(served, "process", None)

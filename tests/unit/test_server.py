@@ -427,3 +427,29 @@ def test_error_classify_task_without_verbalizer_is_400(server):
 def test_error_unknown_route_and_upload_not_multipart(server):
     assert_error(server.http.get("/v1/nothing"), 404, "Not Found")
     assert_error(server.http.put("/v1/prompts/plain", content=b"x", headers=ADMIN), 422, "multipart/form-data")
+
+
+def test_error_upload_over_the_body_limit_is_413_by_header_and_by_bytes(server):
+    files = upload_files(random_prompt(2, 1))
+    files["padding.bin"] = ("padding.bin", io.BytesIO(b"x" * MAX_BODY))
+    assert_error(server.http.put("/v1/prompts/huge", files=files, headers=ADMIN), 413,
+                 f"limit of {MAX_BODY} bytes", "request_too_large")
+    request = httpx.Request("PUT", "http://x", files=files)  # the same multipart body, sent chunked
+    chunked = server.http.put("/v1/prompts/huge", content=iter([request.read()]),
+                              headers={**ADMIN, "content-type": request.headers["content-type"]})
+    assert "content-length" not in chunked.request.headers
+    assert_error(chunked, 413, "larger than the server's limit")
+    assert "huge" not in server.bank.names()
+
+
+def test_error_upload_of_a_form_field_instead_of_a_file_or_malformed_multipart_is_422(server):
+    files = upload_files(random_prompt(2, 1))
+    del files["adapter_config.json"]
+    as_field = server.http.put("/v1/prompts/fields", files=files, data={"adapter_config.json": "{}"}, headers=ADMIN)
+    assert_error(as_field, 422, "send adapter_config.json as a file part (with a filename)", "invalid_upload")
+    truncated = b"--b\r\nContent-Disposition: form-data; name=\"adapter_config.json\"; filename=\"a\"\r\n\r\n{}"
+    for content_type, message in [("multipart/form-data", "malformed multipart/form-data body: Missing boundary"),
+                                  ("multipart/form-data; boundary=b", "upload of task 'fields' lacks")]:
+        response = server.http.put("/v1/prompts/fields", content=truncated, headers={**ADMIN, "content-type": content_type})
+        assert_error(response, 422, message)  # a part cut off before its closing boundary is not read
+    assert "fields" not in server.bank.names()

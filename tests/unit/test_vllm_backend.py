@@ -342,3 +342,28 @@ def test_builtin_backend_reports_its_prompt_kinds(setup):
         assert asyncio.run(backend.health())["prompt_kinds"] == ["soft", "deep"]
     finally:
         backend.scheduler.close()
+
+
+# ---------------------------------------------------------------- tenants
+
+
+def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
+    from softprompt.server import create_app
+    from softprompt.tenants import add_tenant
+
+    keys = tmp_path / "keys.json"
+    key = add_tenant(keys, "one", ["t1"])
+    backend = VLLMBackend(Engine(load_gateway_model(str(setup.folder)), setup.bank), setup.fake.url,
+                          dtype="float32", timeout_s=60)
+    with running(create_app(backend, keys=keys)) as url:
+        http = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert ids == [backend.engine.base_model_id, "t1"]
+        body = {"model": "t1", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
+        mine = http.post("/v1/completions", json=body)
+        assert mine.json()["choices"][0]["text"] == greedy_alone(setup, TEXTS[0], "t1", n=4).text
+        sent = len(setup.fake.bodies)
+        hidden = http.post("/v1/completions", json={**body, "model": "t2"})
+        assert hidden.status_code == 404 and hidden.json()["error"]["message"] == "unknown task 't2'"
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        assert len(setup.fake.bodies) == sent  # neither reached vLLM
