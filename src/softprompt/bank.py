@@ -7,7 +7,7 @@ tensor `prompt_embeddings`, shape [num_virtual_tokens, token_dim]) and our `soft
 Layout of a bank folder::
 
     <root>/<task>                         relative symlink -> .versions/<task>/<version>
-    <root>/.versions/<task>/<version>/    the three files of one saved version
+    <root>/.versions/<task>/<version>/    the three files of one saved version (and plots/*.png)
     <root>/.locks/<task>.lock             flock that serialises the writers of one task
 
 A save writes a complete new version folder, then swaps the symlink with `os.replace`, so a reader
@@ -61,8 +61,12 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
+PLOTS_DIR = "plots"
+"""Sub-folder of a saved version holding the training run's PNG plots (loss, validation, ...)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
+_PLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
 _VERSIONS_DIR = ".versions"
 _LOCKS_DIR = ".locks"
 _TMP_PREFIX = ".tmp-"
@@ -113,6 +117,9 @@ class SavedPrompt:
     embeddings: torch.Tensor
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, bytes] = field(default_factory=dict)
+    """PNG images saved with the prompt, by name (`loss` -> plots/loss.png): the training run's
+    plots travel with its prompt. Written by saves; `load` does not read them (see `read_plot`)."""
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -334,6 +341,13 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _write_tensor(path: Path, tensor: torch.Tensor) -> None:
     """Write the prompt tensor as float32 safetensors and fsync it."""
     data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
@@ -355,16 +369,30 @@ def _encode(saved: SavedPrompt) -> tuple[str, str]:
     where = f"prompt '{saved.name}'"
     _check_config(saved.config, where)
     _check_tensor(saved.embeddings, saved.config, where)
+    _check_plots(saved.plots, where)
     # sort_keys for the config: the same byte layout PEFT writes.
     return _dumps(saved.config, f"{where} config", sort_keys=True), _dumps(
         saved.meta, f"{where} meta"
     )
 
 
-def _write_files(folder: Path, embeddings: torch.Tensor, config_text: str, meta_text: str) -> None:
+def _check_plots(plots: dict[str, bytes], where: str) -> None:
+    for name, data in plots.items():
+        if not isinstance(name, str) or _PLOT_NAME_RE.fullmatch(name) is None:
+            raise PromptFileError(f"{where}: invalid plot name {name!r} (use a-z, 0-9 and '_')")
+        if not isinstance(data, bytes) or not data.startswith(PNG_SIGNATURE):
+            raise PromptFileError(f"{where}: plot '{name}' is not a PNG image")
+
+
+def _write_files(folder: Path, saved: SavedPrompt, config_text: str, meta_text: str) -> None:
     _write_text(folder / CONFIG_FILE, config_text)
-    _write_tensor(folder / WEIGHTS_FILE, embeddings)
+    _write_tensor(folder / WEIGHTS_FILE, saved.embeddings)
     _write_text(folder / META_FILE, meta_text)
+    if saved.plots:
+        (folder / PLOTS_DIR).mkdir()
+        for name, data in saved.plots.items():
+            _write_bytes(folder / PLOTS_DIR / f"{name}.png", data)
+        fsync_dir(folder / PLOTS_DIR)
     fsync_dir(folder)
 
 
@@ -376,7 +404,7 @@ def write_prompt_dir(path: str | os.PathLike[str], saved: SavedPrompt) -> None:
         raise PromptFileError(f"prompt folder {folder} does not exist")
     if any(folder.iterdir()):
         raise PromptFileError(f"prompt folder {folder} is not empty")
-    _write_files(folder, saved.embeddings, config_text, meta_text)
+    _write_files(folder, saved, config_text, meta_text)
 
 
 def parse_json_object(data: bytes | str, where: str) -> dict[str, Any]:
@@ -596,6 +624,46 @@ class PromptBank:
             pass  # deleted while we looked
         raise UnknownTaskError(self._unknown_message(name))
 
+    def stored_files(self, name: str) -> dict[str, int]:
+        """Size in bytes of each file of the task's current version, by path relative to it
+        (`adapter_config.json`, ..., `plots/loss.png`): what the task occupies on disk."""
+        def sizes(folder: Path) -> dict[str, int]:
+            found = {}
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    found[path.relative_to(folder).as_posix()] = path.stat().st_size
+            return found
+
+        return self._read_current(name, sizes)
+
+    def read_plot(self, name: str, plot: str) -> bytes | None:
+        """The PNG bytes of plot `plot` saved with task `name`, or None if it has no such plot."""
+        validate_task_name(name)
+        if not isinstance(plot, str) or _PLOT_NAME_RE.fullmatch(plot) is None:
+            return None
+
+        def read(folder: Path) -> bytes | None:
+            path = folder / PLOTS_DIR / f"{plot}.png"
+            return path.read_bytes() if path.is_file() else None
+
+        return self._read_current(name, read)
+
+    def _read_current(self, name: str, read):
+        """`read(folder)` on the task's current version folder, retried when a writer retires
+        that version while it is read (as `load` does)."""
+        validate_task_name(name)
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            target = self._resolve(name)
+            try:
+                result = read(target)
+            except FileNotFoundError:
+                if attempt == _READ_ATTEMPTS or self._resolve(name) == target:  # no server path:
+                    raise PromptFileError(f"task '{name}': a file vanished while being read") from None
+            else:
+                if _still_there(target):
+                    return result
+        raise PromptFileError(f"task '{name}' kept changing while being read")
+
     def load_all(
         self, *, token_dim: int | None = None, fingerprint: Any = None
     ) -> tuple[dict[str, SavedPrompt], dict[str, str]]:
@@ -629,7 +697,7 @@ class PromptBank:
         config_text, meta_text = _encode(saved)  # bad input fails before anything is written
         try:
             with self._writer_lock(name):
-                version = self._write_version(name, saved.embeddings, config_text, meta_text)
+                version = self._write_version(name, saved, config_text, meta_text)
                 previous = self._swap_link(name, version)
                 self._cleanup(name, keep={version, previous})
         except OSError as exc:
@@ -729,9 +797,7 @@ class PromptBank:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _write_version(
-        self, name: str, embeddings: torch.Tensor, config_text: str, meta_text: str
-    ) -> str:
+    def _write_version(self, name: str, saved: SavedPrompt, config_text: str, meta_text: str) -> str:
         """Write a complete new version folder (via a temp folder) and return its id."""
         versions = self._versions_dir(name)
         versions.mkdir(parents=True, exist_ok=True)
@@ -739,7 +805,7 @@ class PromptBank:
         tmp = versions / f"{_TMP_PREFIX}{version}"
         tmp.mkdir()
         try:
-            _write_files(tmp, embeddings, config_text, meta_text)
+            _write_files(tmp, saved, config_text, meta_text)
             os.rename(tmp, versions / version)
         except Exception:
             _remove_path(tmp)  # an ordinary error leaves nothing; a killed process is cleaned later

@@ -195,23 +195,38 @@ def _test_metrics(prompted, trainer, tasks, test_sets) -> dict[str, dict]:
 
 
 def _finish_training(args, prompted, trainer, result, tasks, tests, output_dir: Path, bank) -> dict:
-    from .plots import plot_training
-
     summary = {"steps": result.steps, "best_step": result.best_step, "best_validation": result.best_metric,
                "train_seconds": round(result.seconds, 2), "examples_per_second": round(result.examples_per_second, 2),
                "trainable_parameters": result.trainable_parameters, "output_dir": str(output_dir), "tasks": {}}
+    plots = _draw_plots(output_dir)
+    if plots:
+        summary["plots"] = [str(p) for p in plots]
     for task in tasks:
         entry = dict(tests.get(task.name, {}))
         meta = {"template": task.template.text, "verbalizer": task.verbalizer.to_dict() if task.verbalizer else None,
                 "metrics": {"best_validation": result.best_metric, "best_step": result.best_step, **entry},
                 "training": {"data": args.data, "eval_data": args.eval_data, **asdict(trainer.config)}}
-        entry["path"] = str(prompted.save_task(task.name, bank, meta))
+        # The run's plots are saved with the prompt (same atomic save), so they travel with it.
+        saved = replace(prompted.saved_prompt(task.name, meta), plots={p.stem: p.read_bytes() for p in plots})
+        entry["path"] = str(bank.save(saved))
         summary["tasks"][task.name] = entry
-    metrics_file = output_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        summary["plots"] = [str(p) for p in plot_training(metrics_file, output_dir)]
     write_file(output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _draw_plots(output_dir: Path) -> list[Path]:
+    """The run's PNG plots (drawn before the prompt is saved, to go with it); a plot that cannot be
+    drawn must not cost the trained prompt, so a failure is reported and the prompt saved without."""
+    from .plots import plot_training
+
+    metrics_file = output_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return []
+    try:
+        return plot_training(metrics_file, output_dir)
+    except Exception as exc:  # matplotlib raises many types
+        print(f"warning: could not draw the training plots: {exc}", file=sys.stderr)
+        return []
 
 
 def _print_summary(summary: dict) -> None:

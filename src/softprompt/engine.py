@@ -89,6 +89,9 @@ class ClassifyRequest:
 
     task: str | None | Sequence[str | None]
     texts: Sequence[str | Mapping[str, str]]
+    zero_shot: bool = False
+    """Score with the task's template and verbalizer but without its prompt: the plain model's
+    answer (`softprompt eval --zero-shot`), e.g. to show next to the tuned one."""
 
 
 @dataclass
@@ -210,6 +213,7 @@ class Engine:
                                                        self.registry.task_info)
         self.add_task, self.activate, self.deactivate = (self.registry.add_task, self.registry.activate,
                                                          self.registry.deactivate)
+        self.prompt_values = self.registry.prompt_values
         self.refresh, self.install, self.remove = self.registry.refresh, self.registry.install, self.registry.remove
 
     @property
@@ -313,8 +317,9 @@ class Engine:
             task = self._resolve(name, snapshot)
             spec, targets = self._classifier(task, name)
             ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
-            self._check_context(len(ids), task, max(len(t) for t in targets))
-            pairs += [_Pair(task, ids, t) for t in targets]
+            prompt = None if request.zero_shot else task
+            self._check_context(len(ids), prompt, max(len(t) for t in targets))
+            pairs += [_Pair(prompt, ids, t) for t in targets]
             labels.append(spec.verbalizer.labels)
         return _PreparedScore(request, pairs, labels)
 

@@ -56,6 +56,8 @@ class TaskInfo:
     has_verbalizer: bool
     kind: str = "soft"
     """'soft' (vectors before the input) or 'deep' (keys and values in every layer)."""
+    meta: dict = field(default_factory=dict)
+    """Its softprompt.json (template, verbalizer, metrics, ...), as loaded."""
 
 
 @dataclass(eq=False)
@@ -75,7 +77,7 @@ class _Task:
 
     def info(self) -> TaskInfo:
         return TaskInfo(self.name, self.length, self.version, self.loaded_at,
-                        isinstance(self.meta.get("verbalizer"), dict), self.kind)
+                        isinstance(self.meta.get("verbalizer"), dict), self.kind, dict(self.meta))
 
 
 class TaskRegistry:
@@ -117,6 +119,11 @@ class TaskRegistry:
             kind, prompt, meta = prompt.kind, prompt.embeddings, {**prompt.meta, **(meta or {})}
         entry = self._entry(name, _check_tensor(name, prompt, self._row_width(kind)), None, meta or {}, kind)
         return self._store(entry).info()
+
+    def prompt_values(self, name: str) -> torch.Tensor:
+        """A CPU float32 copy of the task's prompt rows at the bank's current version (soft: [n, d];
+        deep: [n, layers * 2 * kv_heads * head_dim]), e.g. for `inspect`."""
+        return self._activate(name).prompt.detach().float().cpu().clone()
 
     def activate(self, name: str) -> TaskInfo:
         """Have `name` in memory at the bank's current version (microseconds if it already is)."""

@@ -6,7 +6,7 @@ work is a backend's.
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` names a task or the base model; `stream: true` sends server-sent events),
-`POST /v1/classify`, and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
+`POST /v1/classify`, the web console at `/` with its JSON routes (`console.py`), and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
 is set. With a keys file (`keys=`) every /v1 route needs a key and each tenant sees only its own
 tasks (tenants.py: the keys, the checks, the audit log). Every error is JSON in OpenAI's shape
@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend, BuiltinBackend
 from .bank import validate_task_name
+from .console import add_console_routes
 from .data import is_valid_unicode
 from .engine import (
     PROMPT_FILES,
@@ -203,6 +204,8 @@ class ClassifyBody(_Request):
     input: str | dict[str, str] | list[str | dict[str, str]] = Field(
         description="What to classify: a text (a template with one field), an object of the template's "
                     "fields (e.g. {\"question\": ...}), or a list of either.")
+    zero_shot: bool = Field(False, description="Score with the task's template and labels but without its "
+                                               "prompt: the plain model's answer, as `eval --zero-shot` gives it.")
 
 
 def _lone_surrogate(value) -> str | None:
@@ -354,6 +357,7 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, keys: s
     _add_info_routes(app, backend, access)
     _add_generation_routes(app, backend, limits, access)
     _add_admin_routes(app, engine, access)
+    add_console_routes(app, backend, visible=access.may_use)
     return app
 
 
@@ -426,7 +430,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
         access.check_use(http, body.model)
         texts = body.input if isinstance(body.input, list) else [body.input]
         limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
-        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts)]))
+        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts, body.zero_shot)]))
         data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
         return {"object": "list", "model": body.model, "data": data}
 

@@ -249,6 +249,53 @@ def test_atomic_old_versions_are_cleaned(tmp_path):
     _assert_same(bank.load("sentiment"), _prompt(seed=4))
 
 
+PNG = bank_module.PNG_SIGNATURE + b"not a real image, but a PNG by its signature"
+
+
+def test_roundtrip_plots_travel_with_the_prompt_in_one_atomic_save(tmp_path):
+    bank = PromptBank(tmp_path / "bank")
+    saved = _prompt()
+    saved.plots = {"loss": PNG + b"1", "grad_norms": PNG + b"2"}
+    bank.save(saved)
+    assert bank.read_plot("sentiment", "loss") == PNG + b"1"
+    assert bank.read_plot("sentiment", "grad_norms") == PNG + b"2"
+    assert bank.read_plot("sentiment", "validation") is None
+    assert bank.read_plot("sentiment", "../adapter_config") is None  # never a path outside plots/
+    files = bank.stored_files("sentiment")
+    assert set(files) == {CONFIG_FILE, WEIGHTS_FILE, META_FILE, "plots/loss.png", "plots/grad_norms.png"}
+    assert files["plots/loss.png"] == len(PNG) + 1
+    assert files[WEIGHTS_FILE] == (bank.root / "sentiment" / WEIGHTS_FILE).stat().st_size
+    _assert_same(bank.load("sentiment"), saved)  # load reads the prompt, not the images
+    bank.save(_prompt(seed=1))  # a new prompt without plots does not keep the old prompt's plots
+    assert bank.read_plot("sentiment", "loss") is None and "plots/loss.png" not in bank.stored_files("sentiment")
+
+
+def test_atomic_crash_mid_plot_write_keeps_previous_prompt_and_plots(tmp_path, monkeypatch):
+    bank = PromptBank(tmp_path / "bank")
+    old = _prompt(seed=1)
+    old.plots = {"loss": PNG}
+    bank.save(old)
+    new = _prompt(seed=2)
+    new.plots = {"loss": PNG + b"new"}
+    with monkeypatch.context() as patch:
+        patch.setattr(bank_module, "_write_bytes", _killed)
+        with pytest.raises(_Killed):
+            bank.save(new)
+    _assert_same(bank.load("sentiment"), old)
+    assert bank.read_plot("sentiment", "loss") == PNG
+
+
+@pytest.mark.parametrize("plots, problem", [({"Loss!": PNG}, "invalid plot name"),
+                                            ({"loss": b"GIF89a"}, "is not a PNG image")])
+def test_bad_input_plots_must_be_pngs_with_plain_names(tmp_path, plots, problem):
+    bank = PromptBank(tmp_path / "bank")
+    saved = _prompt()
+    saved.plots = plots
+    with pytest.raises(PromptFileError, match=problem):
+        bank.save(saved)
+    assert bank.names() == []
+
+
 def _hammer(root: str, writer: int, rounds: int) -> None:
     torch.set_num_threads(1)
     bank = PromptBank(root)

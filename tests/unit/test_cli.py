@@ -82,6 +82,15 @@ def test_train_several_tasks_at_once_lands_each_prompt_in_the_bank(trained_bank)
     assert topic.meta["fingerprint"]["hidden_size"] == 32 and "best_validation" in topic.meta["metrics"]
 
 
+def test_train_saves_the_runs_plots_with_each_prompt_in_the_bank(trained_bank, tmp_path):
+    bank, summary, _ = trained_bank
+    run = tmp_path / "run"
+    assert sorted(Path(p).name for p in summary["plots"]) == ["grad_norms.png", "loss.png", "validation.png"]
+    for task in ("sentiment", "topic"):
+        for name in ("loss", "validation", "grad_norms"):
+            assert PromptBank(bank).read_plot(task, name) == (run / f"{name}.png").read_bytes()
+
+
 def test_eval_json_last_line_and_zero_shot(trained_bank, tiny_model_dir, capsys):
     bank, _, data = trained_bank
     code, out, _ = _run(capsys, "eval", "--model", tiny_model_dir, "--bank", str(bank), "--task", "sentiment",
