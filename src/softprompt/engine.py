@@ -37,6 +37,7 @@ from .errors import (
 )
 from .models import LoadedModel, eos_token_ids, fingerprint
 from .registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
+from .scorer import ScoreRow, left_pad, score_rows
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,9 @@ class _PreparedGeneration:
 
 
 @dataclass(eq=False)
-class _Pair:
-    task: _Task | None
-    input_ids: list[int]
-    target_ids: list[int]
-
-
-@dataclass(eq=False)
 class _PreparedScore:
     request: ClassifyRequest | ScoreRequest
-    pairs: list[_Pair]
+    pairs: list[ScoreRow]  # task = the row's _Task (None: no prompt)
     labels: list[list[str]] | None  # per row, for classification
     cancelled: bool = False  # set when the client went away: dropped before the next batch
     kind = "score"
@@ -319,7 +313,7 @@ class Engine:
             ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
             prompt = None if request.zero_shot else task
             self._check_context(len(ids), prompt, max(len(t) for t in targets))
-            pairs += [_Pair(prompt, ids, t) for t in targets]
+            pairs += [ScoreRow(ids, t, prompt) for t in targets]
             labels.append(spec.verbalizer.labels)
         return _PreparedScore(request, pairs, labels)
 
@@ -344,7 +338,7 @@ class Engine:
             if not target_ids:
                 raise ConfigError(f"target {target!r} encodes to no tokens")
             self._check_context(len(ids), task, len(target_ids))
-            pairs.append(_Pair(task, ids, target_ids))
+            pairs.append(ScoreRow(ids, target_ids, task))
         return _PreparedScore(request, pairs, None)
 
     def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
@@ -473,36 +467,24 @@ class Engine:
             start += len(item.pairs)
         return out
 
-    def score_pairs(self, pairs: Sequence[_Pair]) -> list[float]:
-        """Summed log-probability of each prepared pair's target, `score_batch_size` per forward."""
-        scores: list[float] = []
-        for start in range(0, len(pairs), self.score_batch_size):
-            scores += self._score_chunk(pairs[start:start + self.score_batch_size])
-        return scores
-
-    def _score_chunk(self, pairs: Sequence[_Pair]) -> list[float]:
-        ids, mask = self._left_pad([p.input_ids + p.target_ids for p in pairs])  # (B, L)
-        keep = max(len(p.target_ids) for p in pairs) + 1  # columns whose logits predict targets
-        with self._model_lock, torch.no_grad():
-            logits = self._last_logits([p.task for p in pairs], ids, mask, keep)  # (B, keep, V)
-        logprobs = logits.float().log_softmax(-1)
-        scores = []
-        for b, pair in enumerate(pairs):
-            n = len(pair.target_ids)
-            predictions = logprobs[b, keep - 1 - n:keep - 1]  # (n, V): rows end at the last column
-            targets = torch.tensor(pair.target_ids, device=predictions.device)[:, None]
-            scores.append(float(predictions.gather(1, targets).sum()))
-        return scores
+    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list[float]:
+        """Summed log-probability of each prepared pair's target (scorer.py, as `softprompt eval`
+        scores), `score_batch_size` model rows per forward."""
+        pad = self.tokenizer.pad_token_id or 0
+        return score_rows(pairs, self._last_logits, pad_id=pad, device=self.device,
+                          batch_size=self.score_batch_size).tolist()
 
     def _last_logits(self, tasks: list[_Task | None], ids, mask, keep: int) -> torch.Tensor:
-        inputs = self._prompt_inputs(tasks, ids.shape[1])
-        if "prefixes" in inputs:
-            out, _, _ = inject.prefix_forward(self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep)
-            return out.logits
-        prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
-        lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
-        batch = inject.inject(self.model, ids, mask, prompts, lengths)
-        return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
+        """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
+        with self._model_lock:
+            inputs = self._prompt_inputs(tasks, ids.shape[1])
+            if "prefixes" in inputs:
+                out, _, _ = inject.prefix_forward(self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep)
+                return out.logits
+            prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
+            lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
+            batch = inject.inject(self.model, ids, mask, prompts, lengths)
+            return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
 
     def _prompt_inputs(self, tasks: list[_Task | None], width: int) -> dict:
         """How the rows' prompts enter: KV prefixes for a batch with a deep prompt (its KV is all
@@ -535,14 +517,7 @@ class Engine:
         return task.prefix
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[b, width - len(row):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad(rows, self.tokenizer.pad_token_id or 0, self.device)
 
 
 # ---------------------------------------------------------------- per-row generation state
