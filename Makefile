@@ -24,7 +24,7 @@ demo: setup
 	  --max-eval-examples 300 --bank bank --output-dir runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-vllm: setup vllm
 	$(BIN)/python -m pytest -q -m vllm tests

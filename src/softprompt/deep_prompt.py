@@ -127,7 +127,8 @@ class DeepPromptModel(nn.Module):
     """A frozen causal LM with one trainable KV prefix per task; only the prefixes train.
 
     Speaks the same interface as `PromptedModel` where the trainer and evaluation need it:
-    `.model`, `.tokenizer`, `.table` (names, `index`), `.loss(...)`, `.generate_ids(...)`.
+    `.model`, `.tokenizer`, `.table` (names, `index`), `.loss(...)`, `.last_logits(...)`,
+    `.generate_ids(...)`.
 
     Two training levers (measured in bench/quality_sst2.py): `reparam_hidden` > 0 trains each new
     task's prefix through a `PrefixReparam` MLP of that width; `prefix_layers` = k > 0 trains the
@@ -274,16 +275,17 @@ class DeepPromptModel(nn.Module):
         )
         return plain.real_logits(out.logits)
 
-    def next_token_logits(self, input_ids, attention_mask, tasks=None) -> torch.Tensor:
-        """Logits [B, V] for the token after each left-padded row (the LM head runs on one column)."""
+    def last_logits(self, input_ids, attention_mask, tasks=None, keep: int = 1) -> torch.Tensor:
+        """Logits [B, keep, V] of the last `keep` columns of left-padded rows (the LM head runs on
+        those only): what scorer.py reads target log-probabilities from."""
         prefixes = self.prefixes(self.task_ids(tasks, len(input_ids)).to(input_ids.device))
         if all(p is None for p in prefixes):
             batch = self._plain(input_ids, attention_mask)
-            return inject.forward(self.model, batch, logits_to_keep=1, use_cache=False).logits[:, -1]
+            return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
         self._check_exact(prefixes, input_ids)
         out, _, _ = inject.prefix_forward(self.model, input_ids, attention_mask, prefixes,
-                                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+                                          use_cache=True, logits_to_keep=keep)
+        return out.logits
 
     def _plain(self, input_ids, attention_mask, labels=None) -> inject.InjectedBatch:
         empty = torch.zeros(len(input_ids), 0, 1, device=input_ids.device)

@@ -10,15 +10,16 @@ The tasks are the engine's `registry` (registry.py): a request names one, and be
 the registry checks the task's bank version, so a prompt saved, changed or deleted by any replica
 is seen on the very next request. Everything that touches the model goes
 through `inject.py`; all model calls run under one lock, so the engine is safe to share.
+The requests, results and prepared work are in engine_requests.py (importable from here too);
+scoring is scorer.py's, with this engine's forward (`_last_logits`: prompt inputs, prefix cache).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,21 @@ from . import inject
 from .bank import PromptBank
 from .data import Task, encode_example, is_valid_unicode, task_from_meta
 from .deep_prompt import PrefixShape, prefix_shape, rows_to_prefix
+from .engine_requests import (
+    SEED_RANGE,
+    Classification,
+    ClassifyRequest,
+    GenerationRequest,
+    GenerationResult,
+    ScoreRequest,
+    _check_sampling,
+    _classify_inputs,
+    _fields,
+    _per_row,
+    _PreparedGeneration,
+    _PreparedScore,
+    _texts,
+)
 from .errors import (
     ConfigError,
     ContextLengthError,
@@ -37,139 +53,9 @@ from .errors import (
 )
 from .models import LoadedModel, eos_token_ids, fingerprint
 from .registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
+from .scorer import ScoreRow, left_pad, score_rows
 
 log = logging.getLogger(__name__)
-
-
-
-# ---------------------------------------------------------------- requests and results
-
-
-@dataclass
-class GenerationRequest:
-    """One completion: a prompt (text, or token ids already templated) and how to sample it."""
-
-    prompt: str | list[int]
-    """Text (tokenised with the tokenizer's special tokens) or token ids used as they are."""
-    task: str | None = None
-    """Task whose soft prompt is prepended; None or the base model's name = no prompt."""
-    max_new_tokens: int | None = 16
-    """New tokens at most; None = up to the context, at most `Engine.max_new_tokens_cap`."""
-    temperature: float = 0.0
-    """0 = greedy; above 0 = sampling."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (with temperature > 0)."""
-    seed: int | None = None
-    """Seed of this row's own generator: the same seed gives the same text in any batch."""
-    stop: str | Sequence[str] = ()
-    """Stop strings: generation ends when the text contains one; the text is cut before it."""
-    on_text: Callable[[str], None] | None = None
-    """Streaming: called (from the engine's thread) with each new piece of final text."""
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    """Decoded new text (special tokens skipped), cut before a stop string."""
-    token_ids: list[int]
-    """New token ids as generated (an end-of-sequence token is kept)."""
-    finish_reason: str
-    """'stop' (end-of-sequence token or stop string) or 'length' (max_new_tokens reached)."""
-    prompt_tokens: int
-    """Real input tokens (the soft prompt's virtual tokens not counted)."""
-    completion_tokens: int
-    """Generated tokens."""
-
-
-@dataclass
-class ClassifyRequest:
-    """Rank classification with the task's verbalizer and template (from its meta), exactly as
-    `softprompt eval` scores: each input is a string (a template with one field) or a mapping
-    of the template's fields."""
-
-    task: str | None | Sequence[str | None]
-    texts: Sequence[str | Mapping[str, str]]
-    zero_shot: bool = False
-    """Score with the task's template and verbalizer but without its prompt: the plain model's
-    answer (`softprompt eval --zero-shot`), e.g. to show next to the tuned one."""
-
-
-@dataclass
-class Classification:
-    label: str
-    """The label whose target is most likely."""
-    probabilities: dict[str, float]
-    """Softmax over the labels' summed target log-probabilities (sums to 1)."""
-    log_likelihoods: dict[str, float]
-    """Summed log-probability of each label's target tokens after the templated input."""
-
-
-@dataclass
-class ScoreRequest:
-    """Log-likelihood of each target after its text (no template applied)."""
-
-    task: str | None | Sequence[str | None]
-    texts: Sequence[str]
-    targets: Sequence[str]
-
-
-# ---------------------------------------------------------------- internals: tasks, prepared work
-
-
-@dataclass(eq=False)
-class _PreparedGeneration:
-    request: GenerationRequest
-    task: _Task | None
-    input_ids: list[int]
-    max_new_tokens: int
-    sampling: inject.Sampling
-    stops: tuple[str, ...]
-    emitted: str = ""  # text already streamed (kept across a one-by-one retry)
-    cancelled: bool = False  # set when the client went away: the row stops at its next token
-    kind = "generate"
-
-    @property
-    def tokens(self) -> int:
-        """The work asked for: input tokens plus new tokens at most."""
-        return len(self.input_ids) + self.max_new_tokens
-
-
-@dataclass(eq=False)
-class _Pair:
-    task: _Task | None
-    input_ids: list[int]
-    target_ids: list[int]
-
-
-@dataclass(eq=False)
-class _PreparedScore:
-    request: ClassifyRequest | ScoreRequest
-    pairs: list[_Pair]
-    labels: list[list[str]] | None  # per row, for classification
-    cancelled: bool = False  # set when the client went away: dropped before the next batch
-    kind = "score"
-
-    @property
-    def tokens(self) -> int:
-        """The work asked for: input plus target tokens of every pair (each label's, to classify)."""
-        return sum(len(p.input_ids) + len(p.target_ids) for p in self.pairs)
-
-    def finish(self, scores: list[float]) -> list:
-        if self.labels is None:
-            return scores
-        out, start = [], 0
-        for labels in self.labels:
-            row = scores[start:start + len(labels)]
-            start += len(labels)
-            out.append(_classification(labels, row))
-        return out
-
-
-def _classification(labels: list[str], scores: list[float]) -> Classification:
-    probs = torch.tensor(scores, dtype=torch.float64).softmax(0).tolist()
-    best = max(range(len(labels)), key=lambda i: scores[i])
-    return Classification(labels[best], dict(zip(labels, probs, strict=True)),
-                          dict(zip(labels, scores, strict=True)))
 
 
 # ---------------------------------------------------------------- the engine
@@ -319,7 +205,7 @@ class Engine:
             ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
             prompt = None if request.zero_shot else task
             self._check_context(len(ids), prompt, max(len(t) for t in targets))
-            pairs += [_Pair(prompt, ids, t) for t in targets]
+            pairs += [ScoreRow(ids, t, prompt) for t in targets]
             labels.append(spec.verbalizer.labels)
         return _PreparedScore(request, pairs, labels)
 
@@ -344,7 +230,7 @@ class Engine:
             if not target_ids:
                 raise ConfigError(f"target {target!r} encodes to no tokens")
             self._check_context(len(ids), task, len(target_ids))
-            pairs.append(_Pair(task, ids, target_ids))
+            pairs.append(ScoreRow(ids, target_ids, task))
         return _PreparedScore(request, pairs, None)
 
     def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
@@ -473,36 +359,24 @@ class Engine:
             start += len(item.pairs)
         return out
 
-    def score_pairs(self, pairs: Sequence[_Pair]) -> list[float]:
-        """Summed log-probability of each prepared pair's target, `score_batch_size` per forward."""
-        scores: list[float] = []
-        for start in range(0, len(pairs), self.score_batch_size):
-            scores += self._score_chunk(pairs[start:start + self.score_batch_size])
-        return scores
-
-    def _score_chunk(self, pairs: Sequence[_Pair]) -> list[float]:
-        ids, mask = self._left_pad([p.input_ids + p.target_ids for p in pairs])  # (B, L)
-        keep = max(len(p.target_ids) for p in pairs) + 1  # columns whose logits predict targets
-        with self._model_lock, torch.no_grad():
-            logits = self._last_logits([p.task for p in pairs], ids, mask, keep)  # (B, keep, V)
-        logprobs = logits.float().log_softmax(-1)
-        scores = []
-        for b, pair in enumerate(pairs):
-            n = len(pair.target_ids)
-            predictions = logprobs[b, keep - 1 - n:keep - 1]  # (n, V): rows end at the last column
-            targets = torch.tensor(pair.target_ids, device=predictions.device)[:, None]
-            scores.append(float(predictions.gather(1, targets).sum()))
-        return scores
+    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list[float]:
+        """Summed log-probability of each prepared pair's target (scorer.py, as `softprompt eval`
+        scores), `score_batch_size` model rows per forward."""
+        pad = self.tokenizer.pad_token_id or 0
+        return score_rows(pairs, self._last_logits, pad_id=pad, device=self.device,
+                          batch_size=self.score_batch_size).tolist()
 
     def _last_logits(self, tasks: list[_Task | None], ids, mask, keep: int) -> torch.Tensor:
-        inputs = self._prompt_inputs(tasks, ids.shape[1])
-        if "prefixes" in inputs:
-            out, _, _ = inject.prefix_forward(self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep)
-            return out.logits
-        prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
-        lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
-        batch = inject.inject(self.model, ids, mask, prompts, lengths)
-        return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
+        """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
+        with self._model_lock:
+            inputs = self._prompt_inputs(tasks, ids.shape[1])
+            if "prefixes" in inputs:
+                out, _, _ = inject.prefix_forward(self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep)
+                return out.logits
+            prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
+            lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
+            batch = inject.inject(self.model, ids, mask, prompts, lengths)
+            return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
 
     def _prompt_inputs(self, tasks: list[_Task | None], width: int) -> dict:
         """How the rows' prompts enter: KV prefixes for a batch with a deep prompt (its KV is all
@@ -535,14 +409,7 @@ class Engine:
         return task.prefix
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[b, width - len(row):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad(rows, self.tokenizer.pad_token_id or 0, self.device)
 
 
 # ---------------------------------------------------------------- per-row generation state
@@ -605,72 +472,6 @@ class _RowState:
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
-
-
-# ---------------------------------------------------------------- small checks and helpers
-
-
-SEED_RANGE = (-(2**63), 2**64 - 1)
-"""Seeds a torch generator accepts."""
-
-
-def _check_sampling(request: GenerationRequest) -> None:
-    seed = request.seed
-    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise ConfigError(f"seed must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
-    if not (isinstance(request.temperature, int | float) and 0 <= request.temperature < math.inf):
-        raise ConfigError(f"temperature must be >= 0, not {request.temperature!r}")
-    if not (isinstance(request.top_p, int | float) and 0 < request.top_p <= 1):
-        raise ConfigError(f"top_p must be in (0, 1], not {request.top_p!r}")
-    stops = [request.stop] if isinstance(request.stop, str) else request.stop
-    if not all(isinstance(s, str) for s in stops):
-        raise ConfigError("stop must be a string or a list of strings")
-
-
-def _classify_inputs(values) -> list[str | Mapping]:
-    """A classify request's inputs: one string or mapping, or a non-empty list of them."""
-    if isinstance(values, str | Mapping):
-        values = [values]
-    values = list(values)
-    if not values or not all(isinstance(v, str | Mapping) for v in values):
-        raise ConfigError("input must be a string, an object of template fields, or a non-empty list of them")
-    return values
-
-
-def _fields(spec: Task, value: str | Mapping, index: int) -> dict[str, str]:
-    """The template fields of one input: a string fills a one-field template; an object names
-    every field (an unknown key is refused rather than ignored: it is usually a typo)."""
-    fields = spec.template.fields
-    if isinstance(value, str):
-        if len(fields) != 1:
-            raise ConfigError(f"input {index}: the template of '{spec.name}' has fields {list(fields)}; "
-                              f"send an object with {'them' if fields else 'no fields'}, not a string")
-        return {fields[0]: value}
-    unknown = [k for k in value if k not in fields]
-    if unknown:
-        raise ConfigError(f"input {index}: unknown field {unknown[0]!r} (the template of '{spec.name}' "
-                          f"uses {', '.join(fields) or 'no fields'})")
-    if not all(isinstance(v, str) and is_valid_unicode(v) for v in value.values()):
-        raise ConfigError(f"input {index}: every field value must be a string")
-    return dict(value)
-
-
-def _texts(values, what: str) -> list[str]:
-    if isinstance(values, str):
-        values = [values]
-    values = list(values)
-    if not values or not all(isinstance(v, str) for v in values):
-        raise ConfigError(f"{what} must be a non-empty list of strings")
-    return values
-
-
-def _per_row(task, rows: int) -> list[str | None]:
-    if task is None or isinstance(task, str):
-        return [task] * rows
-    task = list(task)
-    if len(task) != rows:
-        raise ConfigError(f"got {len(task)} task names for {rows} rows")
-    return task
 
 
 def _context_length(model, tokenizer) -> int:

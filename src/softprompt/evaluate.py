@@ -15,60 +15,32 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import Example, Task, collate, length_grouped_batches
+from .data import Example, Task, collate
 from .prompts import NO_TASK
+from .scorer import ScoreRow, score_rows
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def label_log_likelihoods(prompted, examples: list[Example], target_ids: list[list[int]],
                           task_id: int | Sequence[int], *, batch_size: int = 32,
                           progress: Callable | None = None) -> torch.Tensor:
-    """Log-likelihood [E, K] of each of K label targets after each example's input.
+    """Log-likelihood [E, K] of each of K label targets after each example's input (scorer.py:
+    the same arithmetic as the engine's /v1/classify; one-token labels share one forward).
 
     Several task ids make a prompt ensemble (Lester et al. 2021, sec. 6): every (example, label,
     prompt) row goes through the same mixed-task batches and the scores are averaged over prompts.
     """
     task_ids = [task_id] if isinstance(task_id, int) else list(task_id)
-    if all(len(target) == 1 for target in target_ids):
-        return _single_token_log_likelihoods(prompted, examples, [t[0] for t in target_ids], task_ids,
-                                             batch_size=batch_size, progress=progress)
-    pairs = [Example(ex.input_ids, target, t, k)
-             for t in task_ids for ex in examples for k, target in enumerate(target_ids)]
-    scores = torch.empty(len(pairs))
-    order = length_grouped_batches([p.length for p in pairs], batch_size, seed=0, shuffle=False)
-    pad = prompted.tokenizer.pad_token_id or 0
+    rows = [ScoreRow(ex.input_ids, target, t) for t in task_ids for ex in examples for target in target_ids]
     device = prompted.model.get_input_embeddings().weight.device
-    for batch_rows in order:
-        batch = collate([pairs[i] for i in batch_rows], pad, padding_side="left")
-        nll = prompted.loss(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                            batch["task_ids"].to(device), batch["labels"].to(device), reduction="none")
-        scores[batch_rows] = -nll.float().cpu()
-        if progress:
-            progress(len(batch_rows))
+
+    def last_logits(tasks: list[int], ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        return prompted.last_logits(ids, mask, torch.tensor(tasks, device=device), keep)
+
+    scores = score_rows(rows, last_logits, pad_id=prompted.tokenizer.pad_token_id or 0, device=device,
+                        batch_size=batch_size, progress=progress)
     return scores.view(len(task_ids), len(examples), len(target_ids)).mean(0)  # (E, K)
-
-
-def _single_token_log_likelihoods(prompted, examples: list[Example], targets: list[int], task_ids: list[int], *,
-                                  batch_size: int, progress: Callable | None) -> torch.Tensor:
-    """`label_log_likelihoods` when every label is one token: one forward per (example, prompt)
-    reads all K labels from the next-token distribution, instead of one forward per label (the
-    same numbers: a one-token target's log-likelihood is that token's log-probability there)."""
-    rows = [Example(ex.input_ids, [], t, None) for t in task_ids for ex in examples]
-    scores = torch.empty(len(rows), len(targets))
-    order = length_grouped_batches([r.length for r in rows], batch_size, seed=0, shuffle=False)
-    pad = prompted.tokenizer.pad_token_id or 0
-    device = prompted.model.get_input_embeddings().weight.device
-    index = torch.tensor(targets, device=device)
-    for batch_rows in order:
-        batch = collate([rows[i] for i in batch_rows], pad, padding_side="left")
-        logits = prompted.next_token_logits(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                            batch["task_ids"].to(device))
-        scores[batch_rows] = logits.float().log_softmax(-1)[:, index].cpu()
-        if progress:
-            progress(len(batch_rows) * len(targets))
-    return scores.view(len(task_ids), len(examples), len(targets)).mean(0)  # (E, K)
 
 
 def classification_metrics(predictions: list[int], gold: list[int], labels: list[str]) -> dict:

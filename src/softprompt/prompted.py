@@ -107,11 +107,12 @@ class PromptedModel(nn.Module):
         loss = None if labels is None else inject.loss(self.model, batch)
         return CausalLMOutputWithPast(loss=loss, logits=batch.real_logits(out.logits))
 
-    def next_token_logits(self, input_ids, attention_mask, tasks: TaskSpec = None) -> torch.Tensor:
-        """Logits [B, V] for the token after each left-padded row (the LM head runs on one column)."""
-        out = inject.forward(self.model, self.inject(input_ids, attention_mask, tasks), logits_to_keep=1,
+    def last_logits(self, input_ids, attention_mask, tasks: TaskSpec = None, keep: int = 1) -> torch.Tensor:
+        """Logits [B, keep, V] of the last `keep` columns of left-padded rows (the LM head runs on
+        those only): what scorer.py reads target log-probabilities from."""
+        out = inject.forward(self.model, self.inject(input_ids, attention_mask, tasks), logits_to_keep=keep,
                              use_cache=False)
-        return out.logits[:, -1]
+        return out.logits
 
     def loss(self, input_ids, attention_mask, tasks: TaskSpec, labels, reduction="mean"):
         """Training loss, with logits computed only where labels are."""

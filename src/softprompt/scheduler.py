@@ -29,9 +29,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .engine import Engine, GenerationBatch, _Pair, _PreparedGeneration, _PreparedScore
+from .engine import Engine, GenerationBatch, _PreparedGeneration, _PreparedScore
 from .errors import ConfigError, OverloadedError
 from .options import flag, opt
+from .scorer import ScoreRow
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Job:
         """Rows still to run: pairs for a scoring job, 1 for a generation."""
         return len(self.prepared.pairs) - len(self.scores) if self.prepared.kind == "score" else 1
 
-    def next_pairs(self, n: int) -> list[_Pair]:
+    def next_pairs(self, n: int) -> list[ScoreRow]:
         done = len(self.scores)
         return self.prepared.pairs[done:done + n]
 

@@ -1,5 +1,4 @@
-"""OpenAI-compatible HTTP server: routes, schemas, request limits and the error mapping; the model
-work is a backend's.
+"""OpenAI-compatible HTTP server: the app and its routes; the model work is a backend's.
 
     app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
     app = create_app(VLLMBackend(gateway_engine, "http://127.0.0.1:8001"))   # vLLM does the model work
@@ -10,13 +9,14 @@ Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
 is set. With a keys file (`keys=`) every /v1 route needs a key and each tenant sees only its own
 tasks (tenants.py: the keys, the checks, the audit log). Every error is JSON in OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`, mapped from exception types in `_ERRORS` and the
-handlers below, and nowhere else.
+`{"error": {"message", "type", "param", "code"}}`, mapped from exception types in one place,
+http_errors.py (which also holds the body-size limit).
 
-What is about the HTTP request lives here, so every backend gets it: the body size, the schemas,
-the per-request limits (`RequestLimits`: 413 naming the limit) and cancelling a request whose
-client disconnects. The model work (and, for the built-in engine, its fair batch scheduler) is the
-backend's (`backends.py`): the built-in engine, or vLLM behind a gateway.
+What is about the HTTP request is the server's, so every backend gets it: the body size, the
+schemas and the per-request limits (schemas.py; `RequestLimits`: 413 naming the limit), and
+cancelling a request whose client disconnects (here). The model work (and, for the built-in
+engine, its fair batch scheduler) is the backend's (`backends.py`): the built-in engine, or vLLM
+behind a gateway.
 
 Replicas are stateless over a shared bank folder: every request checks its task's bank version.
 """
@@ -24,301 +24,30 @@ Replicas are stateless over a shared bank folder: every request checks its task'
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend, BuiltinBackend
 from .bank import validate_task_name
 from .console import add_console_routes
-from .data import is_valid_unicode
-from .engine import (
-    PROMPT_FILES,
-    SEED_RANGE,
-    ClassifyRequest,
-    ContextLengthError,
-    Engine,
-    GenerationRequest,
-    GenerationResult,
-    NoVerbalizerError,
-)
-from .errors import (
-    AuthenticationError,
-    BackendTimeoutError,
-    BackendUnavailableError,
-    ConfigError,
-    IncompatiblePromptError,
-    InvalidTaskNameError,
-    OverloadedError,
-    PermissionDeniedError,
-    PromptFileError,
-    RequestLimitError,
-    SoftPromptError,
-    UnknownTaskError,
-    UploadError,
-)
-from .options import flag, opt
+from .engine import PROMPT_FILES, ClassifyRequest, Engine, GenerationRequest, GenerationResult
+from .errors import AuthenticationError, ConfigError, UploadError
+from .http_errors import BodyLimit, classify_error, install_error_handlers
 from .scheduler import SchedulerConfig
+from .schemas import ChatBody, ClassifyBody, CompletionBody, RequestLimits, _SamplingFields
 from .tenants import Access, build_access, reload_on_sighup
 
 log = logging.getLogger(__name__)
-
-
-class BodyTooLargeError(StarletteHTTPException):
-    """A request body over the server's limit (an HTTPException so FastAPI's body reader re-raises it)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes")
-
-
-# ---------------------------------------------------------------- limits
-
-
-@dataclass
-class RequestLimits:
-    """The work one request may ask for; a request over a limit is refused with 413 naming it."""
-
-    max_inputs_per_request: int = opt(256, "Texts in one /v1/classify request at most.")
-    max_prompts_per_request: int = opt(64, "Prompts in one /v1/completions request at most.")
-    max_tokens_per_request: int = opt(
-        65_536, "Tokens one request may make the model process at most: input plus new tokens "
-        "to generate; input plus target tokens of every label to classify.")
-    max_body_bytes: int = opt(0, "Largest request body in bytes, prompt uploads included (0 = room for a "
-                              "64-token deep prompt of the served model, and at least 1 MB).")
-    request_timeout_s: float = opt(300.0, "Seconds before a request fails with 504 (code backend_timeout) and "
-                                          "its work is cancelled: builtin, from its arrival (queue wait "
-                                          "included) to its result; vllm, waiting for vLLM's next answer.")
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "request_timeout_s":
-                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                    raise ConfigError(f"{flag(f.name)} must be a number > 0, not {value!r}")
-                continue
-            least = 0 if f.name == "max_body_bytes" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{flag(f.name)} must be an integer >= {least}, not {value!r}")
-
-    def body_bytes(self, engine: Engine) -> int:
-        """The body limit: the flag, else a 64-token prompt of the largest kind the engine serves
-        (a deep prompt's rows hold every layer's keys and values), fp32, plus 1 MB for the JSON
-        files and multipart framing."""
-        row = engine.prefix_shape.row_width if "deep" in engine.kinds else engine.token_dim
-        return self.max_body_bytes or 64 * row * 4 + 1_000_000
-
-    def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:
-        limit = getattr(self, limit_name)
-        if count > limit:
-            raise RequestLimitError(f"{count} {what} in one request; this server takes at most {limit} "
-                                    f"({flag(limit_name)})", param=param)
-
-    def check_tokens(self, prepared: list) -> None:
-        tokens = sum(p.tokens for p in prepared)
-        if tokens > self.max_tokens_per_request:
-            raise RequestLimitError(
-                f"this request asks for {tokens} tokens of work (input plus new or target tokens); "
-                f"this server takes at most {self.max_tokens_per_request} "
-                f"({flag('max_tokens_per_request')})")
-
-
-# ---------------------------------------------------------------- schemas
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _valid_unicode(cls, value):
-        """JSON's \\u escapes allow lone surrogates, which no tokenizer or UTF-8 encoder accepts."""
-        where = _lone_surrogate(value)
-        if where is not None:
-            raise ValueError(f"{where or 'text'} holds a lone surrogate (a \\ud800-\\udfff escape), "
-                             "which is not valid Unicode")
-        return value
-
-
-class _SamplingFields(_Request):
-    model: str = Field(description="A task name (its soft prompt is prepended) or the base model's id.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy; higher = more random.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    n: int = Field(1, description="Completions per prompt; only 1 is supported.")
-    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text is cut before one.")
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Seed for reproducible sampling.")
-    stream: bool = Field(False, description="Send the text as server-sent events while it is generated.")
-    stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, stop):
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
-        return stops
-
-
-class CompletionBody(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(description="Text, a list of texts, or one list of token ids.")
-    max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
-
-
-class ChatMessage(_Request):
-    role: str = Field(description="system, user, assistant, ...")
-    content: str | list[dict[str, Any]] | None = Field(None, description="Text, or a list of text parts.")
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
-        return self.content or ""
-
-
-class ChatBody(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_tokens: int | None = Field(None, ge=1, description="New tokens at most (default: up to the context).")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
-
-
-class ClassifyBody(_Request):
-    model: str = Field(description="A task whose saved prompt has a verbalizer.")
-    input: str | dict[str, str] | list[str | dict[str, str]] = Field(
-        description="What to classify: a text (a template with one field), an object of the template's "
-                    "fields (e.g. {\"question\": ...}), or a list of either.")
-    zero_shot: bool = Field(False, description="Score with the task's template and labels but without its "
-                                               "prompt: the plain model's answer, as `eval --zero-shot` gives it.")
-
-
-def _lone_surrogate(value) -> str | None:
-    """Where in a raw JSON value (a path like '2.text'; '' = the value itself) a string holds a
-    lone surrogate, or None. Iterative: the value may be nested deeper than the stack."""
-    stack = [(value, "")]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str) and not is_valid_unicode(item):
-            return where
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if isinstance(key, str) and not is_valid_unicode(key):
-                    return where
-                stack.append((child, f"{where}.{key}".lstrip(".")))
-        elif isinstance(item, list):
-            stack.extend((child, f"{where}.{i}".lstrip(".")) for i, child in enumerate(item))
-    return None
-
-
-# ---------------------------------------------------------------- errors: the one mapping
-
-_ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match wins
-    (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
-    (PermissionDeniedError, 403, "permission_error", "permission_denied"),
-    (InvalidTaskNameError, 400, "invalid_request_error", "invalid_task_name"),
-    (UnknownTaskError, 404, "invalid_request_error", "model_not_found"),
-    (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
-    (NoVerbalizerError, 400, "invalid_request_error", "no_verbalizer"),
-    (RequestLimitError, 413, "invalid_request_error", "request_too_large"),
-    (IncompatiblePromptError, 422, "invalid_request_error", "invalid_prompt"),
-    (PromptFileError, 422, "invalid_request_error", "invalid_prompt"),
-    (UploadError, 422, "invalid_request_error", "invalid_upload"),
-    (ConfigError, 422, "invalid_request_error", "invalid_value"),
-    (BackendTimeoutError, 504, "server_error", "backend_timeout"),
-    (OverloadedError, 503, "server_error", "overloaded"),
-    (BackendUnavailableError, 503, "server_error", "backend_unavailable"),
-    (SoftPromptError, 400, "invalid_request_error", None),
-]
-_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
-
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def classify_error(exc: Exception) -> tuple[int, dict]:
-    """(HTTP status, OpenAI error body) for any exception."""
-    if isinstance(exc, StarletteHTTPException):
-        code = "request_too_large" if exc.status_code == 413 else None
-        return exc.status_code, error_body(str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code)
-    for kind, status, type_, code in _ERRORS:
-        if isinstance(exc, kind):
-            return status, error_body(str(exc), type_, code, exc.param)
-    return 500, error_body("internal server error", "server_error", "internal_error")
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, first = [], None
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        first = first or loc or None
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "invalid request: " + "; ".join(parts), first
-
-
-class _ErrorResponse(JSONResponse):
-    """JSON in ASCII: an error message may quote the client's text, lone surrogates included."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def known(request: Request, exc: Exception) -> JSONResponse:
-        status, body = classify_error(exc)
-        if status >= 500:
-            log.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        return _ErrorResponse(body, status_code=status)
-
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return _ErrorResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=422)
-
-    app.add_exception_handler(SoftPromptError, known)
-    app.add_exception_handler(StarletteHTTPException, known)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, known)
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes, by Content-Length and by bytes received."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            if declared is not None and declared.isdigit() and int(declared) > self.limit:
-                raise BodyTooLargeError(self.limit)
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLargeError(self.limit)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 # ---------------------------------------------------------------- the app
@@ -349,8 +78,8 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, keys: s
     app.state.engine, app.state.backend, app.state.limits = engine, backend, limits
     app.state.access = access
     app.state.scheduler = getattr(backend, "scheduler", None)  # the built-in engine's batcher
-    app.add_middleware(_BodyLimit, limit=limits.body_bytes(engine))
-    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=limits.body_bytes(engine))
+    install_error_handlers(app)
     if api_key is None and keys is None:
         log.warning("no API key set: the admin routes (PUT/DELETE /v1/prompts) are open")
 
@@ -553,7 +282,7 @@ def _sse(payload: dict) -> str:
 
 async def _uploaded_files(request: Request) -> dict[str, bytes]:
     """The prompt files of a multipart/form-data upload, by field name or file name (whichever is
-    a prompt file). The body limit holds while the form is read (`_BodyLimit` wraps its stream)."""
+    a prompt file). The body limit holds while the form is read (`BodyLimit` wraps its stream)."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise UploadError("upload the prompt as multipart/form-data with the files "
                           f"{', '.join(PROMPT_FILES)}")

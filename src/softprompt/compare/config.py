@@ -109,7 +109,7 @@ class MethodRun:
 
     method: str
     model: torch.nn.Module
-    """What Trainer trains and evaluate_task evaluates (`.model`, `.tokenizer`, `.table`, `.loss`)."""
+    """What Trainer trains and evaluate_task evaluates (`.model`, `.tokenizer`, `.table`, `.loss`, `.last_logits`)."""
     task_name: str | None
     """Its task in `model.table` (None: the weights themselves are the task)."""
     expected_trainable: int
