@@ -1,6 +1,6 @@
 """The one way a file is replaced: write a temp file beside it, fsync, rename over it, fsync the
 folder. A crash leaves the old file or the new one, never half of either. (Prompt folders in the
-bank are swapped as whole folders; bank.py builds them with the same fsync helpers.)"""
+bank are swapped as whole folders; bank/files.py builds them with the same fsync helpers.)"""
 
 from __future__ import annotations
 

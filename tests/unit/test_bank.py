@@ -16,10 +16,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from softprompt import bank as bank_module
 from softprompt.bank import (
     CONFIG_FILE,
     META_FILE,
+    PNG_SIGNATURE,
     TASK_NAME_PATTERN,
     WEIGHTS_FILE,
     PromptBank,
@@ -30,6 +30,7 @@ from softprompt.bank import (
     validate_task_name,
     write_prompt_dir,
 )
+from softprompt.bank import files as bank_files
 from softprompt.errors import (
     ConfigError,
     IncompatiblePromptError,
@@ -233,7 +234,7 @@ def test_atomic_error_mid_save_raises_and_leaves_nothing(tmp_path, monkeypatch):
         Path(path).write_bytes(b"\0" * 10)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bank_module, "_write_tensor", disk_full)
+    monkeypatch.setattr(bank_files, "_write_tensor", disk_full)
     with pytest.raises(PromptFileError, match="could not save task 'sentiment'.*No space"):
         bank.save(_prompt(seed=2))
     _assert_same(bank.load("sentiment"), old)
@@ -249,7 +250,7 @@ def test_atomic_old_versions_are_cleaned(tmp_path):
     _assert_same(bank.load("sentiment"), _prompt(seed=4))
 
 
-PNG = bank_module.PNG_SIGNATURE + b"not a real image, but a PNG by its signature"
+PNG = PNG_SIGNATURE + b"not a real image, but a PNG by its signature"
 
 
 def test_roundtrip_plots_travel_with_the_prompt_in_one_atomic_save(tmp_path):
@@ -278,7 +279,7 @@ def test_atomic_crash_mid_plot_write_keeps_previous_prompt_and_plots(tmp_path, m
     new = _prompt(seed=2)
     new.plots = {"loss": PNG + b"new"}
     with monkeypatch.context() as patch:
-        patch.setattr(bank_module, "_write_bytes", _killed)
+        patch.setattr(bank_files, "_write_bytes", _killed)
         with pytest.raises(_Killed):
             bank.save(new)
     _assert_same(bank.load("sentiment"), old)

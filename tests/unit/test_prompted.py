@@ -142,7 +142,7 @@ def test_roundtrip_save_load_bit_exact(prompted, tmp_path):
 
 
 def test_roundtrip_crash_mid_save_keeps_previous_prompt(prompted, tmp_path, monkeypatch):
-    import softprompt.bank as bank_module
+    from softprompt.bank import files as bank_files
 
     bank = PromptBank(tmp_path / "bank")
     prompted.save_task("sentiment", bank)
@@ -154,7 +154,7 @@ def test_roundtrip_crash_mid_save_keeps_previous_prompt(prompted, tmp_path, monk
         open(path, "wb").write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(bank_module, "_write_tensor", crash)
+    monkeypatch.setattr(bank_files, "_write_tensor", crash)
     with pytest.raises(Exception, match="disk full"):
         prompted.save_task("sentiment", bank)
     assert torch.equal(PromptBank(tmp_path / "bank").load("sentiment").embeddings, good)

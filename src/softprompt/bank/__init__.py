@@ -1,0 +1,53 @@
+"""Prompt files and the prompt bank: one PEFT-compatible folder per task, saved atomically.
+
+format.py   task names, `SavedPrompt`, the PEFT adapter config, checks of a config, its tensor,
+            plots and base-model fingerprint (`check_compatible`); no disk access
+files.py    one prompt folder: encoding and writing its files (each fsynced), parsing them back
+            (`prompt_from_files` for folders and uploads alike, `read_prompt_dir`, `write_prompt_dir`)
+store.py    `PromptBank`: versioned folders behind a symlink swapped atomically, per-task writer
+            locks, readers that retry when a version vanished under them
+"""
+
+from .files import (
+    MAX_JSON_DEPTH,
+    parse_json_object,
+    prompt_from_files,
+    read_prompt_dir,
+    write_prompt_dir,
+)
+from .format import (
+    CONFIG_FILE,
+    META_FILE,
+    PEFT_TYPES,
+    PLOTS_DIR,
+    PNG_SIGNATURE,
+    TASK_NAME_PATTERN,
+    TENSOR_KEY,
+    WEIGHTS_FILE,
+    SavedPrompt,
+    check_compatible,
+    peft_prompt_config,
+    validate_task_name,
+)
+from .store import PromptBank
+
+__all__ = [
+    "CONFIG_FILE",
+    "MAX_JSON_DEPTH",
+    "META_FILE",
+    "PEFT_TYPES",
+    "PLOTS_DIR",
+    "PNG_SIGNATURE",
+    "TASK_NAME_PATTERN",
+    "TENSOR_KEY",
+    "WEIGHTS_FILE",
+    "PromptBank",
+    "SavedPrompt",
+    "check_compatible",
+    "parse_json_object",
+    "peft_prompt_config",
+    "prompt_from_files",
+    "read_prompt_dir",
+    "validate_task_name",
+    "write_prompt_dir",
+]

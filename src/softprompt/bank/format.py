@@ -1,0 +1,304 @@
+"""What a saved prompt is: task names, `SavedPrompt`, the PEFT adapter config, and the checks of
+a config, its tensor, plots and base-model fingerprint (no disk access here).
+
+A prompt folder holds `adapter_config.json` (PEFT's keys), `adapter_model.safetensors` (the one
+tensor `prompt_embeddings`, shape [num_virtual_tokens, token_dim]) and our `softprompt.json`
+(template, verbalizer, fingerprint, metrics, ...). PEFT ignores our file; we ignore unknown files.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import (
+    ConfigError,
+    IncompatiblePromptError,
+    InvalidTaskNameError,
+    PromptFileError,
+    UnsupportedPromptKindError,
+)
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "softprompt.json"
+TENSOR_KEY = "prompt_embeddings"
+PLOTS_DIR = "plots"
+"""Sub-folder of a saved version holding the training run's PNG plots (loss, validation, ...)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
+_PLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
+
+
+# Our init names -> PEFT's PromptTuningInit values. class_labels / from_file have no PEFT
+# equivalent; the vector is stored anyway, so PEFT only needs a value it accepts.
+_PEFT_INIT = {
+    "text": "TEXT",
+    "random": "RANDOM",
+    "sampled_vocab": "SAMPLE_VOCAB",
+    "sample_vocab": "SAMPLE_VOCAB",
+    "class_labels": "RANDOM",
+    "from_file": "RANDOM",
+}
+
+
+# ----------------------------------------------------------------------------- names and data
+
+
+def validate_task_name(name: object) -> str:
+    """Return `name` if it is a valid task name; raise InvalidTaskNameError otherwise.
+
+    Runs before any disk access, so a name like `../x` can never reach a path.
+    """
+    if not isinstance(name, str) or _TASK_NAME_RE.fullmatch(name) is None:
+        raise InvalidTaskNameError(
+            f"invalid task name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class SavedPrompt:
+    """One task's soft prompt as stored on disk.
+
+    `embeddings` is float32, shape [num_virtual_tokens * num_transformer_submodules, token_dim];
+    `config` is the PEFT adapter_config; `meta` is the content of softprompt.json (template,
+    verbalizer, fingerprint, metrics, ...), empty for a folder written by PEFT itself.
+    """
+
+    name: str
+    embeddings: torch.Tensor
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, bytes] = field(default_factory=dict)
+    """PNG images saved with the prompt, by name (`loss` -> plots/loss.png): the training run's
+    plots travel with its prompt. Written by saves; `load` does not read them (see `read_plot`)."""
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Number of virtual tokens, as PEFT records it."""
+        return int(self.config.get("num_virtual_tokens", self.embeddings.shape[0]))
+
+    @property
+    def token_dim(self) -> int:
+        """Hidden size of the prompt vectors."""
+        return int(self.embeddings.shape[-1])
+
+    @property
+    def fingerprint(self) -> Any:
+        """Base-model fingerprint recorded at training time, or None (e.g. a PEFT import)."""
+        return self.meta.get("fingerprint")
+
+    @property
+    def kind(self) -> str:
+        """'soft' (PEFT PROMPT_TUNING: vectors before the input) or 'deep' (PEFT PREFIX_TUNING:
+        keys and values in every layer, rows [n, num_layers * 2 * token_dim])."""
+        return PEFT_TYPES[self.config.get("peft_type")]
+
+
+# ----------------------------------------------------------------------------- PEFT config
+
+
+def peft_prompt_config(
+    *,
+    num_virtual_tokens: int,
+    token_dim: int,
+    num_layers: int,
+    num_attention_heads: int,
+    prompt_tuning_init: str = "RANDOM",
+    prompt_tuning_init_text: str | None = None,
+    tokenizer_name_or_path: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """The adapter_config dict PEFT 0.21.2 writes for a causal-LM prompt-tuning adapter.
+
+    Built by PEFT itself so the keys cannot drift; our init names are mapped to PEFT's (the caller
+    keeps the exact one in meta["prompt_tuning_init"]).
+    """
+    from peft import PromptTuningConfig  # imported here: it costs seconds and few callers need it
+
+    init = _peft_init_value(prompt_tuning_init, prompt_tuning_init_text, tokenizer_name_or_path)
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_virtual_tokens,
+        token_dim=token_dim,
+        num_transformer_submodules=1,
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        prompt_tuning_init=init,
+        prompt_tuning_init_text=prompt_tuning_init_text,
+        tokenizer_name_or_path=tokenizer_name_or_path,
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,  # what PEFT's save_pretrained records
+    )
+    return _json_safe(config.to_dict())
+
+
+def _peft_init_value(init: object, text: str | None, tokenizer: str | None) -> str:
+    """Map our (or PEFT's) init name to a PromptTuningInit value PEFT accepts."""
+    key = str(getattr(init, "value", init)).lower()
+    if key not in _PEFT_INIT:
+        raise ConfigError(
+            f"unknown prompt_tuning_init {init!r}; expected one of {', '.join(sorted(_PEFT_INIT))}"
+        )
+    value = _PEFT_INIT[key]
+    if value == "TEXT" and not (text and tokenizer):
+        # PEFT rejects TEXT without both; the trained vector is stored, so RANDOM loses nothing.
+        logger.debug("prompt_tuning_init 'text' without text and tokenizer: recording RANDOM")
+        return "RANDOM"
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """Enums -> their values, sets -> sorted lists, tuples -> lists, recursively."""
+    if isinstance(value, enum.Enum):
+        return _json_safe(value.value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted((_json_safe(v) for v in value), key=str)
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+PEFT_TYPES = {"PROMPT_TUNING": "soft", "PREFIX_TUNING": "deep"}
+"""The PEFT adapter types a bank holds, and the prompt kind each one is."""
+
+
+def _check_config(config: object, where: str) -> None:
+    """Raise PromptFileError unless `config` is a prompt- or prefix-tuning adapter config we can use."""
+    if not isinstance(config, dict):
+        raise PromptFileError(f"{where}: adapter config must be a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise PromptFileError(
+            f"{where}: peft_type is {peft_type!r}, expected 'PROMPT_TUNING' (a soft prompt) "
+            "or 'PREFIX_TUNING' (a deep prompt)"
+        )
+    for key in ("num_virtual_tokens", "token_dim"):
+        _require_positive_int(config.get(key), key, where)
+    _submodules(config, where)
+    if peft_type == "PREFIX_TUNING":
+        _require_positive_int(config.get("num_layers"), "num_layers", where)
+        if config.get("prefix_projection"):
+            raise PromptFileError(f"{where}: prefix_projection (an MLP kept in the file) is not "
+                                  "supported; save the prefix itself")
+
+
+def _row_width(config: dict[str, Any]) -> int:
+    """Columns of the stored tensor: token_dim (soft), or num_layers x (key, value) x token_dim (deep)."""
+    if config["peft_type"] == "PREFIX_TUNING":
+        return config["num_layers"] * 2 * config["token_dim"]
+    return config["token_dim"]
+
+
+def _require_positive_int(value: object, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PromptFileError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _submodules(config: dict[str, Any], where: str) -> int:
+    """num_transformer_submodules (1 for causal LMs; PEFT may leave it null)."""
+    value = config.get("num_transformer_submodules")
+    return 1 if value is None else _require_positive_int(value, "num_transformer_submodules", where)
+
+
+def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
+    """Raise IncompatiblePromptError unless the tensor's shape and values fit the config."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+        shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise IncompatiblePromptError(
+            f"{where}: {TENSOR_KEY} must be a 2-D tensor [num_virtual_tokens, token_dim], got {shape}"
+        )
+    rows, cols = tensor.shape
+    n_virtual, n_sub = config["num_virtual_tokens"], _submodules(config, where)
+    if rows != n_virtual * n_sub:
+        raise IncompatiblePromptError(
+            f"{where}: {TENSOR_KEY} has {rows} rows but num_virtual_tokens * "
+            f"num_transformer_submodules = {n_virtual} * {n_sub} = {n_virtual * n_sub}"
+        )
+    if cols != _row_width(config):
+        expected = ("num_layers * 2 * token_dim" if config["peft_type"] == "PREFIX_TUNING"
+                    else "token_dim")
+        raise IncompatiblePromptError(
+            f"{where}: {TENSOR_KEY} has {cols} columns but {expected} is {_row_width(config)}"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise IncompatiblePromptError(f"{where}: {TENSOR_KEY} contains NaN/inf")
+
+
+def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None,
+                     kinds: tuple[str, ...] = ("soft",)) -> None:
+    """Raise IncompatiblePromptError if `saved` cannot be used with a model of this kind.
+
+    Checks the prompt kind against the `kinds` the caller serves, the width of its rows
+    (`token_dim` = what one row must hold), and, when both sides have a fingerprint, every field
+    they share.
+    """
+    if saved.kind not in kinds:
+        raise UnsupportedPromptKindError(
+            f"prompt '{saved.name}' is a {saved.kind} prompt; this path serves "
+            f"{' and '.join(kinds)} prompts only",
+            task=saved.name, kind=saved.kind,
+        )
+    if saved.token_dim != token_dim:
+        raise IncompatiblePromptError(
+            f"prompt '{saved.name}' has hidden size {saved.token_dim} but the model has {token_dim}"
+        )
+    _check_fingerprint(saved, fingerprint)
+
+
+def _check_fingerprint(saved: SavedPrompt, fingerprint: Any) -> None:
+    if saved.fingerprint is None:
+        logger.warning(
+            "prompt '%s' has no base-model fingerprint (a PEFT import?); "
+            "cannot verify it was made for this model",
+            saved.name,
+        )
+        return
+    if fingerprint is None:
+        return
+    diffs = _fingerprint_diffs(saved.fingerprint, fingerprint)
+    if diffs:
+        detail = "; ".join(
+            f"{key}: prompt {ours!r} vs model {theirs!r}" for key, ours, theirs in diffs
+        )
+        raise IncompatiblePromptError(
+            f"prompt '{saved.name}' was made for another base model ({detail})"
+        )
+
+
+def _fingerprint_diffs(ours: Any, theirs: Any) -> list[tuple[str, Any, Any]]:
+    """(field, prompt value, model value) for every shared field that differs."""
+    if not (isinstance(ours, dict) and isinstance(theirs, dict)):
+        return [] if ours == theirs else [("fingerprint", ours, theirs)]
+    # A field only one side has (an older or newer fingerprint format) cannot be compared.
+    shared = sorted(ours.keys() & theirs.keys())
+    if not shared and (ours or theirs):
+        logger.warning("fingerprints share no field; cannot verify the base model")
+    return [(key, ours[key], theirs[key]) for key in shared if ours[key] != theirs[key]]
+
+
+def _check_plots(plots: dict[str, bytes], where: str) -> None:
+    """Raise PromptFileError unless every plot has a plain name and is a PNG image."""
+    for name, data in plots.items():
+        if not isinstance(name, str) or _PLOT_NAME_RE.fullmatch(name) is None:
+            raise PromptFileError(f"{where}: invalid plot name {name!r} (use a-z, 0-9 and '_')")
+        if not isinstance(data, bytes) or not data.startswith(PNG_SIGNATURE):
+            raise PromptFileError(f"{where}: plot '{name}' is not a PNG image")
+

@@ -1,0 +1,430 @@
+"""The prompt bank: a folder of tasks, one versioned prompt folder each, saved atomically.
+
+Layout of a bank folder::
+
+    <root>/<task>                         relative symlink -> .versions/<task>/<version>
+    <root>/.versions/<task>/<version>/    the three files of one saved version (and plots/*.png)
+    <root>/.locks/<task>.lock             flock that serialises the writers of one task
+
+A save writes a complete new version folder, then swaps the symlink with `os.replace`, so a reader
+sees either the old complete version or the new complete one, never a mix. Writers of one task
+hold its lock, so the cleanup of old versions can never delete a version that another writer is
+about to link. The version linked before the current one is kept as well: a reader that resolved
+the old link just before a swap can still finish reading it, and readers retry when a version
+vanished under them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..atomic import fsync_dir
+from ..errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
+from .files import (
+    _encode,
+    _read_files,
+    _write_files,
+    prompt_from_files,
+    read_prompt_dir,
+    write_prompt_dir,
+)
+from .format import (
+    _PLOT_NAME_RE,
+    _TASK_NAME_RE,
+    CONFIG_FILE,
+    META_FILE,
+    PLOTS_DIR,
+    WEIGHTS_FILE,
+    SavedPrompt,
+    _check_fingerprint,
+    check_compatible,
+    validate_task_name,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock: one writer per task there
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+_VERSIONS_DIR = ".versions"
+_LOCKS_DIR = ".locks"
+_TMP_PREFIX = ".tmp-"
+_LINK_PREFIX = ".tmp-link-"
+_LINK_SEP = "@"  # cannot occur in a task name, so '<name>@<version>' parses unambiguously
+_READ_ATTEMPTS = 3
+
+
+def _remove_path(path: Path) -> None:
+    """Best-effort removal of a file, link or folder (cleanup must never fail a save)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.debug("could not remove %s: %s", path, exc)
+
+
+def _retire(path: Path) -> None:
+    """Remove a version folder readers may be reading.
+
+    Renaming it away first makes all its files vanish at once, so a reader that still finds the
+    folder afterwards (`_still_there`) knows it read one whole version.
+    """
+    trash = path.with_name(f"{_TMP_PREFIX}trash-{_new_version_id()}")
+    try:
+        os.rename(path, trash)
+    except OSError as exc:
+        logger.debug("could not retire %s: %s", path, exc)
+        return
+    _remove_path(trash)
+
+
+def _still_there(folder: Path) -> bool:
+    """True if `folder` (a resolved version folder) was neither retired nor replaced by a link."""
+    return folder.is_dir() and os.path.realpath(folder) == str(folder)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _new_version_id() -> str:
+    """Unique across processes and hosts sharing a bank; sorts by creation time."""
+    return f"v{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# ----------------------------------------------------------------------------- the bank
+
+
+class PromptBank:
+    """A folder of tasks, one PEFT-compatible prompt folder each, with atomic saves.
+
+    Safe for several processes (server replicas, a trainer) sharing one folder: saves of one task
+    are serialised by a file lock, last writer wins, and readers never see a half-written task.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True):
+        self._root = Path(root).expanduser().absolute()
+        if self._root.is_dir():
+            return
+        if not create or self._root.exists():
+            raise PromptFileError(f"bank folder {self._root} does not exist or is not a folder")
+        self._root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def root(self) -> Path:
+        """The bank folder (absolute)."""
+        return self._root
+
+    def __repr__(self) -> str:
+        return f"PromptBank({str(self._root)!r})"
+
+    # -- reading
+
+    def names(self) -> list[str]:
+        """Sorted task names present; hidden, temporary and invalid entries are ignored."""
+        found = []
+        with os.scandir(self._root) as entries:
+            for entry in entries:
+                # A symlink counts even when dangling, so load_all reports it instead of hiding it.
+                if _TASK_NAME_RE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_dir()):
+                    found.append(entry.name)
+        return sorted(found)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str) or _TASK_NAME_RE.fullmatch(name) is None:
+            return False
+        return os.path.lexists(self._root / name)
+
+    def load(self, name: str) -> SavedPrompt:
+        """Read one task; raises UnknownTaskError, PromptFileError or IncompatiblePromptError."""
+        validate_task_name(name)
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            target = self._resolve(name)
+            try:
+                saved = self._read_version(name, target)
+            except (PromptFileError, IncompatiblePromptError):
+                # A writer may have swapped the link and retired `target` while we read; retry
+                # only then, so a genuinely broken task still fails at once.
+                if attempt == _READ_ATTEMPTS or self._resolve(name) == target:
+                    raise
+            else:
+                if _still_there(target):
+                    return saved
+            logger.debug("task '%s' changed while reading it (attempt %d)", name, attempt)
+        raise PromptFileError(f"task '{name}' kept changing while being read")
+
+    @staticmethod
+    def _read_version(name: str, folder: Path) -> SavedPrompt:
+        """Errors name files relative to the bank (`<name>/<file>`): no server path in them."""
+        if not folder.is_dir():
+            raise PromptFileError(f"task '{name}': its folder does not exist (a dangling link?)")
+        return prompt_from_files(_read_files(folder, f"{name}/"), name, where=f"{name}/")
+
+    def version(self, name: str) -> str:
+        """A cheap id of the task's current content; it changes on every save."""
+        path = self._root / validate_task_name(name)
+        try:
+            if path.is_symlink():
+                return os.path.basename(os.readlink(path))
+            if path.is_dir():
+                return _dir_version(path)
+        except FileNotFoundError:
+            pass  # deleted while we looked
+        raise UnknownTaskError(self._unknown_message(name))
+
+    def stored_files(self, name: str) -> dict[str, int]:
+        """Size in bytes of each file of the task's current version, by path relative to it
+        (`adapter_config.json`, ..., `plots/loss.png`): what the task occupies on disk."""
+        def sizes(folder: Path) -> dict[str, int]:
+            found = {}
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    found[path.relative_to(folder).as_posix()] = path.stat().st_size
+            return found
+
+        return self._read_current(name, sizes)
+
+    def read_plot(self, name: str, plot: str) -> bytes | None:
+        """The PNG bytes of plot `plot` saved with task `name`, or None if it has no such plot."""
+        validate_task_name(name)
+        if not isinstance(plot, str) or _PLOT_NAME_RE.fullmatch(plot) is None:
+            return None
+
+        def read(folder: Path) -> bytes | None:
+            path = folder / PLOTS_DIR / f"{plot}.png"
+            return path.read_bytes() if path.is_file() else None
+
+        return self._read_current(name, read)
+
+    def _read_current(self, name: str, read):
+        """`read(folder)` on the task's current version folder, retried when a writer retires
+        that version while it is read (as `load` does)."""
+        validate_task_name(name)
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            target = self._resolve(name)
+            try:
+                result = read(target)
+            except FileNotFoundError:
+                if attempt == _READ_ATTEMPTS or self._resolve(name) == target:  # no server path:
+                    raise PromptFileError(f"task '{name}': a file vanished while being read") from None
+            else:
+                if _still_there(target):
+                    return result
+        raise PromptFileError(f"task '{name}' kept changing while being read")
+
+    def load_all(
+        self, *, token_dim: int | None = None, fingerprint: Any = None
+    ) -> tuple[dict[str, SavedPrompt], dict[str, str]]:
+        """Load every task: (good prompts by name, error message by name for the bad ones).
+
+        With `token_dim` (and `fingerprint`) each prompt is also checked against the model.
+        """
+        good: dict[str, SavedPrompt] = {}
+        bad: dict[str, str] = {}
+        for name in self.names():
+            try:
+                saved = self.load(name)
+                if token_dim is not None:
+                    check_compatible(saved, token_dim=token_dim, fingerprint=fingerprint)
+                elif fingerprint is not None:
+                    _check_fingerprint(saved, fingerprint)
+            except UnknownTaskError:
+                continue  # deleted between names() and load()
+            except Exception as exc:  # one broken entry must never hide the others
+                logger.warning("skipping task '%s' in bank %s: %s", name, self._root, exc)
+                bad[name] = str(exc)
+            else:
+                good[name] = saved
+        return good, bad
+
+    # -- writing
+
+    def save(self, saved: SavedPrompt) -> Path:
+        """Store `saved` under its name atomically (replacing any previous version); return its path."""
+        name = validate_task_name(saved.name)
+        config_text, meta_text = _encode(saved)  # bad input fails before anything is written
+        try:
+            with self._writer_lock(name):
+                version = self._write_version(name, saved, config_text, meta_text)
+                previous = self._swap_link(name, version)
+                self._cleanup(name, keep={version, previous})
+        except OSError as exc:
+            raise PromptFileError(
+                f"could not save task '{name}' in bank {self._root}: {exc}"
+            ) from exc
+        logger.info("saved task '%s' (version %s) in bank %s", name, version, self._root)
+        return self._root / name
+
+    def delete(self, name: str) -> None:
+        """Remove a task and all its versions; UnknownTaskError when absent."""
+        link = self._root / validate_task_name(name)
+        if not os.path.lexists(link):
+            raise UnknownTaskError(self._unknown_message(name))
+        try:
+            with self._writer_lock(name):
+                if not os.path.lexists(link):
+                    raise UnknownTaskError(self._unknown_message(name))
+                if self._adopt_plain_dir(name) is None:
+                    link.unlink()
+                fsync_dir(self._root)
+                self._cleanup(name, keep=set())
+                _remove_path(self._versions_dir(name))
+        except OSError as exc:
+            raise PromptFileError(
+                f"could not delete task '{name}' in bank {self._root}: {exc}"
+            ) from exc
+        logger.info("deleted task '%s' from bank %s", name, self._root)
+
+    def import_peft(
+        self, src_dir: str | os.PathLike[str], name: str, *, meta: dict[str, Any] | None = None
+    ) -> SavedPrompt:
+        """Read a PEFT prompt-tuning adapter folder and store it as task `name`."""
+        validate_task_name(name)
+        source = read_prompt_dir(src_dir, name)
+        saved = SavedPrompt(
+            name=name,
+            embeddings=source.embeddings,
+            config=source.config,
+            meta={**source.meta, **(meta or {})},
+        )
+        self.save(saved)
+        logger.info("imported PEFT adapter %s as task '%s'", src_dir, name)
+        return saved
+
+    def export(self, name: str, dest_dir: str | os.PathLike[str]) -> Path:
+        """Write task `name` as a plain PEFT-loadable folder `dest_dir` (absent or empty)."""
+        saved = self.load(name)
+        dest = Path(dest_dir).expanduser().absolute()
+        if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+            raise PromptFileError(f"export destination {dest} exists and is not an empty folder")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}{_TMP_PREFIX}{_new_version_id()}"
+        tmp.mkdir()
+        try:
+            write_prompt_dir(tmp, saved)
+            os.replace(tmp, dest)  # POSIX allows renaming a folder over an empty one
+        except Exception as exc:
+            _remove_path(tmp)
+            if isinstance(exc, OSError):
+                raise PromptFileError(f"could not export task '{name}' to {dest}: {exc}") from exc
+            raise
+        fsync_dir(dest.parent)
+        logger.info("exported task '%s' to %s", name, dest)
+        return dest
+
+    # -- internals
+
+    def _versions_dir(self, name: str) -> Path:
+        return self._root / _VERSIONS_DIR / name
+
+    def _unknown_message(self, name: str) -> str:
+        available = ", ".join(self.names()) or "(none)"
+        return f"unknown task '{name}' in bank {self._root}; available: {available}"
+
+    def _resolve(self, name: str) -> Path:
+        """The concrete folder holding the task now; read all files from it, not via the link."""
+        link = self._root / name
+        if not os.path.lexists(link):
+            raise UnknownTaskError(self._unknown_message(name))
+        return Path(os.path.realpath(link))
+
+    @contextlib.contextmanager
+    def _writer_lock(self, name: str) -> Iterator[None]:
+        """Exclusive per-task lock; the kernel drops it if the holder dies.
+
+        The lock file is never deleted: writers that opened an unlinked lock file would no longer
+        exclude each other.
+        """
+        locks = self._root / _LOCKS_DIR
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _write_version(self, name: str, saved: SavedPrompt, config_text: str, meta_text: str) -> str:
+        """Write a complete new version folder (via a temp folder) and return its id."""
+        versions = self._versions_dir(name)
+        versions.mkdir(parents=True, exist_ok=True)
+        version = _new_version_id()
+        tmp = versions / f"{_TMP_PREFIX}{version}"
+        tmp.mkdir()
+        try:
+            _write_files(tmp, saved, config_text, meta_text)
+            os.rename(tmp, versions / version)
+        except Exception:
+            _remove_path(tmp)  # an ordinary error leaves nothing; a killed process is cleaned later
+            raise
+        fsync_dir(versions)
+        return version
+
+    def _swap_link(self, name: str, version: str) -> str | None:
+        """Point `<root>/<name>` at `version` atomically; return the version it pointed at before."""
+        link = self._root / name
+        previous = self._adopt_plain_dir(name)
+        if previous is None and link.is_symlink():
+            previous = os.path.basename(os.readlink(link))
+        tmp_link = self._root / f"{_LINK_PREFIX}{name}{_LINK_SEP}{version}"
+        os.symlink(os.path.join(_VERSIONS_DIR, name, version), tmp_link)
+        os.replace(tmp_link, link)  # the commit point: readers see the old or the new version
+        fsync_dir(self._root)
+        return previous
+
+    def _adopt_plain_dir(self, name: str) -> str | None:
+        """Move a real folder at `<root>/<name>` (e.g. a copied PEFT folder) into .versions.
+
+        A symlink cannot replace a folder atomically, so the task is briefly absent here.
+        """
+        path = self._root / name
+        if path.is_symlink() or not path.is_dir():
+            return None
+        version = _new_version_id()
+        versions = self._versions_dir(name)
+        versions.mkdir(parents=True, exist_ok=True)
+        os.rename(path, versions / version)
+        logger.info("moved plain folder %s into %s", path, versions / version)
+        return version
+
+    def _cleanup(self, name: str, keep: set[str | None]) -> None:
+        """Remove versions and temp entries of `name` other than `keep` (we hold its lock)."""
+        versions = self._versions_dir(name)
+        for entry in _listdir(versions):
+            if entry.startswith(_TMP_PREFIX):
+                _remove_path(versions / entry)  # no reader ever opens a temp folder
+            elif entry not in keep:
+                _retire(versions / entry)
+        stale_link_prefix = f"{_LINK_PREFIX}{name}{_LINK_SEP}"
+        for entry in _listdir(self._root):
+            if entry.startswith(stale_link_prefix):
+                _remove_path(self._root / entry)
+
+
+def _dir_version(path: Path) -> str:
+    """Version id of a plain (non-bank) folder, from the stat data of the folder and its files."""
+    parts = []
+    for item in (path, path / CONFIG_FILE, path / WEIGHTS_FILE, path / META_FILE):
+        try:
+            st = item.stat()
+            parts.append(f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+        except FileNotFoundError:
+            parts.append("-")
+    return "dir-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

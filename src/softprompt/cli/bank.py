@@ -1,0 +1,60 @@
+"""`softprompt bank list|show|rm|import|export` and `softprompt inspect` (what saved prompts mean)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import _print_json
+
+
+def cmd_bank(args) -> int:
+    from ..bank import PromptBank
+
+    bank = PromptBank(args.bank, create=args.bank_command == "import")
+    if args.bank_command == "list":
+        _, errors = bank.load_all()
+        for name in bank.names():
+            status = f"BROKEN: {errors[name]}" if name in errors else "ok"
+            print(f"{name}\t{status}")
+    elif args.bank_command == "show":
+        saved = bank.load(args.name)
+        _print_json({"name": saved.name, "shape": list(saved.embeddings.shape), "config": saved.config,
+                     "meta": saved.meta, "path": str(Path(bank.root) / saved.name)})
+    elif args.bank_command == "rm":
+        bank.delete(args.name)
+        print(f"removed {args.name}")
+    elif args.bank_command == "import":
+        saved = bank.import_peft(args.source, args.name)
+        print(f"imported {saved.name}: {saved.num_virtual_tokens} x {saved.token_dim}")
+    elif args.bank_command == "export":
+        bank.export(args.name, args.dest)
+        print(f"exported {args.name} to {args.dest}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ..bank import PromptBank
+    from ..inspect import inspect_prompts
+    from ..models import load_model
+
+    loaded = load_model(args.model)
+    bank = PromptBank(args.bank, create=False)
+    names = args.task or bank.names()
+    prompts = {}
+    for name in names:
+        saved = bank.load(name)
+        prompts[name] = saved.embeddings
+    report = inspect_prompts(loaded.model, loaded.tokenizer, prompts, k=args.top_k)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"real token embedding norms: mean {report['embedding_norms']['mean']}, "
+          f"std {report['embedding_norms']['std']}")
+    for name, info in report["tasks"].items():
+        print(f"{name} {info['shape']}:")
+        for i, (norm, near) in enumerate(zip(info["norms"], info["nearest_tokens"], strict=True)):
+            words = ", ".join(f"{tok!r} {sim:.2f}" for tok, sim in near)
+            print(f"  v{i:<3} norm {norm:8.3f}  nearest: {words}")
+    for a, row in report["similarity"].items():
+        print(f"similarity {a}: " + ", ".join(f"{b} {v:.3f}" for b, v in row.items()))
+    return 0
