@@ -257,7 +257,8 @@ def _run(spec: Spec, save_dir: str | None) -> dict:
 
 
 def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) -> dict:
-    from softprompt.train import EvalSet, TrainConfig, Trainer, find_learning_rate
+    from softprompt.lr_find import find_learning_rate
+    from softprompt.train import EvalSet, TrainConfig, Trainer
 
     model, name = _trainable(spec, loaded, task)
     model.to(device)

@@ -158,7 +158,7 @@ def test_non_finite_gradient_step_is_skipped_and_counted(tiny_llama, tiny_tokeni
 
 def test_lr_finder_returns_a_finite_rate_from_a_real_loss_curve_and_restores_the_prompt(
         tiny_llama, tiny_tokenizer, tmp_path):
-    from softprompt.train import find_learning_rate
+    from softprompt.lr_find import find_learning_rate
 
     prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
     start = prompted.table.get("sentiment").detach().clone()

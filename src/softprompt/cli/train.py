@@ -19,9 +19,10 @@ from .common import _load_split, _nth, _print_json, _task_spec
 def cmd_train(args) -> int:
     from ..bank import PromptBank
     from ..deep_prompt import DeepPromptModel
+    from ..lr_find import find_learning_rate
     from ..models import load_model
     from ..prompted import PromptedModel
-    from ..train import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer, find_learning_rate
+    from ..train import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer
 
     names = args.task
     if len(args.data) not in (1, len(names)):
