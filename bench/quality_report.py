@@ -211,10 +211,14 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---:|---:|"]
         for r in report["agnews"]:
             seeds = "-" if r["method"] == "zero_shot" else ",".join(map(str, r["seeds"]))
-            note = f" (cut off at step {r['compared_at_step']})" if r.get("unfinished") else ""
+            note = ""
+            if r.get("unfinished"):  # no final accuracy: the curve so far (report rows at each validation)
+                note = (f" (cut off at step {r['compared_at_step']}; report acc by step: "
+                        + ", ".join(f"{c['step']}: {c['report']:.3f}" for c in r["curve_mean"]) + ")")
             lines.append(f"| {LABELS[r['method']]} | {r['setting']}{note} | {r['device']} | {seeds} | "
                          f"{', '.join(f'{a:.3f}' for a in r['report_per_seed'])} | "
-                         f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | {r.get('select_mean', float('nan')):.3f} |")
+                         f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | "
+                         f"{format(r['select_mean'], '.3f') if 'select_mean' in r else '-'} |")
         lines += [""]
     lines += ["Screen (one seed per setting):", "",
               "| method | setting | selection acc | report acc | best step | collapsed (loss NaN) at step |",
