@@ -25,6 +25,7 @@ from .data import task_from_meta, template_from_meta
 from .engine import Engine, TaskInfo
 from .errors import ConfigError, SoftPromptError, UnknownTaskError
 from .inspect import embedding_norm_stats, nearest_tokens, task_similarity
+from .registry import unknown_task
 
 ASSETS = {"index.html": "text/html; charset=utf-8", "console.js": "text/javascript; charset=utf-8",
           "console.css": "text/css; charset=utf-8"}
@@ -42,11 +43,11 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
 
     def served(request: Request, task: str) -> TaskInfo:
         if not visible(request, task):
-            raise _unknown(task)
+            raise unknown_task(task)
         try:
             return engine.activate(task)
         except UnknownTaskError:
-            raise _unknown(task) from None
+            raise unknown_task(task) from None
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -79,7 +80,7 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         try:
             png = None if engine.bank is None else await asyncio.to_thread(engine.bank.read_plot, task, plot)
         except UnknownTaskError:  # deleted meanwhile (the bank's message names its folder)
-            raise _unknown(task) from None
+            raise unknown_task(task) from None
         if png is None:
             raise HTTPException(404, f"task '{task}' has no plot '{plot}'")
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
@@ -168,6 +169,3 @@ def _asset(name: str) -> Response:
     body = resources.files("softprompt").joinpath("console", name).read_bytes()
     return Response(body, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
-
-def _unknown(task: str) -> UnknownTaskError:
-    return UnknownTaskError(f"unknown task '{task}'")

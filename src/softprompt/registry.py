@@ -171,12 +171,12 @@ class TaskRegistry:
         if entry is not None and (entry.version is None or self.bank is None):
             return entry  # added in memory: pinned
         if self.bank is None:
-            raise _unknown(name)
+            raise unknown_task(name)
         try:
             version = self.bank.version(name)
         except UnknownTaskError:
             self.deactivate(name)
-            raise _unknown(name) from None
+            raise unknown_task(name) from None
         if entry is not None and entry.version == version:
             return entry
         return self._load(name, version)
@@ -250,18 +250,19 @@ class TaskRegistry:
         if self.bank is None:
             with self._tasks_lock:
                 if name not in self._tasks:
-                    raise _unknown(name)
+                    raise unknown_task(name)
         else:
             try:
                 self.bank.delete(name)
             except UnknownTaskError:
-                raise _unknown(name) from None
+                raise unknown_task(name) from None
         self.deactivate(name)
 
 
-def _unknown(name: str) -> UnknownTaskError:
+def unknown_task(name: str) -> UnknownTaskError:
     """The error for a task that is not there. It names only what the client sent: listing the
-    tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's."""
+    tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's. Every
+    404 for a task (tenants' hidden tasks, the console) is this one, so they cannot differ."""
     return UnknownTaskError(f"unknown task '{name}'")
 
 

@@ -44,7 +44,8 @@ from fastapi import Request
 
 from .atomic import write_file
 from .bank import TASK_NAME_PATTERN
-from .errors import AuthenticationError, ConfigError, PermissionDeniedError, UnknownTaskError
+from .errors import AuthenticationError, ConfigError, PermissionDeniedError
+from .registry import unknown_task
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,7 @@ class Access:
     def check_use(self, request: Request, task: str) -> None:
         """404, word for word a missing task's, for a task outside the caller's patterns."""
         if not self.may_use(request, task):
-            raise UnknownTaskError(f"unknown task '{task}'")  # = engine._unknown: no existence leak
+            raise unknown_task(task)  # the very 404 of a missing task: no existence leak
 
     @contextlib.asynccontextmanager
     async def admin_action(self, request: Request, action: str, task: str):
