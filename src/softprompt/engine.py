@@ -54,6 +54,7 @@ from .errors import (
 from .models import LoadedModel, eos_token_ids, fingerprint
 from .registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
 from .scorer import ScoreRow, left_pad, score_rows
+from .small_batch import use_small_batch_matmul
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel | tuple, bank: PromptBank | str | None = None, *,
                  use_prefix_cache: bool = True, max_new_tokens_cap: int = 512,
-                 score_batch_size: int = 64, kinds: tuple[str, ...] = ("soft", "deep")):
+                 score_batch_size: int = 64, kinds: tuple[str, ...] = ("soft", "deep"),
+                 small_batch_matmul: bool = True):
         if isinstance(loaded, LoadedModel):
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.base_model_id, self.fingerprint = loaded.name, loaded.fingerprint
@@ -83,6 +85,7 @@ class Engine:
         self.prefix_computations = 0
         """How many KV prefixes were computed (a cache that works keeps this low)."""
         self.device = self.model.get_input_embeddings().weight.device
+        use_small_batch_matmul(self.model, small_batch_matmul)  # on CPU: decode steps shared at no extra cost
         self.token_dim = self.model.get_input_embeddings().weight.shape[1]
         self.context_length = _context_length(self.model, self.tokenizer)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model)
@@ -334,7 +337,7 @@ class Engine:
         keep, ended = [], []
         for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
             row.tokens.append(token)
-            if token in self.eos_token_ids or row.step(row.tokens):
+            if (token in self.eos_token_ids and not row.row.request.ignore_eos) or row.step(row.tokens):
                 ended.append(row)
             else:
                 keep.append(i)
@@ -453,7 +456,8 @@ class _RowState:
         if cut is not None:
             text, reason = text[:cut], "stop"
         else:
-            reason = "stop" if tokens and tokens[-1] in self.eos_ids else "length"
+            ended_at_eos = tokens and tokens[-1] in self.eos_ids and not self.row.request.ignore_eos
+            reason = "stop" if ended_at_eos else "length"
         self._emit(text)
         return GenerationResult(text, list(tokens), reason, len(self.row.input_ids), len(tokens))
 

@@ -39,6 +39,9 @@ class GenerationRequest:
     """Seed of this row's own generator: the same seed gives the same text in any batch."""
     stop: str | Sequence[str] = ()
     """Stop strings: generation ends when the text contains one; the text is cut before it."""
+    ignore_eos: bool = False
+    """Keep generating past an end-of-sequence token, up to max_new_tokens (vLLM's option of the
+    same name; for load tests that need a known length)."""
     on_text: Callable[[str], None] | None = None
     """Streaming: called (from the engine's thread) with each new piece of final text."""
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError, IncompatiblePromptError, UnknownTaskError
+from .bank.format import check_prompt_rows, check_width
+from .errors import ConfigError, UnknownTaskError
 from .options import opt
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,9 @@ class PromptTable(nn.Module):
 
     def add(self, name: str, values: torch.Tensor, *, trainable: bool = True) -> int:
         """Add (or replace) task `name` with `values` [n, d]; returns its task id."""
-        values = values.detach().float().clone()
-        if values.dim() != 2:
-            raise IncompatiblePromptError(f"prompt {name!r} must be 2-D [n, d], got {tuple(values.shape)}")
-        if not torch.isfinite(values).all():
-            raise IncompatiblePromptError(f"prompt {name!r} contains NaN or inf values")
-        if self.names and values.shape[1] != self.token_dim:
-            raise IncompatiblePromptError(f"prompt {name!r} has hidden size {values.shape[1]} "
-                                          f"but the model has {self.token_dim}")
+        values = check_prompt_rows(values, f"prompt '{name}'").detach().float().clone()
+        if self.names:
+            check_width(name, values.shape[1], self.token_dim)
         param = nn.Parameter(values, requires_grad=trainable)
         if name in self.names:
             self.prompts[self.names.index(name)] = param

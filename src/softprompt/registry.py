@@ -25,6 +25,7 @@ from .bank import (
     PromptBank,
     SavedPrompt,
     check_compatible,
+    check_prompt_rows,
     prompt_from_files,
     validate_task_name,
 )
@@ -113,11 +114,10 @@ class TaskRegistry:
     def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
         """Put a task in memory directly (not from the bank); it stays until deactivated."""
         self._check_name(name)
-        kind = "soft"  # a bare tensor is a soft prompt [n, d]
-        if isinstance(prompt, SavedPrompt):
-            self._check(prompt)
-            kind, prompt, meta = prompt.kind, prompt.embeddings, {**prompt.meta, **(meta or {})}
-        entry = self._entry(name, _check_tensor(name, prompt, self._row_width(kind)), None, meta or {}, kind)
+        if not isinstance(prompt, SavedPrompt):  # a bare tensor is a soft prompt [n, d]
+            prompt = SavedPrompt(name, prompt, {"peft_type": "PROMPT_TUNING"})
+        self._check(prompt)
+        entry = self._entry(name, prompt.embeddings, None, {**prompt.meta, **(meta or {})}, prompt.kind)
         return self._store(entry).info()
 
     def prompt_values(self, name: str) -> torch.Tensor:
@@ -202,9 +202,9 @@ class TaskRegistry:
         return self._store(entry)
 
     def _check(self, saved: SavedPrompt) -> None:
+        check_prompt_rows(saved.embeddings, f"prompt '{saved.name}'")
         check_compatible(saved, token_dim=self._row_width(saved.kind), fingerprint=self.fingerprint,
                          kinds=self.kinds)
-        _check_tensor(saved.name, saved.embeddings, self._row_width(saved.kind))
         if saved.embeddings.shape[0] >= self.context_length:
             raise IncompatiblePromptError(f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
                                           f"virtual tokens; the model's context is {self.context_length}")
@@ -264,18 +264,6 @@ def unknown_task(name: str) -> UnknownTaskError:
     tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's. Every
     404 for a task (tenants' hidden tasks, the console) is this one, so they cannot differ."""
     return UnknownTaskError(f"unknown task '{name}'")
-
-
-def _check_tensor(name: str, values: torch.Tensor, token_dim: int) -> torch.Tensor:
-    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[0] < 1:
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise IncompatiblePromptError(f"prompt '{name}' must be a tensor [n, d] with n >= 1, got {shape}")
-    if values.shape[1] != token_dim:
-        raise IncompatiblePromptError(f"prompt '{name}' has hidden size {values.shape[1]} "
-                                      f"but the model has {token_dim}")
-    if not bool(torch.isfinite(values).all()):
-        raise IncompatiblePromptError(f"prompt '{name}' contains NaN or inf values")
-    return values
 
 
 def _check_meta(saved: SavedPrompt) -> None:

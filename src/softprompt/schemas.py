@@ -91,6 +91,7 @@ class _SamplingFields(_Request):
     n: int = Field(1, description="Completions per prompt; only 1 is supported.")
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text is cut before one.")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Seed for reproducible sampling.")
+    ignore_eos: bool = Field(False, description="Generate past end-of-sequence tokens, up to max_tokens (as vLLM).")
     stream: bool = Field(False, description="Send the text as server-sent events while it is generated.")
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
 

@@ -193,7 +193,7 @@ def _is_token_list(prompt) -> bool:
 def _generation_request(body: _SamplingFields, prompt, max_tokens: int | None) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, task=body.model, max_new_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                             stop=tuple(body.stop or ()))
+                             stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
 
 
 def _usage(results: list[GenerationResult]) -> dict:

@@ -365,6 +365,7 @@ class VLLMBackend:
         sampling = prepared.sampling
         payload = {"max_tokens": prepared.max_new_tokens, "temperature": sampling.temperature,
                    "top_p": sampling.top_p, "seed": sampling.seed, "stop": list(prepared.stops),
+                   "ignore_eos": prepared.request.ignore_eos,
                    "return_token_ids": True, "skip_special_tokens": True}
         if stream:
             payload["stream_options"] = {"include_usage": True}

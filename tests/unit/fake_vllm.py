@@ -148,7 +148,7 @@ class FakeVLLM:
             asked = body.get("logprob_token_ids") or logprobs.topk(body.get("logprobs") or 1).indices.tolist()
             top = {f"token_id:{t}": float(logprobs[t]) for t in [token, *asked]}
             yield token, self.tokenizer.decode([token]), top
-            if token == self.tokenizer.eos_token_id:
+            if token == self.tokenizer.eos_token_id and not body.get("ignore_eos"):
                 return
             embeds = torch.cat([embeds, table[token][None].detach()])
             if self.token_delay_s:

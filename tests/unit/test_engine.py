@@ -185,6 +185,15 @@ def test_per_row_max_new_tokens_and_finish_reasons(engine):
     assert ended[0].token_ids[-1] == eos and len(ended[0].token_ids) <= 5
 
 
+def test_ignore_eos_generates_to_max_new_tokens_and_reports_length(engine):
+    first = engine.generate([greedy(TEXTS[0], "t1", 6)])[0]
+    engine.eos_token_ids = (first.token_ids[1],)  # pretend the 2nd token ends the sequence
+    stopped = engine.generate([greedy(TEXTS[0], "t1", 6)])[0]
+    assert (len(stopped.token_ids), stopped.finish_reason) == (2, "stop")
+    kept = engine.generate([GenerationRequest(TEXTS[0], task="t1", max_new_tokens=6, ignore_eos=True)])[0]
+    assert kept.token_ids == first.token_ids and kept.finish_reason == "length"
+
+
 def test_streamed_pieces_join_to_final_text_and_never_leak_the_stop_string(engine):
     full = engine.generate([greedy(TEXTS[2], "t1", n=12)])[0]
     stop = " ".join(full.text.split(" ")[5:7])
@@ -415,3 +424,21 @@ def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, t
     versions = {row.task.version for row in generations}
     assert len(versions) == 1 and versions != {old}  # the first save is seen, the second is not mixed in
     assert engine.activate("t0").version not in versions | {old}  # the next request sees the newest
+
+
+@pytest.mark.parametrize("values, message", [
+    (torch.full((2, D), float("nan")), "prompt 'bad' contains NaN/inf"),
+    (torch.zeros(0, D), "prompt 'bad' has no rows (virtual tokens)"),
+    (torch.zeros(3), "prompt 'bad' must be a 2-D tensor [num_virtual_tokens, width], got [3]"),
+    (torch.zeros(2, D + 1), f"prompt 'bad' has hidden size {D + 1} but the model has {D}"),
+])
+def test_bad_input_prompt_tensor_gets_one_message_in_the_engine_and_the_prompt_table(engine, values, message):
+    from softprompt.prompts import PromptTable
+
+    with pytest.raises(IncompatiblePromptError) as in_engine:
+        engine.add_task("bad", values)
+    table = PromptTable()
+    table.add("good", torch.zeros(2, D))
+    with pytest.raises(IncompatiblePromptError) as in_table:
+        table.add("bad", values)
+    assert str(in_engine.value) == str(in_table.value) == message

@@ -90,8 +90,10 @@ def test_request_shape_and_base64_tensor_bytes_are_prompt_then_token_embeddings(
     setup.client.completions.create(model="t2", prompt=TEXTS[0], max_tokens=3, temperature=0, stop=["xyz"])
     body = setup.fake.bodies[before]
     assert "prompt" not in body and body["model"] == "tiny"  # never `prompt: ""` next to embeddings
-    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop")} == {
-        "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": ["xyz"]}
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop", "ignore_eos")} == {
+        "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": ["xyz"], "ignore_eos": False}
+    setup.client.completions.create(model="t2", prompt=TEXTS[0], max_tokens=3, extra_body={"ignore_eos": True})
+    assert setup.fake.bodies[-1]["ignore_eos"] is True  # vLLM's own option, passed on
     sent = decode_embeds(body)
     ids = setup.reference.tokenizer(TEXTS[0])["input_ids"]
     prompt = setup.bank.load("t2").embeddings
@@ -262,7 +264,7 @@ def test_request_timeout_is_504_backend_timeout(setup):
 
     async def slow():
         try:
-            return await run_one(backend, GenerationRequest("fun", task="t0", max_new_tokens=8))
+            return await run_one(backend, GenerationRequest("fun", task="t0", max_new_tokens=8, ignore_eos=True))
         finally:
             await backend.close()
 
@@ -288,7 +290,7 @@ def test_client_disconnect_mid_stream_cancels_the_vllm_request(setup):
     before = len(setup.fake.bodies)
     with httpx.Client(base_url=setup.url, timeout=30) as client:
         with client.stream("POST", "/v1/completions", json={"model": "t1", "prompt": "fun", "max_tokens": 30,
-                                                            "stream": True}) as r:
+                                                            "stream": True, "ignore_eos": True}) as r:
             next(r.iter_lines())  # the stream began; now hang up
     cancelled = _cancelled_after(setup.fake, before)
     assert [(b["stream"], b["max_tokens"]) for b in cancelled] == [(True, 30)]
@@ -298,7 +300,8 @@ def test_client_disconnect_without_streaming_cancels_the_vllm_request(setup):
     setup.fake.token_delay_s = 0.3
     before = len(setup.fake.bodies)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{setup.url}/v1/completions", json={"model": "t2", "prompt": "fun", "max_tokens": 30},
+        httpx.post(f"{setup.url}/v1/completions", json={"model": "t2", "prompt": "fun", "max_tokens": 30,
+                                                        "ignore_eos": True},  # 30 tokens x 0.3 s, whatever is sampled
                    timeout=1.0)
     cancelled = _cancelled_after(setup.fake, before)
     assert [(b.get("stream"), b["max_tokens"]) for b in cancelled] == [(None, 30)]

@@ -26,6 +26,8 @@ from .format import (
     WEIGHTS_FILE,
     SavedPrompt,
     check_compatible,
+    check_prompt_rows,
+    check_width,
     peft_prompt_config,
     validate_task_name,
 )
@@ -44,6 +46,8 @@ __all__ = [
     "PromptBank",
     "SavedPrompt",
     "check_compatible",
+    "check_prompt_rows",
+    "check_width",
     "parse_json_object",
     "peft_prompt_config",
     "prompt_from_files",

@@ -218,13 +218,29 @@ def _submodules(config: dict[str, Any], where: str) -> int:
     return 1 if value is None else _require_positive_int(value, "num_transformer_submodules", where)
 
 
+def check_prompt_rows(values: object, where: str) -> torch.Tensor:
+    """The one check every prompt tensor passes, wherever it comes from (a bank file, an upload,
+    a tensor handed to the engine or to the prompt table): 2-D [virtual tokens, width], at least
+    one row, finite. `where` names it in the message ("prompt 'x'", a file)."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 2:
+        shape = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise IncompatiblePromptError(f"{where} must be a 2-D tensor [num_virtual_tokens, width], got {shape}")
+    if values.shape[0] < 1:
+        raise IncompatiblePromptError(f"{where} has no rows (virtual tokens)")
+    if not bool(torch.isfinite(values).all()):
+        raise IncompatiblePromptError(f"{where} contains NaN/inf")
+    return values
+
+
+def check_width(name: str, width: int, model_width: int) -> None:
+    """The one message for a prompt whose rows do not fit the model."""
+    if width != model_width:
+        raise IncompatiblePromptError(f"prompt '{name}' has hidden size {width} but the model has {model_width}")
+
+
 def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
     """Raise IncompatiblePromptError unless the tensor's shape and values fit the config."""
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-        shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise IncompatiblePromptError(
-            f"{where}: {TENSOR_KEY} must be a 2-D tensor [num_virtual_tokens, token_dim], got {shape}"
-        )
+    check_prompt_rows(tensor, f"{where}: {TENSOR_KEY}")
     rows, cols = tensor.shape
     n_virtual, n_sub = config["num_virtual_tokens"], _submodules(config, where)
     if rows != n_virtual * n_sub:
@@ -238,8 +254,6 @@ def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
         raise IncompatiblePromptError(
             f"{where}: {TENSOR_KEY} has {cols} columns but {expected} is {_row_width(config)}"
         )
-    if not bool(torch.isfinite(tensor).all()):
-        raise IncompatiblePromptError(f"{where}: {TENSOR_KEY} contains NaN/inf")
 
 
 def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None,
@@ -256,10 +270,7 @@ def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = N
             f"{' and '.join(kinds)} prompts only",
             task=saved.name, kind=saved.kind,
         )
-    if saved.token_dim != token_dim:
-        raise IncompatiblePromptError(
-            f"prompt '{saved.name}' has hidden size {saved.token_dim} but the model has {token_dim}"
-        )
+    check_width(saved.name, saved.token_dim, token_dim)
     _check_fingerprint(saved, fingerprint)
 
 
