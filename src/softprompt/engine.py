@@ -337,7 +337,7 @@ class Engine:
         keep, ended = [], []
         for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
             row.tokens.append(token)
-            if (token in self.eos_token_ids and not row.row.request.ignore_eos) or row.step(row.tokens):
+            if row.ends_at(token) or row.step(row.tokens):
                 ended.append(row)
             else:
                 keep.append(i)
@@ -438,6 +438,10 @@ class _RowState:
         self.holdback = max((len(s) for s in row.stops), default=1) - 1
         self.watch = bool(row.stops or row.request.on_text)
 
+    def ends_at(self, token: int) -> bool:
+        """An end-of-sequence token ends the row, unless the request ignores them."""
+        return token in self.eos_ids and not self.row.request.ignore_eos
+
     def step(self, tokens: list[int]) -> bool:
         """Called after each new token of this row; True ends the row."""
         if self.row.cancelled:
@@ -456,8 +460,7 @@ class _RowState:
         if cut is not None:
             text, reason = text[:cut], "stop"
         else:
-            ended_at_eos = tokens and tokens[-1] in self.eos_ids and not self.row.request.ignore_eos
-            reason = "stop" if ended_at_eos else "length"
+            reason = "stop" if tokens and self.ends_at(tokens[-1]) else "length"
         self._emit(text)
         return GenerationResult(text, list(tokens), reason, len(self.row.input_ids), len(tokens))
 
