@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_STEPS ?= 150
+DEMO_STEPS ?= 100
 
-.PHONY: setup demo test test-unit test-vllm lint format bench-train bench-compare bench-serve \
+.PHONY: setup demo test test-unit test-vllm test-cuda lint format bench-train bench-compare bench-serve \
 	bench-serve-vllm vllm clean
 
 setup: $(VENV)/.installed
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 demo: setup
 	$(BIN)/softprompt train --model default --task movie-sentiment \
 	  --data builtin:movie_sentiment:train --eval-data builtin:movie_sentiment:validation \
-	  --test-data builtin:movie_sentiment:test --max-steps $(DEMO_STEPS) --eval-steps 75 \
+	  --test-data builtin:movie_sentiment:test --max-steps $(DEMO_STEPS) --eval-steps 50 \
 	  --max-eval-examples 300 --bank bank --output-dir runs/demo
 
 test: setup
@@ -28,6 +28,10 @@ test: setup
 
 test-vllm: setup vllm
 	$(BIN)/python -m pytest -q -m vllm tests
+
+# On a machine with an NVIDIA GPU (`make test` runs these there too; elsewhere they are deselected).
+test-cuda: setup
+	$(BIN)/python -m pytest -q -m cuda tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -27,7 +27,7 @@ def setting(spec: dict) -> str:
     """A short description of what differs from the method's baseline."""
     if spec["method"] == "zero_shot":
         return f"template {spec['template']}"
-    parts = [f"lr {spec['learning_rate']:g}", f"{spec['num_virtual_tokens']} tok" if "prompt" in spec["method"] else "",
+    parts = ["lr from the LR range test" if spec.get("lr_auto") else f"lr {spec['learning_rate']:g}", f"{spec['num_virtual_tokens']} tok" if "prompt" in spec["method"] else "",
              f"init {spec['init']}" if spec["init"] != "text" else "", spec["schedule"] if spec["schedule"] != "linear" else "",
              f"template {spec['template']}" if spec["template"] != "review" else "",
              f"verbalizer {spec['verbalizer']}" if spec["verbalizer"] != "negative_positive" else "",
@@ -97,26 +97,34 @@ def confirm_table(runs: list[dict], speed: dict, task: str = "sst2") -> list[dic
                      "select_mean": round(statistics.fmean(r["select_accuracy"] for r in seeds), 4),
                      "report_per_seed": [round(a, 4) for a in report], "curve_mean": curve,
                      "cpu_minutes_to_0.90": minutes_to(curve, sps, 0.90) if sps and curve else None})
-    return rows + _pooled_rows(runs, rows, task)
+    pooled = _pooled_rows(runs, rows, task, speed)
+    replaced = {(p["method"], p["setting"], p["device"]) for p in pooled}
+    return [r for r in rows if (r["method"], r["setting"], r["device"]) not in replaced] + pooled
 
 
-def _pooled_rows(runs: list[dict], rows: list[dict], task: str) -> list[dict]:
+def _pooled_rows(runs: list[dict], rows: list[dict], task: str, speed: dict) -> list[dict]:
     """A confirmed setting's finished runs on every device (the screen's run is a seed too): one
-    row over all of them, each seed labelled with its device."""
+    row over all of them, each seed labelled with its device. On one device it replaces the
+    confirmation's own row (which it contains)."""
     pooled = []
     for described, method in sorted({(r["setting"], r["method"]) for r in rows if not r.get("unfinished")}):
         done = [r for r in runs if r.get("stage") in ("screen", "confirm") and "report_accuracy" in r
                 and r["spec"]["method"] == method and setting(r["spec"]) == described and r["spec"]["task"] == task]
-        if len({r.get("device") for r in done}) < 2:
+        confirmed = max(len(r["seeds"]) for r in rows if (r["setting"], r["method"]) == (described, method))
+        if len(done) <= confirmed:  # nothing to add to the confirmation's own row
             continue
         report = [r["report_accuracy"] for r in done]
-        pooled.append({"method": method, "setting": described, "device": "all (" + ", ".join(
-                           f"seed {r['spec']['seed']}: {r.get('device')}" for r in done) + ")",
+        devices = {r.get("device") for r in done}
+        curve = mean_curve([r["curve"] for r in done if "curve" in r])
+        sps = speed["seconds_per_step"].get(method) if task == "sst2" and len(devices) == 1 else None
+        device = devices.pop() if len(devices) == 1 else "all (" + ", ".join(
+            f"seed {r['spec']['seed']}: {r.get('device')}" for r in done) + ")"
+        pooled.append({"method": method, "setting": described, "device": device,
                        "seeds": [r["spec"]["seed"] for r in done], "report_per_seed": [round(a, 4) for a in report],
                        "report_mean": round(statistics.fmean(report), 4), "report_std": round(_std(report), 4),
                        "select_mean": round(statistics.fmean(r["select_accuracy"] for r in done), 4),
-                       "curve_mean": mean_curve([r["curve"] for r in done if "curve" in r]),
-                       "cpu_minutes_to_0.90": None, "pooled": True})
+                       "curve_mean": curve, "cpu_minutes_to_0.90": minutes_to(curve, sps, 0.90) if sps and curve else None,
+                       "pooled": True})
     return pooled
 
 
@@ -146,8 +154,32 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def with_precision(run: dict) -> dict:
+    """The device label says how a GPU run computed: bf16 autocast or fp32 (this CPU is always fp32)."""
+    if run.get("device") in (None, "cpu"):
+        return run
+    return {**run, "device": f"{run['device']} {'bf16' if run.get('bf16') else 'fp32'}"}
+
+
+def other_model_rows(runs: list[dict]) -> list[dict]:
+    """Runs on another base model than the default SmolLM2 (`QUALITY_MODEL`), the settings unchanged:
+    each finished run, or a cut-off run's last validation, labelled as such."""
+    rows = []
+    for r in runs:
+        if r.get("model", "default") == "default" or not ("report_accuracy" in r or "stopped_at_step" in r):
+            continue
+        last = r["curve"][-1] if "stopped_at_step" in r else None
+        rows.append({"model": r["model"], "method": r["spec"]["method"], "task": r["spec"]["task"],
+                     "setting": setting(r["spec"]), "device": r.get("device"), "seed": r["spec"]["seed"],
+                     "report_accuracy": round(last["report"] if last else r["report_accuracy"], 4),
+                     "select_accuracy": round(last["select"] if last else r["select_accuracy"], 4),
+                     "stopped_at_step": r.get("stopped_at_step"), "curve": r.get("curve")})
+    return rows
+
+
 def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, command: str | None) -> list[Path]:
-    runs = load_runs(runs_path)
+    everything = [with_precision(r) for r in load_runs(runs_path)]
+    runs = [r for r in everything if r.get("model", "default") == "default"]  # SmolLM2: the study proper
     speed = json.loads((results / "quality_sst2_cpu_speed.json").read_text())
     table = screen_table(runs)
     best = best_per_method(table)
@@ -160,8 +192,9 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
         sps = speed["seconds_per_step"].get(method)
         curves[method] = {"setting": row["setting"], "seconds_per_step_cpu": sps, "curve": run["curve"],
                           "cpu_minutes_to_0.90": minutes_to(run["curve"], sps, 0.90) if sps else None}
+    measured = {(r["spec"]["method"], setting(r["spec"])) for r in runs if "report_accuracy" in r}
     skipped = [setting(r["spec"]) + f" ({r['spec']['method']}, {r['spec']['group']})"
-               for r in runs if r.get("skipped")]
+               for r in runs if r.get("skipped") and (r["spec"]["method"], setting(r["spec"])) not in measured]
     devices = sorted({r["device"] for r in runs if r.get("device")})
     report = {"benchmark": "quality_sst2", "date": today(), "report_machine": machine(),
               "study_devices": devices, "command": command, "runs_file": str(runs_path),
@@ -175,6 +208,7 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
                              "bench/common.split_validation into 300 selection + 700 report rows; template "
                              "'Article: {text}\\nTopic:', labels World / Sports / Business / Sci/Tech "
                              "(targets ' World', ' Sports', ' Business', ' Technology')",
+              "other_models": other_model_rows(everything),
               "cpu_seconds_per_step": speed, "not_run": skipped,
               "ensembles": json.loads(ensembles_path.read_text()) if ensembles_path and ensembles_path.is_file() else []}
     out = results / "quality_sst2"
@@ -198,7 +232,7 @@ def markdown(report: dict) -> str:
             minutes = r["cpu_minutes_to_0.90"] if r["cpu_minutes_to_0.90"] is not None else "not reached"
             if r.get("unfinished"):
                 minutes = f"cut off: accuracy at step {r['compared_at_step']}, not the end of training"
-            elif r.get("pooled"):
+            elif r.get("pooled") and r["device"].startswith("all ("):
                 minutes = "- (devices differ)"
             lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['device']} | {','.join(map(str, r['seeds']))} | "
                          f"{', '.join(f'{a:.3f}' for a in r['report_per_seed'])} | "
@@ -220,13 +254,23 @@ def markdown(report: dict) -> str:
                          f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | "
                          f"{format(r['select_mean'], '.3f') if 'select_mean' in r else '-'} |")
         lines += [""]
+    if report["other_models"]:
+        lines += ["Another base model (the SmolLM2 settings unchanged; accuracy on the same 700 report rows):", "",
+                  "| model | task | method | setting | device | seed | report acc | selection acc |",
+                  "|---|---|---|---|---|---:|---:|---:|"]
+        for r in report["other_models"]:
+            cut = (f" (cut off at step {r['stopped_at_step']}; report acc by step: "
+                   + ", ".join(f"{c['step']}: {c['report']:.3f}" for c in r["curve"]) + ")") if r["stopped_at_step"] else ""
+            lines.append(f"| {r['model']} | {r['task']} | {LABELS[r['method']]} | {r['setting']}{cut} | {r['device']} | "
+                         f"{r['seed']} | {r['report_accuracy']:.3f} | {r['select_accuracy']:.3f} |")
+        lines += [""]
     lines += ["Screen (one seed per setting):", "",
               "| method | setting | selection acc | report acc | best step | collapsed (loss NaN) at step |",
              "|---|---|---:|---:|---:|---:|"]
     for r in report["screen"]:
         lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['select_accuracy']:.3f} | "
                      f"{r['report_accuracy']:.3f} | {r['best_step'] or '-'} | {r['diverged_at_step'] or '-'} |")
-    lines += ["", "Time to accuracy (steps from the curve x CPU seconds/step measured here, batch 16):", "",
+    lines += ["", "Time to accuracy (steps from the curve x CPU seconds/step measured here, batch 16; the prompt methods were timed at 16 tokens, PEFT at 8):", "",
               "| method | best setting | CPU s/step | CPU minutes to 0.90 (report rows) |", "|---|---|---:|---:|"]
     for method, c in report["time_to_accuracy"].items():
         sps = c["seconds_per_step_cpu"]
@@ -254,7 +298,7 @@ def plot(report: dict, path: Path) -> None:
             ax_minutes.plot([s * c["seconds_per_step_cpu"] / 60 for s in steps], accuracy, marker="o",
                             color=COLORS.get(method), label=LABELS[method])
     for c in report["confirm"]:
-        if c.get("pooled"):  # its seeds are already drawn: the screen's curve and the device's mean
+        if c["device"].startswith("all ("):  # its seeds are drawn already: the screen's curve and each device's mean
             continue
         steps = [p["step"] for p in c["curve_mean"]]
         mean = [p["report"] for p in c["curve_mean"]]

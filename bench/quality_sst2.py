@@ -1,8 +1,13 @@
 """Quality study: which settings make prompt tuning accurate on held-out sentences, and how fast.
 
     python bench/quality_sst2.py study --workers 8 --out runs/quality     # the whole study (GPU)
+    python bench/quality_sst2.py study --workers 20 --groups lr,length,full_lr \
+        --previous bench/results/quality_sst2_runs.jsonl --bf16 no        # more levers, on top of a study
+    python bench/quality_sst2.py confirm --methods lora --seeds 1,2       # more seeds of a screened best
+    python bench/quality_sst2.py ensemble --prompts-dirs runs/quality/prompts   # the seeds' prompts averaged
     python bench/quality_sst2.py cpu-speed                                # seconds/step here (CPU)
     python bench/quality_sst2.py report --runs runs/quality/runs.jsonl    # -> bench/results/quality_sst2.*
+    QUALITY_MODEL=gemma3-270m python bench/quality_sst2.py confirm ...    # another base model
 
 Data: SST-2 from ../shared/data (train = 55,377 phrases; validation = 1,000 whole sentences) and
 AG News. Each validation file is split once (bench/common.split_validation): 300 rows choose
@@ -46,7 +51,7 @@ from common import (  # noqa: E402
     train_peft_prompt,
     write_result,
 )
-from quality_report import load_runs  # noqa: E402
+from quality_report import load_runs, setting  # noqa: E402
 
 TEMPLATES = {
     "review": "Review: {text}\nSentiment:",
@@ -145,6 +150,16 @@ def confirm_specs(screen: list[dict], seeds=(0, 1, 2)) -> list[Spec]:
     return specs
 
 
+def not_yet_run(specs: list[Spec], runs: list[dict]) -> list[Spec]:
+    """`specs` less those a finished run already measured (same setting and seed, any stage: the
+    screen's seed-0 run is the first seed of its confirmation)."""
+    def measured(spec: Spec) -> tuple:
+        return spec.method, spec.task, setting(asdict(spec)), spec.seed
+
+    done = {measured(Spec(**r["spec"])) for r in runs if "report_accuracy" in r}
+    return [s for s in specs if measured(s) not in done]
+
+
 # Groups run at the default budget (800 steps x 16): the others change the budget itself.
 _DEFAULT_BUDGET_GROUPS = ("base", "lr", "deep_lr", "lora_lr", "full_lr", "length", "init", "schedule",
                           "template", "verbalizer", "deep_reparam", "deep_layers", "deep_length", "lr_auto")
@@ -212,11 +227,16 @@ def _trainable(spec: Spec, loaded, task):
     return run.model, None
 
 
+def _bf16() -> str:
+    """The Trainer's bf16 setting for every run (auto: bf16 autocast where the device supports it)."""
+    return os.environ.get("QUALITY_BF16", "auto")
+
+
 def _accuracy(model, task, examples, name, device) -> float:
     from softprompt.evaluate import evaluate_classification
-    from softprompt.train import autocast, bf16_supported
+    from softprompt.train import TrainConfig, autocast, use_bf16
 
-    with autocast(device, bf16_supported(device)):
+    with autocast(device, use_bf16(TrainConfig(bf16=_bf16()), device)):
         return evaluate_classification(model, task, examples, name, batch_size=64)["accuracy"]
 
 
@@ -253,6 +273,7 @@ def _run(spec: Spec, save_dir: str | None) -> dict:
         result = _run_trainer(spec, loaded, task, train, select, report, device, save_dir)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     result["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    result["model"] = _model_name()
     return result
 
 
@@ -270,7 +291,7 @@ def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) ->
     config = TrainConfig(max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
                          learning_rate=spec.learning_rate, lr_scheduler_type=spec.schedule,
                          warmup_steps=spec.warmup_steps, eval_steps=spec.eval_every, seed=spec.seed,
-                         eval_batch_size=64)
+                         eval_batch_size=64, bf16=_bf16())
     extra = {}
     if spec.lr_auto:
         search = find_learning_rate(model, train, config)
@@ -299,7 +320,7 @@ def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) ->
             "report_accuracy": _accuracy(model, task, report, name, device),
             "steps": result.steps, "train_seconds": round(result.seconds, 2),
             "zero_shot_select": untrained["zero_shot"]["metric"], "curve": curve,
-            "final_loss": result.history[-1]["loss"]}
+            "final_loss": result.history[-1]["loss"], "bf16": trainer.bf16, "skipped_steps": trainer.skipped_steps}
 
 
 def _run_peft(spec, loaded, task, train, select, report, device) -> dict:
@@ -337,34 +358,45 @@ def run_id(spec: Spec) -> str:
 # ---------------------------------------------------------------- ensembles
 
 
-def ensemble_rows(confirm: list[dict], prompts_dir: Path) -> list[dict]:
-    """Each confirmed prompt / deep prompt setting's seeds as one ensemble: the saved prompts in
-    one table, label scores averaged in one mixed-task batch per row set."""
+def ensemble_rows(runs: list[dict], prompts_dirs: list[Path]) -> list[dict]:
+    """Each confirmed prompt / deep prompt setting's seeds as one ensemble (Lester et al. sec. 6):
+    the saved prompts of its finished runs (the screen's seed too) in one table, label scores
+    averaged in one mixed-task batch per row set."""
     import torch
 
     from softprompt.deep_prompt import DeepPromptModel
     from softprompt.models import load_model
     from softprompt.prompted import PromptedModel
 
+    def saved(run: dict) -> Path | None:
+        return next((d / f"{run_id(Spec(**run['spec']))}.pt" for d in prompts_dirs
+                     if (d / f"{run_id(Spec(**run['spec']))}.pt").is_file()), None)
+
     rows = []
     for method in ("prompt", "deep_prompt"):
-        seeds = [r for r in confirm if r["spec"]["method"] == method and "report_accuracy" in r]
-        files = [prompts_dir / f"{run_id(Spec(**r['spec']))}.pt" for r in seeds]
-        if len(files) < 2 or not all(f.is_file() for f in files):
-            continue
-        loaded = load_model(_model_name())
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = PromptedModel(loaded) if method == "prompt" else DeepPromptModel(loaded)
-        names = [f"seed{r['spec']['seed']}" for r in seeds]
-        for name, f in zip(names, files, strict=True):
-            values = torch.load(f)
-            model.table.add(name, values) if method == "deep_prompt" else model.add_task(name, values)
-        model.to(device)
-        task, _, select, report = _encoded(Spec(**seeds[0]["spec"]), loaded.tokenizer)
-        rows.append({"method": method, "members": names, "spec": seeds[0]["spec"],
-                     "select_accuracy": _accuracy(model, task, select, names, device),
-                     "report_accuracy": _accuracy(model, task, report, names, device),
-                     "member_report_accuracy": [r["report_accuracy"] for r in seeds]})
+        confirmed = {setting(r["spec"]) for r in runs if r.get("stage") == "confirm" and r["spec"]["method"] == method
+                     and r["spec"]["task"] == "sst2" and r.get("model", "default") == _model_name()}
+        for described in sorted(confirmed):
+            seeds = [r for r in runs if r["spec"]["method"] == method and r["spec"]["task"] == "sst2"
+                     and setting(r["spec"]) == described and "report_accuracy" in r and saved(r)
+                     and r.get("model", "default") == _model_name()]
+            if len(seeds) < 2:
+                continue
+            loaded = load_model(_model_name())
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = PromptedModel(loaded) if method == "prompt" else DeepPromptModel(loaded)
+            names = [f"seed{r['spec']['seed']}" for r in seeds]
+            for name, run in zip(names, seeds, strict=True):
+                values = torch.load(saved(run))
+                model.table.add(name, values) if method == "deep_prompt" else model.add_task(name, values)
+            model.to(device)
+            task, _, select, report = _encoded(Spec(**seeds[0]["spec"]), loaded.tokenizer)
+            rows.append({"method": method, "setting": described, "members": names,
+                         "member_devices": [r.get("device") for r in seeds],
+                         "select_accuracy": _accuracy(model, task, select, names, device),
+                         "report_accuracy": _accuracy(model, task, report, names, device),
+                         "member_report_accuracy": [r["report_accuracy"] for r in seeds]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -406,12 +438,20 @@ def cmd_study(args) -> int:
                              for s in specs][:args.smoke]) if args.smoke else (lambda specs: specs)
     if args.smoke:
         os.environ["QUALITY_SMOKE"] = "1"
+    os.environ["QUALITY_BF16"] = args.bf16
+    previous = load_runs(Path(args.previous)) if args.previous else []
+    groups = set(args.groups.split(",")) if args.groups else None
+    plan = not_yet_run([s for s in screen_specs() if groups is None or s.group in groups], previous)
     screen_deadline = start + args.budget_seconds * args.screen_share
-    screen = run_stage(shrink(screen_specs()), args.workers, screen_deadline, out, prompts_dir, "screen")
+    screen = run_stage(shrink(plan), args.workers, screen_deadline, out, prompts_dir, "screen")
+    # the best settings are chosen among this screen's runs and the earlier study's
+    chosen_from = [r for r in previous if r.get("stage") == "screen"] + screen
+    methods = set(args.confirm_methods.split(","))
+    later = [s for s in confirm_specs(chosen_from) if s.method in methods] + agnews_specs(chosen_from)
     final_deadline = start + args.budget_seconds
-    confirm = run_stage(shrink(confirm_specs(screen) + agnews_specs(screen)), args.workers, final_deadline, out,
+    confirm = run_stage(shrink(not_yet_run(later, previous + screen)), args.workers, final_deadline, out,
                         prompts_dir, "confirm")
-    ensembles = ensemble_rows(confirm, prompts_dir)
+    ensembles = ensemble_rows(previous + screen + confirm, [prompts_dir])
     (out / "ensembles.json").write_text(json.dumps(ensembles, indent=2))
     print(f"study done in {time.time() - start:.0f} s", file=sys.stderr)
     return 0
@@ -427,6 +467,7 @@ def cmd_confirm(args) -> int:
     if args.task == "agnews":  # the SST-2-confirmed settings, unchanged, on AG News' template and labels
         specs = [_on_agnews(s, group=f"agnews_{s.method}") for s in specs]
     out = Path(args.out)
+    os.environ["QUALITY_BF16"] = args.bf16
     (out / "prompts").mkdir(parents=True, exist_ok=True)
     print(f"confirming {len(specs)} runs: {[s.method + ' seed ' + str(s.seed) for s in specs]}", file=sys.stderr)
     if args.collect_unfinished:
@@ -449,8 +490,16 @@ def collect_unfinished(specs: list[Spec], out: Path) -> int:
             curve = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
             log.write(json.dumps({"spec": asdict(spec), "stage": "confirm", "device": "cpu" if not torch.cuda.is_available()
                                   else torch.cuda.get_device_name(0), "curve": curve,
-                                  "stopped_at_step": curve[-1]["step"]}) + "\n")
+                                  "stopped_at_step": curve[-1]["step"], "model": _model_name()}) + "\n")
             print(f"{spec.method} seed {spec.seed}: stopped at step {curve[-1]['step']}", file=sys.stderr)
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    """Ensembles of the confirmed settings' saved prompts, from a finished study's runs file."""
+    rows = ensemble_rows(load_runs(Path(args.runs)), [Path(d) for d in args.prompts_dirs.split(",")])
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -529,11 +578,18 @@ def main(argv=None) -> int:
     study = sub.add_parser("study", help="screen, confirm (3 seeds), AG News, ensembles")
     study.add_argument("--workers", type=int, default=1, help="worker processes (they share the GPU)")
     study.add_argument("--out", default="runs/quality")
+    study.add_argument("--bf16", default="auto", choices=("auto", "no"), help="bf16 autocast for every run")
     study.add_argument("--prompts-dir", default=None, help="where each run's trained prompt goes (default OUT/prompts)")
     study.add_argument("--budget-seconds", type=float, default=3600, help="runs not started by then are skipped")
     study.add_argument("--screen-share", type=float, default=0.55, help="share of the budget for the screen")
     study.add_argument("--smoke", type=int, default=0, help="check the plumbing: the first N specs of each "
                        "stage, 4 steps each, on a few rows")
+    study.add_argument("--groups", default=None, help="screen only these groups (comma-separated, e.g. "
+                       "lr,length,full_lr); default: all")
+    study.add_argument("--previous", default=None, help="an earlier study's runs.jsonl: its screen joins the "
+                       "choice of the best settings, and settings it measured are not run again")
+    study.add_argument("--confirm-methods", default="prompt,deep_prompt,lora,full,peft_prompt,zero_shot",
+                       help="methods whose best setting is confirmed with 3 seeds")
     confirm = sub.add_parser("confirm", help="3 seeds of the best screened setting of chosen methods")
     confirm.add_argument("--screen", default="bench/results/quality_sst2_runs.jsonl", help="a study's runs.jsonl")
     confirm.add_argument("--methods", default="deep_prompt", help="comma-separated, e.g. deep_prompt,lora")
@@ -544,8 +600,13 @@ def main(argv=None) -> int:
     confirm.add_argument("--workers", type=int, default=1)
     confirm.add_argument("--budget-seconds", type=float, default=7 * 24 * 3600)
     confirm.add_argument("--out", default="runs/quality_confirm")
+    confirm.add_argument("--bf16", default="auto", choices=("auto", "no"), help="bf16 autocast for every run")
     confirm.add_argument("--collect-unfinished", action="store_true",
                          help="append the curves of runs that were cut off to OUT/runs.jsonl, marked as stopped")
+    ensemble = sub.add_parser("ensemble", help="ensembles of the confirmed prompts' seeds (their saved .pt files)")
+    ensemble.add_argument("--runs", default="bench/results/quality_sst2_runs.jsonl")
+    ensemble.add_argument("--prompts-dirs", required=True, help="comma-separated folders holding the runs' .pt files")
+    ensemble.add_argument("--out", default="bench/results/quality_sst2_ensembles.json")
     speed = sub.add_parser("cpu-speed", help="seconds per step of each method here")
     speed.add_argument("--steps", type=int, default=12)
     default = sub.add_parser("cpu-default", help="softprompt train with its defaults, here, timed")
@@ -557,7 +618,7 @@ def main(argv=None) -> int:
     report.add_argument("--ensembles", default=None)
     report.add_argument("--command-line", default=None, help="the command that produced the runs")
     args = p.parse_args(argv)
-    commands = {"study": cmd_study, "confirm": cmd_confirm, "cpu-speed": cmd_cpu_speed, "cpu-default": cmd_cpu_default, "report": cmd_report}
+    commands = {"study": cmd_study, "confirm": cmd_confirm, "ensemble": cmd_ensemble, "cpu-speed": cmd_cpu_speed, "cpu-default": cmd_cpu_default, "report": cmd_report}
     return commands[args.command](args)
 
 

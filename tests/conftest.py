@@ -21,6 +21,17 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.write_line(f"SKIPPED IS A FAILURE HERE (SOFTPROMPT_NO_SKIPS=1): {report.nodeid}: {reason}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a GPU is; elsewhere they are deselected, not skipped (CI has no
+    GPU, and a skip fails CI)."""
+    if torch.cuda.is_available():
+        return
+    gpu_only = [item for item in items if "cuda" in item.keywords]
+    if gpu_only:
+        config.hook.pytest_deselected(items=gpu_only)
+        items[:] = [item for item in items if "cuda" not in item.keywords]
+
+
 WORDS = ("the a movie film great good bad awful boring fun plot actor love hate review sentiment "
          "positive negative is was very not and it this of to in classify text if or : . , ! ?").split()
 

@@ -11,10 +11,12 @@ Only public transformers arguments are used: `inputs_embeds`, `attention_mask`, 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -89,9 +91,25 @@ def _move_labels(labels: torch.Tensor, token_columns: torch.Tensor, width: int) 
     return moved.scatter(1, token_columns, labels)[:, :width]  # (B, C)
 
 
+# Every attention kernel but cuDNN's. On H100/H200 (torch 2.11+) cuDNN's SDPA backward returns NaN
+# when a query row attends to nothing -- a left-padded row's padding -- and the padded width is
+# 64 mod 128 (pytorch#196678): every such bf16 training step lost its gradient
+# (bench/results/cuda_attention_nan.json). Flash / memory-efficient attention serve instead; CPUs
+# never pick cuDNN, so they are left alone.
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def run_model(model, **inputs):
+    """`model(**inputs)`: the one place softprompt calls a model, so every call avoids the broken kernel."""
+    on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in inputs.values())
+    with sdpa_kernel(_ATTENTION_BACKENDS) if on_cuda else nullcontext():
+        return model(**inputs)
+
+
 def forward(model, batch: InjectedBatch, *, logits_to_keep: int = 0, **kwargs):
     """Run the model on an injected batch (logits for the last `logits_to_keep` columns, 0 = all)."""
-    return model(
+    return run_model(
+        model,
         inputs_embeds=batch.inputs_embeds,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
@@ -157,7 +175,7 @@ def prompt_prefix(model, prompt: torch.Tensor) -> PromptPrefix:
     """KV of `prompt` [n, d] at positions 0..n-1, as the model computes them mid-sequence."""
     embeds = prompt.to(model.get_input_embeddings().weight.dtype)[None]  # (1, n, d)
     positions = torch.arange(prompt.shape[0], device=embeds.device)[None]
-    out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = run_model(model, inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
     layers = out.cache.layers
     return PromptPrefix([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
                         prompt.detach().float())
@@ -244,8 +262,8 @@ def _forward_after_prefixes(model, plain: InjectedBatch, prefixes: list[PromptPr
     cache, prefix_mask = batch_cache(model, prefixes)  # prefix_mask (B, N)
     positions = plain.position_ids + prefix_mask.sum(1, keepdim=True)  # (B, L')
     mask = torch.cat([prefix_mask, plain.attention_mask], 1)  # (B, N + L')
-    out = model(inputs_embeds=plain.inputs_embeds, attention_mask=mask, position_ids=positions,
-                cache=cache, **kwargs)
+    out = run_model(model, inputs_embeds=plain.inputs_embeds, attention_mask=mask, position_ids=positions,
+                    cache=cache, **kwargs)
     return out, mask
 
 
@@ -354,8 +372,8 @@ def decode(model, state: DecodeState, next_ids: torch.Tensor) -> DecodeState:
     """Feed each row's new token (B,): the state one column further, with the next logits."""
     mask = torch.cat([state.mask, state.mask.new_ones(len(state), 1)], 1)  # (B, T+1)
     positions = state.positions + 1
-    out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, None],
-                cache=state.cache, use_cache=True)
+    out = run_model(model, input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, None],
+                    cache=state.cache, use_cache=True)
     return DecodeState(out.cache, mask, positions, out.logits[:, -1])
 
 

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from .atomic import write_file
-from .data import Example, Task, collate, length_grouped_batches
+from .data import Example, Task, collate, length_grouped_batches, sample_rows
 from .errors import ConfigError
 from .evaluate import evaluate_task
 from .options import opt
@@ -57,7 +57,8 @@ class TrainConfig:
                           "limit and the end).")
     save_minutes: float = opt(5.0, "Also checkpoint when this many minutes passed since the last one (0 = off).")
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
-    max_eval_examples: int = opt(0, "Validate on at most this many examples (0 = all).")
+    max_eval_examples: int = opt(0, "Validate on at most this many examples, the same random sample "
+                                 "at every validation (0 = all).")
     early_stopping_patience: int = opt(0, "Stop after N validations without improvement (0 = never).")
     group_by_length: bool = opt(True, "Batch examples of similar length (less padding).")
     bf16: str = opt("auto", "bf16 autocast: auto (when the CPU/GPU supports it), yes, no.")
@@ -312,9 +313,8 @@ class Trainer:
         `task_names=False` scores the same rows with no prompt (the zero-shot reference)."""
         results = {}
         for name, eval_set in self.eval_sets.items():
-            examples = eval_set.examples
-            if self.config.max_eval_examples:
-                examples = examples[:self.config.max_eval_examples]
+            # the same rows at every validation, whatever the training seed
+            examples = sample_rows(eval_set.examples, self.config.max_eval_examples, seed=0)
             with autocast(self.device, self.bf16):
                 results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples,
                                                         name if task_names else None,

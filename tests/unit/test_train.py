@@ -203,6 +203,22 @@ def test_step_zero_validation_is_logged_with_the_zero_shot_reference(tiny_llama,
     assert tmp_path / "run" / "validation.png" in plots
 
 
+def test_max_eval_examples_validates_on_one_random_sample_not_the_head_of_a_sorted_file(tiny_llama, tiny_tokenizer,
+                                                                                       tmp_path):
+    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    by_label = sorted(examples, key=lambda ex: -ex.label)  # all positives first, as the built-in sets are
+    trainer = Trainer(prompted, examples, TrainConfig(max_steps=2, per_device_train_batch_size=4, eval_steps=1,
+                                                      max_eval_examples=10, bf16="no"),
+                      eval_sets={"sentiment": EvalSet(task, by_label)}, output_dir=tmp_path / "run")
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validations = [line["validation"]["tasks"]["sentiment"] for line in lines if "validation" in line]
+    assert len(validations) == 3 and all(v["n"] == 10 for v in validations)
+    rows_per_label = [sum(row) for row in validations[0]["confusion_matrix"]]
+    assert min(rows_per_label) > 0  # the head of the file is 20 positives: both labels means a sample
+    assert [sum(row) for row in validations[-1]["confusion_matrix"]] == rows_per_label  # the same rows each time
+
+
 def test_resume_after_kill_9_before_the_first_evaluation_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     data = write_sentiment_jsonl(tmp_path / "train.jsonl", repeats=8)
     steps, flags = 60, ("--eval-steps", "40", "--save-steps", "5", "--save-minutes", "0")  # evaluations at 40, 60

@@ -61,7 +61,8 @@ class CompareConfig:
         0, "Train on a seeded sample of at most this many examples (0 = all)."
     )
     max_eval_examples: int = opt(
-        0, "Evaluate on a seeded sample of at most this many examples (0 = all)."
+        0, "Evaluate on a random sample of at most this many examples, the same rows for every "
+        "method and seed (0 = all)."
     )
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
     max_length: int = opt(256, "Truncate input + target to this many tokens.")

