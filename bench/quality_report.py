@@ -254,6 +254,18 @@ def markdown(report: dict) -> str:
                          f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | "
                          f"{format(r['select_mean'], '.3f') if 'select_mean' in r else '-'} |")
         lines += [""]
+    if report["ensembles"]:
+        lines += ["Prompt ensembles (Lester et al. sec. 6): a confirmed setting's seeds in one mixed-task batch, label "
+                  "scores averaged (`python bench/quality_sst2.py ensemble`):", "",
+                  "| method | setting | members (device) | member report acc | their mean | ensemble report acc | "
+                  "ensemble selection acc |", "|---|---|---|---|---:|---:|---:|"]
+        for e in report["ensembles"]:
+            members = ", ".join(f"{m} ({d})" for m, d in zip(e["members"], e["member_devices"], strict=True))
+            lines.append(f"| {LABELS[e['method']]} | {e['setting']} | {members} | "
+                         f"{', '.join(f'{a:.3f}' for a in e['member_report_accuracy'])} | "
+                         f"{statistics.fmean(e['member_report_accuracy']):.3f} | {e['report_accuracy']:.3f} | "
+                         f"{e['select_accuracy']:.3f} |")
+        lines += [""]
     if report["other_models"]:
         lines += ["Another base model (the SmolLM2 settings unchanged; accuracy on the same 700 report rows):", "",
                   "| model | task | method | setting | device | seed | report acc | selection acc |",

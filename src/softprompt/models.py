@@ -151,7 +151,7 @@ def freeze(model: torch.nn.Module) -> None:
 def fingerprint(model: PreTrainedModel) -> dict:
     """Identify a base model cheaply but surely enough to refuse a prompt made for another one."""
     weight = model.get_input_embeddings().weight.detach()
-    digest = hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(weight.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     return {
         "architecture": (model.config.architectures or [type(model).__name__])[0],
         "hidden_size": int(weight.shape[1]),
