@@ -210,7 +210,8 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
                              "(targets ' World', ' Sports', ' Business', ' Technology')",
               "other_models": other_model_rows(everything),
               "cpu_seconds_per_step": speed, "not_run": skipped,
-              "ensembles": json.loads(ensembles_path.read_text()) if ensembles_path and ensembles_path.is_file() else []}
+              "ensembles": json.loads(ensembles_path.read_text())["ensembles"]
+              if ensembles_path and ensembles_path.is_file() else []}
     out = results / "quality_sst2"
     paths = [out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")

@@ -452,7 +452,7 @@ def cmd_study(args) -> int:
     confirm = run_stage(shrink(not_yet_run(later, previous + screen)), args.workers, final_deadline, out,
                         prompts_dir, "confirm")
     ensembles = ensemble_rows(previous + screen + confirm, [prompts_dir])
-    (out / "ensembles.json").write_text(json.dumps(ensembles, indent=2))
+    (out / "ensembles.json").write_text(json.dumps(ensemble_result(ensembles), indent=2) + "\n")
     print(f"study done in {time.time() - start:.0f} s", file=sys.stderr)
     return 0
 
@@ -495,10 +495,17 @@ def collect_unfinished(specs: list[Spec], out: Path) -> int:
     return 0
 
 
+def ensemble_result(rows: list[dict]) -> dict:
+    """The ensembles with what a result file states: command, machine, date and row counts."""
+    return {"benchmark": "quality_sst2_ensembles", "command": "python bench/quality_sst2.py " + " ".join(sys.argv[1:]),
+            "machine": machine(), "date": today(), "model": _model_name(), "n_select": 300, "n_report": 700,
+            "ensembles": rows}
+
+
 def cmd_ensemble(args) -> int:
     """Ensembles of the confirmed settings' saved prompts, from a finished study's runs file."""
     rows = ensemble_rows(load_runs(Path(args.runs)), [Path(d) for d in args.prompts_dirs.split(",")])
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(ensemble_result(rows), indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
