@@ -220,6 +220,11 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
     return paths
 
 
+def cut_off_note(step: int, curve: list[dict]) -> str:
+    return f" (cut off at step {step}; report acc by step: " + ", ".join(
+        f"{c['step']}: {c['report']:.3f}" for c in curve) + ")"
+
+
 def markdown(report: dict) -> str:
     lines = [f"Quality study, SST-2 (devices: {', '.join(report['study_devices'])}; {report['date']}). Accuracy on "
              f"the {report['n_report']} report sentences; settings chosen on the {report['n_select']} selection "
@@ -246,10 +251,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---:|---:|"]
         for r in report["agnews"]:
             seeds = "-" if r["method"] == "zero_shot" else ",".join(map(str, r["seeds"]))
-            note = ""
-            if r.get("unfinished"):  # no final accuracy: the curve so far (report rows at each validation)
-                note = (f" (cut off at step {r['compared_at_step']}; report acc by step: "
-                        + ", ".join(f"{c['step']}: {c['report']:.3f}" for c in r["curve_mean"]) + ")")
+            # no final accuracy for a cut-off run: its curve so far (report rows at each validation)
+            note = cut_off_note(r["compared_at_step"], r["curve_mean"]) if r.get("unfinished") else ""
             lines.append(f"| {LABELS[r['method']]} | {r['setting']}{note} | {r['device']} | {seeds} | "
                          f"{', '.join(f'{a:.3f}' for a in r['report_per_seed'])} | "
                          f"{r['report_mean']:.3f} +- {r['report_std']:.3f} | "
@@ -272,8 +275,7 @@ def markdown(report: dict) -> str:
                   "| model | task | method | setting | device | seed | report acc | selection acc |",
                   "|---|---|---|---|---|---:|---:|---:|"]
         for r in report["other_models"]:
-            cut = (f" (cut off at step {r['stopped_at_step']}; report acc by step: "
-                   + ", ".join(f"{c['step']}: {c['report']:.3f}" for c in r["curve"]) + ")") if r["stopped_at_step"] else ""
+            cut = cut_off_note(r["stopped_at_step"], r["curve"]) if r["stopped_at_step"] else ""
             lines.append(f"| {r['model']} | {r['task']} | {LABELS[r['method']]} | {r['setting']}{cut} | {r['device']} | "
                          f"{r['seed']} | {r['report_accuracy']:.3f} | {r['select_accuracy']:.3f} |")
         lines += [""]
