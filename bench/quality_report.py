@@ -39,6 +39,23 @@ def setting(spec: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def speed_key(spec: dict) -> str:
+    """What one training step's cost depends on: the method, the prompt length, the layers a deep
+    prompt trains, an MLP, the template (input length), the batch size; not the learning rate,
+    schedule or step count. quality_sst2_cpu_speed.json is keyed by it."""
+    parts = [spec["method"], f"{spec['num_virtual_tokens']} tok" if "prompt" in spec["method"] else "",
+             f"last {spec['prefix_layers']} layers" if spec.get("prefix_layers") else "",
+             f"MLP {spec['reparam_hidden']}" if spec.get("reparam_hidden") else "",
+             f"template {spec['template']}" if spec["template"] != "review" else "",
+             f"batch {spec['batch_size']}" if spec["batch_size"] != 16 else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def cpu_seconds_per_step(speed: dict, spec: dict) -> float | None:
+    """Seconds per training step on the 2-core CPU for this setting, if cpu-speed timed it."""
+    return speed["seconds_per_step"].get(speed_key(spec))
+
+
 def diverged_at(run: dict) -> int | None:
     """First validation step where the run had collapsed (loss NaN: accuracy pinned to one class)."""
     if not isinstance(run.get("final_loss"), float) or run["final_loss"] == run["final_loss"]:
@@ -90,8 +107,8 @@ def confirm_table(runs: list[dict], speed: dict, task: str = "sst2") -> list[dic
             continue
         report = [r["report_accuracy"] for r in seeds]
         curve = mean_curve([r["curve"] for r in seeds if "curve" in r])
-        sps = speed["seconds_per_step"].get(method) if task == "sst2" else None
-        rows.append({"method": method, "setting": described, "device": device,
+        sps = cpu_seconds_per_step(speed, seeds[0]["spec"]) if task == "sst2" else None
+        rows.append({"method": method, "setting": described, "device": device, "seconds_per_step_cpu": sps,
                      "seeds": sorted(r["spec"]["seed"] for r in seeds),
                      "report_mean": round(statistics.fmean(report), 4), "report_std": round(_std(report), 4),
                      "select_mean": round(statistics.fmean(r["select_accuracy"] for r in seeds), 4),
@@ -116,11 +133,12 @@ def _pooled_rows(runs: list[dict], rows: list[dict], task: str, speed: dict) -> 
         report = [r["report_accuracy"] for r in done]
         devices = {r.get("device") for r in done}
         curve = mean_curve([r["curve"] for r in done if "curve" in r])
-        sps = speed["seconds_per_step"].get(method) if task == "sst2" and len(devices) == 1 else None
+        sps = cpu_seconds_per_step(speed, done[0]["spec"]) if task == "sst2" and len(devices) == 1 else None
         device = devices.pop() if len(devices) == 1 else "all (" + ", ".join(
             f"seed {r['spec']['seed']}: {r.get('device')}" for r in done) + ")"
         pooled.append({"method": method, "setting": described, "device": device,
                        "seeds": [r["spec"]["seed"] for r in done], "report_per_seed": [round(a, 4) for a in report],
+                       "seconds_per_step_cpu": sps,
                        "report_mean": round(statistics.fmean(report), 4), "report_std": round(_std(report), 4),
                        "select_mean": round(statistics.fmean(r["select_accuracy"] for r in done), 4),
                        "curve_mean": curve, "cpu_minutes_to_0.90": minutes_to(curve, sps, 0.90) if sps and curve else None,
@@ -189,7 +207,7 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
             continue
         run = next(r for r in runs if r.get("stage") == "screen" and r["spec"]["method"] == method
                    and setting(r["spec"]) == row["setting"] and "curve" in r)
-        sps = speed["seconds_per_step"].get(method)
+        sps = cpu_seconds_per_step(speed, run["spec"])
         curves[method] = {"setting": row["setting"], "seconds_per_step_cpu": sps, "curve": run["curve"],
                           "cpu_minutes_to_0.90": minutes_to(run["curve"], sps, 0.90) if sps else None}
     measured = {(r["spec"]["method"], setting(r["spec"])) for r in runs if "report_accuracy" in r}
@@ -285,7 +303,7 @@ def markdown(report: dict) -> str:
     for r in report["screen"]:
         lines.append(f"| {LABELS[r['method']]} | {r['setting']} | {r['select_accuracy']:.3f} | "
                      f"{r['report_accuracy']:.3f} | {r['best_step'] or '-'} | {r['diverged_at_step'] or '-'} |")
-    lines += ["", "Time to accuracy (steps from the curve x CPU seconds/step measured here, batch 16; the prompt methods were timed at 16 tokens, PEFT at 8):", "",
+    lines += ["", "Time to accuracy (steps from the curve x CPU seconds/step measured here for that setting):", "",
               "| method | best setting | CPU s/step | CPU minutes to 0.90 (report rows) |", "|---|---|---:|---:|"]
     for method, c in report["time_to_accuracy"].items():
         sps = c["seconds_per_step_cpu"]
@@ -318,7 +336,7 @@ def plot(report: dict, path: Path) -> None:
         steps = [p["step"] for p in c["curve_mean"]]
         mean = [p["report"] for p in c["curve_mean"]]
         std = [p["report_std"] for p in c["curve_mean"]]
-        sps = report["cpu_seconds_per_step"]["seconds_per_step"].get(c["method"])
+        sps = c.get("seconds_per_step_cpu")
         label = f"{LABELS[c['method']]}, {len(c['seeds'])} seeds on {c['device']} (mean +- std)"
         for ax, xs in ((ax_steps, steps), (ax_minutes, [s * sps / 60 for s in steps] if sps else None)):
             if xs is None:

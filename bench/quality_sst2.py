@@ -51,7 +51,7 @@ from common import (  # noqa: E402
     train_peft_prompt,
     write_result,
 )
-from quality_report import load_runs, setting  # noqa: E402
+from quality_report import load_runs, setting, speed_key  # noqa: E402
 
 TEMPLATES = {
     "review": "Review: {text}\nSentiment:",
@@ -124,7 +124,8 @@ def screen_specs() -> list[Spec]:
     specs += [replace(base, group="lr_auto", lr_auto=True)]
     specs += [replace(base, group="batch", batch_size=8, steps=1600, eval_every=200),
               replace(base, group="batch", batch_size=32, steps=400, eval_every=50)]
-    specs += [replace(base, group="data", train_examples=n) for n in (100, 1000, 10000)]
+    # how much to label, for the default (the deep prompt): the learning curve a user decides on
+    specs += [replace(deep, group="data", train_examples=n) for n in (100, 1000, 10000)]
     specs += [replace(base, group="long", steps=2000, eval_every=200),
               replace(deep, group="long", steps=2000, eval_every=200)]
     return specs
@@ -511,39 +512,51 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_cpu_speed(args) -> int:
-    """Median seconds per training step of each method on this machine (batch 16, SST-2), the
-    figure that turns a learning curve's steps into CPU minutes."""
+    """Median seconds per training step on this machine of every setting a finished SST-2 run in
+    `--runs` used (keyed by what a step's cost depends on: quality_report.speed_key), timed one
+    after another in one process: the figures that turn learning curves' steps into CPU minutes."""
     import torch
 
     from softprompt.models import load_model
-    from softprompt.train import TrainConfig, Trainer
 
     rows = {}
-    for method in ("prompt", "deep_prompt", "lora", "full", "peft_prompt"):
-        spec = Spec("cpu_speed", method=method, steps=args.steps, learning_rate={"lora": 3e-4, "full": 3e-5,
-                    "deep_prompt": 1e-2, "peft_prompt": 3e-2}.get(method, 0.1))
+    for spec in timed_settings(load_runs(Path(args.runs))):
         loaded = load_model(_model_name())
         task, train, _, _ = _encoded(spec, loaded.tokenizer)
         train = random.Random(0).sample(train, args.steps * spec.batch_size)
-        if method == "peft_prompt":
-            _, seconds, _ = train_peft_prompt(loaded, train, steps=args.steps, batch_size=spec.batch_size,
-                                              learning_rate=spec.learning_rate, num_virtual_tokens=8,
-                                              init_text=INIT_TEXT["sst2"])
-            rows[method] = seconds / args.steps
-            continue
-        model, name = _trainable(spec, loaded, task)
-        train = [replace(ex, task_id=0 if name else -1) for ex in train]
-        trainer = Trainer(model, train, TrainConfig(max_steps=args.steps, per_device_train_batch_size=spec.batch_size,
-                                                    learning_rate=spec.learning_rate))
-        history = trainer.train().history
-        rows[method] = statistics.median(r["seconds"] for r in history[2:])  # first steps warm up
-        print(method, rows[method], file=sys.stderr, flush=True)
+        rows[speed_key(asdict(spec))] = _seconds_per_step(spec, loaded, task, train, args.steps)
+        print(speed_key(asdict(spec)), rows[speed_key(asdict(spec))], file=sys.stderr, flush=True)
     result = {"benchmark": "quality_sst2_cpu_speed", "machine": machine(), "date": today(),
               "command": "python bench/quality_sst2.py cpu-speed " + " ".join(sys.argv[2:]),
-              "batch_size": 16, "steps": args.steps, "threads": torch.get_num_threads(),
-              "seconds_per_step": rows}
+              "steps": args.steps, "threads": torch.get_num_threads(), "seconds_per_step": rows}
     print(f"wrote {write_result('quality_sst2_cpu_speed.json', result)}", file=sys.stderr)
     return 0
+
+
+def timed_settings(runs: list[dict]) -> list[Spec]:
+    """One spec per step-cost setting among the finished SST-2 runs on the default model."""
+    settings: dict[str, Spec] = {}
+    for r in runs:
+        spec = r["spec"]
+        if ("report_accuracy" in r and spec["task"] == "sst2" and spec["method"] != "zero_shot"
+                and r.get("model", "default") == "default"):
+            settings.setdefault(speed_key(spec), replace(Spec(**spec), group="cpu_speed", lr_auto=False))
+    return list(settings.values())
+
+
+def _seconds_per_step(spec: Spec, loaded, task, train, steps: int) -> float:
+    from softprompt.train import TrainConfig, Trainer
+
+    if spec.method == "peft_prompt":
+        _, seconds, _ = train_peft_prompt(loaded, train, steps=steps, batch_size=spec.batch_size,
+                                          learning_rate=spec.learning_rate, num_virtual_tokens=spec.num_virtual_tokens,
+                                          init_text=INIT_TEXT["sst2"])
+        return seconds / steps
+    model, name = _trainable(spec, loaded, task)
+    train = [replace(ex, task_id=0 if name else -1) for ex in train]
+    trainer = Trainer(model, train, TrainConfig(max_steps=steps, per_device_train_batch_size=spec.batch_size,
+                                                learning_rate=spec.learning_rate, bf16="no"))
+    return statistics.median(r["seconds"] for r in trainer.train().history[2:])  # first steps warm up
 
 
 def cmd_cpu_default(args) -> int:
@@ -614,8 +627,9 @@ def main(argv=None) -> int:
     ensemble.add_argument("--runs", default="bench/results/quality_sst2_runs.jsonl")
     ensemble.add_argument("--prompts-dirs", required=True, help="comma-separated folders holding the runs' .pt files")
     ensemble.add_argument("--out", default="bench/results/quality_sst2_ensembles.json")
-    speed = sub.add_parser("cpu-speed", help="seconds per step of each method here")
+    speed = sub.add_parser("cpu-speed", help="seconds per step here of every setting a study ran")
     speed.add_argument("--steps", type=int, default=12)
+    speed.add_argument("--runs", default="bench/results/quality_sst2_runs.jsonl", help="a study's runs.jsonl")
     default = sub.add_parser("cpu-default", help="softprompt train with its defaults, here, timed")
     default.add_argument("--out", default="runs/quality_cpu")
     default.add_argument("--seed", type=int, default=0)

@@ -132,7 +132,8 @@ class DeepPromptModel(nn.Module):
 
     Two training levers (measured in bench/quality_sst2.py): `reparam_hidden` > 0 trains each new
     task's prefix through a `PrefixReparam` MLP of that width; `prefix_layers` = k > 0 trains the
-    prefix of the last k layers only (the others keep the initial soft prompt's KV).
+    prefix of the last k layers only (the others keep the initial soft prompt's KV), and the
+    backward pass then stops at the first of those k layers: a step costs less.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class DeepPromptModel(nn.Module):
         self.reparam_hidden, self.prefix_layers = reparam_hidden, prefix_layers
         self.table = PromptTable()
         self.reparams = nn.ModuleDict()
+        self.last_layers_only: set[str] = set()  # tasks that train their last prefix_layers only
         self.meta: dict[str, dict] = {}  # per task: template, verbalizer... saved with the prompt
         for name, spec in (prompts or {}).items():
             self.add_task(name, spec)
@@ -182,6 +184,7 @@ class DeepPromptModel(nn.Module):
         task_id = self.table.add(name, kv_to_rows(spec.float()))
         if name in self.reparams:  # replaced: the new values start without an MLP of their own
             del self.reparams[name]
+        self.last_layers_only.discard(name)
         if soft is not None:
             self._add_levers(name, soft)
         return task_id
@@ -190,20 +193,24 @@ class DeepPromptModel(nn.Module):
         if self.reparam_hidden:
             self.reparams[name] = PrefixReparam(soft, self.shape.row_width, self.reparam_hidden)
         if self.prefix_layers:
-            self.table.get(name).register_hook(self._only_last_layers)
-
-    def _only_last_layers(self, grad: torch.Tensor) -> torch.Tensor:
-        """Zero the gradient of the first (layers - prefix_layers) layers' columns: their KV stays
-        the soft prompt's (with no gradient Adam moves nothing; weight decay is off by default)."""
-        frozen = (self.shape.layers - self.prefix_layers) * self.shape.row_width // self.shape.layers
-        mask = torch.ones_like(grad)
-        mask[:, :frozen] = 0  # rows are token-major: layer-major inside a row (kv_to_rows)
-        return grad * mask
+            self.last_layers_only.add(name)
 
     def task_rows(self, task_id: int) -> torch.Tensor:
         """Task `task_id`'s prefix rows [n, W], through its reparam MLP if it has one."""
         rows, name = self.table.prompts[task_id], self.table.names[task_id]
         return self.reparams[name](rows) if name in self.reparams else rows
+
+    def task_prefix(self, task_id: int, dtype: torch.dtype) -> inject.PromptPrefix:
+        """Task `task_id`'s per-layer KV prefix. A task that trains its last prefix_layers only
+        has the first layers' KV cut from the graph: they get no gradient (Adam moves nothing;
+        weight decay is off by default), and since nothing below the first trained layer then
+        needs a gradient, backward stops there instead of running through every layer."""
+        prefix = rows_to_prefix(self.task_rows(task_id), self.shape, dtype)
+        if self.table.names[task_id] in self.last_layers_only:
+            frozen = self.shape.layers - self.prefix_layers
+            prefix.keys[:frozen] = [k.detach() for k in prefix.keys[:frozen]]
+            prefix.values[:frozen] = [v.detach() for v in prefix.values[:frozen]]
+        return prefix
 
     def fold_reparams(self) -> None:
         """Write each reparameterised prefix into its plain rows and drop the MLPs (after training,
@@ -233,7 +240,7 @@ class DeepPromptModel(nn.Module):
         """Each row's prefix (None: no task or an empty prefix), built once per task."""
         dtype = self.model.get_input_embeddings().weight.dtype
         built = {
-            t: rows_to_prefix(self.task_rows(t), self.shape, dtype)
+            t: self.task_prefix(t, dtype)
             for t in set(task_ids.tolist())
             if t != NO_TASK and self.table.prompts[t].shape[0]
         }

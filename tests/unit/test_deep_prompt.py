@@ -192,6 +192,24 @@ def test_prefix_layers_trains_only_the_last_layers(tiny_llama):
         DeepPromptModel(tiny_llama, prefix_layers=99)
 
 
+def test_prefix_layers_backward_stops_at_the_first_trained_layer(tiny_llama):
+    """The layers below the trained prefixes build no autograd graph: the saving that makes
+    prefix_layers a speed lever, not only a quality one."""
+    layers = tiny_llama.model.layers
+    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, prefix_layers=1, tokenizer=build_tiny_tokenizer())
+    needs_grad = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: needs_grad.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad)) for layer in layers]
+    ids, mask = _batch(ROWS)
+    labels = ids.masked_fill(mask == 0, -100)
+    deep.loss(ids, mask, "a", labels).backward()
+    for hook in hooks:
+        hook.remove()
+    assert needs_grad == [False] * (len(layers) - 1) + [True]
+    grad = rows_to_kv(deep.table.get("a").grad, deep.shape)
+    assert not grad[:-1].any() and grad[-1].abs().sum() > 0
+
+
 def test_deep_prompt_in_the_bank_is_refused_by_soft_prompt_paths_with_a_clear_error(tiny_llama, tmp_path):
     from softprompt.bank import PromptBank
 
