@@ -311,7 +311,7 @@ def markdown(report: dict) -> str:
                      f"{c['cpu_minutes_to_0.90'] if c['cpu_minutes_to_0.90'] is not None else 'not reached'} |"
                      if sps else f"| {LABELS[method]} | {c['setting']} | - | - |")
     if report["not_run"]:
-        lines += ["", f"Not run (the device time ran out): {'; '.join(report['not_run'])}."]
+        lines += ["", f"Not run yet (planned in the screen; the GPU or session time ran out first): {'; '.join(report['not_run'])}."]
     return "\n".join(lines)
 
 
