@@ -524,8 +524,9 @@ def cmd_cpu_speed(args) -> int:
         loaded = load_model(_model_name())
         task, train, _, _ = _encoded(spec, loaded.tokenizer)
         train = random.Random(0).sample(train, args.steps * spec.batch_size)
-        rows[speed_key(asdict(spec))] = _seconds_per_step(spec, loaded, task, train, args.steps)
-        print(speed_key(asdict(spec)), rows[speed_key(asdict(spec))], file=sys.stderr, flush=True)
+        key = speed_key(asdict(spec))
+        rows[key] = _seconds_per_step(spec, loaded, task, train, args.steps)
+        print(key, rows[key], file=sys.stderr, flush=True)
     result = {"benchmark": "quality_sst2_cpu_speed", "machine": machine(), "date": today(),
               "command": "python bench/quality_sst2.py cpu-speed " + " ".join(sys.argv[2:]),
               "steps": args.steps, "threads": torch.get_num_threads(), "seconds_per_step": rows}
