@@ -26,7 +26,8 @@ def load_runs(path: Path) -> list[dict]:
 def setting(spec: dict) -> str:
     """A short description of what differs from the method's baseline."""
     if spec["method"] == "zero_shot":
-        return f"template {spec['template']}"
+        words = f", verbalizer {spec['verbalizer']}" if spec["verbalizer"] != "negative_positive" else ""
+        return f"template {spec['template']}{words}"
     parts = ["lr from the LR range test" if spec.get("lr_auto") else f"lr {spec['learning_rate']:g}", f"{spec['num_virtual_tokens']} tok" if "prompt" in spec["method"] else "",
              f"init {spec['init']}" if spec["init"] != "text" else "", spec["schedule"] if spec["schedule"] != "linear" else "",
              f"template {spec['template']}" if spec["template"] != "review" else "",
@@ -195,7 +196,9 @@ def other_model_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, command: str | None) -> list[Path]:
+def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, command: str | None,
+                 not_run: list[str]) -> list[Path]:
+    """`not_run`: the planned screen settings no run measured yet, described."""
     everything = [with_precision(r) for r in load_runs(runs_path)]
     runs = [r for r in everything if r.get("model", "default") == "default"]  # SmolLM2: the study proper
     speed = json.loads((results / "quality_sst2_cpu_speed.json").read_text())
@@ -210,9 +213,6 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
         sps = cpu_seconds_per_step(speed, run["spec"])
         curves[method] = {"setting": row["setting"], "seconds_per_step_cpu": sps, "curve": run["curve"],
                           "cpu_minutes_to_0.90": minutes_to(run["curve"], sps, 0.90) if sps else None}
-    measured = {(r["spec"]["method"], setting(r["spec"])) for r in runs if "report_accuracy" in r}
-    skipped = [setting(r["spec"]) + f" ({r['spec']['method']}, {r['spec']['group']})"
-               for r in runs if r.get("skipped") and (r["spec"]["method"], setting(r["spec"])) not in measured]
     devices = sorted({r["device"] for r in runs if r.get("device")})
     report = {"benchmark": "quality_sst2", "date": today(), "report_machine": machine(),
               "study_devices": devices, "command": command, "runs_file": str(runs_path),
@@ -227,7 +227,7 @@ def write_report(runs_path: Path, ensembles_path: Path | None, results: Path, co
                              "'Article: {text}\\nTopic:', labels World / Sports / Business / Sci/Tech "
                              "(targets ' World', ' Sports', ' Business', ' Technology')",
               "other_models": other_model_rows(everything),
-              "cpu_seconds_per_step": speed, "not_run": skipped,
+              "cpu_seconds_per_step": speed, "not_run": not_run,
               "ensembles": json.loads(ensembles_path.read_text())["ensembles"]
               if ensembles_path and ensembles_path.is_file() else []}
     out = results / "quality_sst2"

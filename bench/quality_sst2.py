@@ -115,9 +115,11 @@ def screen_specs() -> list[Spec]:
     specs += [replace(base, group="length", num_virtual_tokens=n) for n in (8, 32, 64)]
     specs += [replace(base, group="init", init=i) for i in ("class_labels", "sampled_vocab", "random")]
     specs += [replace(base, group="schedule", schedule=s) for s in ("constant", "cosine")]
-    specs += [replace(base, group="template", template=t) for t in ("question", "sentence")]
-    specs += [replace(base, group="verbalizer", verbalizer=v) for v in ("bad_good", "terrible_great")]
+    # template and label words for the default (the deep prompt), each next to its zero-shot score
     specs += [Spec("zero_shot", method="zero_shot", steps=0, template=t) for t in ("question", "sentence")]
+    specs += [Spec("zero_shot", method="zero_shot", steps=0, verbalizer=v) for v in ("bad_good", "terrible_great")]
+    specs += [replace(deep, group="template", template=t) for t in ("question", "sentence")]
+    specs += [replace(deep, group="verbalizer", verbalizer=v) for v in ("bad_good", "terrible_great")]
     specs += [replace(deep, group="deep_reparam", reparam_hidden=512, learning_rate=lr) for lr in (1e-3, 3e-3)]
     specs += [replace(deep, group="deep_layers", prefix_layers=k) for k in (8, 15)]
     specs += [replace(deep, group="deep_length", num_virtual_tokens=n) for n in (8, 32)]
@@ -647,8 +649,10 @@ def main(argv=None) -> int:
 def cmd_report(args) -> int:
     from quality_report import write_report
 
+    smollm_runs = [r for r in load_runs(Path(args.runs)) if r.get("model", "default") == "default"]
+    not_run = [f"{setting(asdict(s))} ({s.method}, {s.group})" for s in not_yet_run(screen_specs(), smollm_runs)]
     paths = write_report(Path(args.runs), Path(args.ensembles) if args.ensembles else None, RESULTS,
-                         args.command_line)
+                         args.command_line, not_run)
     print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
     return 0
 
