@@ -127,12 +127,13 @@ def screen_specs() -> list[Spec]:
     specs += [replace(deep, group="deep_layers", prefix_layers=k) for k in (8, 15)]
     specs += [replace(deep, group="deep_length", num_virtual_tokens=n) for n in (8, 32)]
     specs += [replace(base, group="lr_auto", lr_auto=True)]
-    specs += [replace(base, group="batch", batch_size=8, steps=1600, eval_every=200),
-              replace(base, group="batch", batch_size=32, steps=400, eval_every=50)]
+    # batch size for the default (the deep prompt): the same 12,800 examples and a validation every 3,200
+    specs += [replace(deep, group="batch", batch_size=8, steps=1600, eval_every=400),
+              replace(deep, group="batch", batch_size=32, steps=400, eval_every=100)]
     # how much to label, for the default (the deep prompt): the learning curve a user decides on
     specs += [replace(deep, group="data", train_examples=n) for n in (100, 1000, 10000)]
-    specs += [replace(base, group="long", steps=2000, eval_every=200),
-              replace(deep, group="long", steps=2000, eval_every=200)]
+    specs += [replace(deep, group="long", steps=2000, eval_every=200),
+              replace(base, group="long", steps=2000, eval_every=200)]
     return specs
 
 
