@@ -77,6 +77,14 @@ def screen_table(runs: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda x: (x["method"], -x["select_accuracy"]))
 
 
+def default_zero_shot(table: list[dict]) -> float | None:
+    """Zero-shot report accuracy with the default template and label words, the plot's baseline (the
+    screen also scores other templates and words zero-shot: averaging them in would mislead)."""
+    default = setting({"method": "zero_shot", "template": "review", "verbalizer": "negative_positive"})
+    scores = [r["report_accuracy"] for r in table if r["method"] == "zero_shot" and r["setting"] == default]
+    return statistics.fmean(scores) if scores else None
+
+
 def best_per_method(table: list[dict]) -> dict[str, dict]:
     best = {}
     for row in table:
@@ -344,8 +352,7 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(xs, mean, color=COLORS.get(c["method"]), lw=2.5, label=label)
             ax.fill_between(xs, [m - d for m, d in zip(mean, std, strict=True)],
                             [m + d for m, d in zip(mean, std, strict=True)], color=COLORS.get(c["method"]), alpha=0.2)
-    zero = statistics.fmean(r["report_accuracy"] for r in report["screen"] if r["method"] == "zero_shot") \
-        if any(r["method"] == "zero_shot" for r in report["screen"]) else None
+    zero = default_zero_shot(report["screen"])
     for ax, xlabel in ((ax_steps, "training step (batch 16)"), (ax_minutes, "CPU minutes (2 cores, measured s/step)")):
         ax.axhline(0.90, color="grey", ls=":", lw=1)
         if zero is not None:
