@@ -243,3 +243,31 @@ def test_seeds_run_each_method_per_seed_and_report_mean_and_std(compared, tmp_pa
     losses = {r["final_loss"] for r in results["runs"] if r["method"] == "prompt"}
     assert len(losses) > 1  # the seeds saw other batches
     assert f"{prompt['accuracy']:.3f} +- {prompt['accuracy_std']:.3f}" in capsys.readouterr().out
+
+
+def test_merge_results_joins_runs_made_apart_into_one_table(compared, tmp_path):
+    from softprompt.compare import merge_results, write_outputs
+
+    model_dir = str(compared["out"].parent / "tiny")
+    data = str(compared["out"].parent / "data.jsonl")
+    common = dict(template=TEMPLATE, labels=["negative", "positive"], max_steps=2, per_device_train_batch_size=2,
+                  switch_repeats=1, bf16="no")
+    together = run_compare(model_dir, data, data, methods=["prompt", "lora"], seeds=[0, 1], **common)
+    parts = [run_compare(model_dir, data, data, methods=[m], seeds=[s], **common)
+             for s in (0, 1) for m in ("prompt", "lora")]
+    merged = merge_results(parts)
+    assert [(r["method"], r["seed"]) for r in merged["runs"]] == [
+        ("zero_shot", 0), ("prompt", 0), ("lora", 0), ("prompt", 1), ("lora", 1)]
+    assert merged["config"]["methods"] == ["prompt", "lora"] and merged["config"]["seeds"] == [0, 1]
+    for row, alone in zip(merged["methods"], together["methods"], strict=True):
+        assert row["method"] == alone["method"] and row["seeds"] == alone["seeds"]
+        assert row["accuracy_per_seed"] == alone["accuracy_per_seed"]  # same seeds, same runs
+        assert row["accuracy_std"] == pytest.approx(alone["accuracy_std"])
+    write_outputs(merged, tmp_path)
+    assert "Merged from 4 separate compare runs" in (tmp_path / "compare.md").read_text()
+
+    with pytest.raises(ConfigError, match="prompt seed 0 again"):
+        merge_results([parts[0], parts[0]])
+    other_budget = run_compare(model_dir, data, data, methods=["prompt"], seeds=[2], **{**common, "max_steps": 1})
+    with pytest.raises(ConfigError, match="config.max_steps"):
+        merge_results([parts[0], other_budget])

@@ -17,7 +17,8 @@ in memory (base once + 100 task tensors; full fine-tuning: 100 model copies).
 
 
     config.py   CompareConfig (the budget every method shares), MethodRun
-    run.py      run_compare: each (method, seed) on a fresh base, mean over seeds, outputs
+    run.py      run_compare: each (method, seed) on a fresh base, mean over seeds, outputs;
+                merge_results: runs of one comparison made apart (processes, machines) as one
     methods.py  building each method (prompt, deep prompt, LoRA, full)
     measure.py  train, evaluate, save/switch, memory, frozen-base digest for one method
     report.py   markdown table and plot
@@ -27,7 +28,7 @@ from .config import METHODS, CompareConfig
 from .measure import model_digest
 from .methods import build_method
 from .report import markdown_table
-from .run import machine, run_compare
+from .run import machine, merge_results, run_compare, write_outputs
 
 __all__ = [
     "METHODS",
@@ -35,6 +36,8 @@ __all__ = [
     "build_method",
     "machine",
     "markdown_table",
+    "merge_results",
     "model_digest",
     "run_compare",
+    "write_outputs",
 ]

@@ -41,10 +41,10 @@ class CompareConfig:
         "Peak learning rate of deep prompts (softprompt's default; P-tuning v2 uses 5e-3..1e-2).",
     )
     learning_rate_lora: float = opt(
-        3e-3, "Peak learning rate of LoRA (the best of 1e-4..3e-3 in bench/quality_sst2.py)."
+        1e-3, "Peak learning rate of LoRA (the best of 1e-4..3e-3 in bench/quality_sst2.py)."
     )
     learning_rate_full: float = opt(
-        3e-5, "Peak learning rate of full fine-tuning (usual range 2e-5..5e-5; not screened yet)."
+        1e-4, "Peak learning rate of full fine-tuning (the best of 1e-5..1e-4 in bench/quality_sst2.py)."
     )
     warmup_steps: int = opt(10, "Linear warmup steps (every method).")
     num_virtual_tokens: int = opt(16, "Virtual tokens of the prompt and of the deep prompt.")

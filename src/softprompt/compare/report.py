@@ -98,12 +98,24 @@ def _notes(results: dict) -> str:
         f"{config['max_steps']} steps x batch {config['per_device_train_batch_size']} for every method, "
         f"seeds {config['seeds'] or [config['seed']]} (accuracy: mean +- std across seeds), "
         f"on {where}, {results['date']}.\n"
-        "Measured: trainable parameters, bytes of the saved files per task, peak RSS of the process while "
+        + _merged_note(results)
+        + "Measured: trainable parameters, bytes of the saved files per task, peak RSS of the process while "
         "training (and its rise over the start of training), median seconds per step and examples/s, "
         "accuracy, task switch (median time to load a saved task from disk until usable: prompt = bank "
         "folder + add_task, deep prompt = load_task, LoRA = load_adapter + set_adapter, full = "
         "from_pretrained; files in the page cache). Computed: 100 tasks in memory = the base once + 100 "
         "float32 task tensors (full fine-tuning: 100 model copies)."
+    )
+
+
+def _merged_note(results: dict) -> str:
+    parts = results.get("merged_parts", 1)
+    if parts < 2:
+        return ""
+    return (
+        f"Merged from {parts} separate compare runs (the same data, model and budget; accuracy is "
+        "unaffected); where they ran side by side on one machine, the speed and memory columns "
+        "include the others' load.\n"
     )
 
 

@@ -106,6 +106,47 @@ def mean_over_seeds(runs: list[dict]) -> dict:
     return row
 
 
+# What must be equal for two compare runs to be rows of one table (the budget, the data, the base).
+_SAME_IN_EVERY_PART = ("model", "data", "eval_data", "template", "labels", "train_examples", "eval_examples")
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """Several `run_compare` results of one comparison, each run for some methods and seeds (e.g. in
+    parallel processes on one GPU, or on several machines), as one result: every (method, seed) run
+    once, rows recomputed with `mean_over_seeds`. Raises ConfigError when the parts differ in data,
+    model or budget, or when one (method, seed) was run twice."""
+    if not parts:
+        raise ConfigError("nothing to merge")
+    first = parts[0]
+    budget = {k: v for k, v in first["config"].items() if k not in ("methods", "seeds", "seed")}
+    runs, seen = [], set()
+    for index, part in enumerate(parts):
+        for key in _SAME_IN_EVERY_PART:
+            if part[key] != first[key]:
+                raise ConfigError(f"part {index + 1} differs from part 1 in {key}: {part[key]!r} != {first[key]!r}")
+        for key, value in part["config"].items():
+            if key in budget and value != budget[key]:
+                raise ConfigError(f"part {index + 1} differs from part 1 in config.{key}: {value!r} != {budget[key]!r}")
+        for run in part["runs"]:
+            if run["method"] == "zero_shot" and any(r["method"] == "zero_shot" for r in runs):
+                continue  # every part scores zero-shot on the same rows; it has no seed
+            if (run["method"], run["seed"]) in seen:
+                raise ConfigError(f"part {index + 1} runs {run['method']} seed {run['seed']} again")
+            seen.add((run["method"], run["seed"]))
+            runs.append(run)
+    present = {r["method"] for r in runs}
+    methods = [m for m in METHODS if m in present]
+    seeds = sorted({r["seed"] for r in runs if r["method"] != "zero_shot"})
+    return {
+        **first,
+        "date": max(part["date"] for part in parts),
+        "config": {**first["config"], "methods": [m for m in methods if m != "zero_shot"], "seeds": seeds},
+        "methods": [mean_over_seeds([r for r in runs if r["method"] == m]) for m in methods],
+        "runs": runs,
+        "merged_parts": len(parts),
+    }
+
+
 def write_outputs(results: dict, output_dir: str | Path) -> dict[str, Path]:
     """compare.json, compare.md and compare.png in `output_dir`."""
     out = Path(output_dir)
