@@ -2,14 +2,15 @@
 # Prompt tuning vs deep prompt vs LoRA vs full fine-tuning on SST-2, measured side by side.
 #
 # Budget: the training default (800 steps x batch 16) for every method, seeds 0,1,2, each method at
-# the learning rate bench/quality_sst2.py's screen chose for it; accuracy on the 700 validation
+# compare's default learning rate (prompts: softprompt train's; LoRA and full fine-tuning: what
+# bench/quality_sst2.py's screen chose); accuracy after the last step on the 700 validation
 # sentences that chose nothing (bench/common.split_validation). On 2 CPU cores this is hours
 # (about 2 s per step, bench/results/quality_sst2_cpu_speed.json): run it on a GPU, or lower
 # MAX_STEPS and SEEDS for a smaller, clearly labelled budget.
 # Results land in bench/results/compare_sst2.{json,md,png}; paste the .md table into the README.
 #
 #   bench/compare_sst2.sh                                   # the committed benchmark
-#   RESULTS=/tmp/smoke SEEDS=0 bench/compare_sst2.sh --max-steps 3 --max-eval-examples 32   # smoke run
+#   RESULTS=/tmp/smoke SEEDS=0 MAX_STEPS=3 bench/compare_sst2.sh --max-eval-examples 32   # smoke run
 #
 #   JOBS=12 bench/compare_sst2.sh                           # on a GPU: every (method, seed) its own process
 #
