@@ -128,11 +128,13 @@ def merge_results(parts: list[dict]) -> dict:
             if key in budget and value != budget[key]:
                 raise ConfigError(f"part {index + 1} differs from part 1 in config.{key}: {value!r} != {budget[key]!r}")
         for run in part["runs"]:
-            if run["method"] == "zero_shot" and any(r["method"] == "zero_shot" for r in runs):
-                continue  # every part scores zero-shot on the same rows; it has no seed
-            if (run["method"], run["seed"]) in seen:
+            zero_shot = run["method"] == "zero_shot"  # it has no seed: one run stands for every part's
+            key = (run["method"], None if zero_shot else run["seed"])
+            if key in seen and zero_shot:
+                continue
+            if key in seen:
                 raise ConfigError(f"part {index + 1} runs {run['method']} seed {run['seed']} again")
-            seen.add((run["method"], run["seed"]))
+            seen.add(key)
             runs.append(run)
     present = {r["method"] for r in runs}
     methods = [m for m in METHODS if m in present]
