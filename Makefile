@@ -36,8 +36,10 @@ test-cuda: setup
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
+# CI runs this before the tests: lint rules and the formatter's layout, both enforced.
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: setup
 	$(BIN)/ruff format src tests bench

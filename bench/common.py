@@ -60,9 +60,20 @@ def write_result(name: str, result: dict) -> Path:
     return path
 
 
-def train_peft_prompt(loaded, examples, *, steps: int, batch_size: int, learning_rate: float,
-                      num_virtual_tokens: int, init_text: str, warmup_steps: int = 10, seed: int = 0,
-                      eval_every: int = 0, on_eval=None):
+def train_peft_prompt(
+    loaded,
+    examples,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    num_virtual_tokens: int,
+    init_text: str,
+    warmup_steps: int = 10,
+    seed: int = 0,
+    eval_every: int = 0,
+    on_eval=None,
+):
     """PEFT prompt tuning the way its docs train it (shuffled batches, right padding, full logits,
     fp32): the reference every softprompt number is compared with. Returns (the trained prompt
     [n, d], training seconds, last loss); `on_eval(step, prompt)` is called every `eval_every`
@@ -74,24 +85,42 @@ def train_peft_prompt(loaded, examples, *, steps: int, batch_size: int, learning
     from softprompt.data import collate
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(loaded.model, PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=init_text, tokenizer_name_or_path=loaded.source))
+    peft_model = get_peft_model(
+        loaded.model,
+        PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=num_virtual_tokens,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=init_text,
+            tokenizer_name_or_path=loaded.source,
+        ),
+    )
     device = loaded.model.get_input_embeddings().weight.device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps
+    )
     order, rng, batches = list(range(len(examples))), random.Random(seed), []
     while len(batches) < steps:
         rng.shuffle(order)
-        batches += [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        batches += [
+            order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
     prompt = lambda: peft_model.get_prompt_embedding_to_save("default").detach().float().cpu()  # noqa: E731
     pad, seconds = loaded.tokenizer.pad_token_id, 0.0
     peft_model.train()
     for step, rows in enumerate(batches[:steps], start=1):
         start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], pad, padding_side="right").items()}
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        batch = {
+            k: v.to(device)
+            for k, v in collate([examples[i] for i in rows], pad, padding_side="right").items()
+        }
+        out = peft_model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

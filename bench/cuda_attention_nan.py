@@ -10,6 +10,7 @@ records whether its loss or gradient was non-finite (the Trainer then skips the 
 batch's padded width; the first such batch is run again under autograd's anomaly detection, which
 names the operation that produced the NaN. Every 25 steps: accuracy on 64 selection rows, whether
 the prompt is finite, and whether the frozen weights changed. Writes OUT/diag_<variant>.json."""
+
 import json
 import math
 import os
@@ -30,8 +31,12 @@ from softprompt.train import EvalSet, TrainConfig, Trainer, autocast
 
 variant, steps = sys.argv[1], int(sys.argv[2])
 if variant != "guarded":
-    inject._ATTENTION_BACKENDS[:] = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    inject._ATTENTION_BACKENDS[:] = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
 tokens = int(os.environ.get("DIAG_TOKENS", 32))
 spec = q.Spec("diag", num_virtual_tokens=tokens, steps=steps, eval_every=steps // 2)
 torch.manual_seed(0)
@@ -41,19 +46,37 @@ task, train, select, report = q._encoded(spec, loaded.tokenizer)
 model, name = q._trainable(spec, loaded, task)
 model.to(device)
 train = [replace(ex, task_id=0) for ex in train]
-config = TrainConfig(max_steps=steps, per_device_train_batch_size=16, learning_rate=0.1, warmup_steps=10,
-                     eval_steps=steps // 2, seed=0, eval_batch_size=64, bf16="no" if variant == "fp32" else "auto")
+config = TrainConfig(
+    max_steps=steps,
+    per_device_train_batch_size=16,
+    learning_rate=0.1,
+    warmup_steps=10,
+    eval_steps=steps // 2,
+    seed=0,
+    eval_batch_size=64,
+    bf16="no" if variant == "fp32" else "auto",
+)
 frozen = [p for p in model.parameters() if not p.requires_grad]
 base_sum = lambda: float(sum(p.detach().double().sum() for p in frozen))  # noqa: E731
 base0 = base_sum()
-out = {"variant": variant, "tokens": tokens, "events": [], "probes": [], "widths_64_mod_128": 0, "anomaly": None}
+out = {
+    "variant": variant,
+    "tokens": tokens,
+    "events": [],
+    "probes": [],
+    "widths_64_mod_128": 0,
+    "anomaly": None,
+}
 trainer = None
 
 
 def state():
     params_finite = all(bool(torch.isfinite(p).all()) for p in trainer.params)
-    return {"params_finite": params_finite, "param_max": max(float(p.detach().abs().max()) for p in trainer.params),
-            "base_changed": base_sum() != base0}
+    return {
+        "params_finite": params_finite,
+        "param_max": max(float(p.detach().abs().max()) for p in trainer.params),
+        "base_changed": base_sum() != base0,
+    }
 
 
 def anomaly_op(rows):
@@ -62,8 +85,13 @@ def anomaly_op(rows):
     try:
         with torch.autograd.detect_anomaly(check_nan=True):
             with autocast(device, trainer.bf16):
-                nll = model.loss(batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch["labels"],
-                                 reduction="none").sum()
+                nll = model.loss(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["task_ids"],
+                    batch["labels"],
+                    reduction="none",
+                ).sum()
             nll.backward()
         return "no anomaly on rerun"
     except RuntimeError as exc:
@@ -80,21 +108,38 @@ def on_step(record):
     out["widths_64_mod_128"] += width % 128 == 64
     bad = record.get("skipped") or not math.isfinite(record["loss"])
     if bad and len(out["events"]) < 12:
-        out["events"].append({"step": step, "width": width, "loss": record["loss"], "skipped": bool(record.get("skipped")),
-                              **state()})
+        out["events"].append(
+            {
+                "step": step,
+                "width": width,
+                "loss": record["loss"],
+                "skipped": bool(record.get("skipped")),
+                **state(),
+            }
+        )
         if out["anomaly"] is None:
             out["anomaly"] = {"step": step, "width": width, "message": anomaly_op(rows)}
     if step % 25 == 0 or "validation" in record:
-        out["probes"].append({"step": step, "canary_acc": round(q._accuracy(model, task, select[:64], name, device), 3),
-                              "loss": record["loss"], **state()})
+        out["probes"].append(
+            {
+                "step": step,
+                "canary_acc": round(q._accuracy(model, task, select[:64], name, device), 3),
+                "loss": record["loss"],
+                **state(),
+            }
+        )
 
 
 trainer = Trainer(model, train, config, eval_sets={name: EvalSet(task, select)}, on_step=on_step)
 start = time.perf_counter()
 result = trainer.train()
-out.update(seconds=round(time.perf_counter() - start, 1), skipped_steps=trainer.skipped_steps,
-           best_select=result.best_metric, best_step=result.best_step,
-           curve=[(h["step"], h["validation"]["metric"]) for h in result.history if "validation" in h])
+out.update(
+    seconds=round(time.perf_counter() - start, 1),
+    skipped_steps=trainer.skipped_steps,
+    best_select=result.best_metric,
+    best_step=result.best_step,
+    curve=[(h["step"], h["validation"]["metric"]) for h in result.history if "validation" in h],
+)
 text = json.dumps(out)
 print(text, flush=True)
 open(os.path.join(os.environ.get("OUT", "/tmp"), f"diag_{variant}.json"), "w").write(text)

@@ -43,11 +43,24 @@ TEXT = "the plot was slow but the acting and the music were lovely, and I would 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="Model name for load_model (default: %(default)s).")
-    parser.add_argument("--inputs", type=int, default=256, help="Texts in the large classify (default: %(default)s).")
-    parser.add_argument("--abandon-after", type=float, default=3.0, help="Seconds (default: %(default)s).")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed 1-input classifies (default: %(default)s).")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_abandon.json"))
+    parser.add_argument(
+        "--model", default="default", help="Model name for load_model (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--inputs",
+        type=int,
+        default=256,
+        help="Texts in the large classify (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--abandon-after", type=float, default=3.0, help="Seconds (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="Timed 1-input classifies (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "serve_abandon.json")
+    )
     return parser.parse_args(argv)
 
 
@@ -75,10 +88,18 @@ def main(argv=None) -> dict:
     loaded = load_model(args.model)
     bank = PromptBank(tempfile.mkdtemp(prefix="bench-bank-"))
     d = loaded.model.get_input_embeddings().weight.shape[1]
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 16, "token_dim": d,
-              "num_transformer_submodules": 1}
-    meta = {"fingerprint": loaded.fingerprint, "template": "Review: {text}\nSentiment:",
-            "verbalizer": {"labels": ["negative", "positive"]}}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": 16,
+        "token_dim": d,
+        "num_transformer_submodules": 1,
+    }
+    meta = {
+        "fingerprint": loaded.fingerprint,
+        "template": "Review: {text}\nSentiment:",
+        "verbalizer": {"labels": ["negative", "positive"]},
+    }
     bank.save(SavedPrompt("bench", torch.randn(16, d) * 0.5, config, meta))
     url, server = serve(loaded, bank)
     classify(url, 4)  # warm up: the prompt's KV prefix, first-call overheads
@@ -98,9 +119,16 @@ def main(argv=None) -> dict:
         small = classify(url, 1)
         alongside = {"small_1_input_s": small, "large_s": large.result()}
     server.should_exit = True
-    result = {"model": args.model, "inputs": args.inputs, "abandon_after_s": args.abandon_after,
-              "alone_1_input_median_s": statistics.median(alone), "abandoned": abandoned, "alongside": alongside,
-              "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    result = {
+        "model": args.model,
+        "inputs": args.inputs,
+        "abandon_after_s": args.abandon_after,
+        "alone_1_input_median_s": statistics.median(alone),
+        "abandoned": abandoned,
+        "alongside": alongside,
+        "machine": machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -46,21 +46,49 @@ TEXT = "Review: the plot was slow but the acting and the music were lovely\nSent
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="Model name for load_model (default: %(default)s).")
-    parser.add_argument("--num-virtual-tokens", type=int, nargs="+", default=[32],
-                        help="Soft prompt lengths to measure TTFT for (default: 32).")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="TTFT batch sizes (default: 1 8).")
-    parser.add_argument("--repeats", type=int, default=20, help="Timed runs per TTFT setting (default: %(default)s).")
-    parser.add_argument("--activation-repeats", type=int, default=20,
-                        help="Timed activations per kind (full model loads: a quarter of it, at least 2).")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_latency.json"))
+    parser.add_argument(
+        "--model", default="default", help="Model name for load_model (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="Soft prompt lengths to measure TTFT for (default: 32).",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="TTFT batch sizes (default: 1 8).",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=20,
+        help="Timed runs per TTFT setting (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--activation-repeats",
+        type=int,
+        default=20,
+        help="Timed activations per kind (full model loads: a quarter of it, at least 2).",
+    )
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "serve_latency.json")
+    )
     return parser.parse_args(argv)
 
 
 def stats_ms(seconds: list[float]) -> dict:
     ms = sorted(s * 1000 for s in seconds)
-    return {"median_ms": round(statistics.median(ms), 4), "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 4),
-            "min_ms": round(ms[0], 4), "runs": len(ms)}
+    return {
+        "median_ms": round(statistics.median(ms), 4),
+        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 4),
+        "min_ms": round(ms[0], 4),
+        "runs": len(ms),
+    }
 
 
 def timings(fn, repeats: int, setup=None) -> list[float]:
@@ -76,9 +104,15 @@ def timings(fn, repeats: int, setup=None) -> list[float]:
 
 def save_prompt(bank: PromptBank, loaded, name: str, values: torch.Tensor) -> None:
     cfg = loaded.model.config
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": values.shape[0],
-              "token_dim": values.shape[1], "num_transformer_submodules": 1,
-              "num_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": values.shape[0],
+        "token_dim": values.shape[1],
+        "num_transformer_submodules": 1,
+        "num_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+    }
     bank.save(SavedPrompt(name, values, config, {"fingerprint": loaded.fingerprint}))
 
 
@@ -101,11 +135,18 @@ def ttft(loaded, bank: PromptBank, args) -> dict:
             row = {}
             for name, engine in (("prefix_cache", cached), ("no_cache", injected)):
                 engine.generate(requests)  # warm: loads the task and (cached) its KV prefix
-                row[name] = stats_ms(timings(lambda e=engine, r=requests: e.generate(r), args.repeats))
-            row["speedup"] = round(row["no_cache"]["median_ms"] / row["prefix_cache"]["median_ms"], 3)
+                row[name] = stats_ms(
+                    timings(lambda e=engine, r=requests: e.generate(r), args.repeats)
+                )
+            row["speedup"] = round(
+                row["no_cache"]["median_ms"] / row["prefix_cache"]["median_ms"], 3
+            )
             out[f"virtual_{n}_batch_{batch}"] = row
-            print(f"  TTFT n={n} batch={batch}: cache {row['prefix_cache']['median_ms']:.1f} ms, "
-                  f"no cache {row['no_cache']['median_ms']:.1f} ms", file=sys.stderr)
+            print(
+                f"  TTFT n={n} batch={batch}: cache {row['prefix_cache']['median_ms']:.1f} ms, "
+                f"no cache {row['no_cache']['median_ms']:.1f} ms",
+                file=sys.stderr,
+            )
     return out
 
 
@@ -119,9 +160,15 @@ def ours_activation(loaded, bank: PromptBank, args) -> dict:
     engine.activate("switch")
     repeats = args.activation_repeats
     memory = timings(lambda: engine.activate("switch"), repeats * 10)
-    disk = timings(lambda: engine.activate("switch"), repeats, setup=lambda: engine.deactivate("switch"))
+    disk = timings(
+        lambda: engine.activate("switch"), repeats, setup=lambda: engine.deactivate("switch")
+    )
     prefix = timings(lambda: inject.prompt_prefix(loaded.model, values), repeats)
-    return {"ours_in_memory": stats_ms(memory), "ours_from_disk": stats_ms(disk), "ours_prefix_compute": stats_ms(prefix)}
+    return {
+        "ours_in_memory": stats_ms(memory),
+        "ours_from_disk": stats_ms(disk),
+        "ours_prefix_compute": stats_ms(prefix),
+    }
 
 
 def peft_activation(loaded, source: str, bank: PromptBank, args) -> dict:
@@ -133,15 +180,28 @@ def peft_activation(loaded, source: str, bank: PromptBank, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-lora-") as tmp:
         lora_dir = Path(tmp) / "lora"
         lora_model = AutoModelForCausalLM.from_pretrained(source)
-        lora = get_peft_model(lora_model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
-                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        lora = get_peft_model(
+            lora_model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            ),
+        )
         lora.save_pretrained(lora_dir)
-        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), lora_dir, adapter_name="base")
+        lora = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(source), lora_dir, adapter_name="base"
+        )
         lora_times = _load_adapters(lora, lora_dir, repeats)
-        prompt_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source),
-                                                 bank.root / "switch", adapter_name="base")
+        prompt_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(source), bank.root / "switch", adapter_name="base"
+        )
         prompt_times = _load_adapters(prompt_model, bank.root / "switch", repeats)
-    return {"peft_prompt_load_adapter": stats_ms(prompt_times), "peft_lora_load_adapter": stats_ms(lora_times)}
+    return {
+        "peft_prompt_load_adapter": stats_ms(prompt_times),
+        "peft_lora_load_adapter": stats_ms(lora_times),
+    }
 
 
 def _load_adapters(peft_model, folder: Path, repeats: int) -> list[float]:
@@ -160,8 +220,14 @@ def _load_adapters(peft_model, folder: Path, repeats: int) -> list[float]:
 def full_model_load(source: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    return {"full_model_from_pretrained": stats_ms(
-        timings(lambda: AutoModelForCausalLM.from_pretrained(source), max(2, args.activation_repeats // 4)))}
+    return {
+        "full_model_from_pretrained": stats_ms(
+            timings(
+                lambda: AutoModelForCausalLM.from_pretrained(source),
+                max(2, args.activation_repeats // 4),
+            )
+        )
+    }
 
 
 def main(argv=None) -> dict:
@@ -177,7 +243,10 @@ def main(argv=None) -> dict:
     memory = activation["ours_in_memory"]["median_ms"]
     activation["disk_over_memory"] = round(activation["ours_from_disk"]["median_ms"] / memory, 1)
     activation["peft_lora_over_ours_disk"] = round(
-        activation["peft_lora_load_adapter"]["median_ms"] / activation["ours_from_disk"]["median_ms"], 2)
+        activation["peft_lora_load_adapter"]["median_ms"]
+        / activation["ours_from_disk"]["median_ms"],
+        2,
+    )
     results["activation"] = activation
     for name, row in activation.items():
         if isinstance(row, dict):
@@ -186,8 +255,12 @@ def main(argv=None) -> dict:
         "benchmark": "serve_latency",
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model": {"name": args.model, "base": loaded.model.config.name_or_path, "source": source,
-                  "dtype": str(loaded.model.dtype)},
+        "model": {
+            "name": args.model,
+            "base": loaded.model.config.name_or_path,
+            "source": source,
+            "dtype": str(loaded.model.dtype),
+        },
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }

@@ -40,27 +40,61 @@ from softprompt.engine import Engine, GenerationRequest
 from softprompt.models import load_model
 from softprompt.prompts import PromptTuningConfig, init_prompt
 
-WORDS = ("the film was great boring fun awful lovely slow the plot acting music story ending "
-         "characters dialogue felt very quite rather not really a bit").split()
+WORDS = (
+    "the film was great boring fun awful lovely slow the plot acting music story ending "
+    "characters dialogue felt very quite rather not really a bit"
+).split()
 LABELS, TARGETS = ["positive", "negative"], [" positive", " negative"]
 TEMPLATE = "Review: {text}\nSentiment:"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="Model name for load_model (default: %(default)s).")
-    parser.add_argument("--requests", type=int, default=48, help="Requests per setting (default: %(default)s).")
-    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 16],
-                        help="Numbers of interleaved tasks to measure (default: 1 4 16).")
-    parser.add_argument("--batch-size", type=int, default=16, help="Rows per batch (default: %(default)s).")
-    parser.add_argument("--new-tokens", type=int, default=8, help="Greedy new tokens per request (default: %(default)s).")
-    parser.add_argument("--num-virtual-tokens", type=int, default=16, help="Soft prompt length (default: %(default)s).")
-    parser.add_argument("--mode", nargs="+", choices=["generate", "classify"], default=["generate", "classify"],
-                        help="Workloads to measure (default: both).")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Timed rounds per system, run round-robin; the best is kept (default: %(default)s).")
+    parser.add_argument(
+        "--model", default="default", help="Model name for load_model (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--requests", type=int, default=48, help="Requests per setting (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16],
+        help="Numbers of interleaved tasks to measure (default: 1 4 16).",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="Rows per batch (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=8,
+        help="Greedy new tokens per request (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        default=16,
+        help="Soft prompt length (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--mode",
+        nargs="+",
+        choices=["generate", "classify"],
+        default=["generate", "classify"],
+        help="Workloads to measure (default: both).",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Timed rounds per system, run round-robin; the best is kept (default: %(default)s).",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_throughput.json"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "serve_throughput.json")
+    )
     return parser.parse_args(argv)
 
 
@@ -73,8 +107,11 @@ def make_texts(count: int, seed: int) -> list[str]:
 
 
 def make_prompts(loaded, count: int, n_virtual: int, seed: int) -> list[torch.Tensor]:
-    config = lambda i: PromptTuningConfig(num_virtual_tokens=n_virtual, prompt_tuning_init="sampled_vocab",  # noqa: E731
-                                          seed=seed + i)
+    def config(i):
+        return PromptTuningConfig(
+            num_virtual_tokens=n_virtual, prompt_tuning_init="sampled_vocab", seed=seed + i
+        )
+
     return [init_prompt(config(i), loaded.model, loaded.tokenizer) for i in range(count)]
 
 
@@ -82,11 +119,20 @@ def build_engine(loaded, prompts, bank_dir: str) -> Engine:
     bank = PromptBank(bank_dir)
     cfg = loaded.model.config
     for i, values in enumerate(prompts):
-        config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": values.shape[0],
-                  "token_dim": values.shape[1], "num_transformer_submodules": 1,
-                  "num_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads}
-        meta = {"fingerprint": loaded.fingerprint, "template": TEMPLATE,
-                "verbalizer": {"labels": LABELS, "targets": TARGETS}}
+        config = {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": values.shape[0],
+            "token_dim": values.shape[1],
+            "num_transformer_submodules": 1,
+            "num_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+        }
+        meta = {
+            "fingerprint": loaded.fingerprint,
+            "template": TEMPLATE,
+            "verbalizer": {"labels": LABELS, "targets": TARGETS},
+        }
         bank.save(SavedPrompt(f"task-{i}", values, config, meta))
     engine = Engine(loaded, bank)
     engine.eos_token_ids = ()  # exactly --new-tokens per request, as in the other two
@@ -99,7 +145,9 @@ def build_peft(loaded, prompts):
     from peft import TaskType, get_peft_model
 
     def config():
-        return PeftPromptConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompts[0].shape[0])
+        return PeftPromptConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompts[0].shape[0]
+        )
 
     peft_model = get_peft_model(loaded.model, config(), adapter_name="task-0")
     for i in range(1, len(prompts)):
@@ -116,13 +164,17 @@ def build_peft(loaded, prompts):
 
 def chunks(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def ours_generate(engine, requests, args):
     for batch in chunks(requests, args.batch_size):
-        engine.generate([GenerationRequest(text, task=f"task-{t}", max_new_tokens=args.new_tokens)
-                         for t, text in batch])
+        engine.generate(
+            [
+                GenerationRequest(text, task=f"task-{t}", max_new_tokens=args.new_tokens)
+                for t, text in batch
+            ]
+        )
 
 
 def ours_classify(engine, requests, args):
@@ -134,9 +186,14 @@ def hf_generate(model, tokenizer, texts, args):
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
-                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                       pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            do_sample=False,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
 
 def hf_classify(model, tokenizer, texts, n_virtual: int = 0):
@@ -148,8 +205,8 @@ def hf_classify(model, tokenizer, texts, n_virtual: int = 0):
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for b, (i, t) in enumerate(rows):
-        ids[b, :len(i) + len(t)] = torch.tensor(i + t)
-        mask[b, :len(i) + len(t)] = 1
+        ids[b, : len(i) + len(t)] = torch.tensor(i + t)
+        mask[b, : len(i) + len(t)] = 1
     keep = width - min(len(i) for i, _ in rows) + 1  # logits only from the first target position
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
@@ -189,18 +246,23 @@ def plain_run(model, tokenizer, requests, args, mode):
 def measure(systems: dict, requests, args, mode) -> dict:
     """Each system warmed up on one batch, then timed `--repeats` times round-robin (best kept)."""
     for run in systems.values():
-        run(requests[:args.batch_size], mode)
+        run(requests[: args.batch_size], mode)
     best = dict.fromkeys(systems, float("inf"))
     for _ in range(args.repeats):
         for name, run in systems.items():
             start = time.perf_counter()
             run(requests, mode)
             best[name] = min(best[name], time.perf_counter() - start)
-    out = {name: {"seconds": round(s, 4), "requests_per_s": round(len(requests) / s, 3)} for name, s in best.items()}
+    out = {
+        name: {"seconds": round(s, 4), "requests_per_s": round(len(requests) / s, 3)}
+        for name, s in best.items()
+    }
     for name, row in out.items():
         print(f"  {mode:8s} {name:6s} {row['requests_per_s']:8.2f} req/s", file=sys.stderr)
     out["ours_over_peft"] = round(out["ours"]["requests_per_s"] / out["peft"]["requests_per_s"], 3)
-    out["ours_over_plain"] = round(out["ours"]["requests_per_s"] / out["plain"]["requests_per_s"], 3)
+    out["ours_over_plain"] = round(
+        out["ours"]["requests_per_s"] / out["plain"]["requests_per_s"], 3
+    )
     return out
 
 
@@ -213,7 +275,11 @@ def peft_decode_inputs(loaded, peft_model, tokenizer) -> list[int]:
     lengths: list[int] = []
 
     def record(module, args, kwargs):
-        seq = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        seq = (
+            kwargs.get("inputs_embeds")
+            if kwargs.get("inputs_embeds") is not None
+            else kwargs.get("input_ids")
+        )
         lengths.append(int(seq.shape[1]))
 
     hook = loaded.model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
@@ -248,22 +314,34 @@ def main(argv=None) -> dict:
         engine = build_engine(loaded, prompts, bank_dir)
         peft_model = build_peft(loaded, prompts)
         systems = {
-            "ours": lambda reqs, mode: (ours_generate if mode == "generate" else ours_classify)(engine, reqs, args),
+            "ours": lambda reqs, mode: (ours_generate if mode == "generate" else ours_classify)(
+                engine, reqs, args
+            ),
             "peft": lambda reqs, mode: peft_run(peft_model, tokenizer, reqs, args, mode),
             "plain": lambda reqs, mode: plain_run(model, tokenizer, reqs, args, mode),
         }
-        results = {"ours_vs_peft_max_abs_logprob_diff": agreement(engine, peft_model, tokenizer, texts[:2], args),
-                   "peft_generate_forward_lengths": peft_decode_inputs(loaded, peft_model, tokenizer)}
+        results = {
+            "ours_vs_peft_max_abs_logprob_diff": agreement(
+                engine, peft_model, tokenizer, texts[:2], args
+            ),
+            "peft_generate_forward_lengths": peft_decode_inputs(loaded, peft_model, tokenizer),
+        }
         for n_tasks in args.tasks:
             requests = [(i % n_tasks, text) for i, text in enumerate(texts)]  # interleaved tasks
             print(f"{n_tasks} task(s), {len(requests)} requests", file=sys.stderr)
-            results[f"{n_tasks}_tasks"] = {mode: measure(systems, requests, args, mode) for mode in args.mode}
+            results[f"{n_tasks}_tasks"] = {
+                mode: measure(systems, requests, args, mode) for mode in args.mode
+            }
     summary = {
         "benchmark": "serve_throughput",
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model": {"name": args.model, "base": model.config.name_or_path, "dtype": str(model.dtype),
-                  "parameters": sum(p.numel() for p in model.parameters())},
+        "model": {
+            "name": args.model,
+            "base": model.config.name_or_path,
+            "dtype": str(model.dtype),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }

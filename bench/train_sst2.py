@@ -38,14 +38,25 @@ LABELS = ["negative", "positive"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="default")
     p.add_argument("--train", default=str(SHARED / "data/sst2/train.jsonl"))
-    p.add_argument("--train-examples", type=int, default=4800, help="fixed random subset of the train file")
+    p.add_argument(
+        "--train-examples", type=int, default=4800, help="fixed random subset of the train file"
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=None, help="default: softprompt's TrainConfig default")
-    p.add_argument("--num-virtual-tokens", type=int, default=None, help="default: softprompt's default")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="default: softprompt's TrainConfig default",
+    )
+    p.add_argument(
+        "--num-virtual-tokens", type=int, default=None, help="default: softprompt's default"
+    )
     p.add_argument("--init-text", default="Classify if this review is positive or negative:")
     p.add_argument("--methods", default="zero_shot,softprompt,peft")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one method in this process
@@ -94,7 +105,11 @@ def score(prompted, task, evaluation, task_name):
 def run_zero_shot(args) -> dict:
     _, prompted, task, _, evaluation = load(args)
     metrics = score(prompted, task, evaluation, None)
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n_eval": metrics["n"]}
+    return {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "n_eval": metrics["n"],
+    }
 
 
 def run_softprompt(args) -> dict:
@@ -103,17 +118,33 @@ def run_softprompt(args) -> dict:
 
     _, prompted, task, train, evaluation = load(args)
     lr, n = defaults(args)
-    prompted.add_task("sst2", PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init="text",
-                                                 prompt_tuning_init_text=args.init_text))
-    config = TrainConfig(max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=lr,
-                         eval_steps=args.steps)
+    prompted.add_task(
+        "sst2",
+        PromptTuningConfig(
+            num_virtual_tokens=n, prompt_tuning_init="text", prompt_tuning_init_text=args.init_text
+        ),
+    )
+    config = TrainConfig(
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        eval_steps=args.steps,
+    )
     trainer = Trainer(prompted, train, config)
     result = trainer.train()
     metrics = score(prompted, task, evaluation, "sst2")
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n_eval": metrics["n"],
-            "train_seconds": result.seconds, "examples_per_second": result.examples_per_second,
-            "trainable_parameters": result.trainable_parameters, "learning_rate": lr, "num_virtual_tokens": n,
-            "bf16_autocast": trainer.bf16, "final_loss": result.history[-1]["loss"]}
+    return {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "n_eval": metrics["n"],
+        "train_seconds": result.seconds,
+        "examples_per_second": result.examples_per_second,
+        "trainable_parameters": result.trainable_parameters,
+        "learning_rate": lr,
+        "num_virtual_tokens": n,
+        "bf16_autocast": trainer.bf16,
+        "final_loss": result.history[-1]["loss"],
+    }
 
 
 def run_peft(args) -> dict:
@@ -121,14 +152,27 @@ def run_peft(args) -> dict:
     loaded, prompted, task, train, evaluation = load(args)
     lr, n = defaults(args)
     prompt, seconds, last_loss = train_peft_prompt(
-        loaded, train, steps=args.steps, batch_size=args.batch_size, learning_rate=lr,
-        num_virtual_tokens=n, init_text=args.init_text)
+        loaded,
+        train,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=lr,
+        num_virtual_tokens=n,
+        init_text=args.init_text,
+    )
     prompted.add_task("peft", prompt)
     metrics = score(prompted, task, evaluation, "peft")
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n_eval": metrics["n"],
-            "train_seconds": seconds, "examples_per_second": args.steps * args.batch_size / seconds,
-            "trainable_parameters": prompt.numel(), "learning_rate": lr, "num_virtual_tokens": n,
-            "final_loss": last_loss}
+    return {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "n_eval": metrics["n"],
+        "train_seconds": seconds,
+        "examples_per_second": args.steps * args.batch_size / seconds,
+        "trainable_parameters": prompt.numel(),
+        "learning_rate": lr,
+        "num_virtual_tokens": n,
+        "final_loss": last_loss,
+    }
 
 
 PHASES = {"zero_shot": run_zero_shot, "softprompt": run_softprompt, "peft": run_peft}
@@ -150,11 +194,17 @@ def main(argv=None) -> int:
         run_phase(args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        write_jsonl(sample_jsonl(Path(args.train), args.train_examples, seed=0), Path(tmp) / "train.jsonl")
-        write_jsonl(split_validation("sst2")[1], Path(tmp) / "eval.jsonl")  # rows that chose nothing
+        write_jsonl(
+            sample_jsonl(Path(args.train), args.train_examples, seed=0), Path(tmp) / "train.jsonl"
+        )
+        write_jsonl(
+            split_validation("sst2")[1], Path(tmp) / "eval.jsonl"
+        )  # rows that chose nothing
         results = {}
         for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--phase", method, "--data-dir", tmp] + (argv or sys.argv[1:])
+            cmd = [sys.executable, __file__, "--phase", method, "--data-dir", tmp] + (
+                argv or sys.argv[1:]
+            )
             print(f"running {method} ...", file=sys.stderr, flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
@@ -173,15 +223,29 @@ def summarise(args, results: dict) -> dict:
     summary = {name: {"accuracy": round(r["accuracy"], 4)} for name, r in results.items()}
     ours, peft = results.get("softprompt"), results.get("peft")
     if ours and peft:
-        summary["speedup_examples_per_second"] = round(ours["examples_per_second"] / peft["examples_per_second"], 2)
+        summary["speedup_examples_per_second"] = round(
+            ours["examples_per_second"] / peft["examples_per_second"], 2
+        )
         summary["peak_rss_ratio"] = round(ours["peak_rss_bytes"] / peft["peak_rss_bytes"], 3)
         summary["accuracy_delta_vs_peft"] = round(ours["accuracy"] - peft["accuracy"], 4)
-    return {"benchmark": "train_sst2", "model": args.model, "machine": machine(), "date": today(),
-            "settings": {"train_examples": args.train_examples, "eval_examples": "700 report rows (bench/common.split_validation)",
-                         "steps": args.steps, "batch_size": args.batch_size, "template": TEMPLATE,
-                         "labels": LABELS, "init_text": args.init_text},
-            "command": "python bench/train_sst2.py " + " ".join(sys.argv[1:]),
-            "results": results, "summary": summary}
+    return {
+        "benchmark": "train_sst2",
+        "model": args.model,
+        "machine": machine(),
+        "date": today(),
+        "settings": {
+            "train_examples": args.train_examples,
+            "eval_examples": "700 report rows (bench/common.split_validation)",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "template": TEMPLATE,
+            "labels": LABELS,
+            "init_text": args.init_text,
+        },
+        "command": "python bench/train_sst2.py " + " ".join(sys.argv[1:]),
+        "results": results,
+        "summary": summary,
+    }
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("SOFTPROMPT_NO_SKIPS") == "1" and skipped:
         for report in skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-            reporter.write_line(f"SKIPPED IS A FAILURE HERE (SOFTPROMPT_NO_SKIPS=1): {report.nodeid}: {reason}", red=True)
+            reporter.write_line(
+                f"SKIPPED IS A FAILURE HERE (SOFTPROMPT_NO_SKIPS=1): {report.nodeid}: {reason}",
+                red=True,
+            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` run where a GPU is; elsewhere they are deselected, not skipped (CI has no
@@ -32,18 +36,31 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if "cuda" not in item.keywords]
 
 
-WORDS = ("the a movie film great good bad awful boring fun plot actor love hate review sentiment "
-         "positive negative is was very not and it this of to in classify text if or : . , ! ?").split()
+WORDS = (
+    "the a movie film great good bad awful boring fun plot actor love hate review sentiment "
+    "positive negative is was very not and it this of to in classify text if or : . , ! ?"
+).split()
 
 
 def _tiny_config(kind: str):
-    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if kind == "llama":
         from transformers import LlamaConfig
+
         return LlamaConfig(**common)
     from transformers import Gemma3TextConfig
+
     return Gemma3TextConfig(**common, head_dim=8, sliding_window=8, query_pre_attn_scalar=8)
 
 
@@ -68,8 +85,13 @@ def build_tiny_tokenizer():
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 @pytest.fixture(params=["llama", "gemma3"])
@@ -87,8 +109,20 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-POSITIVE = ["great movie", "good fun film", "i love this movie", "very good actor", "fun and great plot"]
-NEGATIVE = ["bad movie", "awful boring film", "i hate this plot", "very bad actor", "boring and awful"]
+POSITIVE = [
+    "great movie",
+    "good fun film",
+    "i love this movie",
+    "very good actor",
+    "fun and great plot",
+]
+NEGATIVE = [
+    "bad movie",
+    "awful boring film",
+    "i hate this plot",
+    "very bad actor",
+    "boring and awful",
+]
 
 
 def write_sentiment_jsonl(path, repeats: int = 4) -> str:

@@ -8,5 +8,16 @@ from .prompted import PromptedModel  # noqa: E402
 from .prompts import NO_TASK, PromptTuningConfig  # noqa: E402
 from .train import TrainConfig, Trainer, train_prompts  # noqa: E402
 
-__all__ = ["NO_TASK", "LoadedModel", "PromptBank", "PromptTuningConfig", "PromptedModel", "SavedPrompt",
-           "TrainConfig", "Trainer", "load_model", "train_prompts", "__version__"]
+__all__ = [
+    "NO_TASK",
+    "LoadedModel",
+    "PromptBank",
+    "PromptTuningConfig",
+    "PromptedModel",
+    "SavedPrompt",
+    "TrainConfig",
+    "Trainer",
+    "load_model",
+    "train_prompts",
+    "__version__",
+]

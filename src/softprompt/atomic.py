@@ -14,8 +14,12 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 
-def write_file(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
-               mode: int | None = None) -> Path:
+def write_file(
+    path: str | os.PathLike,
+    data: bytes | str | Callable[[BinaryIO], None],
+    *,
+    mode: int | None = None,
+) -> Path:
     """Replace `path` with `data` (bytes, text as UTF-8, or a function writing to the open binary
     file, e.g. `lambda f: torch.save(state, f)`); `mode`: the new file's permissions (default:
     the umask's, as `open` would give)."""

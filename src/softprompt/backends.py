@@ -53,8 +53,13 @@ class BuiltinBackend:
 
     name = "builtin"
 
-    def __init__(self, engine: Engine, scheduling: SchedulerConfig | None = None, *,
-                 request_timeout_s: float = 300):
+    def __init__(
+        self,
+        engine: Engine,
+        scheduling: SchedulerConfig | None = None,
+        *,
+        request_timeout_s: float = 300,
+    ):
         if not isinstance(request_timeout_s, int | float) or request_timeout_s <= 0:
             raise ConfigError(f"{flag('request_timeout_s')} must be > 0, not {request_timeout_s!r}")
         self.engine = engine
@@ -63,15 +68,23 @@ class BuiltinBackend:
 
     async def start(self) -> None:
         errors = await asyncio.to_thread(self.engine.refresh)
-        log.info("serving %s with %d task(s)%s", self.engine.base_model_id, len(self.engine.tasks()),
-                 f"; skipped {sorted(errors)}" if errors else "")
+        log.info(
+            "serving %s with %d task(s)%s",
+            self.engine.base_model_id,
+            len(self.engine.tasks()),
+            f"; skipped {sorted(errors)}" if errors else "",
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self.scheduler.close)
 
     async def health(self) -> dict:
-        return {"name": self.name, "status": "up", "prompt_kinds": list(self.engine.kinds),
-                "queued": self.scheduler.queued}
+        return {
+            "name": self.name,
+            "status": "up",
+            "prompt_kinds": list(self.engine.kinds),
+            "queued": self.scheduler.queued,
+        }
 
     async def prepare_all(self, requests: Sequence) -> list:
         return await self.scheduler.prepare_all(requests)
@@ -84,8 +97,9 @@ class BuiltinBackend:
         """
         futures = self.scheduler.enqueue_all(prepared, object())  # OverloadedError when full
         try:
-            return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
-                                          self.request_timeout_s)
+            return await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), self.request_timeout_s
+            )
         except TimeoutError:
             for piece in prepared:
                 piece.cancelled = True
@@ -103,8 +117,9 @@ class BuiltinBackend:
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
         return self._pieces(prepared, pieces, future, loop.time() + self.request_timeout_s)
 
-    async def _pieces(self, prepared, pieces: asyncio.Queue, future,
-                      deadline: float) -> AsyncIterator[str | GenerationResult]:
+    async def _pieces(
+        self, prepared, pieces: asyncio.Queue, future, deadline: float
+    ) -> AsyncIterator[str | GenerationResult]:
         try:
             while True:
                 try:
@@ -117,8 +132,12 @@ class BuiltinBackend:
                 yield piece
             yield future.result()  # raises if the request failed after the stream began
         finally:
-            prepared.cancelled = True  # the client went away (or time ran out): stop generating for it
+            prepared.cancelled = (
+                True  # the client went away (or time ran out): stop generating for it
+            )
 
     def _timeout(self) -> BackendTimeoutError:
-        return BackendTimeoutError(f"the request did not finish within {self.request_timeout_s:g} s "
-                                   f"({flag('request_timeout_s')}); it was cancelled")
+        return BackendTimeoutError(
+            f"the request did not finish within {self.request_timeout_s:g} s "
+            f"({flag('request_timeout_s')}); it was cancelled"
+        )

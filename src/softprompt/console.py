@@ -27,8 +27,11 @@ from .errors import ConfigError, SoftPromptError, UnknownTaskError
 from .inspect import embedding_norm_stats, nearest_tokens, task_similarity
 from .registry import unknown_task
 
-ASSETS = {"index.html": "text/html; charset=utf-8", "console.js": "text/javascript; charset=utf-8",
-          "console.css": "text/css; charset=utf-8"}
+ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+}
 PATH_SETTINGS = ("data", "eval_data", "test_data", "output_dir")
 """Training settings that name files on the training machine: not shown to the console's users."""
 MAX_TOP_K = 20
@@ -64,10 +67,19 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         errors = await asyncio.to_thread(engine.refresh)
         infos = [info for info in engine.task_infos() if visible(request, info.name)]
         data = await asyncio.to_thread(lambda: [task_details(engine, info) for info in infos])
-        unavailable = [{"id": name, "reason": reason} for name, reason in sorted(errors.items())
-                       if visible(request, name)]
-        return {"object": "list", "model": engine.base_model_id, "backend": backend.name,
-                "prompt_kinds": list(engine.kinds), "data": data, "unavailable": unavailable}
+        unavailable = [
+            {"id": name, "reason": reason}
+            for name, reason in sorted(errors.items())
+            if visible(request, name)
+        ]
+        return {
+            "object": "list",
+            "model": engine.base_model_id,
+            "backend": backend.name,
+            "prompt_kinds": list(engine.kinds),
+            "data": data,
+            "unavailable": unavailable,
+        }
 
     @app.get("/v1/tasks/{task}")
     async def task(task: str, request: Request):
@@ -78,7 +90,11 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
     async def plot(task: str, plot: str, request: Request):
         await asyncio.to_thread(served, request, task)
         try:
-            png = None if engine.bank is None else await asyncio.to_thread(engine.bank.read_plot, task, plot)
+            png = (
+                None
+                if engine.bank is None
+                else await asyncio.to_thread(engine.bank.read_plot, task, plot)
+            )
         except UnknownTaskError:  # deleted meanwhile (the bank's message names its folder)
             raise unknown_task(task) from None
         if png is None:
@@ -86,9 +102,12 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/compare")
-    async def compare(request: Request, a: str = Query(description="A task."),
-                      b: str = Query(description="Another task (or the same)."),
-                      k: int = Query(5, ge=1, le=MAX_TOP_K, description="Nearest tokens per virtual token.")):
+    async def compare(
+        request: Request,
+        a: str = Query(description="A task."),
+        b: str = Query(description="Another task (or the same)."),
+        k: int = Query(5, ge=1, le=MAX_TOP_K, description="Nearest tokens per virtual token."),
+    ):
         infos = [await asyncio.to_thread(served, request, name) for name in (a, b)]
         return await asyncio.to_thread(compare_prompts, engine, infos, k)
 
@@ -99,15 +118,23 @@ def task_details(engine: Engine, info: TaskInfo) -> dict:
     meta = info.meta
     files = _stored_files(engine, info)
     return {
-        "id": info.name, "kind": info.kind, "num_virtual_tokens": info.num_virtual_tokens,
-        "version": info.version, "classify": info.has_verbalizer,
-        "size_bytes": sum(files.values()) if files else None, "files": files,
-        "base_model": meta.get("base_model"), "created": meta.get("created"),
+        "id": info.name,
+        "kind": info.kind,
+        "num_virtual_tokens": info.num_virtual_tokens,
+        "version": info.version,
+        "classify": info.has_verbalizer,
+        "size_bytes": sum(files.values()) if files else None,
+        "files": files,
+        "base_model": meta.get("base_model"),
+        "created": meta.get("created"),
         **_template_and_labels(info.name, meta),
         "metrics": meta.get("metrics") if isinstance(meta.get("metrics"), dict) else None,
         "training": _training_settings(meta.get("training")),
-        "plots": sorted(path[len("plots/"):-len(".png")] for path in files
-                        if path.startswith("plots/") and path.endswith(".png")),
+        "plots": sorted(
+            path[len("plots/") : -len(".png")]
+            for path in files
+            if path.startswith("plots/") and path.endswith(".png")
+        ),
     }
 
 
@@ -116,21 +143,31 @@ def compare_prompts(engine: Engine, infos: list[TaskInfo], k: int) -> dict:
     prompts, and per virtual token its norm and nearest vocabulary tokens (soft prompts only: a
     deep prompt's rows are keys and values, not input embeddings)."""
     values = {info.name: engine.prompt_values(info.name) for info in infos}
-    report = {"object": "comparison", "tasks": {}, "embedding_norms": embedding_norm_stats(engine.model)}
+    report = {
+        "object": "comparison",
+        "tasks": {},
+        "embedding_norms": embedding_norm_stats(engine.model),
+    }
     for info in infos:
         prompt = values[info.name]
         soft = info.kind == "soft"
         report["tasks"][info.name] = {
-            "kind": info.kind, "shape": list(prompt.shape),
+            "kind": info.kind,
+            "shape": list(prompt.shape),
             "norms": [round(float(x), 4) for x in prompt.norm(dim=-1)],
-            "nearest_tokens": nearest_tokens(engine.model, engine.tokenizer, prompt, k) if soft else None}
+            "nearest_tokens": nearest_tokens(engine.model, engine.tokenizer, prompt, k)
+            if soft
+            else None,
+        }
     a, b = (info.name for info in infos)
     if infos[0].kind == infos[1].kind and values[a].shape[-1] == values[b].shape[-1]:
         report["similarity"], report["similarity_note"] = task_similarity(values)[a][b], None
     else:
         report["similarity"] = None
-        report["similarity_note"] = (f"'{a}' is a {infos[0].kind} prompt and '{b}' a {infos[1].kind} prompt: "
-                                     "their vectors live in different spaces")
+        report["similarity_note"] = (
+            f"'{a}' is a {infos[0].kind} prompt and '{b}' a {infos[1].kind} prompt: "
+            "their vectors live in different spaces"
+        )
     return report
 
 
@@ -168,4 +205,3 @@ def _stored_files(engine: Engine, info: TaskInfo) -> dict[str, int]:
 def _asset(name: str) -> Response:
     body = resources.files("softprompt").joinpath("console", name).read_bytes()
     return Response(body, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
-

@@ -114,8 +114,9 @@ class PrefixReparam(nn.Module):
     def __init__(self, embedding: torch.Tensor, width: int, hidden: int):
         super().__init__()
         self.embedding = nn.Parameter(embedding.detach().float().clone())  # (n, d)
-        self.mlp = nn.Sequential(nn.Linear(embedding.shape[1], hidden), nn.Tanh(),
-                                 nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(embedding.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, width)
+        )
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
@@ -137,8 +138,13 @@ class DeepPromptModel(nn.Module):
     """
 
     def __init__(
-        self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None,
-        reparam_hidden: int = 0, prefix_layers: int = 0,
+        self,
+        model: LoadedModel | nn.Module,
+        prompts: dict | None = None,
+        *,
+        tokenizer=None,
+        reparam_hidden: int = 0,
+        prefix_layers: int = 0,
     ):
         super().__init__()
         if isinstance(model, LoadedModel):
@@ -150,10 +156,14 @@ class DeepPromptModel(nn.Module):
         self.model, self.tokenizer = model, tokenizer
         self.shape = prefix_shape(model)
         if not 0 <= prefix_layers <= self.shape.layers:
-            raise ConfigError(f"prefix_layers must be in 0..{self.shape.layers}, not {prefix_layers}")
+            raise ConfigError(
+                f"prefix_layers must be in 0..{self.shape.layers}, not {prefix_layers}"
+            )
         if reparam_hidden and prefix_layers:
-            raise ConfigError("use reparam_hidden or prefix_layers, not both (the MLP would move "
-                              "the layers prefix_layers keeps fixed)")
+            raise ConfigError(
+                "use reparam_hidden or prefix_layers, not both (the MLP would move "
+                "the layers prefix_layers keeps fixed)"
+            )
         self.reparam_hidden, self.prefix_layers = reparam_hidden, prefix_layers
         self.table = PromptTable()
         self.reparams = nn.ModuleDict()
@@ -290,8 +300,9 @@ class DeepPromptModel(nn.Module):
             batch = self._plain(input_ids, attention_mask)
             return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
         self._check_exact(prefixes, input_ids)
-        out, _, _ = inject.prefix_forward(self.model, input_ids, attention_mask, prefixes,
-                                          use_cache=True, logits_to_keep=keep)
+        out, _, _ = inject.prefix_forward(
+            self.model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=keep
+        )
         return out.logits
 
     def _plain(self, input_ids, attention_mask, labels=None) -> inject.InjectedBatch:
@@ -337,20 +348,31 @@ class DeepPromptModel(nn.Module):
             "inference_mode": True,
             "base_model_name_or_path": self.base_name,
         }
-        info = {"kind": "deep_prompt", "fingerprint": self.fingerprint, "base_model": self.base_name,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        return SavedPrompt(name=name, embeddings=rows, config=config,
-                           meta={**info, **self.meta.get(name, {}), **(meta or {})})
+        info = {
+            "kind": "deep_prompt",
+            "fingerprint": self.fingerprint,
+            "base_model": self.base_name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return SavedPrompt(
+            name=name,
+            embeddings=rows,
+            config=config,
+            meta={**info, **self.meta.get(name, {}), **(meta or {})},
+        )
 
-    def save_task(self, name: str, bank: PromptBank | str | os.PathLike, meta: dict | None = None) -> Path:
+    def save_task(
+        self, name: str, bank: PromptBank | str | os.PathLike, meta: dict | None = None
+    ) -> Path:
         """Write task `name` into a bank folder (atomically, like every bank save); returns its path."""
         bank = bank if isinstance(bank, PromptBank) else PromptBank(bank)
         return bank.save(self.saved_prompt(name, meta))
 
     def add_saved(self, saved: SavedPrompt, name: str | None = None) -> int:
         """Add a deep prompt read from a bank (or a PEFT prefix-tuning folder), checked first."""
-        check_compatible(saved, token_dim=self.shape.row_width, fingerprint=self.fingerprint,
-                         kinds=("deep",))
+        check_compatible(
+            saved, token_dim=self.shape.row_width, fingerprint=self.fingerprint, kinds=("deep",)
+        )
         name = name or saved.name
         self.meta[name] = {k: v for k, v in saved.meta.items() if k in ("template", "verbalizer")}
         return self.add_task(name, rows_to_kv(saved.embeddings.float(), self.shape))

@@ -66,10 +66,17 @@ class Engine:
     """One frozen model serving many tasks, each a soft or deep prompt loaded from a bank (or
     added); rows of both kinds and of the base model share a batch."""
 
-    def __init__(self, loaded: LoadedModel | tuple, bank: PromptBank | str | None = None, *,
-                 use_prefix_cache: bool = True, max_new_tokens_cap: int = 512,
-                 score_batch_size: int = 64, kinds: tuple[str, ...] = ("soft", "deep"),
-                 small_batch_matmul: bool = True):
+    def __init__(
+        self,
+        loaded: LoadedModel | tuple,
+        bank: PromptBank | str | None = None,
+        *,
+        use_prefix_cache: bool = True,
+        max_new_tokens_cap: int = 512,
+        score_batch_size: int = 64,
+        kinds: tuple[str, ...] = ("soft", "deep"),
+        small_batch_matmul: bool = True,
+    ):
         if isinstance(loaded, LoadedModel):
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.base_model_id, self.fingerprint = loaded.name, loaded.fingerprint
@@ -85,7 +92,9 @@ class Engine:
         self.prefix_computations = 0
         """How many KV prefixes were computed (a cache that works keeps this low)."""
         self.device = self.model.get_input_embeddings().weight.device
-        use_small_batch_matmul(self.model, small_batch_matmul)  # on CPU: decode steps shared at no extra cost
+        use_small_batch_matmul(
+            self.model, small_batch_matmul
+        )  # on CPU: decode steps shared at no extra cost
         self.token_dim = self.model.get_input_embeddings().weight.shape[1]
         self.context_length = _context_length(self.model, self.tokenizer)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model)
@@ -94,16 +103,32 @@ class Engine:
         """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
         self._model_lock = threading.RLock()
         self._tokenizer_lock = threading.Lock()
-        self.registry = TaskRegistry(self.bank, kinds=kinds, fingerprint=self.fingerprint,
-                                     reserved_names=self.reserved_names, row_width=self._row_width,
-                                     context_length=self.context_length, device=self.device)
+        self.registry = TaskRegistry(
+            self.bank,
+            kinds=kinds,
+            fingerprint=self.fingerprint,
+            reserved_names=self.reserved_names,
+            row_width=self._row_width,
+            context_length=self.context_length,
+            device=self.device,
+        )
         """The tasks in memory (registry.py): load, check, install, remove, follow the bank."""
-        self.tasks, self.task_infos, self.task_info = (self.registry.tasks, self.registry.task_infos,
-                                                       self.registry.task_info)
-        self.add_task, self.activate, self.deactivate = (self.registry.add_task, self.registry.activate,
-                                                         self.registry.deactivate)
+        self.tasks, self.task_infos, self.task_info = (
+            self.registry.tasks,
+            self.registry.task_infos,
+            self.registry.task_info,
+        )
+        self.add_task, self.activate, self.deactivate = (
+            self.registry.add_task,
+            self.registry.activate,
+            self.registry.deactivate,
+        )
         self.prompt_values = self.registry.prompt_values
-        self.refresh, self.install, self.remove = self.registry.refresh, self.registry.install, self.registry.remove
+        self.refresh, self.install, self.remove = (
+            self.registry.refresh,
+            self.registry.install,
+            self.registry.remove,
+        )
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -123,7 +148,9 @@ class Engine:
 
     def _row_width(self, kind: str) -> int:
         """Width of one prompt row of `kind` (a kind not served is refused before width matters)."""
-        return self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
+        return (
+            self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
+        )
 
     def _resolve(self, name: str | None, snapshot: dict[str, _Task]) -> _Task | None:
         """The task entry for a request (None = the base model, no prompt).
@@ -143,12 +170,15 @@ class Engine:
         """Generate for a mixed-task batch (each row its own task, limits and sampling)."""
         return self.run(self.prepare_all(requests))
 
-    def classify(self, task: str | None | Sequence[str | None], texts: Sequence[str]) -> list[Classification]:
+    def classify(
+        self, task: str | None | Sequence[str | None], texts: Sequence[str]
+    ) -> list[Classification]:
         """Rank classification with the task's verbalizer: one result per text."""
         return self.run([self.prepare(ClassifyRequest(task, texts))])[0]
 
-    def score(self, task: str | None | Sequence[str | None], texts: Sequence[str],
-              targets: Sequence[str]) -> list[float]:
+    def score(
+        self, task: str | None | Sequence[str | None], texts: Sequence[str], targets: Sequence[str]
+    ) -> list[float]:
         """Summed log-probability of each target's tokens after its text."""
         return self.run([self.prepare(ScoreRequest(task, texts, targets))])[0]
 
@@ -156,8 +186,9 @@ class Engine:
         """Token ids of chat messages through the tokenizer's chat template (or a plain join)."""
         if getattr(self.tokenizer, "chat_template", None):
             with self._tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                          add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=True
+                )
             return self._encode(text, special=False)  # the template writes its own BOS
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         return self._encode(text)
@@ -184,7 +215,9 @@ class Engine:
         snapshot: dict[str, _Task] = {}
         return [self.prepare(request, snapshot) for request in requests]
 
-    def _prepare_generation(self, request: GenerationRequest, snapshot: dict) -> _PreparedGeneration:
+    def _prepare_generation(
+        self, request: GenerationRequest, snapshot: dict
+    ) -> _PreparedGeneration:
         _check_sampling(request)
         task = self._resolve(request.task, snapshot)
         ids = self._input_ids(request.prompt)
@@ -196,13 +229,17 @@ class Engine:
             raise ConfigError(f"max_new_tokens must be a positive integer, not {wanted!r}")
         self._check_context(len(ids), task, wanted)
         sampling = inject.Sampling(float(request.temperature), float(request.top_p), request.seed)
-        stops = tuple(s for s in ([request.stop] if isinstance(request.stop, str) else request.stop) if s)
+        stops = tuple(
+            s for s in ([request.stop] if isinstance(request.stop, str) else request.stop) if s
+        )
         return _PreparedGeneration(request, task, ids, wanted, sampling, stops)
 
     def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> _PreparedScore:
         inputs = _classify_inputs(request.texts)
         pairs, labels = [], []
-        for i, (name, value) in enumerate(zip(_per_row(request.task, len(inputs)), inputs, strict=True)):
+        for i, (name, value) in enumerate(
+            zip(_per_row(request.task, len(inputs)), inputs, strict=True)
+        ):
             task = self._resolve(name, snapshot)
             spec, targets = self._classifier(task, name)
             ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
@@ -216,18 +253,24 @@ class Engine:
         """The input tokens `softprompt eval` scores for this record (data.encode_example)."""
         try:
             with self._tokenizer_lock:
-                return encode_example(self.tokenizer, spec, record, 0, require_target=False).input_ids
+                return encode_example(
+                    self.tokenizer, spec, record, 0, require_target=False
+                ).input_ids
         except DataError as exc:  # a missing or empty field
             what = "empty" if exc.field in record else "missing"
-            raise ConfigError(f"input {index}: {what} field '{exc.field}' (the template of "
-                              f"'{spec.name}' uses {', '.join(spec.template.fields)})") from None
+            raise ConfigError(
+                f"input {index}: {what} field '{exc.field}' (the template of "
+                f"'{spec.name}' uses {', '.join(spec.template.fields)})"
+            ) from None
 
     def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> _PreparedScore:
         texts, targets = _texts(request.texts, "texts"), _texts(request.targets, "targets")
         if len(texts) != len(targets):
             raise ConfigError(f"{len(texts)} texts but {len(targets)} targets")
         pairs = []
-        for name, text, target in zip(_per_row(request.task, len(texts)), texts, targets, strict=True):
+        for name, text, target in zip(
+            _per_row(request.task, len(texts)), texts, targets, strict=True
+        ):
             task, ids = self._resolve(name, snapshot), self._input_ids(text)
             target_ids = self._encode(target, special=False)
             if not target_ids:
@@ -239,8 +282,10 @@ class Engine:
     def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
         """(data.Task, target ids) from the task's meta, parsed once per loaded version."""
         if task is None:
-            raise NoVerbalizerError(f"task {name!r} has no verbalizer: it cannot classify (name a task whose "
-                                    "saved prompt has one)")
+            raise NoVerbalizerError(
+                f"task {name!r} has no verbalizer: it cannot classify (name a task whose "
+                "saved prompt has one)"
+            )
         if task.classifier is None:
             spec = task_from_meta(task.name, task.meta)
             with self._tokenizer_lock:
@@ -254,7 +299,8 @@ class Engine:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.context_length} tokens, but the "
                 f"request needs {total} ({n_input} input + {n_virtual} soft-prompt + {n_new} new); "
-                "shorten the input or lower max_tokens")
+                "shorten the input or lower max_tokens"
+            )
 
     def _input_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -265,15 +311,23 @@ class Engine:
             if any(not 0 <= i < vocab for i in ids):
                 raise ConfigError(f"token ids must be in 0..{vocab - 1}")
         if not ids:  # the left-padded layout needs one real token to read the next one from
-            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            start = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
             if start is None:
-                raise ConfigError("empty prompt and the tokenizer has no BOS/EOS token to start from")
+                raise ConfigError(
+                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
+                )
             ids = [start]
         return ids
 
     def _encode(self, text: str, *, special: bool = True) -> list[int]:
         if not is_valid_unicode(text):  # tokenizers raise a TypeError on it
-            raise ConfigError("text holds a lone surrogate (a \\ud800-\\udfff escape), which is not valid Unicode")
+            raise ConfigError(
+                "text holds a lone surrogate (a \\ud800-\\udfff escape), which is not valid Unicode"
+            )
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -321,7 +375,9 @@ class Engine:
     def join(self, running: GenerationBatch, new: GenerationBatch) -> None:
         """Add the prefilled rows of `new` to `running`, which keeps generating with them."""
         if not self.can_join:
-            raise ConfigError("this model's rows cannot join a running batch (sliding-window attention)")
+            raise ConfigError(
+                "this model's rows cannot join a running batch (sliding-window attention)"
+            )
         with self._model_lock:
             self._catch_up(running)
             running.state = inject.merge_states(running.state, new.state)
@@ -358,7 +414,7 @@ class Engine:
         scores = self.score_pairs([pair for item in items for pair in item.pairs])
         out, start = [], 0
         for item in items:
-            out.append(item.finish(scores[start:start + len(item.pairs)]))
+            out.append(item.finish(scores[start : start + len(item.pairs)]))
             start += len(item.pairs)
         return out
 
@@ -366,15 +422,22 @@ class Engine:
         """Summed log-probability of each prepared pair's target (scorer.py, as `softprompt eval`
         scores), `score_batch_size` model rows per forward."""
         pad = self.tokenizer.pad_token_id or 0
-        return score_rows(pairs, self._last_logits, pad_id=pad, device=self.device,
-                          batch_size=self.score_batch_size).tolist()
+        return score_rows(
+            pairs,
+            self._last_logits,
+            pad_id=pad,
+            device=self.device,
+            batch_size=self.score_batch_size,
+        ).tolist()
 
     def _last_logits(self, tasks: list[_Task | None], ids, mask, keep: int) -> torch.Tensor:
         """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
         with self._model_lock:
             inputs = self._prompt_inputs(tasks, ids.shape[1])
             if "prefixes" in inputs:
-                out, _, _ = inject.prefix_forward(self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep)
+                out, _, _ = inject.prefix_forward(
+                    self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep
+                )
                 return out.logits
             prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
             lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
@@ -390,14 +453,16 @@ class Engine:
         exact = inject.prefix_is_exact(self.model, longest + width)
         deep = any(t is not None and t.kind == "deep" for t in tasks)
         if deep and not exact:
-            raise IncompatiblePromptError(f"a deep prompt over {longest + width} columns exceeds this model's "
-                                          "sliding window; shorten the input or max_tokens")
+            raise IncompatiblePromptError(
+                f"a deep prompt over {longest + width} columns exceeds this model's "
+                "sliding window; shorten the input or max_tokens"
+            )
         if deep or (self.use_prefix_cache and exact):
             return {"prefixes": [self._prefix(t) if t else None for t in tasks]}
         prompts = torch.zeros(len(tasks), longest, self.token_dim, device=self.device)  # (B, N, d)
         for b, task in enumerate(tasks):
             if task:
-                prompts[b, :task.length] = task.prompt
+                prompts[b, : task.length] = task.prompt
         lengths = torch.tensor([t.length if t else 0 for t in tasks], device=self.device)
         return {"prompts": prompts, "prompt_lengths": lengths}
 
@@ -451,7 +516,7 @@ class _RowState:
             cut = _find_stop(text, self.row.stops)
             if cut is not None:
                 return True  # finish() cuts and flushes
-            self._emit(text[:max(0, len(text) - self.holdback)].rstrip("\ufffd"))
+            self._emit(text[: max(0, len(text) - self.holdback)].rstrip("\ufffd"))
         return len(tokens) >= self.row.max_new_tokens
 
     def finish(self, tokens: list[int]) -> GenerationResult:
@@ -470,7 +535,7 @@ class _RowState:
             return
         self.row.emitted = text
         try:
-            callback(text[len(sent):])
+            callback(text[len(sent) :])
         except Exception:  # a broken listener must not break the batch
             log.exception("streaming callback failed")
             self.row.cancelled = True
@@ -499,6 +564,15 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "PROMPT_FILES", "SEED_RANGE", "Classification", "ClassifyRequest", "ContextLengthError", "Engine",
-    "GenerationRequest", "GenerationResult", "NoVerbalizerError", "ScoreRequest", "TaskInfo",
+    "PROMPT_FILES",
+    "SEED_RANGE",
+    "Classification",
+    "ClassifyRequest",
+    "ContextLengthError",
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "NoVerbalizerError",
+    "ScoreRequest",
+    "TaskInfo",
 ]

@@ -131,7 +131,7 @@ class _PreparedScore:
             return scores
         out, start = [], 0
         for labels in self.labels:
-            row = scores[start:start + len(labels)]
+            row = scores[start : start + len(labels)]
             start += len(labels)
             out.append(_classification(labels, row))
         return out
@@ -140,8 +140,9 @@ class _PreparedScore:
 def _classification(labels: list[str], scores: list[float]) -> Classification:
     probs = torch.tensor(scores, dtype=torch.float64).softmax(0).tolist()
     best = max(range(len(labels)), key=lambda i: scores[i])
-    return Classification(labels[best], dict(zip(labels, probs, strict=True)),
-                          dict(zip(labels, scores, strict=True)))
+    return Classification(
+        labels[best], dict(zip(labels, probs, strict=True)), dict(zip(labels, scores, strict=True))
+    )
 
 
 # ---------------------------------------------------------------- checks and parsing of request inputs
@@ -170,7 +171,9 @@ def _classify_inputs(values) -> list[str | Mapping]:
         values = [values]
     values = list(values)
     if not values or not all(isinstance(v, str | Mapping) for v in values):
-        raise ConfigError("input must be a string, an object of template fields, or a non-empty list of them")
+        raise ConfigError(
+            "input must be a string, an object of template fields, or a non-empty list of them"
+        )
     return values
 
 
@@ -180,13 +183,17 @@ def _fields(spec: Task, value: str | Mapping, index: int) -> dict[str, str]:
     fields = spec.template.fields
     if isinstance(value, str):
         if len(fields) != 1:
-            raise ConfigError(f"input {index}: the template of '{spec.name}' has fields {list(fields)}; "
-                              f"send an object with {'them' if fields else 'no fields'}, not a string")
+            raise ConfigError(
+                f"input {index}: the template of '{spec.name}' has fields {list(fields)}; "
+                f"send an object with {'them' if fields else 'no fields'}, not a string"
+            )
         return {fields[0]: value}
     unknown = [k for k in value if k not in fields]
     if unknown:
-        raise ConfigError(f"input {index}: unknown field {unknown[0]!r} (the template of '{spec.name}' "
-                          f"uses {', '.join(fields) or 'no fields'})")
+        raise ConfigError(
+            f"input {index}: unknown field {unknown[0]!r} (the template of '{spec.name}' "
+            f"uses {', '.join(fields) or 'no fields'})"
+        )
     if not all(isinstance(v, str) and is_valid_unicode(v) for v in value.values()):
         raise ConfigError(f"input {index}: every field value must be a string")
     return dict(value)
@@ -210,4 +217,11 @@ def _per_row(task, rows: int) -> list[str | None]:
     return task
 
 
-__all__ = ["SEED_RANGE", "Classification", "ClassifyRequest", "GenerationRequest", "GenerationResult", "ScoreRequest"]
+__all__ = [
+    "SEED_RANGE",
+    "Classification",
+    "ClassifyRequest",
+    "GenerationRequest",
+    "GenerationResult",
+    "ScoreRequest",
+]

@@ -41,8 +41,14 @@ class PromptFileError(SoftPromptError):
 class DataError(SoftPromptError, ValueError):
     """A bad data file or row; names the file, line and field when known."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ):
         self.path, self.line, self.field = path, line, field
         where = ":".join(str(p) for p in (path, line) if p is not None)
         detail = f" (field '{field}')" if field else ""

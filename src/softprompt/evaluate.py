@@ -22,9 +22,15 @@ from .scorer import ScoreRow, score_rows
 log = logging.getLogger(__name__)
 
 
-def label_log_likelihoods(prompted, examples: list[Example], target_ids: list[list[int]],
-                          task_id: int | Sequence[int], *, batch_size: int = 32,
-                          progress: Callable | None = None) -> torch.Tensor:
+def label_log_likelihoods(
+    prompted,
+    examples: list[Example],
+    target_ids: list[list[int]],
+    task_id: int | Sequence[int],
+    *,
+    batch_size: int = 32,
+    progress: Callable | None = None,
+) -> torch.Tensor:
     """Log-likelihood [E, K] of each of K label targets after each example's input (scorer.py:
     the same arithmetic as the engine's /v1/classify; one-token labels share one forward).
 
@@ -32,14 +38,27 @@ def label_log_likelihoods(prompted, examples: list[Example], target_ids: list[li
     prompt) row goes through the same mixed-task batches and the scores are averaged over prompts.
     """
     task_ids = [task_id] if isinstance(task_id, int) else list(task_id)
-    rows = [ScoreRow(ex.input_ids, target, t) for t in task_ids for ex in examples for target in target_ids]
+    rows = [
+        ScoreRow(ex.input_ids, target, t)
+        for t in task_ids
+        for ex in examples
+        for target in target_ids
+    ]
     device = prompted.model.get_input_embeddings().weight.device
 
-    def last_logits(tasks: list[int], ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    def last_logits(
+        tasks: list[int], ids: torch.Tensor, mask: torch.Tensor, keep: int
+    ) -> torch.Tensor:
         return prompted.last_logits(ids, mask, torch.tensor(tasks, device=device), keep)
 
-    scores = score_rows(rows, last_logits, pad_id=prompted.tokenizer.pad_token_id or 0, device=device,
-                        batch_size=batch_size, progress=progress)
+    scores = score_rows(
+        rows,
+        last_logits,
+        pad_id=prompted.tokenizer.pad_token_id or 0,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return scores.view(len(task_ids), len(examples), len(target_ids)).mean(0)  # (E, K)
 
 
@@ -65,18 +84,27 @@ def classification_metrics(predictions: list[int], gold: list[int], labels: list
     }
 
 
-def evaluate_classification(prompted, task: Task, examples: list[Example],
-                            task_name: str | None | Sequence[str], *, batch_size: int = 32,
-                            progress: Callable | None = None) -> dict:
+def evaluate_classification(
+    prompted,
+    task: Task,
+    examples: list[Example],
+    task_name: str | None | Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: Callable | None = None,
+) -> dict:
     """Rank-classification metrics of `task_name`'s prompt (None = no prompt; a list of names =
     their ensemble, label scores averaged) on `examples`."""
     names = [task_name] if task_name is None or isinstance(task_name, str) else list(task_name)
     task_ids = [prompted.table.index(name) for name in names]
     targets = task.verbalizer.target_token_ids(prompted.tokenizer)
-    scores = label_log_likelihoods(prompted, examples, targets, task_ids, batch_size=batch_size,
-                                   progress=progress)
+    scores = label_log_likelihoods(
+        prompted, examples, targets, task_ids, batch_size=batch_size, progress=progress
+    )
     predictions = scores.argmax(1).tolist()
-    return classification_metrics(predictions, [ex.label for ex in examples], task.verbalizer.labels)
+    return classification_metrics(
+        predictions, [ex.label for ex in examples], task.verbalizer.labels
+    )
 
 
 # ---------------------------------------------------------------- free-form generation
@@ -102,48 +130,80 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     n = len(references)
-    exact = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
+    exact = sum(
+        normalize_answer(p) == normalize_answer(r)
+        for p, r in zip(predictions, references, strict=True)
+    )
     f1 = sum(token_f1(p, r) for p, r in zip(predictions, references, strict=True))
     return {"exact_match": exact / n if n else 0.0, "token_f1": f1 / n if n else 0.0, "n": n}
 
 
 @torch.no_grad()
-def evaluate_generation(prompted, examples: list[Example], task_name: str | None, *,
-                        max_new_tokens: int = 32, batch_size: int = 16) -> dict:
+def evaluate_generation(
+    prompted,
+    examples: list[Example],
+    task_name: str | None,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> dict:
     """Greedy generation on each input; exact match and token F1 against the target text."""
     tok = prompted.tokenizer
     device = prompted.model.get_input_embeddings().weight.device
     predictions: list[str] = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate([Example(ex.input_ids, [], 0, None) for ex in chunk], tok.pad_token_id or 0,
-                        padding_side="left")
-        ids = prompted.generate_ids(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    task_name, max_new_tokens=max_new_tokens)
+        chunk = examples[start : start + batch_size]
+        batch = collate(
+            [Example(ex.input_ids, [], 0, None) for ex in chunk],
+            tok.pad_token_id or 0,
+            padding_side="left",
+        )
+        ids = prompted.generate_ids(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            task_name,
+            max_new_tokens=max_new_tokens,
+        )
         predictions += tok.batch_decode(ids, skip_special_tokens=True)
     references = [tok.decode(ex.target_ids, skip_special_tokens=True) for ex in examples]
-    return {**generation_metrics(predictions, references), "examples": [
-        {"prediction": p, "reference": r} for p, r in list(zip(predictions, references, strict=True))[:5]]}
+    return {
+        **generation_metrics(predictions, references),
+        "examples": [
+            {"prediction": p, "reference": r}
+            for p, r in list(zip(predictions, references, strict=True))[:5]
+        ],
+    }
 
 
 @torch.no_grad()
-def evaluate_loss(prompted, examples: list[Example], task_name: str | None, *, batch_size: int = 16) -> float:
+def evaluate_loss(
+    prompted, examples: list[Example], task_name: str | None, *, batch_size: int = 16
+) -> float:
     """Mean per-token loss on the target tokens."""
     task_id = NO_TASK if task_name is None else prompted.table.index(task_name)
     device = prompted.model.get_input_embeddings().weight.device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        chunk = [Example(ex.input_ids, ex.target_ids, task_id, ex.label) for ex in examples[start:start + batch_size]]
+        chunk = [
+            Example(ex.input_ids, ex.target_ids, task_id, ex.label)
+            for ex in examples[start : start + batch_size]
+        ]
         batch = collate(chunk, prompted.tokenizer.pad_token_id or 0, padding_side="left")
         n_tokens = int((batch["labels"] != -100).sum())
-        loss = prompted.loss(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             batch["task_ids"].to(device), batch["labels"].to(device))
+        loss = prompted.loss(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["task_ids"].to(device),
+            batch["labels"].to(device),
+        )
         total += float(loss) * n_tokens
         count += n_tokens
     return total / max(count, 1)
 
 
-def evaluate_task(prompted, task: Task, examples: list[Example], task_name: str | None, **kwargs) -> dict:
+def evaluate_task(
+    prompted, task: Task, examples: list[Example], task_name: str | None, **kwargs
+) -> dict:
     """Metrics for a task: rank classification when it has a verbalizer, generation otherwise."""
     if task.is_classification:
         return evaluate_classification(prompted, task, examples, task_name, **kwargs)

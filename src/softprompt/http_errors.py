@@ -72,7 +72,9 @@ def classify_error(exc: Exception) -> tuple[int, dict]:
     """(HTTP status, OpenAI error body) for any exception."""
     if isinstance(exc, StarletteHTTPException):
         code = "request_too_large" if exc.status_code == 413 else None
-        return exc.status_code, error_body(str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code)
+        return exc.status_code, error_body(
+            str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code
+        )
     for kind, status, type_, code in _ERRORS:
         if isinstance(exc, kind):
             return status, error_body(str(exc), type_, code, exc.param)
@@ -104,7 +106,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return _ErrorResponse(error_body(message, "invalid_request_error", "invalid_value", param), status_code=422)
+        return _ErrorResponse(
+            error_body(message, "invalid_request_error", "invalid_value", param), status_code=422
+        )
 
     app.add_exception_handler(SoftPromptError, known)
     app.add_exception_handler(StarletteHTTPException, known)
@@ -137,4 +141,10 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-__all__ = ["BodyLimit", "BodyTooLargeError", "classify_error", "error_body", "install_error_handlers"]
+__all__ = [
+    "BodyLimit",
+    "BodyTooLargeError",
+    "classify_error",
+    "error_body",
+    "install_error_handlers",
+]

@@ -64,7 +64,9 @@ def inject(
     rank = real.long().cumsum(1) - 1  # (B, L) index of each real token among the real ones
     token_columns = torch.where(real, (offset + prompt_lengths)[:, None] + rank, width)
     slot = torch.arange(prompts.shape[1], device=prompts.device)  # (N,)
-    prompt_columns = torch.where(slot[None] < prompt_lengths[:, None], offset[:, None] + slot, width)
+    prompt_columns = torch.where(
+        slot[None] < prompt_lengths[:, None], offset[:, None] + slot, width
+    )
 
     token_embeds = embed(input_ids)  # (B, L, d)
     sources, columns = token_embeds, token_columns
@@ -139,10 +141,12 @@ def loss(model, batch: InjectedBatch, *, reduction: str = "mean") -> torch.Tenso
     return label_loss(logits, batch.labels, reduction=reduction)
 
 
-def label_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+def label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"
+) -> torch.Tensor:
     """Cross-entropy of logits [B, keep, V] (the last `keep` columns) against labels [B, C]."""
     keep = logits.shape[1]
-    targets = labels[:, -keep + 1:] if keep > 1 else labels[:, :0]  # (B, keep-1)
+    targets = labels[:, -keep + 1 :] if keep > 1 else labels[:, :0]  # (B, keep-1)
     per_token = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -155,6 +159,7 @@ def label_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "
 
 
 # ---------------------------------------------------------------- KV prefix
+
 
 @dataclass
 class PromptPrefix:
@@ -175,10 +180,15 @@ def prompt_prefix(model, prompt: torch.Tensor) -> PromptPrefix:
     """KV of `prompt` [n, d] at positions 0..n-1, as the model computes them mid-sequence."""
     embeds = prompt.to(model.get_input_embeddings().weight.dtype)[None]  # (1, n, d)
     positions = torch.arange(prompt.shape[0], device=embeds.device)[None]
-    out = run_model(model, inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = run_model(
+        model, inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     layers = out.cache.layers
-    return PromptPrefix([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers],
-                        prompt.detach().float())
+    return PromptPrefix(
+        [layer.keys[0] for layer in layers],
+        [layer.values[0] for layer in layers],
+        prompt.detach().float(),
+    )
 
 
 def prefix_is_exact(model, width: int) -> bool:
@@ -202,8 +212,12 @@ def batch_cache(model, prefixes: list[PromptPrefix | None]) -> tuple[DynamicCach
     cache = DynamicCache(config=model.config)
     reference = next(p for p in prefixes if p is not None and p.length > 0)
     for layer in range(len(reference.keys)):
-        keys = _stack_right_aligned([p.keys[layer] if p else None for p in prefixes], width, reference.keys[layer])
-        values = _stack_right_aligned([p.values[layer] if p else None for p in prefixes], width, reference.values[layer])
+        keys = _stack_right_aligned(
+            [p.keys[layer] if p else None for p in prefixes], width, reference.keys[layer]
+        )
+        values = _stack_right_aligned(
+            [p.values[layer] if p else None for p in prefixes], width, reference.values[layer]
+        )
         cache.update(keys, values, layer)
     return cache, mask.to(reference.keys[0].device)
 
@@ -213,18 +227,20 @@ def _stack_right_aligned(rows, width: int, like: torch.Tensor) -> torch.Tensor:
     out = like.new_zeros(len(rows), heads, width, dim)  # (B, H_kv, N, hd)
     for b, row in enumerate(rows):
         if row is not None and row.shape[1]:
-            out[b, :, width - row.shape[1]:] = row
+            out[b, :, width - row.shape[1] :] = row
     return out
 
 
-def _prompts_from_prefixes(prefixes: list[PromptPrefix | None]) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompts_from_prefixes(
+    prefixes: list[PromptPrefix | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts behind `prefixes`, right-padded: (B, N, d) and lengths (B,)."""
     ref = next(p.prompt for p in prefixes if p is not None)
     lengths = torch.tensor([p.length if p is not None else 0 for p in prefixes], device=ref.device)
     out = ref.new_zeros(len(prefixes), int(lengths.max()), ref.shape[1])
     for b, p in enumerate(prefixes):
         if p is not None:
-            out[b, :p.length] = p.prompt
+            out[b, : p.length] = p.prompt
     return out, lengths
 
 
@@ -240,8 +256,15 @@ def prefix_forward(model, input_ids, attention_mask, prefixes: list[PromptPrefix
     return out, mask, plain
 
 
-def prefix_loss(model, input_ids, attention_mask, labels, prefixes: list[PromptPrefix | None], *,
-                reduction: str = "mean") -> torch.Tensor:
+def prefix_loss(
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    prefixes: list[PromptPrefix | None],
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """`loss` with the prompts entering as KV prefixes; gradients reach the prefix tensors
     (this is how deep prompts train). A label on a row's very first token is not scored: its
     prediction would come from the cached prefix (targets follow an input, so this never bites)."""
@@ -258,16 +281,25 @@ def _tokens_only(model, input_ids, attention_mask, labels=None) -> InjectedBatch
     return inject(model, input_ids, attention_mask, empty, no_prompt, labels)
 
 
-def _forward_after_prefixes(model, plain: InjectedBatch, prefixes: list[PromptPrefix | None], **kwargs):
+def _forward_after_prefixes(
+    model, plain: InjectedBatch, prefixes: list[PromptPrefix | None], **kwargs
+):
     cache, prefix_mask = batch_cache(model, prefixes)  # prefix_mask (B, N)
     positions = plain.position_ids + prefix_mask.sum(1, keepdim=True)  # (B, L')
     mask = torch.cat([prefix_mask, plain.attention_mask], 1)  # (B, N + L')
-    out = run_model(model, inputs_embeds=plain.inputs_embeds, attention_mask=mask, position_ids=positions,
-                    cache=cache, **kwargs)
+    out = run_model(
+        model,
+        inputs_embeds=plain.inputs_embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        **kwargs,
+    )
     return out, mask
 
 
 # ---------------------------------------------------------------- generation
+
 
 @dataclass
 class Sampling:
@@ -289,13 +321,21 @@ class TokenPicker:
 
     def __init__(self, sampling: list[Sampling], generators: list | None = None):
         self.sampling = list(sampling)
-        self.generators = generators if generators is not None else [
-            torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in self.sampling]
+        self.generators = (
+            generators
+            if generators is not None
+            else [
+                torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+                for s in self.sampling
+            ]
+        )
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
         greedy = logits.argmax(-1)
-        picks = [self._sample(logits[b], b) if s.temperature > 0 else greedy[b]
-                 for b, s in enumerate(self.sampling)]
+        picks = [
+            self._sample(logits[b], b) if s.temperature > 0 else greedy[b]
+            for b, s in enumerate(self.sampling)
+        ]
         return torch.stack(picks)
 
     def select(self, rows: list[int]) -> TokenPicker:
@@ -334,9 +374,16 @@ class DecodeState:
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            prompts: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
-            prefixes: list[PromptPrefix | None] | None = None, max_new_tokens: int = 0) -> DecodeState:
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prompts: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+    prefixes: list[PromptPrefix | None] | None = None,
+    max_new_tokens: int = 0,
+) -> DecodeState:
     """Run the rows' prompts and inputs once: the state from which they decode.
 
     The prompt enters either as embeddings (`prompts`, `prompt_lengths`) or as cached KV
@@ -349,14 +396,17 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     width += input_ids.shape[1] + max_new_tokens
     if prefixes is not None and width > 0 and not prefix_is_exact(model, width):
         if any(p is not None and p.prompt is None for p in prefixes):
-            raise IncompatiblePromptError(f"a deep prompt over {width} columns exceeds this model's "
-                                          "sliding window; shorten the input or max_new_tokens")
+            raise IncompatiblePromptError(
+                f"a deep prompt over {width} columns exceeds this model's "
+                "sliding window; shorten the input or max_new_tokens"
+            )
         prompts, prompt_lengths = _prompts_from_prefixes(prefixes)  # never silently inexact
         prefixes = None
     if prefixes is not None and any(p is not None and p.length for p in prefixes):
-        out, mask, plain = prefix_forward(model, input_ids, attention_mask, prefixes,
-                                          use_cache=True, logits_to_keep=1)
-        positions = plain.position_ids[:, -1] + mask[:, :-plain.attention_mask.shape[1]].sum(1)
+        out, mask, plain = prefix_forward(
+            model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1
+        )
+        positions = plain.position_ids[:, -1] + mask[:, : -plain.attention_mask.shape[1]].sum(1)
     else:
         if prompts is None:
             prompts = torch.zeros(rows, 0, 1, device=input_ids.device)
@@ -372,8 +422,14 @@ def decode(model, state: DecodeState, next_ids: torch.Tensor) -> DecodeState:
     """Feed each row's new token (B,): the state one column further, with the next logits."""
     mask = torch.cat([state.mask, state.mask.new_ones(len(state), 1)], 1)  # (B, T+1)
     positions = state.positions + 1
-    out = run_model(model, input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions[:, None],
-                    cache=state.cache, use_cache=True)
+    out = run_model(
+        model,
+        input_ids=next_ids[:, None],
+        attention_mask=mask,
+        position_ids=positions[:, None],
+        cache=state.cache,
+        use_cache=True,
+    )
     return DecodeState(out.cache, mask, positions, out.logits[:, -1])
 
 
@@ -381,8 +437,10 @@ def can_merge(model) -> bool:
     """Whether batches of this model can join between steps. A sliding-window cache keeps only
     its last columns per layer (and counts columns for the window), so its rows are never merged."""
     config = model.config.get_text_config()
-    return not (getattr(config, "sliding_window", None)
-                and "sliding_attention" in (getattr(config, "layer_types", None) or []))
+    return not (
+        getattr(config, "sliding_window", None)
+        and "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    )
 
 
 def select_rows(state: DecodeState, rows: list[int]) -> DecodeState:
@@ -406,9 +464,13 @@ def merge_states(a: DecodeState, b: DecodeState) -> DecodeState:
     width = max(a.mask.shape[1], b.mask.shape[1])
     for left, right in zip(a.cache.layers, b.cache.layers, strict=True):
         left.keys = torch.cat([_pad_columns(left.keys, width), _pad_columns(right.keys, width)], 0)
-        left.values = torch.cat([_pad_columns(left.values, width), _pad_columns(right.values, width)], 0)
+        left.values = torch.cat(
+            [_pad_columns(left.values, width), _pad_columns(right.values, width)], 0
+        )
     mask = torch.cat([_pad_columns(a.mask, width), _pad_columns(b.mask, width)], 0)  # (Ba+Bb, W)
-    return DecodeState(a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
+    return DecodeState(
+        a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits])
+    )
 
 
 def _plain_layers(cache: DynamicCache) -> bool:
@@ -446,8 +508,15 @@ def generate(
     The prompt enters as in `prefill`. `should_stop(row, tokens)` ends a row early (stop
     strings); a finished row leaves the batch at once.
     """
-    state = prefill(model, input_ids, attention_mask, prompts=prompts, prompt_lengths=prompt_lengths,
-                    prefixes=prefixes, max_new_tokens=max_new_tokens)
+    state = prefill(
+        model,
+        input_ids,
+        attention_mask,
+        prompts=prompts,
+        prompt_lengths=prompt_lengths,
+        prefixes=prefixes,
+        max_new_tokens=max_new_tokens,
+    )
     pick = TokenPicker(sampling or [Sampling()] * len(input_ids))
     tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
     live = list(range(len(input_ids)))  # the caller's row of each batch row

@@ -11,21 +11,30 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def nearest_tokens(model, tokenizer, prompt: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+def nearest_tokens(
+    model, tokenizer, prompt: torch.Tensor, k: int = 5
+) -> list[list[tuple[str, float]]]:
     """For each virtual token of `prompt` [n, d]: the k real tokens closest in cosine similarity."""
     vocab = model.get_input_embeddings()
     ids = torch.arange(vocab.weight.shape[0], device=vocab.weight.device)
     table = F.normalize(vocab(ids).float(), dim=-1)  # (V, d) as the model embeds them
     sims = F.normalize(prompt.float().to(table.device), dim=-1) @ table.T  # (n, V)
     top = sims.topk(k, dim=-1)
-    return [[(tokenizer.decode([int(i)]), round(float(s), 4)) for i, s in zip(row_ids, row_sims, strict=True)]
-            for row_ids, row_sims in zip(top.indices, top.values, strict=True)]
+    return [
+        [
+            (tokenizer.decode([int(i)]), round(float(s), 4))
+            for i, s in zip(row_ids, row_sims, strict=True)
+        ]
+        for row_ids, row_sims in zip(top.indices, top.values, strict=True)
+    ]
 
 
 @torch.no_grad()
 def embedding_norm_stats(model) -> dict:
     """Mean and spread of real token embedding norms, the scale a prompt's norms compare to."""
-    weight = model.get_input_embeddings()(torch.arange(model.get_input_embeddings().weight.shape[0])).float()
+    weight = model.get_input_embeddings()(
+        torch.arange(model.get_input_embeddings().weight.shape[0])
+    ).float()
     norms = weight.norm(dim=-1)
     return {"mean": round(float(norms.mean()), 4), "std": round(float(norms.std()), 4)}
 
@@ -33,16 +42,22 @@ def embedding_norm_stats(model) -> dict:
 def task_similarity(prompts: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """Cosine similarity between tasks' mean-pooled prompts (which tasks learned alike)."""
     pooled = {name: F.normalize(p.float().mean(0), dim=0) for name, p in prompts.items()}
-    return {a: {b: round(float(pa @ pb), 4) for b, pb in pooled.items()} for a, pa in pooled.items()}
+    return {
+        a: {b: round(float(pa @ pb), 4) for b, pb in pooled.items()} for a, pa in pooled.items()
+    }
 
 
 def inspect_prompts(model, tokenizer, prompts: dict[str, torch.Tensor], k: int = 5) -> dict:
     """Everything `softprompt inspect` reports, as one JSON-ready dict."""
     return {
         "embedding_norms": embedding_norm_stats(model),
-        "tasks": {name: {"shape": list(p.shape),
-                         "norms": [round(float(x), 4) for x in p.float().norm(dim=-1)],
-                         "nearest_tokens": nearest_tokens(model, tokenizer, p, k)}
-                  for name, p in prompts.items()},
+        "tasks": {
+            name: {
+                "shape": list(p.shape),
+                "norms": [round(float(x), 4) for x in p.float().norm(dim=-1)],
+                "nearest_tokens": nearest_tokens(model, tokenizer, p, k),
+            }
+            for name, p in prompts.items()
+        },
         "similarity": task_similarity(prompts) if len(prompts) > 1 else {},
     }

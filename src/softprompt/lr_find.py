@@ -23,19 +23,37 @@ class LearningRateSearch:
     """Smoothed training loss after each step, at learning_rates[i]."""
 
 
-def find_learning_rate(prompted, examples: list[Example], config: TrainConfig, *, min_lr: float = 1e-4,
-                       max_lr: float = 10.0, steps: int = 60, smoothing: float = 0.8) -> LearningRateSearch:
+def find_learning_rate(
+    prompted,
+    examples: list[Example],
+    config: TrainConfig,
+    *,
+    min_lr: float = 1e-4,
+    max_lr: float = 10.0,
+    steps: int = 60,
+    smoothing: float = 0.8,
+) -> LearningRateSearch:
     """LR range test (Smith 2017; fastai's lr_find): train from the current values with the
     learning rate growing geometrically from min_lr to max_lr, one step each, and suggest a
     tenth of the rate at the lowest smoothed loss (the lowest point is already too hot to keep).
     The trainable values are restored afterwards, so the search leaves no trace."""
     if not 0 < min_lr < max_lr or steps < 5:
         raise ConfigError("lr search needs 0 < min_lr < max_lr and at least 5 steps")
-    probe = Trainer(prompted, examples, replace(config, max_steps=steps, learning_rate=min_lr, warmup_steps=0,
-                                                lr_scheduler_type="constant", report_to=["none"]))
+    probe = Trainer(
+        prompted,
+        examples,
+        replace(
+            config,
+            max_steps=steps,
+            learning_rate=min_lr,
+            warmup_steps=0,
+            lr_scheduler_type="constant",
+            report_to=["none"],
+        ),
+    )
     start = probe._snapshot()
     growth = (max_lr / min_lr) ** (1 / (steps - 1))
-    probe.scheduler = torch.optim.lr_scheduler.LambdaLR(probe.optimizer, lambda i: growth ** i)
+    probe.scheduler = torch.optim.lr_scheduler.LambdaLR(probe.optimizer, lambda i: growth**i)
     rates, losses, average = [], [], 0.0
     for i in range(steps):
         rates.append(probe.optimizer.param_groups[0]["lr"])

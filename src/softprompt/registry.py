@@ -77,17 +77,32 @@ class _Task:
         return self.prompt.shape[0]
 
     def info(self) -> TaskInfo:
-        return TaskInfo(self.name, self.length, self.version, self.loaded_at,
-                        isinstance(self.meta.get("verbalizer"), dict), self.kind, dict(self.meta))
+        return TaskInfo(
+            self.name,
+            self.length,
+            self.version,
+            self.loaded_at,
+            isinstance(self.meta.get("verbalizer"), dict),
+            self.kind,
+            dict(self.meta),
+        )
 
 
 class TaskRegistry:
     """The tasks one engine serves: loaded from `bank` (or added in memory), checked against the
     engine's model (its fingerprint, row widths, context) before they can be used."""
 
-    def __init__(self, bank: PromptBank | None, *, kinds: tuple[str, ...], fingerprint: str,
-                 reserved_names: set[str], row_width: Callable[[str], int], context_length: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        bank: PromptBank | None,
+        *,
+        kinds: tuple[str, ...],
+        fingerprint: str,
+        reserved_names: set[str],
+        row_width: Callable[[str], int],
+        context_length: int,
+        device: torch.device,
+    ):
         self.bank, self.kinds, self.fingerprint = bank, kinds, fingerprint
         self.reserved_names, self._row_width = reserved_names, row_width
         self.context_length, self.device = context_length, device
@@ -111,13 +126,17 @@ class TaskRegistry:
                 raise UnknownTaskError(f"task '{name}' is not active")
             return self._tasks[name].info()
 
-    def add_task(self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None) -> TaskInfo:
+    def add_task(
+        self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None
+    ) -> TaskInfo:
         """Put a task in memory directly (not from the bank); it stays until deactivated."""
         self._check_name(name)
         if not isinstance(prompt, SavedPrompt):  # a bare tensor is a soft prompt [n, d]
             prompt = SavedPrompt(name, prompt, {"peft_type": "PROMPT_TUNING"})
         self._check(prompt)
-        entry = self._entry(name, prompt.embeddings, None, {**prompt.meta, **(meta or {})}, prompt.kind)
+        entry = self._entry(
+            name, prompt.embeddings, None, {**prompt.meta, **(meta or {})}, prompt.kind
+        )
         return self._store(entry).info()
 
     def prompt_values(self, name: str) -> torch.Tensor:
@@ -203,14 +222,24 @@ class TaskRegistry:
 
     def _check(self, saved: SavedPrompt) -> None:
         check_prompt_rows(saved.embeddings, f"prompt '{saved.name}'")
-        check_compatible(saved, token_dim=self._row_width(saved.kind), fingerprint=self.fingerprint,
-                         kinds=self.kinds)
+        check_compatible(
+            saved,
+            token_dim=self._row_width(saved.kind),
+            fingerprint=self.fingerprint,
+            kinds=self.kinds,
+        )
         if saved.embeddings.shape[0] >= self.context_length:
-            raise IncompatiblePromptError(f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
-                                          f"virtual tokens; the model's context is {self.context_length}")
+            raise IncompatiblePromptError(
+                f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
+                f"virtual tokens; the model's context is {self.context_length}"
+            )
 
-    def _entry(self, name: str, values: torch.Tensor, version: str | None, meta: dict, kind: str) -> _Task:
-        return _Task(name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind)
+    def _entry(
+        self, name: str, values: torch.Tensor, version: str | None, meta: dict, kind: str
+    ) -> _Task:
+        return _Task(
+            name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind
+        )
 
     def _store(self, entry: _Task) -> _Task:
         with self._tasks_lock:
@@ -270,7 +299,9 @@ def _check_meta(saved: SavedPrompt) -> None:
     """An uploaded prompt's verbalizer and template must be usable (refused at upload)."""
     try:
         if saved.meta.get("verbalizer") is not None:
-            task_from_meta(saved.name, saved.meta)  # template and verbalizer, as classify reads them
+            task_from_meta(
+                saved.name, saved.meta
+            )  # template and verbalizer, as classify reads them
         else:  # a generation task: its template alone
             template_from_meta(saved.name, saved.meta)
     except (NoVerbalizerError, ConfigError) as exc:

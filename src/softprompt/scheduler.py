@@ -45,12 +45,19 @@ class SchedulerConfig:
     """How the built-in backend batches requests."""
 
     max_batch_size: int = opt(16, "builtin: rows generating together at most.")
-    max_wait_ms: float = opt(5.0, "builtin: when idle, how long a first request waits for others to start with it.")
-    max_queue: int = opt(1024, "builtin: requests (prompts) waiting to start at most; beyond, 503 with code "
-                               "'overloaded'.")
-    join_running: bool = opt(True, "builtin: continuous batching (new requests join the running generation at "
-                                   "its next step, scoring runs between steps); --no-join-running: each batch "
-                                   "runs to its end first (static).")
+    max_wait_ms: float = opt(
+        5.0, "builtin: when idle, how long a first request waits for others to start with it."
+    )
+    max_queue: int = opt(
+        1024,
+        "builtin: requests (prompts) waiting to start at most; beyond, 503 with code 'overloaded'.",
+    )
+    join_running: bool = opt(
+        True,
+        "builtin: continuous batching (new requests join the running generation at "
+        "its next step, scoring runs between steps); --no-join-running: each batch "
+        "runs to its end first (static).",
+    )
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_queue"):
@@ -80,7 +87,7 @@ class _Job:
 
     def next_pairs(self, n: int) -> list[ScoreRow]:
         done = len(self.scores)
-        return self.prepared.pairs[done:done + n]
+        return self.prepared.pairs[done : done + n]
 
 
 class BatchScheduler:
@@ -92,11 +99,23 @@ class BatchScheduler:
     While idle the worker refreshes the engine from its bank every `refresh_interval_s`.
     """
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_ms: float = 5.0, *,
-                 max_queue: int = 1024, join_running: bool = True, refresh_interval_s: float = 2.0):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        *,
+        max_queue: int = 1024,
+        join_running: bool = True,
+        refresh_interval_s: float = 2.0,
+    ):
         SchedulerConfig(max_batch_size, max_wait_ms, max_queue, join_running)  # checks the values
         self.engine = engine
-        self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
+        self.max_batch_size, self.max_wait_s, self.max_queue = (
+            max_batch_size,
+            max_wait_ms / 1000,
+            max_queue,
+        )
         self.join_running = join_running and engine.can_join
         self.refresh_interval_s = refresh_interval_s
         self.batches = 0
@@ -108,7 +127,9 @@ class BatchScheduler:
         self._queue: queue.Queue = queue.Queue()  # arrivals: _Job or _STOP
         self._queued = 0  # jobs enqueued and not started (or dropped): the bounded queue
         self._queued_lock = threading.Lock()
-        self._waiting: dict[str, dict[object, collections.deque[_Job]]] = {kind: {} for kind in _KINDS}
+        self._waiting: dict[str, dict[object, collections.deque[_Job]]] = {
+            kind: {} for kind in _KINDS
+        }
         """Worker-only: per kind, per owner (in turn order), jobs not started (scoring: not finished)."""
         self._running: GenerationBatch | None = None
         self._running_jobs: dict[_PreparedGeneration, _Job] = {}
@@ -118,8 +139,13 @@ class BatchScheduler:
 
     @classmethod
     def from_config(cls, engine: Engine, config: SchedulerConfig) -> BatchScheduler:
-        return cls(engine, config.max_batch_size, config.max_wait_ms, max_queue=config.max_queue,
-                   join_running=config.join_running)
+        return cls(
+            engine,
+            config.max_batch_size,
+            config.max_wait_ms,
+            max_queue=config.max_queue,
+            join_running=config.join_running,
+        )
 
     # ------------------------------------------------------------ submitting
 
@@ -127,15 +153,19 @@ class BatchScheduler:
         """Queue a prepared request; the future resolves with its result."""
         return self.enqueue_all([prepared], owner)[0]
 
-    def enqueue_all(self, prepared: Sequence, owner: object = None) -> list[concurrent.futures.Future]:
+    def enqueue_all(
+        self, prepared: Sequence, owner: object = None
+    ) -> list[concurrent.futures.Future]:
         """Queue the pieces of one client request (one `owner`: they share one turn), all or none:
         OverloadedError when the queue has no room for all of them."""
         if self._closed:
             raise RuntimeError("the batch scheduler is closed")
         with self._queued_lock:
             if self._queued + len(prepared) > self.max_queue:
-                raise OverloadedError(f"the server is busy: {self._queued} requests are waiting (at most "
-                                      f"{self.max_queue}, {flag('max_queue')}); retry later")
+                raise OverloadedError(
+                    f"the server is busy: {self._queued} requests are waiting (at most "
+                    f"{self.max_queue}, {flag('max_queue')}); retry later"
+                )
             self._queued += len(prepared)
         futures = [concurrent.futures.Future() for _ in prepared]
         for piece, future in zip(prepared, futures, strict=True):
@@ -212,7 +242,11 @@ class BatchScheduler:
         while admitted < self.max_batch_size and not self._stopping:
             remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             self._admit(item)
@@ -230,7 +264,9 @@ class BatchScheduler:
         if item is _STOP:
             self._stopping = True
         else:
-            self._waiting[item.prepared.kind].setdefault(item.owner, collections.deque()).append(item)
+            self._waiting[item.prepared.kind].setdefault(item.owner, collections.deque()).append(
+                item
+            )
 
     def _drop_cancelled(self) -> None:
         """Resolve and forget the waiting jobs whose client went away (running rows end at their
@@ -307,7 +343,9 @@ class BatchScheduler:
             if len(jobs) == 1:
                 self._resolve(jobs[0], error=exc)
                 return
-            log.warning("a prefill of %d rows failed (%s); retrying them one by one", len(jobs), exc)
+            log.warning(
+                "a prefill of %d rows failed (%s); retrying them one by one", len(jobs), exc
+            )
             for job in jobs:
                 self._prefill([job])
             return
@@ -348,19 +386,25 @@ class BatchScheduler:
         if not slices:
             return
         try:
-            scores = self.engine.score_pairs([pair for job, n in slices for pair in job.next_pairs(n)])
+            scores = self.engine.score_pairs(
+                [pair for job, n in slices for pair in job.next_pairs(n)]
+            )
         except Exception as exc:
             if len(slices) == 1:
                 self._forget_waiting(slices[0][0])
                 self._resolve(slices[0][0], error=exc)
                 return
-            log.warning("a scoring batch of %d requests failed (%s); retrying them one by one", len(slices), exc)
+            log.warning(
+                "a scoring batch of %d requests failed (%s); retrying them one by one",
+                len(slices),
+                exc,
+            )
             for piece in slices:
                 self._score([piece])
             return
         start = 0
         for job, n in slices:
-            job.scores += scores[start:start + n]
+            job.scores += scores[start : start + n]
             start += n
             if not job.remaining:
                 self._forget_waiting(job)

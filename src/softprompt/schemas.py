@@ -26,13 +26,21 @@ class RequestLimits:
     max_inputs_per_request: int = opt(256, "Texts in one /v1/classify request at most.")
     max_prompts_per_request: int = opt(64, "Prompts in one /v1/completions request at most.")
     max_tokens_per_request: int = opt(
-        65_536, "Tokens one request may make the model process at most: input plus new tokens "
-        "to generate; input plus target tokens of every label to classify.")
-    max_body_bytes: int = opt(0, "Largest request body in bytes, prompt uploads included (0 = room for a "
-                              "64-token deep prompt of the served model, and at least 1 MB).")
-    request_timeout_s: float = opt(300.0, "Seconds before a request fails with 504 (code backend_timeout) and "
-                                          "its work is cancelled: builtin, from its arrival (queue wait "
-                                          "included) to its result; vllm, waiting for vLLM's next answer.")
+        65_536,
+        "Tokens one request may make the model process at most: input plus new tokens "
+        "to generate; input plus target tokens of every label to classify.",
+    )
+    max_body_bytes: int = opt(
+        0,
+        "Largest request body in bytes, prompt uploads included (0 = room for a "
+        "64-token deep prompt of the served model, and at least 1 MB).",
+    )
+    request_timeout_s: float = opt(
+        300.0,
+        "Seconds before a request fails with 504 (code backend_timeout) and "
+        "its work is cancelled: builtin, from its arrival (queue wait "
+        "included) to its result; vllm, waiting for vLLM's next answer.",
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -55,8 +63,11 @@ class RequestLimits:
     def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:
         limit = getattr(self, limit_name)
         if count > limit:
-            raise RequestLimitError(f"{count} {what} in one request; this server takes at most {limit} "
-                                    f"({flag(limit_name)})", param=param)
+            raise RequestLimitError(
+                f"{count} {what} in one request; this server takes at most {limit} "
+                f"({flag(limit_name)})",
+                param=param,
+            )
 
     def check_tokens(self, prepared: list) -> None:
         tokens = sum(p.tokens for p in prepared)
@@ -64,7 +75,8 @@ class RequestLimits:
             raise RequestLimitError(
                 f"this request asks for {tokens} tokens of work (input plus new or target tokens); "
                 f"this server takes at most {self.max_tokens_per_request} "
-                f"({flag('max_tokens_per_request')})")
+                f"({flag('max_tokens_per_request')})"
+            )
 
 
 # ---------------------------------------------------------------- schemas
@@ -79,21 +91,35 @@ class _Request(BaseModel):
         """JSON's \\u escapes allow lone surrogates, which no tokenizer or UTF-8 encoder accepts."""
         where = _lone_surrogate(value)
         if where is not None:
-            raise ValueError(f"{where or 'text'} holds a lone surrogate (a \\ud800-\\udfff escape), "
-                             "which is not valid Unicode")
+            raise ValueError(
+                f"{where or 'text'} holds a lone surrogate (a \\ud800-\\udfff escape), "
+                "which is not valid Unicode"
+            )
         return value
 
 
 class _SamplingFields(_Request):
-    model: str = Field(description="A task name (its soft prompt is prepended) or the base model's id.")
+    model: str = Field(
+        description="A task name (its soft prompt is prepended) or the base model's id."
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy; higher = more random.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     n: int = Field(1, description="Completions per prompt; only 1 is supported.")
-    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text is cut before one.")
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Seed for reproducible sampling.")
-    ignore_eos: bool = Field(False, description="Generate past end-of-sequence tokens, up to max_tokens (as vLLM).")
-    stream: bool = Field(False, description="Send the text as server-sent events while it is generated.")
-    stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
+    stop: str | list[str] | None = Field(
+        None, description="Up to 16 stop strings; the text is cut before one."
+    )
+    seed: int | None = Field(
+        None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Seed for reproducible sampling."
+    )
+    ignore_eos: bool = Field(
+        False, description="Generate past end-of-sequence tokens, up to max_tokens (as vLLM)."
+    )
+    stream: bool = Field(
+        False, description="Send the text as server-sent events while it is generated."
+    )
+    stream_options: dict[str, Any] | None = Field(
+        None, description='{"include_usage": true} adds a usage chunk.'
+    )
 
     @field_validator("n")
     @classmethod
@@ -112,33 +138,47 @@ class _SamplingFields(_Request):
 
 
 class CompletionBody(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(description="Text, a list of texts, or one list of token ids.")
+    prompt: str | list[str] | list[int] = Field(
+        description="Text, a list of texts, or one list of token ids."
+    )
     max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
 
 
 class ChatMessage(_Request):
     role: str = Field(description="system, user, assistant, ...")
-    content: str | list[dict[str, Any]] | None = Field(None, description="Text, or a list of text parts.")
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or a list of text parts."
+    )
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+            return "".join(
+                str(part.get("text", "")) for part in self.content if part.get("type") == "text"
+            )
         return self.content or ""
 
 
 class ChatBody(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_tokens: int | None = Field(None, ge=1, description="New tokens at most (default: up to the context).")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="New tokens at most (default: up to the context)."
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Same as max_tokens (newer name)."
+    )
 
 
 class ClassifyBody(_Request):
     model: str = Field(description="A task whose saved prompt has a verbalizer.")
     input: str | dict[str, str] | list[str | dict[str, str]] = Field(
         description="What to classify: a text (a template with one field), an object of the template's "
-                    "fields (e.g. {\"question\": ...}), or a list of either.")
-    zero_shot: bool = Field(False, description="Score with the task's template and labels but without its "
-                                               "prompt: the plain model's answer, as `eval --zero-shot` gives it.")
+        'fields (e.g. {"question": ...}), or a list of either.'
+    )
+    zero_shot: bool = Field(
+        False,
+        description="Score with the task's template and labels but without its "
+        "prompt: the plain model's answer, as `eval --zero-shot` gives it.",
+    )
 
 
 def _lone_surrogate(value) -> str | None:

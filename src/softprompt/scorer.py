@@ -57,8 +57,15 @@ def left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def score_rows(rows: Sequence[ScoreRow], last_logits: LastLogits, *, pad_id: int, device,
-               batch_size: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def score_rows(
+    rows: Sequence[ScoreRow],
+    last_logits: LastLogits,
+    *,
+    pad_id: int,
+    device,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Summed target log-probability of each row (N,) float32 on the CPU.
 
     Forwards run `batch_size` model rows at a time, grouped by length (less padding); `progress`
@@ -66,7 +73,9 @@ def score_rows(rows: Sequence[ScoreRow], last_logits: LastLogits, *, pad_id: int
     """
     forwards = _plan(rows)
     scores = torch.zeros(len(rows))
-    order = length_grouped_batches([len(f.ids) for f in forwards], batch_size, seed=0, shuffle=False)
+    order = length_grouped_batches(
+        [len(f.ids) for f in forwards], batch_size, seed=0, shuffle=False
+    )
     for batch_index in order:
         batch = [forwards[i] for i in batch_index]
         row_index, values = _score_batch(batch, last_logits, pad_id, device)
@@ -85,8 +94,13 @@ def _plan(rows: Sequence[ScoreRow]) -> list[_Forward]:
         if not row.input_ids or not row.target_ids:
             raise ValueError(f"score row {i} needs input and target tokens")
         if len(row.target_ids) > 1:
-            forwards.append(_Forward(row.task, row.input_ids + row.target_ids,
-                                     [(i, row.target_ids, len(row.target_ids))]))
+            forwards.append(
+                _Forward(
+                    row.task,
+                    row.input_ids + row.target_ids,
+                    [(i, row.target_ids, len(row.target_ids))],
+                )
+            )
             continue
         key = (row.task, tuple(row.input_ids))
         if key not in shared:
@@ -96,19 +110,27 @@ def _plan(rows: Sequence[ScoreRow]) -> list[_Forward]:
     return forwards
 
 
-def _score_batch(batch: list[_Forward], last_logits: LastLogits, pad_id: int,
-                 device) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_batch(
+    batch: list[_Forward], last_logits: LastLogits, pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row indices (R,), summed target log-probabilities (R,)) of one model batch."""
     ids, mask = left_pad([f.ids for f in batch], pad_id, device)  # (B, L)
     keep = max(fed for f in batch for _, _, fed in f.reads) + 1  # columns whose logits are read
-    logprobs = last_logits([f.task for f in batch], ids, mask, keep).float().log_softmax(-1)  # (B, keep, V)
+    logprobs = (
+        last_logits([f.task for f in batch], ids, mask, keep).float().log_softmax(-1)
+    )  # (B, keep, V)
     reads = [(b, read) for b, f in enumerate(batch) for read in f.reads]
     width = max(len(targets) for _, (_, targets, _) in reads)
-    batch_rows = torch.zeros(len(reads), width, dtype=torch.long)  # (R, n) the batch row of each token
+    batch_rows = torch.zeros(
+        len(reads), width, dtype=torch.long
+    )  # (R, n) the batch row of each token
     columns, tokens = torch.zeros_like(batch_rows), torch.zeros_like(batch_rows)
     real = torch.zeros(len(reads), width, dtype=torch.bool)
     for r, (b, (_, targets, fed)) in enumerate(reads):
-        n, start = len(targets), keep - 1 - fed  # rows end at the last column; start predicts targets[0]
+        n, start = (
+            len(targets),
+            keep - 1 - fed,
+        )  # rows end at the last column; start predicts targets[0]
         batch_rows[r], real[r, :n] = b, True
         columns[r, :n] = torch.arange(start, start + n)
         tokens[r, :n] = torch.tensor(targets)

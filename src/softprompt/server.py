@@ -53,9 +53,15 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the app
 
 
-def create_app(backend: Backend | Engine, *, api_key: str | None = None, keys: str | os.PathLike | None = None,
-               audit_log: str | os.PathLike | None = None, scheduling: SchedulerConfig | None = None,
-               limits: RequestLimits | None = None) -> FastAPI:
+def create_app(
+    backend: Backend | Engine,
+    *,
+    api_key: str | None = None,
+    keys: str | os.PathLike | None = None,
+    audit_log: str | os.PathLike | None = None,
+    scheduling: SchedulerConfig | None = None,
+    limits: RequestLimits | None = None,
+) -> FastAPI:
     """The FastAPI app serving `backend` (an Engine: the built-in backend, batching as
     `scheduling` says); admin routes behind `api_key`; with a `keys` file, every /v1 route behind
     a tenant's key (or `api_key`), admin actions in `audit_log`."""
@@ -72,9 +78,16 @@ def create_app(backend: Backend | Engine, *, api_key: str | None = None, keys: s
         finally:
             await backend.close()
 
-    access = build_access(api_key=api_key, keys=keys, audit_log=audit_log, base_names=engine.base_names,
-                          status_of=lambda exc: classify_error(exc)[0])
-    app = FastAPI(title="softprompt", lifespan=lifespan, dependencies=[Depends(access.authenticate)])
+    access = build_access(
+        api_key=api_key,
+        keys=keys,
+        audit_log=audit_log,
+        base_names=engine.base_names,
+        status_of=lambda exc: classify_error(exc)[0],
+    )
+    app = FastAPI(
+        title="softprompt", lifespan=lifespan, dependencies=[Depends(access.authenticate)]
+    )
     app.state.engine, app.state.backend, app.state.limits = engine, backend, limits
     app.state.access = access
     app.state.scheduler = getattr(backend, "scheduler", None)  # the built-in engine's batcher
@@ -98,23 +111,39 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
         """200 while the backend can serve; 503 (same body) while it is down, e.g. vLLM restarting."""
         state = await backend.health()
         up = state["status"] == "up"
-        body = {"status": "ok" if up else "unavailable", "model": engine.base_model_id,
-                "tasks": len(engine.tasks()), "backend": state}
+        body = {
+            "status": "ok" if up else "unavailable",
+            "model": engine.base_model_id,
+            "tasks": len(engine.tasks()),
+            "backend": state,
+        }
         return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/v1/models")
     async def models(http: Request):
         await asyncio.to_thread(engine.refresh)
-        data = [{"id": engine.base_model_id, "object": "model", "created": 0, "owned_by": "softprompt"}]
+        data = [
+            {"id": engine.base_model_id, "object": "model", "created": 0, "owned_by": "softprompt"}
+        ]
         for info in (i for i in engine.task_infos() if access.may_use(http, i.name)):
-            data.append({"id": info.name, "object": "model", "created": int(info.loaded_at),
-                         "owned_by": "softprompt", "parent": engine.base_model_id,
-                         "num_virtual_tokens": info.num_virtual_tokens, "kind": info.kind,
-                         "classify": info.has_verbalizer})
+            data.append(
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": int(info.loaded_at),
+                    "owned_by": "softprompt",
+                    "parent": engine.base_model_id,
+                    "num_virtual_tokens": info.num_virtual_tokens,
+                    "kind": info.kind,
+                    "classify": info.has_verbalizer,
+                }
+            )
         return {"object": "list", "data": data}
 
 
-def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits, access: Access) -> None:
+def _add_generation_routes(
+    app: FastAPI, backend: Backend, limits: RequestLimits, access: Access
+) -> None:
     engine = backend.engine
 
     async def prepare(requests: list) -> list:
@@ -126,7 +155,11 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):
         access.check_use(http, body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
+        prompts = (
+            [body.prompt]
+            if isinstance(body.prompt, str) or _is_token_list(body.prompt)
+            else body.prompt
+        )
         if not prompts:
             raise ConfigError("prompt must not be empty")
         limits.check_count("max_prompts_per_request", len(prompts), "prompts", "prompt")
@@ -136,8 +169,10 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
                 raise ConfigError("stream supports one prompt per request")
             return await _stream(backend, (await prepare(requests))[0], body, "text_completion")
         results = await _run(backend, http, await prepare(requests))
-        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                   for i, r in enumerate(results)]
+        choices = [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ]
         return _response("cmpl", "text_completion", body.model, choices, results)
 
     @app.post("/v1/chat/completions")
@@ -150,8 +185,12 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
         if body.stream:
             return await _stream(backend, prepared[0], body, "chat.completion.chunk")
         [result] = await _run(backend, http, prepared)
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": result.finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
         return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
 
     @app.post("/v1/classify")
@@ -159,8 +198,13 @@ def _add_generation_routes(app: FastAPI, backend: Backend, limits: RequestLimits
         access.check_use(http, body.model)
         texts = body.input if isinstance(body.input, list) else [body.input]
         limits.check_count("max_inputs_per_request", len(texts), "inputs", "input")
-        [results] = await _run(backend, http, await prepare([ClassifyRequest(body.model, texts, body.zero_shot)]))
-        data = [{"index": i, "label": r.label, "probabilities": r.probabilities} for i, r in enumerate(results)]
+        [results] = await _run(
+            backend, http, await prepare([ClassifyRequest(body.model, texts, body.zero_shot)])
+        )
+        data = [
+            {"index": i, "label": r.label, "probabilities": r.probabilities}
+            for i, r in enumerate(results)
+        ]
         return {"object": "list", "model": body.model, "data": data}
 
 
@@ -172,8 +216,13 @@ def _add_admin_routes(app: FastAPI, engine: Engine, access: Access) -> None:
             files = await _uploaded_files(request)
             info = await asyncio.to_thread(engine.install, task, files)
             outcome["version"] = info.version
-        return {"object": "prompt", "id": info.name, "num_virtual_tokens": info.num_virtual_tokens,
-                "version": info.version, "classify": info.has_verbalizer}
+        return {
+            "object": "prompt",
+            "id": info.name,
+            "num_virtual_tokens": info.num_virtual_tokens,
+            "version": info.version,
+            "classify": info.has_verbalizer,
+        }
 
     @app.delete("/v1/prompts/{task:path}")
     async def delete(task: str, request: Request):
@@ -191,20 +240,40 @@ def _is_token_list(prompt) -> bool:
 
 
 def _generation_request(body: _SamplingFields, prompt, max_tokens: int | None) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, task=body.model, max_new_tokens=max_tokens,
-                             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                             stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
+    return GenerationRequest(
+        prompt=prompt,
+        task=body.model,
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        ignore_eos=body.ignore_eos,
+    )
 
 
 def _usage(results: list[GenerationResult]) -> dict:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
-def _response(prefix: str, obj: str, model: str, choices: list, results: list[GenerationResult]) -> dict:
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
-            "model": model, "system_fingerprint": None, "choices": choices, "usage": _usage(results)}
+def _response(
+    prefix: str, obj: str, model: str, choices: list, results: list[GenerationResult]
+) -> dict:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": _usage(results),
+    }
 
 
 async def _run(backend: Backend, http: Request, prepared: list) -> list:
@@ -217,7 +286,9 @@ async def _run(backend: Backend, http: Request, prepared: list) -> list:
     if await _unless_disconnected(http, work):
         return work.result()
     work.cancel()
-    work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+    work.add_done_callback(
+        lambda done: done.cancelled() or done.exception()
+    )  # retrieved: no warning
     raise StarletteHTTPException(499, "client closed the request; it was cancelled")
 
 
@@ -244,12 +315,21 @@ async def _stream(backend: Backend, prepared, body: _SamplingFields, obj: str) -
     in [DONE]."""
     pieces = await backend.stream(prepared)
     chat = obj == "chat.completion.chunk"
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
-            "created": int(time.time()), "model": body.model, "system_fingerprint": None}
+    head = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": None,
+    }
 
     def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
         if chat:
-            delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            delta = (
+                {"role": "assistant", "content": ""}
+                if first
+                else ({} if text is None else {"content": text})
+            )
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -272,8 +352,11 @@ async def _stream(backend: Backend, prepared, body: _SamplingFields, obj: str) -
             await pieces.aclose()  # ends the backend's work for it, also when the client went away
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _sse(payload: dict) -> str:
@@ -284,8 +367,9 @@ async def _uploaded_files(request: Request) -> dict[str, bytes]:
     """The prompt files of a multipart/form-data upload, by field name or file name (whichever is
     a prompt file). The body limit holds while the form is read (`BodyLimit` wraps its stream)."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise UploadError("upload the prompt as multipart/form-data with the files "
-                          f"{', '.join(PROMPT_FILES)}")
+        raise UploadError(
+            f"upload the prompt as multipart/form-data with the files {', '.join(PROMPT_FILES)}"
+        )
     try:
         async with request.form() as form:
             return await _prompt_parts(form.multi_items())
@@ -297,7 +381,10 @@ async def _uploaded_files(request: Request) -> dict[str, bytes]:
 
 async def _prompt_parts(items: list[tuple[str, UploadFile | str]]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
-    for field_name, value in items:  # request.form() gives Starlette UploadFiles (FastAPI's subclass them)
+    for (
+        field_name,
+        value,
+    ) in items:  # request.form() gives Starlette UploadFiles (FastAPI's subclass them)
         names = [field_name]
         if isinstance(value, UploadFile):
             names.append(os.path.basename(value.filename or ""))
@@ -307,7 +394,9 @@ async def _prompt_parts(items: list[tuple[str, UploadFile | str]]) -> dict[str, 
         if key in files:  # which one was meant? Taking the last would hide a bad first one
             raise UploadError(f"duplicate part '{key}' in the upload: send each file once")
         if not isinstance(value, UploadFile):  # a form field's bytes were decoded as text
-            raise UploadError(f"send {key} as a file part (with a filename), e.g. curl -F {key}=@{key}")
+            raise UploadError(
+                f"send {key} as a file part (with a filename), e.g. curl -F {key}=@{key}"
+            )
         files[key] = await value.read()
     return files
 
@@ -315,11 +404,21 @@ async def _prompt_parts(items: list[tuple[str, UploadFile | str]]) -> dict[str, 
 # ---------------------------------------------------------------- running it
 
 
-def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.0.0.1",
-          port: int = 8000, *, backend: Literal["builtin", "vllm"] = "builtin", vllm=None,
-          scheduling: SchedulerConfig | None = None, api_key: str | None = None,
-          keys: str | None = None, audit_log: str | None = None, limits: RequestLimits | None = None,
-          log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
+def serve(
+    model_name: str = "default",
+    bank_dir: str = "bank",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    backend: Literal["builtin", "vllm"] = "builtin",
+    vllm=None,
+    scheduling: SchedulerConfig | None = None,
+    api_key: str | None = None,
+    keys: str | None = None,
+    audit_log: str | None = None,
+    limits: RequestLimits | None = None,
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+) -> None:
     """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
 
     `vllm` (a `VLLMConfig`) says where vLLM is, or how to start one (stopped again on exit).
@@ -331,11 +430,18 @@ def serve(model_name: str = "default", bank_dir: str = "bank", host: str = "127.
     from .bank import PromptBank
 
     limits = limits or RequestLimits()
-    served = _open_backend(backend, model_name, PromptBank(bank_dir), vllm, limits.request_timeout_s)
+    served = _open_backend(
+        backend, model_name, PromptBank(bank_dir), vllm, limits.request_timeout_s
+    )
     try:
-        app = create_app(served, api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None, keys=keys,
-                         audit_log=audit_log, scheduling=scheduling,
-                         limits=limits)
+        app = create_app(
+            served,
+            api_key=api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+            keys=keys,
+            audit_log=audit_log,
+            scheduling=scheduling,
+            limits=limits,
+        )
         if app.state.access.keys is not None:
             reload_on_sighup(app.state.access.keys)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -357,4 +463,11 @@ def _open_backend(backend: str, model_name: str, bank, vllm, timeout_s: float) -
     raise ConfigError(f"backend must be builtin or vllm, not {backend!r}")
 
 
-__all__ = ["RequestLimits", "create_app", "serve", "classify_error", "AuthenticationError", "UploadError"]
+__all__ = [
+    "RequestLimits",
+    "create_app",
+    "serve",
+    "classify_error",
+    "AuthenticationError",
+    "UploadError",
+]

@@ -44,8 +44,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__} to shard "
-                          f"(its _no_split_modules is {sorted(names) or 'empty'})")
+        raise ConfigError(
+            f"cannot find the decoder layers of {type(model).__name__} to shard "
+            f"(its _no_split_modules is {sorted(names) or 'empty'})"
+        )
     return layers
 
 
@@ -59,14 +61,19 @@ def shard_frozen_base(model: nn.Module, device: torch.device, world_size: int) -
     from torch.distributed.fsdp import fully_shard
 
     if any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("FSDP here shards a frozen base model: train soft or deep prompts with it, "
-                          "not LoRA or full fine-tuning")
+        raise ConfigError(
+            "FSDP here shards a frozen base model: train soft or deep prompts with it, "
+            "not LoRA or full fine-tuning"
+        )
     mesh = init_device_mesh(device.type, (world_size,))
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    log.info("FSDP: %d decoder layers sharded over %d processes; the prompt is replicated",
-             len(layers), world_size)
+    log.info(
+        "FSDP: %d decoder layers sharded over %d processes; the prompt is replicated",
+        len(layers),
+        world_size,
+    )
     return len(layers)
 
 

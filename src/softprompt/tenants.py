@@ -92,8 +92,13 @@ class Tenant:
         return bool(getattr(self, action)) and self.may_use(task)
 
     def to_json(self) -> dict:
-        entry = {"name": self.name, "key_sha256": self.key_sha256, "tasks": list(self.tasks),
-                 "upload": self.upload, "delete": self.delete}
+        entry = {
+            "name": self.name,
+            "key_sha256": self.key_sha256,
+            "tasks": list(self.tasks),
+            "upload": self.upload,
+            "delete": self.delete,
+        }
         return entry | ({"created": self.created} if self.created else {})
 
 
@@ -112,8 +117,10 @@ def read_keys(path: str | Path) -> tuple[Tenant, ...]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"keys file {path} does not exist (create it with "
-                          f"'softprompt keys add {path} --tenant NAME --tasks PATTERN')") from None
+        raise ConfigError(
+            f"keys file {path} does not exist (create it with "
+            f"'softprompt keys add {path} --tenant NAME --tasks PATTERN')"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"keys file {path} cannot be read: {exc}") from None
     try:
@@ -127,17 +134,23 @@ def parse_keys(data: object, where: str) -> tuple[Tenant, ...]:
     if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
         raise ConfigError(f"keys file {where} must hold a JSON object with a 'tenants' list")
     if data.get("version", KEYS_FORMAT) != KEYS_FORMAT:
-        raise ConfigError(f"keys file {where}: version {data['version']!r} is not supported (this "
-                          f"softprompt reads version {KEYS_FORMAT})")
-    tenants = tuple(_parse_tenant(entry, f"keys file {where}, tenant #{i + 1}")
-                    for i, entry in enumerate(data["tenants"]))
+        raise ConfigError(
+            f"keys file {where}: version {data['version']!r} is not supported (this "
+            f"softprompt reads version {KEYS_FORMAT})"
+        )
+    tenants = tuple(
+        _parse_tenant(entry, f"keys file {where}, tenant #{i + 1}")
+        for i, entry in enumerate(data["tenants"])
+    )
     for attribute in ("name", "key_sha256"):
         seen: set[str] = set()
         for i, tenant in enumerate(tenants):
             value = getattr(tenant, attribute)
             if value in seen:
-                raise ConfigError(f"keys file {where}, tenant #{i + 1} ('{tenant.name}'): "
-                                  f"{attribute} is the same as an earlier tenant's")
+                raise ConfigError(
+                    f"keys file {where}, tenant #{i + 1} ('{tenant.name}'): "
+                    f"{attribute} is the same as an earlier tenant's"
+                )
             seen.add(value)
     return tenants
 
@@ -154,7 +167,9 @@ def _parse_tenant(entry: object, where: str) -> Tenant:
     _check_tenant_name(name, where)
     digest = entry.get("key_sha256")
     if not isinstance(digest, str) or not _HASH_RE.fullmatch(digest):
-        raise ConfigError(f"{where}: field 'key_sha256' must be 64 lowercase hex digits (a key's sha256)")
+        raise ConfigError(
+            f"{where}: field 'key_sha256' must be 64 lowercase hex digits (a key's sha256)"
+        )
     tasks = entry.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError(f"{where}: field 'tasks' must be a non-empty list of task name patterns")
@@ -166,28 +181,42 @@ def _parse_tenant(entry: object, where: str) -> Tenant:
     created = entry.get("created")
     if created is not None and not isinstance(created, str):
         raise ConfigError(f"{where}: field 'created' must be a string")
-    return Tenant(name, digest, tuple(tasks), upload=entry.get("upload", False),
-                  delete=entry.get("delete", False), created=created, digest=bytes.fromhex(digest))
+    return Tenant(
+        name,
+        digest,
+        tuple(tasks),
+        upload=entry.get("upload", False),
+        delete=entry.get("delete", False),
+        created=created,
+        digest=bytes.fromhex(digest),
+    )
 
 
 def _check_tenant_name(name: object, where: str) -> None:
     if not isinstance(name, str) or not _TENANT_NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: field 'name' must match {TASK_NAME_PATTERN}, not {name!r}")
     if name in RESERVED_TENANTS:
-        raise ConfigError(f"{where}: tenant name '{name}' is reserved (the audit log's name for "
-                          f"{'the admin key' if name == 'admin' else 'requests without a key'})")
+        raise ConfigError(
+            f"{where}: tenant name '{name}' is reserved (the audit log's name for "
+            f"{'the admin key' if name == 'admin' else 'requests without a key'})"
+        )
 
 
 def _check_pattern(pattern: object, where: str) -> None:
     if not isinstance(pattern, str) or not _PATTERN_RE.fullmatch(pattern):
-        raise ConfigError(f"{where}: {pattern!r} is not a task name pattern (task-name characters "
-                          "a-z 0-9 . _ - and the globs * ? [...])")
+        raise ConfigError(
+            f"{where}: {pattern!r} is not a task name pattern (task-name characters "
+            "a-z 0-9 . _ - and the globs * ? [...])"
+        )
 
 
 def write_keys(path: str | Path, tenants: Iterable[Tenant]) -> None:
     """Replace the keys file atomically (temp file, fsync, rename), readable by its owner only."""
     path = Path(path)
-    text = json.dumps({"version": KEYS_FORMAT, "tenants": [t.to_json() for t in tenants]}, indent=2) + "\n"
+    text = (
+        json.dumps({"version": KEYS_FORMAT, "tenants": [t.to_json() for t in tenants]}, indent=2)
+        + "\n"
+    )
     write_file(path, text, mode=0o600)
 
 
@@ -204,8 +233,9 @@ def _editing(path: Path):
         os.close(fd)  # releases the lock
 
 
-def add_tenant(path: str | Path, name: str, tasks: list[str], *, upload: bool = False,
-               delete: bool = False) -> str:
+def add_tenant(
+    path: str | Path, name: str, tasks: list[str], *, upload: bool = False, delete: bool = False
+) -> str:
     """Add a tenant with a new random key; returns the key, which is stored nowhere (only its hash)."""
     path = Path(path)
     where = f"tenant '{name}'"
@@ -217,9 +247,13 @@ def add_tenant(path: str | Path, name: str, tasks: list[str], *, upload: bool = 
     with _editing(path):
         tenants = read_keys(path) if path.exists() else ()
         if any(t.name == name for t in tenants):
-            raise ConfigError(f"tenant '{name}' is already in {path}; revoke it first to give it a new key")
+            raise ConfigError(
+                f"tenant '{name}' is already in {path}; revoke it first to give it a new key"
+            )
         key = secrets.token_urlsafe(32)
-        new = Tenant(name, hash_key(key), tuple(tasks), upload=upload, delete=delete, created=utc_now())
+        new = Tenant(
+            name, hash_key(key), tuple(tasks), upload=upload, delete=delete, created=utc_now()
+        )
         write_keys(path, (*tenants, new))
     return key
 
@@ -230,8 +264,10 @@ def revoke_tenant(path: str | Path, name: str) -> None:
     with _editing(path):
         tenants = read_keys(path)
         if not any(t.name == name for t in tenants):
-            raise ConfigError(f"no tenant '{name}' in {path} (tenants: "
-                              f"{', '.join(t.name for t in tenants) or 'none'})")
+            raise ConfigError(
+                f"no tenant '{name}' in {path} (tenants: "
+                f"{', '.join(t.name for t in tenants) or 'none'})"
+            )
         write_keys(path, (t for t in tenants if t.name != name))
 
 
@@ -308,13 +344,15 @@ class AuditLog:
             raise ConfigError(f"audit log {self.path} cannot be written: {exc.strerror}") from None
 
     def write(self, record: dict) -> None:
-        line = memoryview((json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode())
+        line = memoryview(
+            (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+        )
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 while line:
-                    line = line[os.write(fd, line):]
+                    line = line[os.write(fd, line) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -335,11 +373,19 @@ class Access:
     """Who a request is and what it may touch. Without a keys table, exactly the single-key
     server: inference open, admin routes behind `api_key` (open too when there is none)."""
 
-    def __init__(self, *, api_key: str | None = None, keys: KeyTable | None = None,
-                 audit: AuditLog | None = None, base_names: Iterable[str] = (),
-                 status_of: Callable[[Exception], int] = lambda exc: 500):
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        keys: KeyTable | None = None,
+        audit: AuditLog | None = None,
+        base_names: Iterable[str] = (),
+        status_of: Callable[[Exception], int] = lambda exc: 500,
+    ):
         self.keys, self.audit = keys, audit
-        self._admin_digest = hashlib.sha256(api_key.encode()).digest() if api_key is not None else None
+        self._admin_digest = (
+            hashlib.sha256(api_key.encode()).digest() if api_key is not None else None
+        )
         self._base_names = frozenset(base_names) | {""}
         self._status_of = status_of
 
@@ -415,32 +461,71 @@ class Access:
             raise
         await self._record(request, caller, action, task, None, outcome.get("version"))
 
-    async def _record(self, request: Request, caller: Tenant | None, action: str, task: str,
-                      error: Exception | None, version: str | None = None) -> None:
+    async def _record(
+        self,
+        request: Request,
+        caller: Tenant | None,
+        action: str,
+        task: str,
+        error: Exception | None,
+        version: str | None = None,
+    ) -> None:
         if self.audit is None:
             return
-        record = {"time": utc_now(), "who": caller.name if caller else None, "action": action,
-                  "task": task, "from": request.client.host if request.client else None}
+        record = {
+            "time": utc_now(),
+            "who": caller.name if caller else None,
+            "action": action,
+            "task": task,
+            "from": request.client.host if request.client else None,
+        }
         if error is None:
             record |= {"outcome": "ok", "status": 200, "version": version}
         else:
             status = self._status_of(error)
-            record |= {"outcome": "refused" if status in (401, 403) else "failed", "status": status,
-                       "error": str(error) or type(error).__name__}
+            record |= {
+                "outcome": "refused" if status in (401, 403) else "failed",
+                "status": status,
+                "error": str(error) or type(error).__name__,
+            }
         try:
             await asyncio.to_thread(self.audit.write, record)
         except OSError as exc:  # the action has happened; say loudly that its record is missing
             log.error("audit log %s: could not record %s: %s", self.audit.path, record, exc)
 
 
-def build_access(*, api_key: str | None, keys: str | Path | None, audit_log: str | Path | None,
-                 base_names: Iterable[str], status_of: Callable[[Exception], int]) -> Access:
+def build_access(
+    *,
+    api_key: str | None,
+    keys: str | Path | None,
+    audit_log: str | Path | None,
+    base_names: Iterable[str],
+    status_of: Callable[[Exception], int],
+) -> Access:
     """The server's Access from its flags; the audit log defaults to next to the keys file."""
     table = KeyTable(keys) if keys is not None else None
-    audit_path = audit_log if audit_log is not None else (default_audit_path(keys) if keys is not None else None)
+    audit_path = (
+        audit_log
+        if audit_log is not None
+        else (default_audit_path(keys) if keys is not None else None)
+    )
     audit = AuditLog(audit_path) if audit_path is not None else None
-    return Access(api_key=api_key, keys=table, audit=audit, base_names=base_names, status_of=status_of)
+    return Access(
+        api_key=api_key, keys=table, audit=audit, base_names=base_names, status_of=status_of
+    )
 
 
-__all__ = ["Access", "AuditLog", "KeyTable", "Tenant", "add_tenant", "build_access", "default_audit_path",
-           "hash_key", "read_keys", "reload_on_sighup", "revoke_tenant", "write_keys"]
+__all__ = [
+    "Access",
+    "AuditLog",
+    "KeyTable",
+    "Tenant",
+    "add_tenant",
+    "build_access",
+    "default_audit_path",
+    "hash_key",
+    "read_keys",
+    "reload_on_sighup",
+    "revoke_tenant",
+    "write_keys",
+]

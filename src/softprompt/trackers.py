@@ -38,8 +38,18 @@ PROJECT = "softprompt"
 TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")
 """The trackers `--report-to` accepts, named as in transformers' `TrainingArguments.report_to`."""
 
-NOT_SUPPORTED = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte",
-                 "kubeflow", "neptune", "swanlab")
+NOT_SUPPORTED = (
+    "azure_ml",
+    "clearml",
+    "codecarbon",
+    "comet_ml",
+    "dagshub",
+    "dvclive",
+    "flyte",
+    "kubeflow",
+    "neptune",
+    "swanlab",
+)
 """transformers' other report_to names: named in the error so nobody thinks it is a typo."""
 
 
@@ -50,10 +60,14 @@ def check_report_to(names: list[str]) -> None:
     """Names a config may hold: trackers of TRACKERS, or 'all' or 'none' alone."""
     for name in names:
         if name in NOT_SUPPORTED:
-            raise ConfigError(f"report_to: {name!r} is a transformers integration softprompt does not "
-                              f"support; choose from {', '.join(TRACKERS)}, all or none")
+            raise ConfigError(
+                f"report_to: {name!r} is a transformers integration softprompt does not "
+                f"support; choose from {', '.join(TRACKERS)}, all or none"
+            )
         if name not in (*TRACKERS, "all", "none"):
-            raise ConfigError(f"report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}, all or none")
+            raise ConfigError(
+                f"report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}, all or none"
+            )
     if len(names) > 1 and ({"all", "none"} & set(names)):
         raise ConfigError("report_to: 'all' and 'none' stand alone")
 
@@ -69,8 +83,10 @@ def resolve_report_to(names: list[str]) -> list[str]:
         return [name for name in TRACKERS if _installed(name)]
     missing = [name for name in names if not _installed(name)]
     if missing:
-        raise ConfigError(f"report_to: {', '.join(missing)} not installed; install "
-                          f"{' '.join(missing)} (or pip install 'softprompt[trackers]')")
+        raise ConfigError(
+            f"report_to: {', '.join(missing)} not installed; install "
+            f"{' '.join(missing)} (or pip install 'softprompt[trackers]')"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -87,7 +103,11 @@ def _installed(name: str) -> bool:
 def scalars(record: dict) -> dict[str, float]:
     """One metrics.jsonl record as tracker scalars (keys valid in every tracker)."""
     out: dict[str, float] = {}
-    for key, name in (("loss", "train/loss"), ("lr", "train/learning_rate"), ("grad_norm", "train/grad_norm")):
+    for key, name in (
+        ("loss", "train/loss"),
+        ("lr", "train/learning_rate"),
+        ("grad_norm", "train/grad_norm"),
+    ):
         if key in record:
             out[name] = float(record[key])
     if record.get("seconds"):
@@ -106,10 +126,19 @@ def scalars(record: dict) -> dict[str, float]:
 def _validation_scalars(prefix: str, validation: dict) -> dict[str, float]:
     """The mean metric and every numeric per-task metric (lists such as the confusion matrix stay
     in metrics.jsonl)."""
-    out = {f"{prefix}/metric": float(validation["metric"])} if validation.get("metric") is not None else {}
+    out = (
+        {f"{prefix}/metric": float(validation["metric"])}
+        if validation.get("metric") is not None
+        else {}
+    )
     for task, metrics in validation.get("tasks", {}).items():
-        out.update({f"{prefix}/{task}/{k}": float(v) for k, v in metrics.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)})
+        out.update(
+            {
+                f"{prefix}/{task}/{k}": float(v)
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
     return out
 
 
@@ -136,8 +165,12 @@ def accelerator_kwargs(names: list[str], output_dir: Path | None) -> dict:
         raise ConfigError("report_to needs an output directory (the trackers write under it)")
     from accelerate.utils import ProjectConfiguration
 
-    return {"log_with": names, "project_config": ProjectConfiguration(
-        project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard"))}
+    return {
+        "log_with": names,
+        "project_config": ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")
+        ),
+    }
 
 
 class Trackers:
@@ -150,7 +183,12 @@ class Trackers:
     """
 
     def __init__(self, accelerator, names: list[str], output_dir: Path | None, config: dict):
-        self.accelerator, self.names, self.output_dir, self.config = accelerator, names, output_dir, config
+        self.accelerator, self.names, self.output_dir, self.config = (
+            accelerator,
+            names,
+            output_dir,
+            config,
+        )
         self.pending: list[dict] = []
         self.started = False
         self.resumed_ids: dict[str, str] = {}
@@ -208,20 +246,35 @@ class Trackers:
 
             mlflow.set_tracking_uri(mlflow_uri(self.output_dir))
         resuming = bool(self.resumed_ids)
-        self.accelerator.init_trackers(PROJECT, config=None if resuming else hyperparameters(self.config),
-                                       init_kwargs=self._init_kwargs())
+        self.accelerator.init_trackers(
+            PROJECT,
+            config=None if resuming else hyperparameters(self.config),
+            init_kwargs=self._init_kwargs(),
+        )
         self.started = True
-        log.info("trackers started: %s (%s)", ", ".join(self.names), "resumed" if resuming else "new runs")
+        log.info(
+            "trackers started: %s (%s)",
+            ", ".join(self.names),
+            "resumed" if resuming else "new runs",
+        )
 
     def _init_kwargs(self) -> dict:
         ids, run_name = self.resumed_ids, self.output_dir.resolve().name
-        kwargs = {"tensorboard": {"purge_step": self.first_step},
-                  "mlflow": {"run_id": ids.get("mlflow"), "run_name": run_name,
-                             "logging_dir": str(self.output_dir / "mlartifacts")},
-                  "wandb": {"dir": str(self.output_dir), "name": run_name,
-                            "mode": os.environ.get("WANDB_MODE", "offline")},
-                  # embed=False: a training run never launches trackio's dashboard
-                  "trackio": {"name": ids.get("trackio", run_name), "embed": False}}
+        kwargs = {
+            "tensorboard": {"purge_step": self.first_step},
+            "mlflow": {
+                "run_id": ids.get("mlflow"),
+                "run_name": run_name,
+                "logging_dir": str(self.output_dir / "mlartifacts"),
+            },
+            "wandb": {
+                "dir": str(self.output_dir),
+                "name": run_name,
+                "mode": os.environ.get("WANDB_MODE", "offline"),
+            },
+            # embed=False: a training run never launches trackio's dashboard
+            "trackio": {"name": ids.get("trackio", run_name), "embed": False},
+        }
         if "wandb" in ids:
             kwargs["wandb"].update(id=ids["wandb"], resume="allow")
         if "trackio" in ids:

@@ -53,29 +53,46 @@ class TrainConfig:
     lr_scheduler_type: str = opt("linear", "linear, cosine or constant (after warmup).")
     max_grad_norm: float = opt(1.0, "Gradient clipping threshold (0 = off).")
     eval_steps: int = opt(200, "Validate every N steps (and at step 0 and the end).")
-    save_steps: int = opt(10, "Checkpoint every N steps for --resume (0 = only at validations, the time "
-                          "limit and the end).")
-    save_minutes: float = opt(5.0, "Also checkpoint when this many minutes passed since the last one (0 = off).")
+    save_steps: int = opt(
+        10,
+        "Checkpoint every N steps for --resume (0 = only at validations, the time "
+        "limit and the end).",
+    )
+    save_minutes: float = opt(
+        5.0, "Also checkpoint when this many minutes passed since the last one (0 = off)."
+    )
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
-    max_eval_examples: int = opt(0, "Validate on at most this many examples, the same random sample "
-                                 "at every validation (0 = all).")
-    early_stopping_patience: int = opt(0, "Stop after N validations without improvement (0 = never).")
+    max_eval_examples: int = opt(
+        0,
+        "Validate on at most this many examples, the same random sample "
+        "at every validation (0 = all).",
+    )
+    early_stopping_patience: int = opt(
+        0, "Stop after N validations without improvement (0 = never)."
+    )
     group_by_length: bool = opt(True, "Batch examples of similar length (less padding).")
     bf16: str = opt("auto", "bf16 autocast: auto (when the CPU/GPU supports it), yes, no.")
     seed: int = opt(0, "Seed for batch order and initialisation.")
     logging_steps: int = opt(1, "Write a metrics line every N steps.")
-    max_length: int = opt(256, "Truncate input + target to this many tokens (input cut on the left).")
+    max_length: int = opt(
+        256, "Truncate input + target to this many tokens (input cut on the left)."
+    )
     vanishing_grad_norm: float = opt(1e-8, "Warn when the prompt gradient norm falls below this.")
     exploding_grad_norm: float = opt(1e3, "Warn when the prompt gradient norm exceeds this.")
-    report_to: list[str] = opt(["none"], "Experiment trackers, as in transformers: tensorboard, trackio, "
-                               "mlflow, wandb (local/offline, under the output dir), all (every installed one) "
-                               "or none.")
+    report_to: list[str] = opt(
+        ["none"],
+        "Experiment trackers, as in transformers: tensorboard, trackio, "
+        "mlflow, wandb (local/offline, under the output dir), all (every installed one) "
+        "or none.",
+    )
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "adafactor"):
             raise ConfigError(f"optimizer must be adamw or adafactor, not {self.optimizer!r}")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
-            raise ConfigError(f"lr_scheduler_type must be linear, cosine or constant, not {self.lr_scheduler_type!r}")
+            raise ConfigError(
+                f"lr_scheduler_type must be linear, cosine or constant, not {self.lr_scheduler_type!r}"
+            )
         if self.bf16 not in ("auto", "yes", "no"):
             raise ConfigError(f"bf16 must be auto, yes or no, not {self.bf16!r}")
         for name in ("max_steps", "per_device_train_batch_size", "eval_steps"):
@@ -91,9 +108,20 @@ class TrainConfig:
             _check_number(name, getattr(self, name))
 
 
-CHANGEABLE_ON_RESUME = frozenset({
-    "eval_steps", "save_steps", "save_minutes", "eval_batch_size", "max_eval_examples", "logging_steps",
-    "early_stopping_patience", "vanishing_grad_norm", "exploding_grad_norm", "report_to"})
+CHANGEABLE_ON_RESUME = frozenset(
+    {
+        "eval_steps",
+        "save_steps",
+        "save_minutes",
+        "eval_batch_size",
+        "max_eval_examples",
+        "logging_steps",
+        "early_stopping_patience",
+        "vanishing_grad_norm",
+        "exploding_grad_norm",
+        "report_to",
+    }
+)
 """Settings a resumed run may change: they decide what is watched and saved, not what is learned.
 Any other change (learning rate, steps, batch, schedule, seed...) would make the resumed run a
 different run under the old one's name, so it is refused."""
@@ -101,9 +129,16 @@ different run under the old one's name, so it is refused."""
 
 def _check_number(name: str, value: float, *, positive: bool = False) -> None:
     """A finite number, > 0 or >= 0 (the optimizers would fail later with a traceback)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name} must be a finite number {'>' if positive else '>='} 0, not {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
+        raise ConfigError(
+            f"{name} must be a finite number {'>' if positive else '>='} 0, not {value!r}"
+        )
 
 
 DEFAULT_LEARNING_RATE = {"deep": 1e-2, "soft": 3e-2}
@@ -160,12 +195,20 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
     if config.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                         scale_parameter=False, relative_step=False, warmup_init=False)
+        return Adafactor(
+            params,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def batch_schedule(examples: list[Example], global_batch: int, steps: int, config: TrainConfig) -> list[list[int]]:
+def batch_schedule(
+    examples: list[Example], global_batch: int, steps: int, config: TrainConfig
+) -> list[list[int]]:
     """The global batches of every step, identical on every process (a new shuffle per epoch)."""
     lengths = [ex.length for ex in examples]
     schedule: list[list[int]] = []
@@ -173,11 +216,13 @@ def batch_schedule(examples: list[Example], global_batch: int, steps: int, confi
     while len(schedule) < steps:
         seed = config.seed + epoch
         if config.group_by_length:
-            schedule += length_grouped_batches(lengths, global_batch, seed=seed, drop_last=len(examples) >= global_batch)
+            schedule += length_grouped_batches(
+                lengths, global_batch, seed=seed, drop_last=len(examples) >= global_batch
+            )
         else:
             order = list(range(len(examples)))
             random.Random(seed).shuffle(order)
-            schedule += [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+            schedule += [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
         epoch += 1
     return schedule[:steps]
 
@@ -188,10 +233,18 @@ def batch_schedule(examples: list[Example], global_batch: int, steps: int, confi
 class Trainer:
     """Trains the parameters of `prompted` that require grad; see the module docstring."""
 
-    def __init__(self, prompted, train_examples: list[Example], config: TrainConfig, *,
-                 eval_sets: dict[str | None, EvalSet] | None = None, output_dir: str | Path | None = None,
-                 on_step: Callable[[dict], None] | None = None, accelerator: Accelerator | None = None,
-                 run_info: dict | None = None):
+    def __init__(
+        self,
+        prompted,
+        train_examples: list[Example],
+        config: TrainConfig,
+        *,
+        eval_sets: dict[str | None, EvalSet] | None = None,
+        output_dir: str | Path | None = None,
+        on_step: Callable[[dict], None] | None = None,
+        accelerator: Accelerator | None = None,
+        run_info: dict | None = None,
+    ):
         if not train_examples:
             raise ConfigError("no training examples")
         self.prompted, self.examples, self.config = prompted, train_examples, config
@@ -200,29 +253,41 @@ class Trainer:
         self.on_step = on_step
         report_to = resolve_report_to(config.report_to)
         if report_to and accelerator is not None:
-            raise ConfigError("report_to: let the Trainer make its Accelerator (it passes log_with)")
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                                      **accelerator_kwargs(report_to, self.output_dir))
+            raise ConfigError(
+                "report_to: let the Trainer make its Accelerator (it passes log_with)"
+            )
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), **accelerator_kwargs(report_to, self.output_dir)
+        )
         # run_info (task, model, ...) joins the config as the trackers' hyperparameters
-        self.trackers = Trackers(self.accelerator, report_to, self.output_dir, {**asdict(config), **(run_info or {})})
+        self.trackers = Trackers(
+            self.accelerator, report_to, self.output_dir, {**asdict(config), **(run_info or {})}
+        )
         self.device = self.accelerator.device
         self.bf16 = use_bf16(config, self.device)
         self.prompted.to(self.device)
         self.sharded_layers = 0
         """Decoder layers sharded by FSDP (0: every process holds the whole model)."""
         if fsdp_requested(self.accelerator):
-            self.sharded_layers = shard_frozen_base(self.prompted.model, self.device,
-                                                    self.accelerator.num_processes)
+            self.sharded_layers = shard_frozen_base(
+                self.prompted.model, self.device, self.accelerator.num_processes
+            )
         self.params = [p for p in prompted.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: no parameter requires grad")
         self.optimizer = make_optimizer(self.params, config)
-        self.scheduler = get_scheduler(config.lr_scheduler_type if config.lr_scheduler_type != "constant"
-                                       else "constant_with_warmup", self.optimizer,
-                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type
+            if config.lr_scheduler_type != "constant"
+            else "constant_with_warmup",
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps,
+        )
         world = self.accelerator.num_processes
-        self.schedule = batch_schedule(train_examples, config.per_device_train_batch_size * world,
-                                       config.max_steps, config)
+        self.schedule = batch_schedule(
+            train_examples, config.per_device_train_batch_size * world, config.max_steps, config
+        )
         self.step, self.best_metric, self.best_step, self.bad_evals = 0, None, 0, 0
         self.skipped_steps = 0  # steps whose gradient was NaN/inf (not applied)
         self.best_state = self._snapshot()
@@ -240,7 +305,7 @@ class Trainer:
 
     def _local_rows(self, rows: list[int]) -> list[Example]:
         acc = self.accelerator
-        return [self.examples[i] for i in rows[acc.process_index::acc.num_processes]]
+        return [self.examples[i] for i in rows[acc.process_index :: acc.num_processes]]
 
     def _global_sum(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -255,8 +320,13 @@ class Trainer:
         batch = {k: v.to(self.device) for k, v in collate(local, pad, padding_side="left").items()}
         n_tokens = self._global_sum(float((batch["labels"] != -100).sum()))
         with autocast(self.device, self.bf16):
-            nll = self.prompted.loss(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                     batch["labels"], reduction="none").sum()
+            nll = self.prompted.loss(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["task_ids"],
+                batch["labels"],
+                reduction="none",
+            ).sum()
         (nll / n_tokens).backward()
         self._sync_gradients()
         stats = self._gradient_stats()
@@ -267,8 +337,11 @@ class Trainer:
         else:  # one NaN/inf step would poison the prompt and every Adam moment for good
             stats["skipped"] = True
             self.skipped_steps += 1
-            log.warning("step %d: non-finite gradient; update skipped (%d so far)", self.step + 1,
-                        self.skipped_steps)
+            log.warning(
+                "step %d: non-finite gradient; update skipped (%d so far)",
+                self.step + 1,
+                self.skipped_steps,
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
@@ -276,8 +349,14 @@ class Trainer:
         self.examples_seen += len(self.schedule[self.step])
         self.step += 1
         loss = self._global_sum(float(nll.detach())) / n_tokens
-        return {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                "seconds": seconds, "examples": len(self.schedule[self.step - 1]), **stats}
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "seconds": seconds,
+            "examples": len(self.schedule[self.step - 1]),
+            **stats,
+        }
 
     def _sync_gradients(self) -> None:
         """Sum gradients across processes (the loss is already divided by the global count)."""
@@ -290,17 +369,26 @@ class Trainer:
 
     def _gradient_stats(self) -> dict:
         """Per-virtual-token gradient and value norms of each prompt, plus the total grad norm."""
-        total = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.params if p.grad is not None))
+        total = math.sqrt(
+            sum(float(p.grad.float().pow(2).sum()) for p in self.params if p.grad is not None)
+        )
         stats: dict = {"grad_norm": total}
         table = getattr(self.prompted, "table", None)
         if table is not None and any(p.requires_grad for p in table.parameters()):
             stats["prompt_grad_norms"] = {
                 name: (p.grad.norm(dim=-1).tolist() if p.grad is not None else [0.0] * p.shape[0])
-                for name, p in zip(table.names, table.prompts, strict=True)}
-            stats["prompt_norms"] = {name: p.detach().norm(dim=-1).tolist()
-                                     for name, p in zip(table.names, table.prompts, strict=True)}
+                for name, p in zip(table.names, table.prompts, strict=True)
+            }
+            stats["prompt_norms"] = {
+                name: p.detach().norm(dim=-1).tolist()
+                for name, p in zip(table.names, table.prompts, strict=True)
+            }
         if math.isfinite(total) and total > self.config.exploding_grad_norm:
-            log.warning("step %d: exploding gradient (norm %.3g); lower --learning-rate", self.step + 1, total)
+            log.warning(
+                "step %d: exploding gradient (norm %.3g); lower --learning-rate",
+                self.step + 1,
+                total,
+            )
         elif total < self.config.vanishing_grad_norm:
             log.warning("step %d: vanishing gradient (norm %.3g)", self.step + 1, total)
         return stats
@@ -316,9 +404,13 @@ class Trainer:
             # the same rows at every validation, whatever the training seed
             examples = sample_rows(eval_set.examples, self.config.max_eval_examples, seed=0)
             with autocast(self.device, self.bf16):
-                results[name or "base"] = evaluate_task(self.prompted, eval_set.task, examples,
-                                                        name if task_names else None,
-                                                        batch_size=self.config.eval_batch_size)
+                results[name or "base"] = evaluate_task(
+                    self.prompted,
+                    eval_set.task,
+                    examples,
+                    name if task_names else None,
+                    batch_size=self.config.eval_batch_size,
+                )
         scores = [r["accuracy"] if "accuracy" in r else -r["loss"] for r in results.values()]
         return {"metric": sum(scores) / len(scores) if scores else None, "tasks": results}
 
@@ -349,11 +441,22 @@ class Trainer:
         finally:
             self.trackers.finish()
         self.restore_best()
-        log.info("trained %d steps (%d this run); best metric %s at step %d", self.step,
-                 self.step - start_step, self.best_metric, self.best_step)
-        return TrainResult(self.best_metric, self.best_step, self.step, self.history, self.train_seconds,
-                           self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
-                           self.trainable_parameter_count)
+        log.info(
+            "trained %d steps (%d this run); best metric %s at step %d",
+            self.step,
+            self.step - start_step,
+            self.best_metric,
+            self.best_step,
+        )
+        return TrainResult(
+            self.best_metric,
+            self.best_step,
+            self.step,
+            self.history,
+            self.train_seconds,
+            self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
+            self.trainable_parameter_count,
+        )
 
     def _loop(self) -> None:
         if self.step == 0 and self.eval_sets:
@@ -374,7 +477,9 @@ class Trainer:
         curve shows whether training first made things worse, and against what."""
         validation = self.validate()
         validation["zero_shot"] = self.validate(task_names=False)
-        self.untrained_validation = validation  # logged only: best-prompt selection starts at step 1
+        self.untrained_validation = (
+            validation  # logged only: best-prompt selection starts at step 1
+        )
         self._write_metrics({"step": 0, "validation": validation})
 
     def _log(self, record: dict) -> None:
@@ -405,7 +510,8 @@ class Trainer:
         every = self.config.save_steps
         minutes = self.config.save_minutes
         return bool(every and self.step % every == 0) or bool(
-            minutes and time.monotonic() - self._last_save >= minutes * 60)
+            minutes and time.monotonic() - self._last_save >= minutes * 60
+        )
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue bit-for-bit: written to a temp file, fsynced, renamed."""
@@ -413,12 +519,20 @@ class Trainer:
         path = self.checkpoint_path()
         if path is None or not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "params": [p.detach().cpu() for p in self.params],
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "best_metric": self.best_metric, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                 "best_state": [t.cpu() for t in self.best_state], "train_seconds": self.train_seconds,
-                 "examples_seen": self.examples_seen, "config": asdict(self.config),
-                 "trackers": self.trackers.run_ids()}
+        state = {
+            "step": self.step,
+            "params": [p.detach().cpu() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "best_state": [t.cpu() for t in self.best_state],
+            "train_seconds": self.train_seconds,
+            "examples_seen": self.examples_seen,
+            "config": asdict(self.config),
+            "trackers": self.trackers.run_ids(),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, lambda f: torch.save(state, f))
         # only now: a tracker never holds a step that a --resume from this checkpoint logs again
@@ -446,16 +560,28 @@ class Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:  # torn by a disk failure, or not ours: torch raises many types
-            raise ConfigError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
-        changed = {k: (v, getattr(self.config, k)) for k, v in state.get("config", {}).items()
-                   if k in asdict(self.config) and getattr(self.config, k) != v}
+            raise ConfigError(
+                f"checkpoint {path} cannot be read ({exc}); delete it to start over"
+            ) from None
+        changed = {
+            k: (v, getattr(self.config, k))
+            for k, v in state.get("config", {}).items()
+            if k in asdict(self.config) and getattr(self.config, k) != v
+        }
         refused = {k: values for k, values in changed.items() if k not in CHANGEABLE_ON_RESUME}
         if refused:
-            detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items()))
-            raise ConfigError(f"checkpoint {path} was made with other settings ({detail}): resume with the "
-                              "checkpoint's settings, or train into a new --output-dir")
+            detail = ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items())
+            )
+            raise ConfigError(
+                f"checkpoint {path} was made with other settings ({detail}): resume with the "
+                "checkpoint's settings, or train into a new --output-dir"
+            )
         if changed:
-            log.warning("resuming with settings changed since the checkpoint: %s", ", ".join(sorted(changed)))
+            log.warning(
+                "resuming with settings changed since the checkpoint: %s",
+                ", ".join(sorted(changed)),
+            )
         return state
 
     def _restore(self, state: dict) -> None:
@@ -476,7 +602,9 @@ class Trainer:
         metrics = self._metrics_path()
         if not metrics.is_file():
             return
-        last = self.step if self.step > 0 else -1  # a run (re)started at step 0 logs its step 0 again
+        last = (
+            self.step if self.step > 0 else -1
+        )  # a run (re)started at step 0 logs its step 0 again
         kept, torn = [], 0
         for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
             record = _parse_record(line)
@@ -506,9 +634,18 @@ def _parse_record(line: str) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
-def train_prompts(prompted, data: str, *, task: str, template: str, labels: list[str] | None = None,
-                  targets: list[str] | None = None, eval_data: str | None = None, output_dir=None,
-                  **config) -> TrainResult:
+def train_prompts(
+    prompted,
+    data: str,
+    *,
+    task: str,
+    template: str,
+    labels: list[str] | None = None,
+    targets: list[str] | None = None,
+    eval_data: str | None = None,
+    output_dir=None,
+    **config,
+) -> TrainResult:
     """Notebook-sized entry point: train `task`'s prompt on a data file (or builtin:NAME:SPLIT).
 
     Keyword arguments are TrainConfig fields. The task's template and verbalizer are remembered
@@ -520,10 +657,19 @@ def train_prompts(prompted, data: str, *, task: str, template: str, labels: list
     spec = Task(task, Template(template), verbalizer, target_column=None if labels else "target")
     task_id = prompted.table.index(task)
     train_config = TrainConfig(**config)
-    examples, _ = load_examples(data, spec, prompted.tokenizer, task_id, max_length=train_config.max_length)
+    examples, _ = load_examples(
+        data, spec, prompted.tokenizer, task_id, max_length=train_config.max_length
+    )
     eval_sets = {}
     if eval_data:
-        eval_examples, _ = load_examples(eval_data, spec, prompted.tokenizer, task_id, max_length=train_config.max_length)
+        eval_examples, _ = load_examples(
+            eval_data, spec, prompted.tokenizer, task_id, max_length=train_config.max_length
+        )
         eval_sets[task] = EvalSet(spec, eval_examples)
-    prompted.meta[task] = {"template": spec.template.text, "verbalizer": verbalizer.to_dict() if verbalizer else None}
-    return Trainer(prompted, examples, train_config, eval_sets=eval_sets, output_dir=output_dir).train()
+    prompted.meta[task] = {
+        "template": spec.template.text,
+        "verbalizer": verbalizer.to_dict() if verbalizer else None,
+    }
+    return Trainer(
+        prompted, examples, train_config, eval_sets=eval_sets, output_dir=output_dir
+    ).train()

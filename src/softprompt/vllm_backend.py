@@ -59,22 +59,36 @@ _SAME_MODEL_TOLERANCE = 0.05  # nats: token ids vs our embeddings of them, throu
 class VLLMConfig:
     """How `softprompt serve --backend vllm` reaches (or starts) vLLM."""
 
-    vllm_url: str | None = opt(None, "URL of a running vLLM server started with --enable-prompt-embeds; "
-                                     "none: start one from the project's vLLM environment.")
-    vllm_python: str | None = opt(None, "Python of the vLLM environment; none: .venv-vllm/ from `make vllm`.")
-    vllm_dtype: str = opt("bfloat16", "dtype vLLM runs the model in: float32, bfloat16 or float16; the "
-                                      "gateway sends embeddings in it.")
-    vllm_max_model_len: int = opt(2048, "Context length of a vLLM the gateway starts (--max-model-len).")
+    vllm_url: str | None = opt(
+        None,
+        "URL of a running vLLM server started with --enable-prompt-embeds; "
+        "none: start one from the project's vLLM environment.",
+    )
+    vllm_python: str | None = opt(
+        None, "Python of the vLLM environment; none: .venv-vllm/ from `make vllm`."
+    )
+    vllm_dtype: str = opt(
+        "bfloat16",
+        "dtype vLLM runs the model in: float32, bfloat16 or float16; the "
+        "gateway sends embeddings in it.",
+    )
+    vllm_max_model_len: int = opt(
+        2048, "Context length of a vLLM the gateway starts (--max-model-len)."
+    )
     vllm_startup_timeout_s: float = opt(900, "Seconds to wait for a started vLLM to answer.")
 
     def __post_init__(self):
         if self.vllm_dtype not in _DTYPES:
-            raise ConfigError(f"vllm_dtype must be one of {', '.join(_DTYPES)}, not {self.vllm_dtype!r}")
+            raise ConfigError(
+                f"vllm_dtype must be one of {', '.join(_DTYPES)}, not {self.vllm_dtype!r}"
+            )
         if self.vllm_max_model_len < 1:
             raise ConfigError("vllm_max_model_len must be >= 1")
 
 
-def open_vllm_backend(model_name: str, bank, config: VLLMConfig, *, timeout_s: float = 300) -> VLLMBackend:
+def open_vllm_backend(
+    model_name: str, bank, config: VLLMConfig, *, timeout_s: float = 300
+) -> VLLMBackend:
     """The gateway for `model_name` over `bank`: to `config.vllm_url`, or to a vLLM it starts;
     a request waits `timeout_s` for vLLM at most (the server's --request-timeout-s)."""
     from .vllm_process import VLLMProcess, find_vllm_python
@@ -83,12 +97,15 @@ def open_vllm_backend(model_name: str, bank, config: VLLMConfig, *, timeout_s: f
     engine = Engine(loaded, bank)
     process, url = None, config.vllm_url
     if url is None:
-        process = VLLMProcess(find_vllm_python(config.vllm_python), loaded.source,
-                              loaded.model.config.name_or_path, dtype=config.vllm_dtype,
-                              max_model_len=config.vllm_max_model_len)
+        process = VLLMProcess(
+            find_vllm_python(config.vllm_python),
+            loaded.source,
+            loaded.model.config.name_or_path,
+            dtype=config.vllm_dtype,
+            max_model_len=config.vllm_max_model_len,
+        )
         url = process.start(config.vllm_startup_timeout_s)
-    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s,
-                       process=process)
+    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s, process=process)
 
 
 # ---------------------------------------------------------------- the light model
@@ -117,7 +134,9 @@ def load_gateway_model(name: str) -> LoadedModel:
     """
     source, base_name = resolve_model_source(name)
     if not Path(source).is_dir():
-        raise ModelLoadError(f"the vLLM gateway needs a local model folder; {name!r} resolved to {source!r}")
+        raise ModelLoadError(
+            f"the vLLM gateway needs a local model folder; {name!r} resolved to {source!r}"
+        )
     config = AutoConfig.from_pretrained(source)
     config.name_or_path = base_name
     try:
@@ -144,7 +163,9 @@ def _read_input_embeddings(folder: str, config) -> torch.Tensor:
             key = next((n for n in names if n in keys), None)
             if key is not None:
                 return fh.get_tensor(key)
-    raise ModelLoadError(f"no input-embedding tensor ({', '.join(names)}) in the safetensors files of {folder}")
+    raise ModelLoadError(
+        f"no input-embedding tensor ({', '.join(names)}) in the safetensors files of {folder}"
+    )
 
 
 # ---------------------------------------------------------------- talking to vLLM
@@ -165,7 +186,9 @@ class VLLMClient:
 
     def __init__(self, url: str, *, timeout_s: float):
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5))
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5)
+        )
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -184,7 +207,9 @@ class VLLMClient:
 
     async def stream(self, payload: dict) -> AsyncIterator[dict]:
         """Open a streaming completion (errors raise here), then yield its chunks."""
-        request = self._http.build_request("POST", "/v1/completions", json={**payload, "stream": True})
+        request = self._http.build_request(
+            "POST", "/v1/completions", json={**payload, "stream": True}
+        )
         response = await self._call(self._http.send(request, stream=True), raw=True)
         return self._chunks(response)
 
@@ -201,7 +226,9 @@ class VLLMClient:
                     raise _error_from(500, chunk, self.url)
                 yield chunk
         finally:
-            with anyio.CancelScope(shield=True):  # closing the connection is how vLLM hears "cancel"
+            with anyio.CancelScope(
+                shield=True
+            ):  # closing the connection is how vLLM hears "cancel"
                 await response.aclose()
 
     async def _guard(self, lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -209,15 +236,21 @@ class VLLMClient:
             async for line in lines:
                 yield line
         except httpx.TimeoutException as exc:
-            raise BackendTimeoutError(f"vLLM at {self.url} sent nothing for too long: {exc!r}") from exc
+            raise BackendTimeoutError(
+                f"vLLM at {self.url} sent nothing for too long: {exc!r}"
+            ) from exc
         except httpx.TransportError as exc:
-            raise BackendUnavailableError(f"vLLM at {self.url} dropped the stream: {exc!r}") from exc
+            raise BackendUnavailableError(
+                f"vLLM at {self.url} dropped the stream: {exc!r}"
+            ) from exc
 
     async def _call(self, pending, *, raw: bool = False):
         try:
             response = await pending
         except httpx.TimeoutException as exc:
-            raise BackendTimeoutError(f"vLLM at {self.url} did not answer in time ({exc!r})") from exc
+            raise BackendTimeoutError(
+                f"vLLM at {self.url} did not answer in time ({exc!r})"
+            ) from exc
         except httpx.TransportError as exc:
             raise BackendUnavailableError(f"vLLM at {self.url} is not reachable ({exc!r})") from exc
         if response.status_code != 200:
@@ -262,10 +295,19 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, engine: Engine, url: str, *, dtype: str = "bfloat16", timeout_s: float = 300,
-                 process=None):
+    def __init__(
+        self,
+        engine: Engine,
+        url: str,
+        *,
+        dtype: str = "bfloat16",
+        timeout_s: float = 300,
+        process=None,
+    ):
         self.engine = engine
-        engine.kinds = ("soft",)  # prompt embeddings enter at the input: a deep prompt cannot ride them
+        engine.kinds = (
+            "soft",
+        )  # prompt embeddings enter at the input: a deep prompt cannot ride them
         self.client = VLLMClient(url, timeout_s=timeout_s)
         self.dtype = _DTYPES[dtype]
         self.process = process
@@ -282,7 +324,9 @@ class VLLMBackend:
             log.warning("skipped unusable tasks: %s", sorted(errors))
         try:
             await self._ensure_served()
-        except BackendUnavailableError as exc:  # keep serving /health; requests get 503 until it is up
+        except (
+            BackendUnavailableError
+        ) as exc:  # keep serving /health; requests get 503 until it is up
             log.warning("vLLM is not usable yet: %s", exc)
 
     async def close(self) -> None:
@@ -294,8 +338,12 @@ class VLLMBackend:
         up = await self.client.alive()
         if not up:
             self._served = None  # find out again (and check the model) once it is back
-        return {"name": self.name, "status": "up" if up else "down", "url": self.client.url,
-                "prompt_kinds": list(self.engine.kinds)}
+        return {
+            "name": self.name,
+            "status": "up" if up else "down",
+            "url": self.client.url,
+            "prompt_kinds": list(self.engine.kinds),
+        }
 
     # ------------------------------------------------------------ requests
 
@@ -324,10 +372,14 @@ class VLLMBackend:
 
     async def stream(self, prepared) -> AsyncIterator[str | GenerationResult]:
         """Start streaming (errors raise here); yields text pieces, then the GenerationResult."""
-        chunks = await self._failing_over(self.client.stream(self._generation_payload(prepared, stream=True)))
+        chunks = await self._failing_over(
+            self.client.stream(self._generation_payload(prepared, stream=True))
+        )
         return self._pieces(prepared, chunks)
 
-    async def _pieces(self, prepared, chunks: AsyncIterator[dict]) -> AsyncIterator[str | GenerationResult]:
+    async def _pieces(
+        self, prepared, chunks: AsyncIterator[dict]
+    ) -> AsyncIterator[str | GenerationResult]:
         text, token_ids, finish, usage = [], [], None, None
         try:
             async for chunk in chunks:
@@ -344,7 +396,9 @@ class VLLMBackend:
         finally:
             await chunks.aclose()
         completion = (usage or {}).get("completion_tokens", len(token_ids))
-        yield GenerationResult("".join(text), token_ids, finish or "stop", len(prepared.input_ids), completion)
+        yield GenerationResult(
+            "".join(text), token_ids, finish or "stop", len(prepared.input_ids), completion
+        )
 
     async def _failing_over(self, work):
         """Await `work`; on a backend failure forget what we knew, so recovery re-checks vLLM."""
@@ -357,16 +411,26 @@ class VLLMBackend:
     async def _generate(self, prepared) -> GenerationResult:
         answer = await self.client.complete(self._generation_payload(prepared, stream=False))
         choice = answer["choices"][0]
-        return GenerationResult(choice["text"], list(choice.get("token_ids") or []),
-                                choice.get("finish_reason") or "stop", len(prepared.input_ids),
-                                answer.get("usage", {}).get("completion_tokens", 0))
+        return GenerationResult(
+            choice["text"],
+            list(choice.get("token_ids") or []),
+            choice.get("finish_reason") or "stop",
+            len(prepared.input_ids),
+            answer.get("usage", {}).get("completion_tokens", 0),
+        )
 
     def _generation_payload(self, prepared, *, stream: bool) -> dict:
         sampling = prepared.sampling
-        payload = {"max_tokens": prepared.max_new_tokens, "temperature": sampling.temperature,
-                   "top_p": sampling.top_p, "seed": sampling.seed, "stop": list(prepared.stops),
-                   "ignore_eos": prepared.request.ignore_eos,
-                   "return_token_ids": True, "skip_special_tokens": True}
+        payload = {
+            "max_tokens": prepared.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+            "stop": list(prepared.stops),
+            "ignore_eos": prepared.request.ignore_eos,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
         if stream:
             payload["stream_options"] = {"include_usage": True}
         return {**payload, **self._prompt_fields(prepared.task, prepared.input_ids)}
@@ -389,20 +453,31 @@ class VLLMBackend:
             for j, token in enumerate(pair.target_ids):
                 wanted.setdefault(_prefix_key(pair, j), set()).add(token)
         keys = list(wanted)
-        found = await asyncio.gather(*(self._next_token_logprobs(key, sorted(wanted[key])) for key in keys))
+        found = await asyncio.gather(
+            *(self._next_token_logprobs(key, sorted(wanted[key])) for key in keys)
+        )
         logprobs = dict(zip(keys, found, strict=True))
-        scores = [sum(logprobs[_prefix_key(pair, j)][token] for j, token in enumerate(pair.target_ids))
-                  for pair in prepared.pairs]
+        scores = [
+            sum(logprobs[_prefix_key(pair, j)][token] for j, token in enumerate(pair.target_ids))
+            for pair in prepared.pairs
+        ]
         return prepared.finish(scores)
 
     async def _next_token_logprobs(self, key: tuple, tokens: list[int]) -> dict[int, float]:
         task, ids = key
         out: dict[int, float] = {}
         for start in range(0, len(tokens), _MAX_LOGPROB_TOKEN_IDS):
-            chunk = tokens[start:start + _MAX_LOGPROB_TOKEN_IDS]
-            answer = await self.client.complete({
-                **self._prompt_fields(task, list(ids)), "max_tokens": 1, "temperature": 0,
-                "logprobs": 1, "logprob_token_ids": chunk, "return_tokens_as_token_ids": True})
+            chunk = tokens[start : start + _MAX_LOGPROB_TOKEN_IDS]
+            answer = await self.client.complete(
+                {
+                    **self._prompt_fields(task, list(ids)),
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "logprobs": 1,
+                    "logprob_token_ids": chunk,
+                    "return_tokens_as_token_ids": True,
+                }
+            )
             out.update(_token_logprobs(answer, chunk))
         return out
 
@@ -418,9 +493,16 @@ class VLLMBackend:
                     raise BackendUnavailableError(f"vLLM at {self.client.url} lists no model")
                 served = _Served(entry["id"], entry.get("max_model_len"))
                 await self._check_same_model(served)
-                self.engine.context_length = min(self._model_context, int(served.max_model_len or self._model_context))
+                self.engine.context_length = min(
+                    self._model_context, int(served.max_model_len or self._model_context)
+                )
                 self._served = served
-                log.info("vLLM at %s serves %s (context %s)", self.client.url, served.model, served.max_model_len)
+                log.info(
+                    "vLLM at %s serves %s (context %s)",
+                    self.client.url,
+                    served.model,
+                    served.max_model_len,
+                )
             return self._served
 
     async def _check_same_model(self, served: _Served) -> None:
@@ -429,28 +511,43 @@ class VLLMBackend:
         A vLLM serving another model than the gateway's embedding table would otherwise answer
         every soft-prompt request with garbage.
         """
-        ids = self.engine.tokenizer("The capital of France is", add_special_tokens=True)["input_ids"]
+        ids = self.engine.tokenizer("The capital of France is", add_special_tokens=True)[
+            "input_ids"
+        ]
         weight = self.engine.model.get_input_embeddings().weight
-        base = {"model": served.model, "max_tokens": 1, "temperature": 0, "logprobs": 5,
-                "return_tokens_as_token_ids": True}
+        base = {
+            "model": served.model,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": 5,
+            "return_tokens_as_token_ids": True,
+        }
         by_ids = await self.client.complete({**base, "prompt": ids})
-        by_embeds = await self.client.complete({**base, "prompt_embeds": encode_embeds(weight[ids].to(self.dtype))})
+        by_embeds = await self.client.complete(
+            {**base, "prompt_embeds": encode_embeds(weight[ids].to(self.dtype))}
+        )
         a, b = _top_logprobs(by_ids), _top_logprobs(by_embeds)
         shared = a.keys() & b.keys()
         if not shared or max(abs(a[k] - b[k]) for k in shared) > _SAME_MODEL_TOLERANCE:
             raise BackendUnavailableError(
                 f"vLLM at {self.client.url} ({served.model}) does not serve the gateway's model "
                 f"{self.engine.base_model_id!r}: the same tokens as ids and as our embeddings give "
-                f"different next tokens ({a} vs {b}); start vLLM on the same weights")
+                f"different next tokens ({a} vs {b}); start vLLM on the same weights"
+            )
 
 
 def _cannot_serve(exc: UnsupportedPromptKindError) -> UnsupportedPromptKindError:
     """The engine's refusal (same type, so the same 422), saying why vLLM cannot serve the kind."""
-    why = {"deep": ": it is keys and values inside every layer, and vLLM's prompt embeddings enter "
-                   "at the input only"}.get(exc.kind, "")
+    why = {
+        "deep": ": it is keys and values inside every layer, and vLLM's prompt embeddings enter "
+        "at the input only"
+    }.get(exc.kind, "")
     return UnsupportedPromptKindError(
         f"task '{exc.task}' is a {exc.kind} prompt, which the vLLM backend cannot serve{why} "
-        "(it serves soft prompts only)", task=exc.task, kind=exc.kind)
+        "(it serves soft prompts only)",
+        task=exc.task,
+        kind=exc.kind,
+    )
 
 
 def _prefix_key(pair, j: int) -> tuple:
@@ -463,13 +560,17 @@ def _top_logprobs(answer: dict) -> dict[int, float]:
         top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
         return {int(key.rsplit(":", 1)[1]): float(value) for key, value in top.items()}
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise BackendUnavailableError(f"vLLM answered without log-probabilities: {answer!r:.300}") from exc
+        raise BackendUnavailableError(
+            f"vLLM answered without log-probabilities: {answer!r:.300}"
+        ) from exc
 
 
 def _token_logprobs(answer: dict, tokens: list[int]) -> dict[int, float]:
     found = _top_logprobs(answer)
     missing = [t for t in tokens if t not in found]
     if missing:
-        raise BackendUnavailableError(f"vLLM returned no log-probability for token ids {missing} "
-                                      "(it needs `logprob_token_ids`, vLLM >= 0.32)")
+        raise BackendUnavailableError(
+            f"vLLM returned no log-probability for token ids {missing} "
+            "(it needs `logprob_token_ids`, vLLM >= 0.32)"
+        )
     return {t: found[t] for t in tokens}

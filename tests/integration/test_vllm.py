@@ -38,8 +38,14 @@ TASKS = {  # name -> init text of a text-initialised soft prompt
     "pirate": "Answer like a pirate would, with lots of arrr:",
     "summary": "Summarize the following text in one short sentence:",
 }
-TEXTS = ["Review: a wonderful, moving film\nSentiment:", "The capital of France is", "Once upon a time",
-         "Write a haiku about the sea.", "def fibonacci(n):", "My favourite food is"]
+TEXTS = [
+    "Review: a wonderful, moving film\nSentiment:",
+    "The capital of France is",
+    "Once upon a time",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "My favourite food is",
+]
 LOGPROB_TOLERANCE = 0.01  # nats; see _equal_or_near_tie
 MAX_TOKENS = 16
 
@@ -56,20 +62,32 @@ def _vllm_python() -> Path:
 @pytest.fixture(scope="module")
 def bank(smollm2, tmp_path_factory):
     bank = PromptBank(tmp_path_factory.mktemp("vllm-bank"))
-    meta = {"fingerprint": smollm2.fingerprint, "template": TEMPLATE,
-            "verbalizer": {"labels": ["negative", "positive"], "targets": [" negative", " positive"]}}
+    meta = {
+        "fingerprint": smollm2.fingerprint,
+        "template": TEMPLATE,
+        "verbalizer": {"labels": ["negative", "positive"], "targets": [" negative", " positive"]},
+    }
     for name, text in TASKS.items():
-        config = PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="text", prompt_tuning_init_text=text)
+        config = PromptTuningConfig(
+            num_virtual_tokens=8, prompt_tuning_init="text", prompt_tuning_init_text=text
+        )
         values = init_prompt(config, smollm2.model, smollm2.tokenizer)  # (8, 576)
-        peft = peft_prompt_config(num_virtual_tokens=8, token_dim=576, num_layers=30, num_attention_heads=9)
+        peft = peft_prompt_config(
+            num_virtual_tokens=8, token_dim=576, num_layers=30, num_attention_heads=9
+        )
         bank.save(SavedPrompt(name, values, peft, meta))
     return bank
 
 
 @pytest.fixture(scope="module")
 def vllm(smollm2):
-    process = VLLMProcess(_vllm_python(), smollm2.source, smollm2.model.config.name_or_path, dtype="float32",
-                          max_model_len=2048)
+    process = VLLMProcess(
+        _vllm_python(),
+        smollm2.source,
+        smollm2.model.config.name_or_path,
+        dtype="float32",
+        max_model_len=2048,
+    )
     process.start()
     yield process
     process.stop()
@@ -79,8 +97,24 @@ def vllm(smollm2):
 def gateway(vllm, bank, smollm2):
     """`softprompt serve --backend vllm` (a subprocess, like a user runs it) over the bank."""
     port = free_port()
-    command = [sys.executable, "-m", "softprompt", "serve", "--backend", "vllm", "--vllm-url", vllm.url,
-               "--vllm-dtype", "float32", "--bank", str(bank.root), "--port", str(port), "--request-timeout-s", "120"]
+    command = [
+        sys.executable,
+        "-m",
+        "softprompt",
+        "serve",
+        "--backend",
+        "vllm",
+        "--vllm-url",
+        vllm.url,
+        "--vllm-dtype",
+        "float32",
+        "--bank",
+        str(bank.root),
+        "--port",
+        str(port),
+        "--request-timeout-s",
+        "120",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -106,7 +140,9 @@ def engine(smollm2, bank):
 # ---------------------------------------------------------------- same answers as the engine
 
 
-def _equal_or_near_tie(smollm2, bank, prompt: str, task: str | None, ours: list[int], theirs: list[int]) -> bool:
+def _equal_or_near_tie(
+    smollm2, bank, prompt: str, task: str | None, ours: list[int], theirs: list[int]
+) -> bool:
     """Equal tokens, or they part at a near tie: at the first differing position the engine's model
     gives both candidates log-probabilities within LOGPROB_TOLERANCE (float32 kernels of vLLM and
     transformers sum in different orders, so a near tie may break either way)."""
@@ -124,24 +160,36 @@ def _equal_or_near_tie(smollm2, bank, prompt: str, task: str | None, ours: list[
     return abs(float(logprobs[ours[k]] - logprobs[theirs[k]])) < LOGPROB_TOLERANCE
 
 
-def test_16_concurrent_requests_over_4_tasks_and_plain_rows_equal_the_engine(gateway, engine, smollm2, bank):
+def test_16_concurrent_requests_over_4_tasks_and_plain_rows_equal_the_engine(
+    gateway, engine, smollm2, bank
+):
     names = [*TASKS, None]
     jobs = [(TEXTS[i % len(TEXTS)], names[i % len(names)]) for i in range(16)]
 
     def call(job):
         text, task = job
-        body = {"model": task or engine.base_model_id, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0}
+        body = {
+            "model": task or engine.base_model_id,
+            "prompt": text,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
         r = gateway.http.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
 
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(call, jobs))
-    expected = [engine.generate([GenerationRequest(t, task=task, max_new_tokens=MAX_TOKENS)])[0] for t, task in jobs]
+    expected = [
+        engine.generate([GenerationRequest(t, task=task, max_new_tokens=MAX_TOKENS)])[0]
+        for t, task in jobs
+    ]
     tokenizer = smollm2.tokenizer
     for (text, task), ours, ref in zip(jobs, got, expected, strict=True):
         theirs = tokenizer(ours, add_special_tokens=False)["input_ids"]
-        assert ours == ref.text or _equal_or_near_tie(smollm2, bank, text, task, ref.token_ids, theirs), (task, text)
+        assert ours == ref.text or _equal_or_near_tie(
+            smollm2, bank, text, task, ref.token_ids, theirs
+        ), (task, text)
     assert len(set(got)) >= 8  # the tasks really change the answers
 
 
@@ -149,19 +197,40 @@ def test_classification_equals_softprompt_eval_on_50_rows(gateway, tmp_path, ban
     rows = [row for _, row in load_builtin("movie_sentiment", "test")][:50]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = gateway.http.post("/v1/classify", json={"model": "sentiment", "input": [r["text"] for r in rows]})
+    r = gateway.http.post(
+        "/v1/classify", json={"model": "sentiment", "input": [r["text"] for r in rows]}
+    )
     assert r.status_code == 200, r.text
     served = [row["label"] for row in r.json()["data"]]
 
-    evaluated = subprocess.run([sys.executable, "-m", "softprompt", "eval", "--model", "default", "--bank",
-                                str(bank.root), "--task", "sentiment", "--data", str(data), "--json"],
-                               capture_output=True, text=True, timeout=600)
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            "eval",
+            "--model",
+            "default",
+            "--bank",
+            str(bank.root),
+            "--task",
+            "sentiment",
+            "--data",
+            str(data),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     labels = metrics["labels"]
     gold = [labels[r["label"]] if isinstance(r["label"], int) else r["label"] for r in rows]
-    confusion = [[sum(1 for g, p in zip(gold, served, strict=True) if g == a and p == b) for b in labels]
-                 for a in labels]
+    confusion = [
+        [sum(1 for g, p in zip(gold, served, strict=True) if g == a and p == b) for b in labels]
+        for a in labels
+    ]
     assert metrics["n"] == 50 and confusion == metrics["confusion_matrix"]
     assert _per_row_eval_labels(smollm2, bank, rows) == served
 
@@ -180,12 +249,20 @@ def _per_row_eval_labels(smollm2, bank, rows) -> list[str]:
     path = Path(bank.root).parent / "eval-rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples, _ = load_examples(str(path), task, smollm2.tokenizer, 0)
-    scores = label_log_likelihoods(prompted, examples, verbalizer.target_token_ids(smollm2.tokenizer), 0)
+    scores = label_log_likelihoods(
+        prompted, examples, verbalizer.target_token_ids(smollm2.tokenizer), 0
+    )
     return [verbalizer.labels[i] for i in scores.argmax(1).tolist()]
 
 
 def test_streaming_through_the_gateway_joins_to_the_engines_text(gateway, engine):
-    body = {"model": "pirate", "prompt": TEXTS[2], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    body = {
+        "model": "pirate",
+        "prompt": TEXTS[2],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
     pieces = []
     with gateway.http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -193,8 +270,12 @@ def test_streaming_through_the_gateway_joins_to_the_engines_text(gateway, engine
             if line.startswith("data: {"):
                 pieces += [c["text"] for c in json.loads(line[6:])["choices"]]
     assert sum(1 for p in pieces if p) > 3
-    assert "".join(pieces) == engine.generate([GenerationRequest(TEXTS[2], task="pirate",
-                                                                 max_new_tokens=MAX_TOKENS)])[0].text
+    assert (
+        "".join(pieces)
+        == engine.generate([GenerationRequest(TEXTS[2], task="pirate", max_new_tokens=MAX_TOKENS)])[
+            0
+        ].text
+    )
 
 
 def test_unknown_task_is_404_and_health_names_the_backend(gateway):
@@ -210,24 +291,38 @@ def test_unknown_task_is_404_and_health_names_the_backend(gateway):
 def test_vllm_killed_mid_run_gives_503_then_recovers_after_restart(gateway, vllm, engine):
     # ~1,900 tokens past any end-of-sequence: still running at the kill however fast vLLM runs here
     # (400 tokens once finished inside the 3 s below, and the test saw a 200 instead of the crash)
-    body = {"model": "french", "prompt": TEXTS[1], "max_tokens": 1900, "ignore_eos": True, "temperature": 0}
+    body = {
+        "model": "french",
+        "prompt": TEXTS[1],
+        "max_tokens": 1900,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     in_flight: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: in_flight.append(gateway.http.post("/v1/completions", json=body)))
+    thread = threading.Thread(
+        target=lambda: in_flight.append(gateway.http.post("/v1/completions", json=body))
+    )
     thread.start()
     time.sleep(3)  # the long request is running in vLLM
     vllm.stop(timeout_s=0)  # SIGTERM then SIGKILL: a crash, not a drain
     thread.join(120)
     assert in_flight and in_flight[0].status_code == 503, in_flight  # not lost silently
     assert in_flight[0].json()["error"]["code"] == "backend_unavailable"
-    r = gateway.http.post("/v1/completions", json={"model": "french", "prompt": "hi", "max_tokens": 2})
+    r = gateway.http.post(
+        "/v1/completions", json={"model": "french", "prompt": "hi", "max_tokens": 2}
+    )
     assert r.status_code == 503 and "not reachable" in r.json()["error"]["message"]
     health = gateway.http.get("/health")
     assert health.status_code == 503 and health.json()["backend"]["status"] == "down"
 
     vllm.start()  # the same port: the gateway finds it again by itself
     assert gateway.http.get("/health").status_code == 200
-    r = gateway.http.post("/v1/completions", json={"model": "french", "prompt": TEXTS[1],
-                                                    "max_tokens": MAX_TOKENS, "temperature": 0})
+    r = gateway.http.post(
+        "/v1/completions",
+        json={"model": "french", "prompt": TEXTS[1], "max_tokens": MAX_TOKENS, "temperature": 0},
+    )
     assert r.status_code == 200
-    expected = engine.generate([GenerationRequest(TEXTS[1], task="french", max_new_tokens=MAX_TOKENS)])[0]
+    expected = engine.generate(
+        [GenerationRequest(TEXTS[1], task="french", max_new_tokens=MAX_TOKENS)]
+    )[0]
     assert r.json()["choices"][0]["text"] == expected.text

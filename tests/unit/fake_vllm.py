@@ -45,7 +45,9 @@ class FakeVLLM:
 
     def start(self, port: int) -> None:
         self.port = port
-        self._server = uvicorn.Server(uvicorn.Config(self._app(), host="127.0.0.1", port=port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self._app(), host="127.0.0.1", port=port, log_level="warning")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
@@ -69,8 +71,17 @@ class FakeVLLM:
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": self.served, "object": "model", "root": "tiny",
-                                                "max_model_len": self.max_model_len}]}
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.served,
+                        "object": "model",
+                        "root": "tiny",
+                        "max_model_len": self.max_model_len,
+                    }
+                ],
+            }
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -85,10 +96,15 @@ class FakeVLLM:
                 return _error(404, f"The model `{body.get('model')}` does not exist.")
             embeds = self._embeds(body)
             if embeds.shape[0] + body.get("max_tokens", 16) > self.max_model_len:
-                return _error(400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                                   f"However, your request has {embeds.shape[0]} input tokens.")
+                return _error(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, your request has {embeds.shape[0]} input tokens.",
+                )
             if body.get("stream"):
-                return StreamingResponse(self._stream(body, embeds, index), media_type="text/event-stream")
+                return StreamingResponse(
+                    self._stream(body, embeds, index), media_type="text/event-stream"
+                )
             return await self._complete(request, body, embeds, index)
 
         return app
@@ -96,7 +112,9 @@ class FakeVLLM:
     def _embeds(self, body: dict) -> torch.Tensor:
         table = self.model.get_input_embeddings().weight
         if "prompt_embeds" in body:
-            return torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])), weights_only=True).float()
+            return torch.load(
+                io.BytesIO(base64.b64decode(body["prompt_embeds"])), weights_only=True
+            ).float()
         return table[torch.tensor(body["prompt"])].detach()
 
     async def _complete(self, request: Request, body: dict, embeds: torch.Tensor, index: int):
@@ -109,10 +127,20 @@ class FakeVLLM:
                 self.cancelled.append(index)  # vLLM aborts a request whose client went away
                 return JSONResponse({}, status_code=499)
         text, finish = self._finish(body, tokens)
-        choice = {"index": 0, "text": text, "token_ids": tokens, "finish_reason": finish,
-                  "logprobs": {"top_logprobs": logprobs} if body.get("logprobs") is not None else None}
-        return {"id": "cmpl-fake", "object": "text_completion", "model": self.served, "choices": [choice],
-                "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)}}
+        choice = {
+            "index": 0,
+            "text": text,
+            "token_ids": tokens,
+            "finish_reason": finish,
+            "logprobs": {"top_logprobs": logprobs} if body.get("logprobs") is not None else None,
+        }
+        return {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "model": self.served,
+            "choices": [choice],
+            "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)},
+        }
 
     async def _stream(self, body: dict, embeds: torch.Tensor, index: int):
         tokens, sent = [], ""
@@ -122,12 +150,38 @@ class FakeVLLM:
                 text, finish = self._finish(body, tokens)
                 if finish == "stop" and self.tokenizer.eos_token_id not in tokens:
                     break  # a stop string: the text is already cut before it
-                yield _sse({"choices": [{"index": 0, "text": text[len(sent):], "token_ids": [token],
-                                         "finish_reason": None}]})
+                yield _sse(
+                    {
+                        "choices": [
+                            {
+                                "index": 0,
+                                "text": text[len(sent) :],
+                                "token_ids": [token],
+                                "finish_reason": None,
+                            }
+                        ]
+                    }
+                )
                 sent = text
             text, finish = self._finish(body, tokens)
-            yield _sse({"choices": [{"index": 0, "text": text[len(sent):], "token_ids": [], "finish_reason": finish}]})
-            yield _sse({"choices": [], "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)}})
+            yield _sse(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": text[len(sent) :],
+                            "token_ids": [],
+                            "finish_reason": finish,
+                        }
+                    ]
+                }
+            )
+            yield _sse(
+                {
+                    "choices": [],
+                    "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)},
+                }
+            )
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(index)
@@ -136,7 +190,9 @@ class FakeVLLM:
     async def _tokens(self, body: dict, embeds: torch.Tensor):
         """(token id, its text, {'token_id:N': logprob} of the asked ids) per generated token."""
         table = self.model.get_input_embeddings().weight
-        generator = torch.Generator().manual_seed(body["seed"]) if body.get("seed") is not None else None
+        generator = (
+            torch.Generator().manual_seed(body["seed"]) if body.get("seed") is not None else None
+        )
         for _ in range(body.get("max_tokens", 16)):
             with torch.no_grad():
                 logits = self.model(inputs_embeds=embeds[None]).logits[0, -1].float()  # (V,)
@@ -144,8 +200,15 @@ class FakeVLLM:
             if body.get("temperature", 1.0) == 0:
                 token = int(logits.argmax())
             else:
-                token = int(torch.multinomial((logits / body["temperature"]).softmax(-1), 1, generator=generator))
-            asked = body.get("logprob_token_ids") or logprobs.topk(body.get("logprobs") or 1).indices.tolist()
+                token = int(
+                    torch.multinomial(
+                        (logits / body["temperature"]).softmax(-1), 1, generator=generator
+                    )
+                )
+            asked = (
+                body.get("logprob_token_ids")
+                or logprobs.topk(body.get("logprobs") or 1).indices.tolist()
+            )
             top = {f"token_id:{t}": float(logprobs[t]) for t in [token, *asked]}
             yield token, self.tokenizer.decode([token]), top
             if token == self.tokenizer.eos_token_id and not body.get("ignore_eos"):
@@ -158,7 +221,7 @@ class FakeVLLM:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in body.get("stop") or []) if i >= 0]
         if cuts:
-            return text[:min(cuts)], "stop"
+            return text[: min(cuts)], "stop"
         if tokens and tokens[-1] == self.tokenizer.eos_token_id:
             return text, "stop"
         return text, "length"
@@ -170,14 +233,19 @@ def _sse(payload: dict) -> str:
 
 def _error(status: int, message: str) -> JSONResponse:
     kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}},
+        status_code=status,
+    )
 
 
 def decode_embeds(body: dict) -> torch.Tensor:
     """The tensor a body's `prompt_embeds` carries, decoded as vLLM decodes it."""
-    return torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"], validate=True)),
-                      weights_only=True, map_location="cpu")
+    return torch.load(
+        io.BytesIO(base64.b64decode(body["prompt_embeds"], validate=True)),
+        weights_only=True,
+        map_location="cpu",
+    )
 
 
 __all__ = ["FakeVLLM", "decode_embeds"]

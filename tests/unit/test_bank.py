@@ -263,12 +263,20 @@ def test_roundtrip_plots_travel_with_the_prompt_in_one_atomic_save(tmp_path):
     assert bank.read_plot("sentiment", "validation") is None
     assert bank.read_plot("sentiment", "../adapter_config") is None  # never a path outside plots/
     files = bank.stored_files("sentiment")
-    assert set(files) == {CONFIG_FILE, WEIGHTS_FILE, META_FILE, "plots/loss.png", "plots/grad_norms.png"}
+    assert set(files) == {
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        META_FILE,
+        "plots/loss.png",
+        "plots/grad_norms.png",
+    }
     assert files["plots/loss.png"] == len(PNG) + 1
     assert files[WEIGHTS_FILE] == (bank.root / "sentiment" / WEIGHTS_FILE).stat().st_size
     _assert_same(bank.load("sentiment"), saved)  # load reads the prompt, not the images
     bank.save(_prompt(seed=1))  # a new prompt without plots does not keep the old prompt's plots
-    assert bank.read_plot("sentiment", "loss") is None and "plots/loss.png" not in bank.stored_files("sentiment")
+    assert bank.read_plot(
+        "sentiment", "loss"
+    ) is None and "plots/loss.png" not in bank.stored_files("sentiment")
 
 
 def test_atomic_crash_mid_plot_write_keeps_previous_prompt_and_plots(tmp_path, monkeypatch):
@@ -286,8 +294,10 @@ def test_atomic_crash_mid_plot_write_keeps_previous_prompt_and_plots(tmp_path, m
     assert bank.read_plot("sentiment", "loss") == PNG
 
 
-@pytest.mark.parametrize("plots, problem", [({"Loss!": PNG}, "invalid plot name"),
-                                            ({"loss": b"GIF89a"}, "is not a PNG image")])
+@pytest.mark.parametrize(
+    "plots, problem",
+    [({"Loss!": PNG}, "invalid plot name"), ({"loss": b"GIF89a"}, "is not a PNG image")],
+)
 def test_bad_input_plots_must_be_pngs_with_plain_names(tmp_path, plots, problem):
     bank = PromptBank(tmp_path / "bank")
     saved = _prompt()

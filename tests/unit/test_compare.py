@@ -157,7 +157,9 @@ def test_memory_for_100_tasks_is_computed_from_the_shapes(compared):
 def test_prompt_tuning_leaves_the_base_bit_identical(compared):
     assert compared["rows"]["prompt"]["base_unchanged"] is True
     assert compared["rows"]["deep_prompt"]["base_unchanged"] is True
-    assert compared["rows"]["full"]["base_unchanged"] is False  # the same check on a trained base sees it change
+    assert (
+        compared["rows"]["full"]["base_unchanged"] is False
+    )  # the same check on a trained base sees it change
     model = build_tiny_model("llama")
     assert model_digest(model) == compared["digest_before"]
     with torch.no_grad():
@@ -228,10 +230,35 @@ def test_seeds_run_each_method_per_seed_and_report_mean_and_std(compared, tmp_pa
 
     model_dir = str(compared["out"].parent / "tiny")
     data = str(compared["out"].parent / "data.jsonl")
-    code = main(["compare", "--model", model_dir, "--data", data, "--eval-data", data, "--template", TEMPLATE,
-                 "--labels", "negative,positive", "--methods", "prompt", "--max-steps", "2",
-                 "--per-device-train-batch-size", "2", "--switch-repeats", "1", "--bf16", "no",
-                 "--seeds", "0,1,2", "--output-dir", str(tmp_path)])
+    code = main(
+        [
+            "compare",
+            "--model",
+            model_dir,
+            "--data",
+            data,
+            "--eval-data",
+            data,
+            "--template",
+            TEMPLATE,
+            "--labels",
+            "negative,positive",
+            "--methods",
+            "prompt",
+            "--max-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+            "--switch-repeats",
+            "1",
+            "--bf16",
+            "no",
+            "--seeds",
+            "0,1,2",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "compare.json").read_text())
     runs = [(r["method"], r["seed"]) for r in results["runs"]]
@@ -250,14 +277,30 @@ def test_merge_results_joins_runs_made_apart_into_one_table(compared, tmp_path):
 
     model_dir = str(compared["out"].parent / "tiny")
     data = str(compared["out"].parent / "data.jsonl")
-    common = dict(template=TEMPLATE, labels=["negative", "positive"], max_steps=2, per_device_train_batch_size=2,
-                  switch_repeats=1, bf16="no")
-    together = run_compare(model_dir, data, data, methods=["prompt", "lora"], seeds=[0, 1], **common)
-    parts = [run_compare(model_dir, data, data, methods=[m], seeds=[s], **common)
-             for s in (0, 1) for m in ("prompt", "lora")]
+    common = dict(
+        template=TEMPLATE,
+        labels=["negative", "positive"],
+        max_steps=2,
+        per_device_train_batch_size=2,
+        switch_repeats=1,
+        bf16="no",
+    )
+    together = run_compare(
+        model_dir, data, data, methods=["prompt", "lora"], seeds=[0, 1], **common
+    )
+    parts = [
+        run_compare(model_dir, data, data, methods=[m], seeds=[s], **common)
+        for s in (0, 1)
+        for m in ("prompt", "lora")
+    ]
     merged = merge_results(parts)
     assert [(r["method"], r["seed"]) for r in merged["runs"]] == [
-        ("zero_shot", 0), ("prompt", 0), ("lora", 0), ("prompt", 1), ("lora", 1)]
+        ("zero_shot", 0),
+        ("prompt", 0),
+        ("lora", 0),
+        ("prompt", 1),
+        ("lora", 1),
+    ]
     assert merged["config"]["methods"] == ["prompt", "lora"] and merged["config"]["seeds"] == [0, 1]
     for row, alone in zip(merged["methods"], together["methods"], strict=True):
         assert row["method"] == alone["method"] and row["seeds"] == alone["seeds"]
@@ -268,6 +311,8 @@ def test_merge_results_joins_runs_made_apart_into_one_table(compared, tmp_path):
 
     with pytest.raises(ConfigError, match="prompt seed 0 again"):
         merge_results([parts[0], parts[0]])
-    other_budget = run_compare(model_dir, data, data, methods=["prompt"], seeds=[2], **{**common, "max_steps": 1})
+    other_budget = run_compare(
+        model_dir, data, data, methods=["prompt"], seeds=[2], **{**common, "max_steps": 1}
+    )
     with pytest.raises(ConfigError, match="config.max_steps"):
         merge_results([parts[0], other_budget])

@@ -38,17 +38,37 @@ from .test_server import running
 API_KEY = "console-admin-key"
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 METRICS = {"best_validation": 0.75, "best_step": 4}
-TRAINING = {"learning_rate": 0.03, "max_steps": 6, "data": "/home/someone/train.jsonl", "output_dir": "/runs/x"}
+TRAINING = {
+    "learning_rate": 0.03,
+    "max_steps": 6,
+    "data": "/home/someone/train.jsonl",
+    "output_dir": "/runs/x",
+}
 
 
 def _write_metrics(path: Path) -> Path:
     """A small metrics.jsonl in the trainer's format, for real plots drawn by plots.plot_training."""
-    records = [{"step": 0, "validation": {"metric": 0.5, "tasks": {"plotted": {"accuracy": 0.5}},
-                                          "zero_shot": {"tasks": {"plotted": {"accuracy": 0.55}}}}}]
+    records = [
+        {
+            "step": 0,
+            "validation": {
+                "metric": 0.5,
+                "tasks": {"plotted": {"accuracy": 0.5}},
+                "zero_shot": {"tasks": {"plotted": {"accuracy": 0.55}}},
+            },
+        }
+    ]
     for step in range(1, 7):
-        record = {"step": step, "loss": 2.0 / step, "prompt_grad_norms": {"plotted": [0.1 * step, 0.2, 0.3]}}
+        record = {
+            "step": step,
+            "loss": 2.0 / step,
+            "prompt_grad_norms": {"plotted": [0.1 * step, 0.2, 0.3]},
+        }
         if step % 3 == 0:
-            record["validation"] = {"metric": 0.5 + step / 24, "tasks": {"plotted": {"accuracy": 0.5 + step / 24}}}
+            record["validation"] = {
+                "metric": 0.5 + step / 24,
+                "tasks": {"plotted": {"accuracy": 0.5 + step / 24}},
+            }
         records.append(record)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -56,10 +76,19 @@ def _write_metrics(path: Path) -> Path:
 
 def _plotted_task(bank: PromptBank, model, run_dir: Path) -> dict[str, bytes]:
     """Task 'plotted' saved with real PNGs drawn from a metrics log, as `softprompt train` saves it."""
-    pngs = {p.stem: p.read_bytes() for p in plot_training(_write_metrics(run_dir / "metrics.jsonl"), run_dir)}
+    pngs = {
+        p.stem: p.read_bytes()
+        for p in plot_training(_write_metrics(run_dir / "metrics.jsonl"), run_dir)
+    }
     values = random_prompt(3, seed=7)
-    meta = {"fingerprint": fingerprint(model), "verbalizer": VERBALIZER, "template": TEMPLATE,
-            "base_model": "tiny-llama", "metrics": METRICS, "training": TRAINING}
+    meta = {
+        "fingerprint": fingerprint(model),
+        "verbalizer": VERBALIZER,
+        "template": TEMPLATE,
+        "base_model": "tiny-llama",
+        "metrics": METRICS,
+        "training": TRAINING,
+    }
     bank.save(SavedPrompt("plotted", values, peft_config(3, values.shape[1]), meta, plots=pngs))
     return pngs
 
@@ -73,24 +102,38 @@ def console(tmp_path_factory):
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
     fill_bank(bank, model)
     pngs = _plotted_task(bank, model, tmp_path_factory.mktemp("run"))
-    save_soft_task(bank, "pair", random_prompt(2, seed=9), model,
-              template="question : {question} context : {context} answer :")
+    save_soft_task(
+        bank,
+        "pair",
+        random_prompt(2, seed=9),
+        model,
+        template="question : {question} context : {context} answer :",
+    )
     deep = DeepPromptModel(model, {"deep": random_prompt(2, seed=11)}, tokenizer=tokenizer)
     deep.save_task("deep", bank, meta={"template": TEMPLATE, "verbalizer": VERBALIZER})
     engine = Engine((model, tokenizer), bank)
     with running(create_app(engine, api_key=API_KEY)) as url:
-        yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, pngs=pngs,
-                              http=httpx.Client(base_url=url, timeout=30))
+        yield SimpleNamespace(
+            url=url,
+            engine=engine,
+            bank=bank,
+            model=model,
+            pngs=pngs,
+            http=httpx.Client(base_url=url, timeout=30),
+        )
 
 
 # ---------------------------------------------------------------- assets
 
 
-@pytest.mark.parametrize("path, content_type, marker", [
-    ("/", "text/html", b"softprompt console"),
-    ("/console/console.js", "text/javascript", b"/v1/classify"),
-    ("/console/console.css", "text/css", b".side-by-side"),
-])
+@pytest.mark.parametrize(
+    "path, content_type, marker",
+    [
+        ("/", "text/html", b"softprompt console"),
+        ("/console/console.js", "text/javascript", b"/v1/classify"),
+        ("/console/console.css", "text/css", b".side-by-side"),
+    ],
+)
 def test_console_page_and_assets_are_served_by_the_package(console, path, content_type, marker):
     response = console.http.get(path)
     assert response.status_code == 200
@@ -102,8 +145,9 @@ def test_console_assets_ship_in_the_package_data():
     import tomllib
     from importlib import resources
 
-    patterns = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["softprompt"]
+    patterns = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"][
+        "setuptools"
+    ]["package-data"]["softprompt"]
     shipped = resources.files("softprompt") / "console"
     for name in ("index.html", "console.js", "console.css"):
         assert (shipped / name).is_file()
@@ -125,11 +169,18 @@ def test_tasks_list_every_served_task_with_kind_length_size_template_labels_and_
     tasks = {t["id"]: t for t in listing["data"]}
     assert set(tasks) == set(console.bank.names())
     plotted = tasks["plotted"]
-    assert (plotted["kind"], plotted["num_virtual_tokens"], plotted["classify"]) == ("soft", 3, True)
+    assert (plotted["kind"], plotted["num_virtual_tokens"], plotted["classify"]) == (
+        "soft",
+        3,
+        True,
+    )
     assert plotted["template"] == TEMPLATE and plotted["fields"] == ["text"]
     assert plotted["labels"] == VERBALIZER["labels"] and plotted["targets"] == VERBALIZER["targets"]
     assert plotted["metrics"] == METRICS and plotted["base_model"] == "tiny-llama"
-    assert plotted["training"] == {"learning_rate": 0.03, "max_steps": 6}  # no paths of the training machine
+    assert plotted["training"] == {
+        "learning_rate": 0.03,
+        "max_steps": 6,
+    }  # no paths of the training machine
     on_disk = PromptBank(console.bank.root).stored_files("plotted")
     assert plotted["size_bytes"] == sum(on_disk.values()) > 0
     assert plotted["plots"] == sorted(console.pngs) == ["grad_norms", "loss", "validation"]
@@ -171,9 +222,13 @@ def test_compare_reports_inspect_similarity_and_nearest_tokens(console):
     tokenizer = console.engine.tokenizer
     for name in ("t1", "t3"):
         near = nearest_tokens(console.model, tokenizer, values[name], 2)
-        assert report["tasks"][name]["nearest_tokens"] == [[list(pair) for pair in row] for row in near]
+        assert report["tasks"][name]["nearest_tokens"] == [
+            [list(pair) for pair in row] for row in near
+        ]
         assert report["tasks"][name]["shape"] == list(values[name].shape)
-    assert report["tasks"]["t3"]["norms"] == pytest.approx(values["t3"].norm(dim=-1).tolist(), abs=1e-4)
+    assert report["tasks"]["t3"]["norms"] == pytest.approx(
+        values["t3"].norm(dim=-1).tolist(), abs=1e-4
+    )
 
 
 def test_compare_a_deep_and_a_soft_prompt_says_why_there_is_no_similarity(console):
@@ -196,13 +251,19 @@ def test_classify_zero_shot_scores_the_template_without_the_prompt(console):
     target log-likelihoods equal scoring the rendered text with no task."""
     text = "a boring plot"
     tuned = console.engine.classify("t1", [text])[0]
-    body = console.http.post("/v1/classify", json={"model": "t1", "input": text, "zero_shot": True}).json()
+    body = console.http.post(
+        "/v1/classify", json={"model": "t1", "input": text, "zero_shot": True}
+    ).json()
     plain = console.engine.score(None, [TEMPLATE.format(text=text)] * 2, VERBALIZER["targets"])
     expected = dict(zip(VERBALIZER["labels"], plain, strict=True))
-    [[result]] = console.engine.run(console.engine.prepare_all([ClassifyRequest("t1", [text], zero_shot=True)]))
+    [[result]] = console.engine.run(
+        console.engine.prepare_all([ClassifyRequest("t1", [text], zero_shot=True)])
+    )
     assert result.log_likelihoods == pytest.approx(expected, abs=1e-4)
     assert body["data"][0]["label"] == result.label
-    assert result.log_likelihoods != pytest.approx(tuned.log_likelihoods, abs=1e-4)  # the prompt matters
+    assert result.log_likelihoods != pytest.approx(
+        tuned.log_likelihoods, abs=1e-4
+    )  # the prompt matters
 
 
 # ---------------------------------------------------------------- the page in a real browser
@@ -217,14 +278,21 @@ def _chromium():
     except ImportError:
         browser = None
     if not (browser and driver_path):
-        why = "the browser test needs chromium + chromium-driver (apt) and selenium (pip, dev extra)"
+        why = (
+            "the browser test needs chromium + chromium-driver (apt) and selenium (pip, dev extra)"
+        )
         if os.environ.get("SOFTPROMPT_NO_SKIPS") == "1":
             pytest.fail(why)
         pytest.skip(why)
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1400,1900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1900",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver_path), options=options)
@@ -233,7 +301,10 @@ def _chromium():
 @pytest.fixture(scope="module")
 def page_server(console):
     """The server the browser opens: the tiny model's console, or a real model and bank (env)."""
-    model, bank = os.environ.get("SOFTPROMPT_CONSOLE_MODEL"), os.environ.get("SOFTPROMPT_CONSOLE_BANK")
+    model, bank = (
+        os.environ.get("SOFTPROMPT_CONSOLE_MODEL"),
+        os.environ.get("SOFTPROMPT_CONSOLE_BANK"),
+    )
     if not (model and bank):
         yield console
         return
@@ -256,7 +327,10 @@ def test_console_in_a_real_browser(page_server, tmp_path):
 
     server = page_server
     listing = server.http.get("/v1/tasks").json()["data"]
-    task = max((t for t in listing if t["classify"] and t["fields"] == ["text"]), key=lambda t: bool(t["plots"]))
+    task = max(
+        (t for t in listing if t["classify"] and t["fields"] == ["text"]),
+        key=lambda t: bool(t["plots"]),
+    )
     driver = _chromium()
     try:
         wait = WebDriverWait(driver, 120)
@@ -268,18 +342,34 @@ def test_console_in_a_real_browser(page_server, tmp_path):
         # try a task: the page shows the label the API gives for the same input
         driver.find_element(By.CSS_SELECTOR, f'#task-table tr[data-task="{task["id"]}"]').click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "detail-title"), task["id"]))
-        text = "a wonderful , moving film" if os.environ.get("SOFTPROMPT_CONSOLE_BANK") else "i love this film"
+        text = (
+            "a wonderful , moving film"
+            if os.environ.get("SOFTPROMPT_CONSOLE_BANK")
+            else "i love this film"
+        )
         driver.find_element(By.ID, "field-text").send_keys(text)
         driver.find_element(By.ID, "try-run").click()
-        tuned = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#tuned-result .label")))
-        plain = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#plain-result .label")))
-        api = server.http.post("/v1/classify", json={"model": task["id"], "input": text}).json()["data"][0]
-        zero = server.http.post("/v1/classify", json={"model": task["id"], "input": text, "zero_shot": True})
+        tuned = wait.until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, "#tuned-result .label"))
+        )
+        plain = wait.until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, "#plain-result .label"))
+        )
+        api = server.http.post("/v1/classify", json={"model": task["id"], "input": text}).json()[
+            "data"
+        ][0]
+        zero = server.http.post(
+            "/v1/classify", json={"model": task["id"], "input": text, "zero_shot": True}
+        )
         assert tuned.text == api["label"] and plain.text == zero.json()["data"][0]["label"]
         for plot in task["plots"]:  # the plots saved with the prompt are shown
-            wait.until(lambda d, p=plot: d.execute_script(
-                "const i = document.querySelector(`img[data-plot='${arguments[0]}']`);"
-                "return i && i.complete && i.naturalWidth > 0;", p))
+            wait.until(
+                lambda d, p=plot: d.execute_script(
+                    "const i = document.querySelector(`img[data-plot='${arguments[0]}']`);"
+                    "return i && i.complete && i.naturalWidth > 0;",
+                    p,
+                )
+            )
 
         # compare two prompts
         driver.find_element(By.CSS_SELECTOR, "#compare-form button").click()
@@ -299,9 +389,13 @@ def test_console_in_a_real_browser(page_server, tmp_path):
         assert "missing API key" in driver.find_element(By.ID, "admin-message").text
         assert "error" in driver.find_element(By.ID, "admin-message").get_attribute("class")
         assert task["id"] in [t["id"] for t in server.http.get("/v1/tasks").json()["data"]]
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#task-table tr[data-task="{task["id"]}"]'))
+        wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, f'#task-table tr[data-task="{task["id"]}"]')
+        )
         # the only console error now is the browser reporting the refused request itself
-        assert all("/v1/prompts/" in e["message"] and "401" in e["message"] for e in _severe(driver))
+        assert all(
+            "/v1/prompts/" in e["message"] and "401" in e["message"] for e in _severe(driver)
+        )
 
         # with the admin key: upload a prompt folder through the page, then delete it again
         folder = PromptBank(server.engine.bank.root).export(task["id"], tmp_path / "exported")
@@ -309,16 +403,26 @@ def test_console_in_a_real_browser(page_server, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "key-state"), "key set"))
         driver.find_element(By.ID, "upload-name").send_keys("uploaded-copy")
-        driver.find_element(By.ID, "upload-files").send_keys("\n".join(str(f) for f in sorted(folder.iterdir())))
+        driver.find_element(By.ID, "upload-files").send_keys(
+            "\n".join(str(f) for f in sorted(folder.iterdir()))
+        )
         driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
-        wait.until(ec.text_to_be_present_in_element((By.ID, "admin-message"), "Uploaded 'uploaded-copy'"))
+        wait.until(
+            ec.text_to_be_present_in_element((By.ID, "admin-message"), "Uploaded 'uploaded-copy'")
+        )
         wait.until(ec.text_to_be_present_in_element((By.ID, "detail-title"), "uploaded-copy"))
         assert "uploaded-copy" in [t["id"] for t in server.http.get("/v1/tasks").json()["data"]]
         driver.find_element(By.ID, "delete-task").click()
         driver.find_element(By.ID, "delete-task").click()
-        wait.until(ec.text_to_be_present_in_element((By.ID, "admin-message"), "Deleted 'uploaded-copy'"))
+        wait.until(
+            ec.text_to_be_present_in_element((By.ID, "admin-message"), "Deleted 'uploaded-copy'")
+        )
         assert "uploaded-copy" not in [t["id"] for t in server.http.get("/v1/tasks").json()["data"]]
-        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '#task-table tr[data-task="uploaded-copy"]'))
+        wait.until(
+            lambda d: (
+                not d.find_elements(By.CSS_SELECTOR, '#task-table tr[data-task="uploaded-copy"]')
+            )
+        )
     finally:
         driver.quit()
 
@@ -344,15 +448,21 @@ def gateway(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
     fill_bank(bank, model)
-    DeepPromptModel(model, {"deep": random_prompt(2, seed=11)}, tokenizer=tokenizer).save_task("deep", bank)
+    DeepPromptModel(model, {"deep": random_prompt(2, seed=11)}, tokenizer=tokenizer).save_task(
+        "deep", bank
+    )
     fake = FakeVLLM(model, tokenizer)
     fake.start(free_port())
-    backend = VLLMBackend(Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60)
+    backend = VLLMBackend(
+        Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60
+    )
     builtin = create_app(Engine(load_model(str(folder)), bank))
     try:
         with running(create_app(backend)) as url, running(builtin) as builtin_url:
-            yield SimpleNamespace(vllm=httpx.Client(base_url=url, timeout=60),
-                                  builtin=httpx.Client(base_url=builtin_url, timeout=60))
+            yield SimpleNamespace(
+                vllm=httpx.Client(base_url=url, timeout=60),
+                builtin=httpx.Client(base_url=builtin_url, timeout=60),
+            )
     finally:
         fake.stop()
 
@@ -360,15 +470,24 @@ def gateway(tmp_path_factory):
 def test_console_routes_answer_alike_on_the_vllm_gateway_and_the_builtin_engine(gateway):
     ours, theirs = gateway.vllm.get("/v1/tasks").json(), gateway.builtin.get("/v1/tasks").json()
     assert ours["backend"] == "vllm" and theirs["backend"] == "builtin"
-    assert [t["id"] for t in ours["data"]] == sorted(set(t["id"] for t in theirs["data"]) - {"deep"})
+    assert [t["id"] for t in ours["data"]] == sorted(
+        set(t["id"] for t in theirs["data"]) - {"deep"}
+    )
     [unavailable] = ours["unavailable"]
     assert unavailable["id"] == "deep" and "deep" in unavailable["reason"]
-    assert ours["data"] == [t for t in theirs["data"] if t["id"] != "deep"]  # one bank, the same rows
+    assert ours["data"] == [
+        t for t in theirs["data"] if t["id"] != "deep"
+    ]  # one bank, the same rows
     assert gateway.vllm.get("/").status_code == 200
     query = {"a": "t0", "b": "t3", "k": 3}
-    assert gateway.vllm.get("/v1/compare", params=query).json() == gateway.builtin.get("/v1/compare", params=query).json()
+    assert (
+        gateway.vllm.get("/v1/compare", params=query).json()
+        == gateway.builtin.get("/v1/compare", params=query).json()
+    )
     body = {"model": "t2", "input": "a boring plot", "zero_shot": True}
-    via_vllm, via_builtin = (c.post("/v1/classify", json=body).json()["data"][0] for c in (gateway.vllm, gateway.builtin))
+    via_vllm, via_builtin = (
+        c.post("/v1/classify", json=body).json()["data"][0] for c in (gateway.vllm, gateway.builtin)
+    )
     assert via_vllm["label"] == via_builtin["label"]
     assert via_vllm["probabilities"] == pytest.approx(via_builtin["probabilities"], abs=1e-4)
 
@@ -389,20 +508,39 @@ def tenants(tmp_path_factory):
     bank = PromptBank(folder / "bank")
     for seed, name in enumerate(("acme-a", "beta-a")):
         save_soft_task(bank, name, random_prompt(2, seed), model)
-    with running(create_app(Engine((model, build_full_tokenizer()), bank), api_key=API_KEY, keys=keys_path)) as url:
-        yield SimpleNamespace(http=httpx.Client(base_url=url, timeout=30),
-                              keys={name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()})
+    with running(
+        create_app(Engine((model, build_full_tokenizer()), bank), api_key=API_KEY, keys=keys_path)
+    ) as url:
+        yield SimpleNamespace(
+            http=httpx.Client(base_url=url, timeout=30),
+            keys={name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()},
+        )
 
 
 def test_tenant_sees_only_its_tasks_and_anothers_answers_like_a_missing_one(tenants):
     acme = tenants.keys["acme"]
-    assert [t["id"] for t in tenants.http.get("/v1/tasks", headers=acme).json()["data"]] == ["acme-a"]
-    assert [t["id"] for t in tenants.http.get("/v1/tasks", headers=ADMIN).json()["data"]] == ["acme-a", "beta-a"]
+    assert [t["id"] for t in tenants.http.get("/v1/tasks", headers=acme).json()["data"]] == [
+        "acme-a"
+    ]
+    assert [t["id"] for t in tenants.http.get("/v1/tasks", headers=ADMIN).json()["data"]] == [
+        "acme-a",
+        "beta-a",
+    ]
     missing = tenants.http.get("/v1/tasks/nope", headers=acme)
-    for path, params in [("/v1/tasks/beta-a", None), ("/v1/tasks/beta-a/plots/loss.png", None),
-                         ("/v1/compare", {"a": "acme-a", "b": "beta-a"})]:
+    for path, params in [
+        ("/v1/tasks/beta-a", None),
+        ("/v1/tasks/beta-a/plots/loss.png", None),
+        ("/v1/compare", {"a": "acme-a", "b": "beta-a"}),
+    ]:
         response = tenants.http.get(path, params=params, headers=acme)
-        assert (response.status_code, response.json()) == (404, missing.json() | {
-            "error": missing.json()["error"] | {"message": "unknown task 'beta-a'"}})
-    assert tenants.http.get("/v1/tasks").status_code == 401  # a keys file: every /v1 route needs a key
-    assert tenants.http.get("/").status_code == 200  # the page itself is public; it asks for the key
+        assert (response.status_code, response.json()) == (
+            404,
+            missing.json()
+            | {"error": missing.json()["error"] | {"message": "unknown task 'beta-a'"}},
+        )
+    assert (
+        tenants.http.get("/v1/tasks").status_code == 401
+    )  # a keys file: every /v1 route needs a key
+    assert (
+        tenants.http.get("/").status_code == 200
+    )  # the page itself is public; it asks for the key

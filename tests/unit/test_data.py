@@ -538,7 +538,9 @@ GOOD_LINE = '{"text": "great movie", "label": 1}\n'
 
 
 def test_bad_input_jsonl_huge_integer_or_lone_surrogate_names_line_and_field(tmp_path):
-    huge = write(tmp_path / "huge.jsonl", GOOD_LINE + '{"text": "a", "label": ' + "1" * 5000 + "}\n")
+    huge = write(
+        tmp_path / "huge.jsonl", GOOD_LINE + '{"text": "a", "label": ' + "1" * 5000 + "}\n"
+    )
     with pytest.raises(DataError, match="a number longer than 4300 digits") as e:
         read_records(huge)
     assert e.value.line == 2
@@ -555,7 +557,9 @@ def test_bad_input_skip_bad_rows_also_skips_unreadable_lines_with_a_count(tmp_pa
             GOOD_LINE
             + '{"text": oops}\n'  # malformed JSON
             + "[1, 2]\n"  # a JSON array, not an object
-            + '{"text": "a", "label": ' + "9" * 5000 + "}\n"
+            + '{"text": "a", "label": '
+            + "9" * 5000
+            + "}\n"
             + '{"text": "\\udfff", "label": 0}\n'
         ).encode()
         + b'{"text": "\xff"}\n'  # not UTF-8

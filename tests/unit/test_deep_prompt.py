@@ -68,7 +68,9 @@ def test_deep_prompt_with_prompt_kv_equals_prompt_path(tiny_model, side):
 
 def test_deep_prompt_mixed_tasks_and_no_task_rows_equal_separate_batches(tiny_llama):
     prompted, deep = _pair(tiny_llama, {"a": _prompt(3, seed=1), "b": _prompt(2, seed=2)})
-    with pytest.raises(IncompatiblePromptError, match="has no rows"):  # the one check of prompt rows
+    with pytest.raises(
+        IncompatiblePromptError, match="has no rows"
+    ):  # the one check of prompt rows
         deep.add_task("empty", torch.zeros(2, 2, 2, 0, 8))
     rows = ROWS + [[13, 14, 15, 16]]
     ids, mask = _batch(rows)
@@ -163,11 +165,17 @@ def _examples():
 
 
 def test_reparam_mlp_starts_at_the_soft_prompt_kv_trains_and_folds_exactly(tiny_llama):
-    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, reparam_hidden=16, tokenizer=build_tiny_tokenizer())
+    deep = DeepPromptModel(
+        tiny_llama, {"a": _prompt(2)}, reparam_hidden=16, tokenizer=build_tiny_tokenizer()
+    )
     start = deep.task_rows(0).detach().clone()
-    torch.testing.assert_close(start, kv_to_rows(prompt_kv(tiny_llama, _prompt(2))))  # zero-init last layer
+    torch.testing.assert_close(
+        start, kv_to_rows(prompt_kv(tiny_llama, _prompt(2)))
+    )  # zero-init last layer
     assert "a" in deep.reparams and deep.trainable_parameter_count() > start.numel()
-    config = TrainConfig(max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.05)
+    config = TrainConfig(
+        max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.05
+    )
     Trainer(deep, _examples(), config).train()
     trained = deep.task_rows(0).detach().clone()
     ids, mask = _batch(ROWS)
@@ -181,9 +189,13 @@ def test_reparam_mlp_starts_at_the_soft_prompt_kv_trains_and_folds_exactly(tiny_
 
 
 def test_prefix_layers_trains_only_the_last_layers(tiny_llama):
-    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, prefix_layers=1, tokenizer=build_tiny_tokenizer())
+    deep = DeepPromptModel(
+        tiny_llama, {"a": _prompt(2)}, prefix_layers=1, tokenizer=build_tiny_tokenizer()
+    )
     before = deep.kv("a").detach().clone()  # (layers, 2, H_kv, n, hd)
-    config = TrainConfig(max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.05)
+    config = TrainConfig(
+        max_steps=3, per_device_train_batch_size=4, bf16="no", warmup_steps=0, learning_rate=0.05
+    )
     Trainer(deep, _examples(), config).train()
     after = deep.kv("a").detach()
     assert torch.equal(after[:-1], before[:-1])  # the first layers keep the soft prompt's KV
@@ -196,10 +208,18 @@ def test_prefix_layers_backward_stops_at_the_first_trained_layer(tiny_llama):
     """The layers below the trained prefixes build no autograd graph: the saving that makes
     prefix_layers a speed lever, not only a quality one."""
     layers = tiny_llama.model.layers
-    deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)}, prefix_layers=1, tokenizer=build_tiny_tokenizer())
+    deep = DeepPromptModel(
+        tiny_llama, {"a": _prompt(2)}, prefix_layers=1, tokenizer=build_tiny_tokenizer()
+    )
     needs_grad = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: needs_grad.append(
-        (out[0] if isinstance(out, tuple) else out).requires_grad)) for layer in layers]
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _i, out: needs_grad.append(
+                (out[0] if isinstance(out, tuple) else out).requires_grad
+            )
+        )
+        for layer in layers
+    ]
     ids, mask = _batch(ROWS)
     labels = ids.masked_fill(mask == 0, -100)
     deep.loss(ids, mask, "a", labels).backward()
@@ -210,14 +230,18 @@ def test_prefix_layers_backward_stops_at_the_first_trained_layer(tiny_llama):
     assert not grad[:-1].any() and grad[-1].abs().sum() > 0
 
 
-def test_deep_prompt_in_the_bank_is_refused_by_soft_prompt_paths_with_a_clear_error(tiny_llama, tmp_path):
+def test_deep_prompt_in_the_bank_is_refused_by_soft_prompt_paths_with_a_clear_error(
+    tiny_llama, tmp_path
+):
     from softprompt.bank import PromptBank
 
     deep = DeepPromptModel(tiny_llama, {"a": _prompt(2)})
     deep.save_task("a", tmp_path / "bank")
     saved = PromptBank(tmp_path / "bank").load("a")
     assert saved.kind == "deep" and saved.embeddings.shape == (2, deep.shape.row_width)
-    with pytest.raises(IncompatiblePromptError, match="'a' is a deep prompt; this path serves soft prompts only"):
+    with pytest.raises(
+        IncompatiblePromptError, match="'a' is a deep prompt; this path serves soft prompts only"
+    ):
         PromptedModel(tiny_llama).add_task("a", saved)
     other = DeepPromptModel(build_tiny_model("llama"))
     other.add_saved(saved)
@@ -250,40 +274,63 @@ def test_builtin_engine_serves_a_deep_prompt_exactly_as_deep_prompt_model(tiny_l
     tokenizer = build_tiny_tokenizer()
     deep, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
     engine = Engine((tiny_llama, tokenizer), bank)
-    assert engine.activate("deep-task").kind == "deep" and engine.activate("soft-task").kind == "soft"
-    served = engine.generate([GenerationRequest(t, task="deep-task", max_new_tokens=5) for t in TEXTS])
+    assert (
+        engine.activate("deep-task").kind == "deep" and engine.activate("soft-task").kind == "soft"
+    )
+    served = engine.generate(
+        [GenerationRequest(t, task="deep-task", max_new_tokens=5) for t in TEXTS]
+    )
     assert [r.text for r in served] == deep.generate(TEXTS, "deep-task", max_new_tokens=5)
     task = task_from_meta("deep-task", bank.load("deep-task").meta)
-    examples = [encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in TEXTS]
+    examples = [
+        encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in TEXTS
+    ]
     expected = label_log_likelihoods(deep, examples, task.verbalizer.target_token_ids(tokenizer), 0)
     for result, scores in zip(engine.classify("deep-task", TEXTS), expected, strict=True):
-        assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(scores.tolist(), abs=1e-4)
+        assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(
+            scores.tolist(), abs=1e-4
+        )
 
 
 @pytest.mark.parametrize("use_prefix_cache", [True, False])
-def test_builtin_engine_mixes_deep_soft_and_base_rows_in_one_batch(tiny_llama, tmp_path, use_prefix_cache):
+def test_builtin_engine_mixes_deep_soft_and_base_rows_in_one_batch(
+    tiny_llama, tmp_path, use_prefix_cache
+):
     from softprompt.engine import Engine, GenerationRequest
 
     tokenizer = build_tiny_tokenizer()
     _, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
     engine = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=use_prefix_cache)
-    requests = [GenerationRequest(TEXTS[i], task=name, max_new_tokens=5)
-                for i, name in enumerate(["deep-task", "soft-task", None])]
+    requests = [
+        GenerationRequest(TEXTS[i], task=name, max_new_tokens=5)
+        for i, name in enumerate(["deep-task", "soft-task", None])
+    ]
     mixed = engine.generate(requests)
     alone = [engine.generate([r])[0] for r in requests]
     assert [r.token_ids for r in mixed] == [r.token_ids for r in alone]
     classified = engine.classify(["deep-task", "soft-task"], TEXTS[:2])
-    assert classified[0].probabilities == pytest.approx(engine.classify("deep-task", TEXTS[:1])[0].probabilities, abs=1e-5)
+    assert classified[0].probabilities == pytest.approx(
+        engine.classify("deep-task", TEXTS[:1])[0].probabilities, abs=1e-5
+    )
 
 
-def test_builtin_engine_refuses_a_deep_prompt_past_a_sliding_window_instead_of_answering_wrong(tmp_path):
+def test_builtin_engine_refuses_a_deep_prompt_past_a_sliding_window_instead_of_answering_wrong(
+    tmp_path,
+):
     from softprompt.engine import Engine, GenerationRequest
 
-    gemma, tokenizer = build_tiny_model("gemma3"), build_tiny_tokenizer()  # sliding window: 8 columns
+    gemma, tokenizer = (
+        build_tiny_model("gemma3"),
+        build_tiny_tokenizer(),
+    )  # sliding window: 8 columns
     _, bank = _served_bank(gemma, tokenizer, tmp_path / "bank")
     engine = Engine((gemma, tokenizer), bank)
-    assert engine.generate([GenerationRequest("fun", task="deep-task", max_new_tokens=2)])[0].token_ids
+    assert engine.generate([GenerationRequest("fun", task="deep-task", max_new_tokens=2)])[
+        0
+    ].token_ids
     with pytest.raises(IncompatiblePromptError, match="exceeds this model's sliding window"):
-        engine.generate([GenerationRequest("the movie was fun", task="deep-task", max_new_tokens=5)])
+        engine.generate(
+            [GenerationRequest("the movie was fun", task="deep-task", max_new_tokens=5)]
+        )
     with pytest.raises(IncompatiblePromptError, match="exceeds this model's sliding window"):
         engine.classify("deep-task", ["the movie was fun and the plot was great"])

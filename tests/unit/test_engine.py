@@ -46,13 +46,23 @@ def build_full_tokenizer():
         vocab[f"w{i}"] = i
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def peft_config(n: int, d: int = D) -> dict:
-    return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": n,
-            "token_dim": d, "num_transformer_submodules": 1}
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": n,
+        "token_dim": d,
+        "num_transformer_submodules": 1,
+    }
 
 
 def random_prompt(n: int, seed: int, d: int = D) -> torch.Tensor:
@@ -61,7 +71,12 @@ def random_prompt(n: int, seed: int, d: int = D) -> torch.Tensor:
 
 
 def save_task(bank: PromptBank, name: str, values: torch.Tensor, model, **meta) -> None:
-    meta = {"fingerprint": fingerprint(model), "verbalizer": VERBALIZER, "template": TEMPLATE, **meta}
+    meta = {
+        "fingerprint": fingerprint(model),
+        "verbalizer": VERBALIZER,
+        "template": TEMPLATE,
+        **meta,
+    }
     bank.save(SavedPrompt(name, values, peft_config(values.shape[0], values.shape[1]), meta))
 
 
@@ -115,10 +130,18 @@ def test_mixed_batch_of_four_tasks_equals_each_alone(kind, tokenizer, bank):
 def test_base_model_row_equals_plain_generate(engine, tiny_llama, tokenizer):
     result = engine.generate([greedy(TEXTS[1], None)])[0]
     ids = torch.tensor([tokenizer(TEXTS[1])["input_ids"]])
-    plain = tiny_llama.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert result.token_ids == plain[0, ids.shape[1]:].tolist()
-    assert engine.generate([greedy(TEXTS[1], engine.base_model_id)])[0].token_ids == result.token_ids
+    plain = tiny_llama.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    assert result.token_ids == plain[0, ids.shape[1] :].tolist()
+    assert (
+        engine.generate([greedy(TEXTS[1], engine.base_model_id)])[0].token_ids == result.token_ids
+    )
 
 
 # ---------------------------------------------------------------- KV prefix cache
@@ -141,7 +164,9 @@ def test_prefix_cache_on_equals_off_for_generation_and_scores(tiny_llama, tokeni
 
 def test_prefix_cache_computed_once_per_task_and_reused(engine):
     for _ in range(2):
-        engine.generate([greedy(TEXTS[0], "t0", 4), greedy(TEXTS[1], "t1", 4), greedy(TEXTS[2], "t0", 4)])
+        engine.generate(
+            [greedy(TEXTS[0], "t0", 4), greedy(TEXTS[1], "t1", 4), greedy(TEXTS[2], "t0", 4)]
+        )
         engine.classify("t1", TEXTS[:2])
     assert engine.prefix_computations == 2
 
@@ -164,16 +189,20 @@ def test_prefix_cache_invalidated_when_prompt_changes_in_bank(engine, bank, tiny
 def test_stop_string_cuts_text_and_ends_row_early(engine):
     full = engine.generate([greedy(TEXTS[0], "t2", n=10)])[0]
     stop = full.text.split(" ")[3]
-    cut = engine.generate([GenerationRequest(TEXTS[0], task="t2", max_new_tokens=10, stop=[stop])])[0]
+    cut = engine.generate([GenerationRequest(TEXTS[0], task="t2", max_new_tokens=10, stop=[stop])])[
+        0
+    ]
     assert cut.finish_reason == "stop" and full.finish_reason == "length"
-    assert cut.text == full.text[:full.text.find(stop)]
+    assert cut.text == full.text[: full.text.find(stop)]
     assert stop not in cut.text
-    assert len(cut.token_ids) < 10 and cut.token_ids == full.token_ids[:len(cut.token_ids)]
+    assert len(cut.token_ids) < 10 and cut.token_ids == full.token_ids[: len(cut.token_ids)]
 
 
 def test_per_row_max_new_tokens_and_finish_reasons(engine):
     limits = [1, 3, 7, 12]
-    results = engine.generate([greedy(TEXTS[0], task, n) for task, n in zip(TASKS, limits, strict=True)])
+    results = engine.generate(
+        [greedy(TEXTS[0], task, n) for task, n in zip(TASKS, limits, strict=True)]
+    )
     assert [len(r.token_ids) for r in results] == limits
     assert [r.completion_tokens for r in results] == limits
     assert all(r.finish_reason == "length" for r in results)
@@ -190,7 +219,9 @@ def test_ignore_eos_generates_to_max_new_tokens_and_reports_length(engine):
     engine.eos_token_ids = (first.token_ids[1],)  # pretend the 2nd token ends the sequence
     stopped = engine.generate([greedy(TEXTS[0], "t1", 6)])[0]
     assert (len(stopped.token_ids), stopped.finish_reason) == (2, "stop")
-    kept = engine.generate([GenerationRequest(TEXTS[0], task="t1", max_new_tokens=6, ignore_eos=True)])[0]
+    kept = engine.generate(
+        [GenerationRequest(TEXTS[0], task="t1", max_new_tokens=6, ignore_eos=True)]
+    )[0]
     assert kept.token_ids == first.token_ids and kept.finish_reason == "length"
 
 
@@ -198,18 +229,27 @@ def test_streamed_pieces_join_to_final_text_and_never_leak_the_stop_string(engin
     full = engine.generate([greedy(TEXTS[2], "t1", n=12)])[0]
     stop = " ".join(full.text.split(" ")[5:7])
     pieces: list[str] = []
-    result = engine.generate([GenerationRequest(TEXTS[2], task="t1", max_new_tokens=12, stop=[stop],
-                                                on_text=pieces.append)])[0]
-    assert "".join(pieces) == result.text == full.text[:full.text.find(stop)]
+    result = engine.generate(
+        [
+            GenerationRequest(
+                TEXTS[2], task="t1", max_new_tokens=12, stop=[stop], on_text=pieces.append
+            )
+        ]
+    )[0]
+    assert "".join(pieces) == result.text == full.text[: full.text.find(stop)]
     assert len(pieces) > 1 and all(stop not in p for p in pieces)
 
 
 def test_seeded_sampling_reproducible_alone_and_in_mixed_batch(engine):
     def sampled(seed):
-        return GenerationRequest(TEXTS[3], task="t2", max_new_tokens=10, temperature=1.5, top_p=0.95, seed=seed)
+        return GenerationRequest(
+            TEXTS[3], task="t2", max_new_tokens=10, temperature=1.5, top_p=0.95, seed=seed
+        )
 
     alone = engine.generate([sampled(7)])[0]
-    mixed = engine.generate([greedy(TEXTS[0], "t0"), sampled(7), sampled(8), greedy(TEXTS[1], None)])
+    mixed = engine.generate(
+        [greedy(TEXTS[0], "t0"), sampled(7), sampled(8), greedy(TEXTS[1], None)]
+    )
     assert mixed[1].token_ids == alone.token_ids
     assert mixed[2].token_ids != alone.token_ids
     assert engine.generate([greedy(TEXTS[3], "t2", 10)])[0].token_ids != alone.token_ids
@@ -231,7 +271,9 @@ def by_hand_log_likelihood(model, tokenizer, prompt, text, target):
     ids = tokenizer(text)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     tokens = torch.tensor([ids + target_ids])
-    batch = inject.inject(model, tokens, torch.ones_like(tokens), prompt[None], torch.tensor([len(prompt)]))
+    batch = inject.inject(
+        model, tokens, torch.ones_like(tokens), prompt[None], torch.tensor([len(prompt)])
+    )
     with torch.no_grad():
         logprobs = inject.forward(model, batch).logits[0].log_softmax(-1)  # (C, V)
     start = len(prompt) + len(ids) - 1  # column that predicts the first target token
@@ -243,14 +285,20 @@ def test_classify_probabilities_sum_to_one_and_match_scoring_by_hand(engine, tin
     prompt = random_prompt(TASKS["t1"], seed=1)
     for text, result in zip(TEXTS[:3], results, strict=True):
         assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
-        hand = [by_hand_log_likelihood(tiny_llama, tokenizer, prompt, TEMPLATE.format(text=text), t)
-                for t in VERBALIZER["targets"]]
-        assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(hand, abs=1e-4)
+        hand = [
+            by_hand_log_likelihood(tiny_llama, tokenizer, prompt, TEMPLATE.format(text=text), t)
+            for t in VERBALIZER["targets"]
+        ]
+        assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(
+            hand, abs=1e-4
+        )
         expected = torch.tensor(hand).softmax(0).tolist()
         assert list(result.probabilities.values()) == pytest.approx(expected, abs=1e-5)
         assert result.label == VERBALIZER["labels"][int(torch.tensor(hand).argmax())]
     scores = engine.score(["t1", "t3"], TEXTS[:2], [" good", " bad film"])
-    assert scores[0] == pytest.approx(by_hand_log_likelihood(tiny_llama, tokenizer, prompt, TEXTS[0], " good"), abs=1e-4)
+    assert scores[0] == pytest.approx(
+        by_hand_log_likelihood(tiny_llama, tokenizer, prompt, TEXTS[0], " good"), abs=1e-4
+    )
 
 
 def test_classify_mixed_tasks_in_one_batch_equals_each_alone(engine):
@@ -262,21 +310,28 @@ def test_classify_mixed_tasks_in_one_batch_equals_each_alone(engine):
 
 
 def test_classify_task_without_verbalizer_raises(engine, bank, tiny_llama):
-    bank.save(SavedPrompt("plain", random_prompt(2, 5), peft_config(2), {"fingerprint": fingerprint(tiny_llama)}))
+    bank.save(
+        SavedPrompt(
+            "plain", random_prompt(2, 5), peft_config(2), {"fingerprint": fingerprint(tiny_llama)}
+        )
+    )
     with pytest.raises(NoVerbalizerError, match="no verbalizer"):
         engine.classify("plain", ["the movie"])
     with pytest.raises(NoVerbalizerError):
         engine.classify(None, ["the movie"])
 
 
-def test_sampled_generation_with_a_seed_equals_prompted_model_generate(engine, bank, tiny_llama, tokenizer):
+def test_sampled_generation_with_a_seed_equals_prompted_model_generate(
+    engine, bank, tiny_llama, tokenizer
+):
     """`softprompt generate --seed` (PromptedModel.generate) and a server request with the same
     seed sample the same continuation, row for row."""
     prompted = PromptedModel(tiny_llama, {"t1": bank.load("t1")}, tokenizer=tokenizer)
     texts = TEXTS[:3]
     local = prompted.generate(texts, "t1", max_new_tokens=6, temperature=1.5, seed=11)
-    served = engine.generate([GenerationRequest(t, task="t1", max_new_tokens=6, temperature=1.5, seed=11)
-                              for t in texts])
+    served = engine.generate(
+        [GenerationRequest(t, task="t1", max_new_tokens=6, temperature=1.5, seed=11) for t in texts]
+    )
     assert local == [r.text for r in served]
     assert local != prompted.generate(texts, "t1", max_new_tokens=6, temperature=1.5, seed=12)
 
@@ -288,27 +343,38 @@ def test_classify_multi_field_template_equals_softprompt_eval(engine, bank, tiny
     """The engine reads a saved task as `softprompt eval` does (data.task_from_meta) and scores
     the same tokens: a multi-field template is served, and labels and scores agree row by row."""
     save_task(bank, "titled", random_prompt(3, 7), tiny_llama, template=MULTI_FIELD_TEMPLATE)
-    rows = [{"title": title, "text": text} for title, text in zip(["fun", "plot", "the actor", "i"], TEXTS[:4], strict=True)]
+    rows = [
+        {"title": title, "text": text}
+        for title, text in zip(["fun", "plot", "the actor", "i"], TEXTS[:4], strict=True)
+    ]
     served = engine.classify("titled", rows)
     saved = bank.load("titled")
     task = task_from_meta("titled", saved.meta)
     prompted = PromptedModel(tiny_llama, {"titled": saved}, tokenizer=tokenizer)
     examples = [encode_example(tokenizer, task, row, 0, require_target=False) for row in rows]
-    scores = label_log_likelihoods(prompted, examples, task.verbalizer.target_token_ids(tokenizer), 0)
+    scores = label_log_likelihoods(
+        prompted, examples, task.verbalizer.target_token_ids(tokenizer), 0
+    )
     for row_scores, result in zip(scores, served, strict=True):
-        assert [result.log_likelihoods[label] for label in task.verbalizer.labels] == \
-            pytest.approx(row_scores.tolist(), abs=1e-4)
+        assert [result.log_likelihoods[label] for label in task.verbalizer.labels] == pytest.approx(
+            row_scores.tolist(), abs=1e-4
+        )
         assert result.label == task.verbalizer.labels[int(row_scores.argmax())]
-    assert len({tuple(r.log_likelihoods.values()) for r in served}) == len(rows)  # every field reached the model
+    assert len({tuple(r.log_likelihoods.values()) for r in served}) == len(
+        rows
+    )  # every field reached the model
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("just a text", "has fields ['title', 'text']; send an object"),
-    ({"title": "fun"}, "input 0: missing field 'text'"),
-    ({"title": "fun", "text": "  "}, "input 0: empty field 'text'"),
-    ({"title": "fun", "text": "plot", "txet": "plot"}, "input 0: unknown field 'txet'"),
-    ({"title": "fun", "text": 3}, "input 0: every field value must be a string"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("just a text", "has fields ['title', 'text']; send an object"),
+        ({"title": "fun"}, "input 0: missing field 'text'"),
+        ({"title": "fun", "text": "  "}, "input 0: empty field 'text'"),
+        ({"title": "fun", "text": "plot", "txet": "plot"}, "input 0: unknown field 'txet'"),
+        ({"title": "fun", "text": 3}, "input 0: every field value must be a string"),
+    ],
+)
 def test_classify_multi_field_bad_input_names_the_field(engine, bank, tiny_llama, value, fragment):
     save_task(bank, "titled", random_prompt(3, 7), tiny_llama, template=MULTI_FIELD_TEMPLATE)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -317,7 +383,9 @@ def test_classify_multi_field_bad_input_names_the_field(engine, bank, tiny_llama
 
 def test_classify_string_input_fills_the_one_field_of_any_name(engine, bank, tiny_llama):
     save_task(bank, "question", random_prompt(3, 8), tiny_llama, template="q : {question} a :")
-    by_string, by_object = engine.classify("question", ["the movie was", {"question": "the movie was"}])
+    by_string, by_object = engine.classify(
+        "question", ["the movie was", {"question": "the movie was"}]
+    )
     assert by_string.log_likelihoods == by_object.log_likelihoods
 
 
@@ -330,8 +398,12 @@ def write_plain_folder(root, name, values, model):
 
     folder = root / name
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps(peft_config(values.shape[0], values.shape[1])))
-    safetensors.torch.save_file({"prompt_embeddings": values}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(peft_config(values.shape[0], values.shape[1]))
+    )
+    safetensors.torch.save_file(
+        {"prompt_embeddings": values}, str(folder / "adapter_model.safetensors")
+    )
     (folder / "softprompt.json").write_text(json.dumps({"fingerprint": fingerprint(model)}))
 
 
@@ -358,7 +430,10 @@ def test_refresh_follows_bank_new_changed_and_deleted_tasks(engine, bank, tiny_l
     bank.delete("t2")
     engine.refresh()
     assert engine.tasks() == ["new-task", "t0", "t1", "t3"]
-    assert engine.task_info("t1").version != old_version and engine.task_info("t1").num_virtual_tokens == 4
+    assert (
+        engine.task_info("t1").version != old_version
+        and engine.task_info("t1").num_virtual_tokens == 4
+    )
     bank.delete("t3")  # gone on the very next request, even before a refresh
     with pytest.raises(UnknownTaskError):
         engine.generate([greedy(TEXTS[0], "t3")])
@@ -398,11 +473,15 @@ def test_chat_prompt_uses_template_or_falls_back_to_role_lines(engine, tokenizer
     messages = [{"role": "user", "content": "the movie"}]
     assert engine.tokenizer.chat_template is None
     assert engine.chat_prompt(messages) == tokenizer("user : the movie\nassistant :")["input_ids"]
-    engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} . {% endfor %}review :"
+    engine.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} . {% endfor %}review :"
+    )
     assert engine.chat_prompt(messages) == tokenizer("the movie . review :")["input_ids"]
 
 
-def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, tiny_llama, monkeypatch):
+def test_bad_input_prompt_saved_mid_request_never_mixes_versions(
+    engine, bank, tiny_llama, monkeypatch
+):
     old = engine.activate("t0").version
     calls = []
 
@@ -412,9 +491,12 @@ def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, t
             if len(calls) == 2:  # a PUT /v1/prompts/t0 landing while the request is prepared
                 save_task(bank, "t0", random_prompt(5, 99), tiny_llama)
             return encode(*args)
+
         return wrapped
 
-    monkeypatch.setattr(engine, "_classify_input_ids", save_on_second_row(engine._classify_input_ids))
+    monkeypatch.setattr(
+        engine, "_classify_input_ids", save_on_second_row(engine._classify_input_ids)
+    )
     monkeypatch.setattr(engine, "_input_ids", save_on_second_row(engine._input_ids))
     classify = engine.prepare(ClassifyRequest("t0", TEXTS[:4]))
     assert len(calls) == 4
@@ -422,17 +504,24 @@ def test_bad_input_prompt_saved_mid_request_never_mixes_versions(engine, bank, t
     calls.clear()
     generations = engine.prepare_all([greedy(text, "t0") for text in TEXTS[:4]])
     versions = {row.task.version for row in generations}
-    assert len(versions) == 1 and versions != {old}  # the first save is seen, the second is not mixed in
+    assert len(versions) == 1 and versions != {
+        old
+    }  # the first save is seen, the second is not mixed in
     assert engine.activate("t0").version not in versions | {old}  # the next request sees the newest
 
 
-@pytest.mark.parametrize("values, message", [
-    (torch.full((2, D), float("nan")), "prompt 'bad' contains NaN/inf"),
-    (torch.zeros(0, D), "prompt 'bad' has no rows (virtual tokens)"),
-    (torch.zeros(3), "prompt 'bad' must be a 2-D tensor [num_virtual_tokens, width], got [3]"),
-    (torch.zeros(2, D + 1), f"prompt 'bad' has hidden size {D + 1} but the model has {D}"),
-])
-def test_bad_input_prompt_tensor_gets_one_message_in_the_engine_and_the_prompt_table(engine, values, message):
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (torch.full((2, D), float("nan")), "prompt 'bad' contains NaN/inf"),
+        (torch.zeros(0, D), "prompt 'bad' has no rows (virtual tokens)"),
+        (torch.zeros(3), "prompt 'bad' must be a 2-D tensor [num_virtual_tokens, width], got [3]"),
+        (torch.zeros(2, D + 1), f"prompt 'bad' has hidden size {D + 1} but the model has {D}"),
+    ],
+)
+def test_bad_input_prompt_tensor_gets_one_message_in_the_engine_and_the_prompt_table(
+    engine, values, message
+):
     from softprompt.prompts import PromptTable
 
     with pytest.raises(IncompatiblePromptError) as in_engine:

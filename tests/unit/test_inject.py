@@ -90,16 +90,31 @@ def test_mixed_batch_greedy_generation_equals_separate(tiny_model):
     table = _table()
     ids, mask = _batch(ROWS, side="left")
     prompts, lengths = table.gather(torch.tensor([0, 1, NO_TASK]))
-    mixed = inject.generate(tiny_model, ids, mask, prompts=prompts, prompt_lengths=lengths,
-                            max_new_tokens=8)
+    mixed = inject.generate(
+        tiny_model, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8
+    )
     for b, row in enumerate(ROWS):
         p, n = table.gather(torch.tensor([[0, 1, NO_TASK][b]]))
-        alone = inject.generate(tiny_model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long),
-                                prompts=p, prompt_lengths=n, max_new_tokens=8)
+        alone = inject.generate(
+            tiny_model,
+            torch.tensor([row]),
+            torch.ones(1, len(row), dtype=torch.long),
+            prompts=p,
+            prompt_lengths=n,
+            max_new_tokens=8,
+        )
         assert mixed[b] == alone[0]
-    assert mixed[0] != inject.generate(tiny_model, torch.tensor([ROWS[0]]), torch.ones(1, 6, dtype=torch.long),
-                                       prompts=table.gather(torch.tensor([1]))[0],
-                                       prompt_lengths=torch.tensor([3]), max_new_tokens=8)[0]
+    assert (
+        mixed[0]
+        != inject.generate(
+            tiny_model,
+            torch.tensor([ROWS[0]]),
+            torch.ones(1, 6, dtype=torch.long),
+            prompts=table.gather(torch.tensor([1]))[0],
+            prompt_lengths=torch.tensor([3]),
+            max_new_tokens=8,
+        )[0]
+    )
 
 
 # ---------------------------------------------------------------- 3. padding
@@ -160,7 +175,9 @@ def test_padding_loss_window_equals_full_logits_loss(tiny_model):
     batch = inject.inject(tiny_model, ids, mask, prompts, lengths, labels)
     fast = inject.loss(tiny_model, batch)
     logits = inject.forward(tiny_model, batch).logits
-    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), batch.labels[:, 1:].reshape(-1))
+    full = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 128), batch.labels[:, 1:].reshape(-1)
+    )
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
 
 
@@ -175,8 +192,14 @@ def test_kv_prefix_generation_equals_injected_prompt(kind):
     ids, mask = _batch(ROWS, side="left")
     task_ids = torch.tensor([0, 1, NO_TASK])
     prompts, lengths = table.gather(task_ids)
-    injected = inject.generate(model, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8)
-    prefixes = [inject.prompt_prefix(model, table.get("task0")), inject.prompt_prefix(model, table.get("task1")), None]
+    injected = inject.generate(
+        model, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8
+    )
+    prefixes = [
+        inject.prompt_prefix(model, table.get("task0")),
+        inject.prompt_prefix(model, table.get("task1")),
+        None,
+    ]
     cached = inject.generate(model, ids, mask, prefixes=prefixes, max_new_tokens=8)
     assert cached == injected
     out, full_mask, plain = inject.prefix_forward(model, ids, mask, prefixes)
@@ -192,7 +215,9 @@ def test_kv_prefix_falls_back_when_sliding_window_is_too_short():
     table = _table()
     ids, mask = _batch(ROWS, side="left")
     prompts, lengths = table.gather(torch.tensor([0, 1, 0]))
-    injected = inject.generate(model, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8)
+    injected = inject.generate(
+        model, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8
+    )
     prefixes = [inject.prompt_prefix(model, table.get(f"task{t}")) for t in (0, 1, 0)]
     assert inject.generate(model, ids, mask, prefixes=prefixes, max_new_tokens=8) == injected
 
@@ -203,9 +228,15 @@ def test_kv_prefix_falls_back_when_sliding_window_is_too_short():
 def test_no_prompt_generation_equals_plain_generate(tiny_model):
     ids, mask = _batch(ROWS, side="left")
     ours = inject.generate(tiny_model, ids, mask, max_new_tokens=8)
-    theirs = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-    assert ours == theirs[:, ids.shape[1]:].tolist()
+    theirs = tiny_model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    assert ours == theirs[:, ids.shape[1] :].tolist()
 
 
 def test_sampling_with_seed_is_batch_independent(tiny_llama):
@@ -213,13 +244,29 @@ def test_sampling_with_seed_is_batch_independent(tiny_llama):
     ids, mask = _batch(ROWS, side="left")
     prompts, lengths = table.gather(torch.tensor([0, 1, NO_TASK]))
     sampling = [inject.Sampling(temperature=1.0, top_p=0.9, seed=s) for s in (1, 2, 3)]
-    mixed = inject.generate(tiny_llama, ids, mask, prompts=prompts, prompt_lengths=lengths,
-                            max_new_tokens=8, sampling=sampling)
+    mixed = inject.generate(
+        tiny_llama,
+        ids,
+        mask,
+        prompts=prompts,
+        prompt_lengths=lengths,
+        max_new_tokens=8,
+        sampling=sampling,
+    )
     p, n = table.gather(torch.tensor([1]))
-    alone = inject.generate(tiny_llama, torch.tensor([ROWS[1]]), torch.ones(1, 3, dtype=torch.long), prompts=p,
-                            prompt_lengths=n, max_new_tokens=8, sampling=[sampling[1]])
+    alone = inject.generate(
+        tiny_llama,
+        torch.tensor([ROWS[1]]),
+        torch.ones(1, 3, dtype=torch.long),
+        prompts=p,
+        prompt_lengths=n,
+        max_new_tokens=8,
+        sampling=[sampling[1]],
+    )
     assert mixed[1] == alone[0]
-    greedy = inject.generate(tiny_llama, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8)
+    greedy = inject.generate(
+        tiny_llama, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8
+    )
     assert mixed != greedy  # sampling really samples
 
 

@@ -29,7 +29,9 @@ def test_bad_input_model_paths_name_the_problem(tmp_path):
 
 def test_hub_ids_pass_through_to_from_pretrained():
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
 
 
 def test_cache_home_follows_environment(monkeypatch, tmp_path):

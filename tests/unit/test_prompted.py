@@ -24,7 +24,9 @@ TEXT = "classify if this text is positive or negative :"
 
 @pytest.fixture
 def prompted(tiny_model, tiny_tokenizer):
-    config = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="text", prompt_tuning_init_text=TEXT)
+    config = PromptTuningConfig(
+        num_virtual_tokens=5, prompt_tuning_init="text", prompt_tuning_init_text=TEXT
+    )
     return PromptedModel(tiny_model, {"sentiment": config}, tokenizer=tiny_tokenizer)
 
 
@@ -37,7 +39,10 @@ def _right_padded(tokenizer, texts):
 
 
 def test_frozen_trainable_count_equals_tasks_times_tokens_times_dim(tiny_model, tiny_tokenizer):
-    configs = {f"t{i}": PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="random", seed=i) for i in range(3)}
+    configs = {
+        f"t{i}": PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="random", seed=i)
+        for i in range(3)
+    }
     prompted = PromptedModel(tiny_model, configs, tokenizer=tiny_tokenizer)
     assert prompted.trainable_parameter_count() == 3 * 6 * 32
     assert all(not p.requires_grad for p in prompted.model.parameters())
@@ -45,7 +50,9 @@ def test_frozen_trainable_count_equals_tasks_times_tokens_times_dim(tiny_model, 
 
 
 def test_init_text_tiles_token_embeddings_like_peft(tiny_model, tiny_tokenizer):
-    config = PromptTuningConfig(num_virtual_tokens=12, prompt_tuning_init="text", prompt_tuning_init_text="great movie")
+    config = PromptTuningConfig(
+        num_virtual_tokens=12, prompt_tuning_init="text", prompt_tuning_init_text="great movie"
+    )
     values = init_prompt(config, tiny_model, tiny_tokenizer)
     ids = tiny_tokenizer("great movie", add_special_tokens=False)["input_ids"] * 6
     expected = tiny_model.get_input_embeddings()(torch.tensor(ids)).detach()
@@ -53,16 +60,31 @@ def test_init_text_tiles_token_embeddings_like_peft(tiny_model, tiny_tokenizer):
 
 
 def test_init_random_matches_embedding_statistics(tiny_model, tiny_tokenizer):
-    values = init_prompt(PromptTuningConfig(num_virtual_tokens=256, prompt_tuning_init="random"), tiny_model, tiny_tokenizer)
+    values = init_prompt(
+        PromptTuningConfig(num_virtual_tokens=256, prompt_tuning_init="random"),
+        tiny_model,
+        tiny_tokenizer,
+    )
     embeds = tiny_model.get_input_embeddings()(torch.arange(128)).detach()
     assert abs(values.std().item() - embeds.std().item()) < 0.25 * embeds.std().item()
 
 
 def test_init_sampled_vocab_and_class_labels_are_real_token_rows(tiny_model, tiny_tokenizer):
     embeds = tiny_model.get_input_embeddings()(torch.arange(128)).detach()
-    sampled = init_prompt(PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="sampled_vocab"), tiny_model, tiny_tokenizer)
-    labels = init_prompt(PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="class_labels",
-                                            init_labels=["negative", "positive"]), tiny_model, tiny_tokenizer)
+    sampled = init_prompt(
+        PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="sampled_vocab"),
+        tiny_model,
+        tiny_tokenizer,
+    )
+    labels = init_prompt(
+        PromptTuningConfig(
+            num_virtual_tokens=3,
+            prompt_tuning_init="class_labels",
+            init_labels=["negative", "positive"],
+        ),
+        tiny_model,
+        tiny_tokenizer,
+    )
     for row in torch.cat([sampled, labels]):
         assert torch.isclose(embeds, row).all(1).any()
     neg = tiny_tokenizer("negative", add_special_tokens=False)["input_ids"][0]
@@ -72,8 +94,13 @@ def test_init_sampled_vocab_and_class_labels_are_real_token_rows(tiny_model, tin
 
 def test_init_from_file_starts_from_a_saved_prompt(prompted, tmp_path):
     path = prompted.save_task("sentiment", tmp_path / "bank")
-    config = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="from_file", init_file=str(path))
-    torch.testing.assert_close(init_prompt(config, prompted.model, prompted.tokenizer), prompted.table.get("sentiment").detach())
+    config = PromptTuningConfig(
+        num_virtual_tokens=5, prompt_tuning_init="from_file", init_file=str(path)
+    )
+    torch.testing.assert_close(
+        init_prompt(config, prompted.model, prompted.tokenizer),
+        prompted.table.get("sentiment").detach(),
+    )
 
 
 def test_bad_input_config_errors_name_the_field():
@@ -108,7 +135,9 @@ def test_peft_interop_our_saved_prompt_loads_in_peft_with_same_logits(prompted, 
     torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-5, rtol=0)
 
 
-def test_peft_interop_peft_trained_adapter_loads_here_with_same_logits(tiny_model, tiny_tokenizer, tmp_path):
+def test_peft_interop_peft_trained_adapter_loads_here_with_same_logits(
+    tiny_model, tiny_tokenizer, tmp_path
+):
     from peft import PromptTuningConfig as PeftConfig
     from peft import get_peft_model
 
@@ -116,7 +145,9 @@ def test_peft_interop_peft_trained_adapter_loads_here_with_same_logits(tiny_mode
     peft_model = get_peft_model(tiny_model, PeftConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     enc = _right_padded(tiny_tokenizer, ["great movie", "bad plot !"])
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
-    out = peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["input_ids"])
+    out = peft_model(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["input_ids"]
+    )
     out.loss.backward()
     optimizer.step()
     peft_model.save_pretrained(tmp_path / "peft")
@@ -135,7 +166,10 @@ def test_roundtrip_save_load_bit_exact(prompted, tmp_path):
     prompted.save_task("sentiment", tmp_path / "bank", meta={"template": "Review: {text}"})
     saved = PromptBank(tmp_path / "bank").load("sentiment")
     assert torch.equal(saved.embeddings, prompted.table.get("sentiment").detach())
-    assert saved.meta["fingerprint"] == prompted.fingerprint and saved.meta["template"] == "Review: {text}"
+    assert (
+        saved.meta["fingerprint"] == prompted.fingerprint
+        and saved.meta["template"] == "Review: {text}"
+    )
     again = PromptedModel(prompted.model, tokenizer=prompted.tokenizer)
     again.add_task("sentiment", saved)
     assert torch.equal(again.table.get("sentiment"), prompted.table.get("sentiment"))
@@ -164,8 +198,16 @@ def test_roundtrip_crash_mid_save_keeps_previous_prompt(prompted, tmp_path, monk
 
 
 def _saved(values, fingerprint=None):
-    return SavedPrompt("x", values, {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": values.shape[0],
-                                     "token_dim": values.shape[-1]}, {"fingerprint": fingerprint} if fingerprint else {})
+    return SavedPrompt(
+        "x",
+        values,
+        {
+            "peft_type": "PROMPT_TUNING",
+            "num_virtual_tokens": values.shape[0],
+            "token_dim": values.shape[-1],
+        },
+        {"fingerprint": fingerprint} if fingerprint else {},
+    )
 
 
 def test_bad_input_wrong_hidden_size(prompted):

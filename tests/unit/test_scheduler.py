@@ -44,9 +44,17 @@ def make_scheduler(engine):
 
 def mixed_requests(count: int, n=lambda i: 3 + 2 * (i % 4)):
     """Greedy and seeded sampled rows over every prompt kind, of different lengths."""
-    return [GenerationRequest(TEXTS[i % len(TEXTS)], task=KINDS[i % len(KINDS)], max_new_tokens=n(i),
-                              temperature=0.0 if i % 2 else 1.1, top_p=1.0 if i % 3 else 0.9, seed=100 + i)
-            for i in range(count)]
+    return [
+        GenerationRequest(
+            TEXTS[i % len(TEXTS)],
+            task=KINDS[i % len(KINDS)],
+            max_new_tokens=n(i),
+            temperature=0.0 if i % 2 else 1.1,
+            top_p=1.0 if i % 3 else 0.9,
+            seed=100 + i,
+        )
+        for i in range(count)
+    ]
 
 
 def started(request: GenerationRequest) -> threading.Event:
@@ -59,7 +67,9 @@ def started(request: GenerationRequest) -> threading.Event:
 # ---------------------------------------------------------------- the engine's steps
 
 
-@pytest.mark.parametrize("engine", [True, False], indirect=True, ids=["prefix-cache", "no-prefix-cache"])
+@pytest.mark.parametrize(
+    "engine", [True, False], indirect=True, ids=["prefix-cache", "no-prefix-cache"]
+)
 def test_rows_joining_mid_generation_leave_every_row_as_it_is_alone(engine):
     requests = mixed_requests(12)
     alone = [engine.generate([r])[0] for r in requests]
@@ -103,7 +113,10 @@ def test_sliding_window_model_never_merges_caches(tmp_path):
 
 
 def test_short_request_arriving_during_a_long_generation_finishes_first(engine, make_scheduler):
-    long, short = greedy("the movie was", "t0", n=200), GenerationRequest("fun", task="t1", max_new_tokens=8)
+    long, short = (
+        greedy("the movie was", "t0", n=200),
+        GenerationRequest("fun", task="t1", max_new_tokens=8),
+    )
     long_alone, short_alone = engine.generate([long])[0], engine.generate([short])[0]
     assert len(long_alone.token_ids) == 200  # no early end-of-sequence: it really is long
     scheduler = make_scheduler(max_wait_ms=0)
@@ -129,7 +142,9 @@ def test_static_setting_makes_a_short_request_wait_for_the_running_batch(engine,
     assert scheduler.largest_batch == 1
 
 
-@pytest.mark.parametrize("engine", [True, False], indirect=True, ids=["prefix-cache", "no-prefix-cache"])
+@pytest.mark.parametrize(
+    "engine", [True, False], indirect=True, ids=["prefix-cache", "no-prefix-cache"]
+)
 def test_requests_arriving_in_waves_equal_each_alone(engine, make_scheduler):
     requests = mixed_requests(18)
     alone = [engine.generate([r])[0] for r in requests]
@@ -153,7 +168,9 @@ def test_classify_runs_between_decode_steps_of_a_long_generation(engine, make_sc
     result = scheduler.enqueue(engine.prepare(ClassifyRequest("t1", TEXTS[:2]))).result(30)
     assert not long_future.done()
     assert [r.label for r in result] == [r.label for r in expected]
-    assert [r.probabilities for r in result] == [pytest.approx(r.probabilities, abs=1e-5) for r in expected]
+    assert [r.probabilities for r in result] == [
+        pytest.approx(r.probabilities, abs=1e-5) for r in expected
+    ]
     long_future.result(60)
 
 
@@ -224,7 +241,9 @@ def test_scheduler_gathers_concurrent_requests_and_a_bad_one_fails_alone(engine,
     assert scheduler.largest_batch > 1
 
 
-def test_scheduler_retries_rows_one_by_one_when_a_prefill_raises(engine, make_scheduler, monkeypatch):
+def test_scheduler_retries_rows_one_by_one_when_a_prefill_raises(
+    engine, make_scheduler, monkeypatch
+):
     real_start = engine.start_generation
 
     def fragile_start(prepared):
@@ -234,7 +253,9 @@ def test_scheduler_retries_rows_one_by_one_when_a_prefill_raises(engine, make_sc
 
     monkeypatch.setattr(engine, "start_generation", fragile_start)
     scheduler = make_scheduler(max_batch_size=8, max_wait_ms=200)
-    futures = [scheduler.enqueue(engine.prepare(greedy(p, "t0"))) for p in ("fun", "boom", "the movie")]
+    futures = [
+        scheduler.enqueue(engine.prepare(greedy(p, "t0"))) for p in ("fun", "boom", "the movie")
+    ]
     futures.append(scheduler.enqueue(engine.prepare(ClassifyRequest("t1", ["fun"]))))
     assert futures[0].result(30).token_ids and futures[2].result(30).token_ids
     assert futures[3].result(30)[0].label in VERBALIZER["labels"]
@@ -246,8 +267,9 @@ def test_scheduler_submit_is_awaitable(engine, make_scheduler):
     scheduler = make_scheduler(max_wait_ms=20)
 
     async def main():
-        return await asyncio.gather(*(scheduler.submit(greedy(t, "t0")) for t in TEXTS),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(scheduler.submit(greedy(t, "t0")) for t in TEXTS), return_exceptions=True
+        )
 
     results = asyncio.run(main())
     assert outputs(results) == outputs(engine.generate([greedy(t, "t0") for t in TEXTS]))
@@ -266,10 +288,14 @@ def test_a_later_request_gets_a_turn_before_a_large_one_ends(engine, make_schedu
     monkeypatch.setattr(engine, "start_generation", recording_start)
     scheduler = make_scheduler(max_batch_size=2, max_wait_ms=0)
     large = object()  # one client request of 6 prompts
-    futures = scheduler.enqueue_all(engine.prepare_all([greedy("the movie was", "t0", n=2)] * 6), large)
+    futures = scheduler.enqueue_all(
+        engine.prepare_all([greedy("the movie was", "t0", n=2)] * 6), large
+    )
     assert first_running.wait(10)
     small = scheduler.enqueue(engine.prepare(greedy("fun", "t1", n=2)))
     release.set()
     assert small.result(30).token_ids and all(f.result(30).token_ids for f in futures)
-    assert set(batches[0]) == {"the movie was"} and "fun" in batches[1], batches  # not after all of them
+    assert set(batches[0]) == {"the movie was"} and "fun" in batches[1], (
+        batches
+    )  # not after all of them
     assert sum(len(b) for b in batches) == 7

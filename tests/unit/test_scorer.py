@@ -19,8 +19,15 @@ from softprompt.scorer import ScoreRow, score_rows
 from ..conftest import build_tiny_tokenizer
 
 TEMPLATE = "review : {text} sentiment :"
-TEXTS = ["the movie was great", "a boring plot", "fun", "the actor is not very good and the film is bad",
-         "i love this film", "awful", "it was a movie"]
+TEXTS = [
+    "the movie was great",
+    "a boring plot",
+    "fun",
+    "the actor is not very good and the film is bad",
+    "i love this film",
+    "awful",
+    "it was a movie",
+]
 VERBALIZERS = {
     "multi-token": (["positive", "negative", "neutral"], [" good", " very bad film", " not bad"]),
     "one-token": (["positive", "negative"], [" good", " bad"]),
@@ -33,11 +40,17 @@ def _saved_bank(model, tokenizer, path, labels, targets) -> PromptBank:
     verbalizer (what /v1/classify reads)."""
     meta = {"template": TEMPLATE, "verbalizer": {"labels": labels, "targets": targets}}
     generator = torch.Generator().manual_seed(7)
-    soft = PromptedModel(model, {"soft": torch.randn(3, 32, generator=generator)}, tokenizer=tokenizer)
+    soft = PromptedModel(
+        model, {"soft": torch.randn(3, 32, generator=generator)}, tokenizer=tokenizer
+    )
     soft.save_task("soft", path, meta=meta)
-    deep = DeepPromptModel(model, {"deep": torch.randn(2, 32, generator=generator)}, tokenizer=tokenizer)
+    deep = DeepPromptModel(
+        model, {"deep": torch.randn(2, 32, generator=generator)}, tokenizer=tokenizer
+    )
     with torch.no_grad():  # away from its soft init, so the deep path is really exercised
-        deep.table.get("deep").add_(0.3 * torch.randn(deep.table.get("deep").shape, generator=generator))
+        deep.table.get("deep").add_(
+            0.3 * torch.randn(deep.table.get("deep").shape, generator=generator)
+        )
     deep.save_task("deep", path, meta=meta)
     return PromptBank(path)
 
@@ -46,14 +59,19 @@ def _eval_scores(model, tokenizer, bank, prompt: str | None, labels, targets) ->
     """What `softprompt eval` scores: the task's model loaded from the bank, rows through
     evaluate.label_log_likelihoods."""
     task = make_classification_task("t", TEMPLATE, labels, targets)
-    examples = [encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in TEXTS]
+    examples = [
+        encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in TEXTS
+    ]
     if prompt is None:
         prompted, task_id = PromptedModel(model, tokenizer=tokenizer), NO_TASK
     elif prompt == "deep":
         prompted, task_id = DeepPromptModel(model, tokenizer=tokenizer), 0
         prompted.add_saved(bank.load("deep"))
     else:
-        prompted, task_id = PromptedModel(model, {"soft": bank.load("soft")}, tokenizer=tokenizer), 0
+        prompted, task_id = (
+            PromptedModel(model, {"soft": bank.load("soft")}, tokenizer=tokenizer),
+            0,
+        )
     targets_ids = task.verbalizer.target_token_ids(tokenizer)
     return label_log_likelihoods(prompted, examples, targets_ids, task_id, batch_size=BATCH)
 
@@ -88,13 +106,16 @@ def test_classify_with_the_prefix_cache_equals_eval_to_1e_6(tiny_llama, tmp_path
     engine = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=True, score_batch_size=BATCH)
     expected = _eval_scores(tiny_llama, tokenizer, bank, prompt, labels, targets)
     torch.testing.assert_close(_served_scores(engine, prompt, labels), expected, atol=1e-6, rtol=0)
-    assert prompt == "deep" or engine.prefix_computations == 1  # the soft prompt took the KV-prefix path
+    assert (
+        prompt == "deep" or engine.prefix_computations == 1
+    )  # the soft prompt took the KV-prefix path
 
 
 def _plain_last_logits(model, calls: list[int]):
     def last_logits(tasks, ids, mask, keep):
         calls.append(len(ids))
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+
     return last_logits
 
 
@@ -105,11 +126,19 @@ def test_one_token_targets_share_a_forward_and_score_as_alone(tiny_llama):
     targets = [[20], [21], [22, 23, 24], [25, 26]]
     rows = [ScoreRow(i, t, None) for i in inputs for t in targets]
     calls: list[int] = []
-    together = score_rows(rows, _plain_last_logits(tiny_llama, calls), pad_id=0, device="cpu", batch_size=4)
-    assert sum(calls) == len(inputs) * 3  # one row for the two one-token targets, one per multi-token target
+    together = score_rows(
+        rows, _plain_last_logits(tiny_llama, calls), pad_id=0, device="cpu", batch_size=4
+    )
+    assert (
+        sum(calls) == len(inputs) * 3
+    )  # one row for the two one-token targets, one per multi-token target
     for row, score in zip(rows, together.tolist(), strict=True):
         with torch.no_grad():
-            logprobs = tiny_llama(input_ids=torch.tensor([row.input_ids + row.target_ids])).logits[0].log_softmax(-1)
+            logprobs = (
+                tiny_llama(input_ids=torch.tensor([row.input_ids + row.target_ids]))
+                .logits[0]
+                .log_softmax(-1)
+            )
         n = len(row.input_ids)
         alone = sum(float(logprobs[n - 1 + j, token]) for j, token in enumerate(row.target_ids))
         assert score == pytest.approx(alone, abs=1e-5)
@@ -129,5 +158,10 @@ def test_rows_with_different_tasks_never_share_a_forward(tiny_llama):
 
 def test_a_row_without_target_tokens_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="score row 1 needs input and target tokens"):
-        score_rows([ScoreRow([1, 5], [20]), ScoreRow([1, 5], [])], _plain_last_logits(tiny_llama, []),
-                   pad_id=0, device="cpu", batch_size=4)
+        score_rows(
+            [ScoreRow([1, 5], [20]), ScoreRow([1, 5], [])],
+            _plain_last_logits(tiny_llama, []),
+            pad_id=0,
+            device="cpu",
+            batch_size=4,
+        )

@@ -36,8 +36,12 @@ from .test_engine import (
 )
 from .test_server import ADMIN, API_KEY, assert_error, running, upload_files
 
-LIMITS = RequestLimits(max_inputs_per_request=40, max_prompts_per_request=4, max_tokens_per_request=1000,
-                       max_body_bytes=1_000_000)
+LIMITS = RequestLimits(
+    max_inputs_per_request=40,
+    max_prompts_per_request=4,
+    max_tokens_per_request=1000,
+    max_body_bytes=1_000_000,
+)
 SCORE_BATCH = 4  # pairs per scoring batch: a classify of 40 inputs x 2 labels runs in 20 batches
 
 
@@ -63,8 +67,14 @@ def server(tmp_path_factory):
     engine.score_pairs = slowed
     app = create_app(engine, api_key=API_KEY, limits=LIMITS)
     with running(app) as url:
-        yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, slow=slow,
-                              http=httpx.Client(base_url=url, timeout=30))
+        yield SimpleNamespace(
+            url=url,
+            engine=engine,
+            bank=bank,
+            model=model,
+            slow=slow,
+            http=httpx.Client(base_url=url, timeout=30),
+        )
 
 
 @pytest.fixture
@@ -80,7 +90,9 @@ LARGE, SMALL = 8, 5  # input tokens of each pair of the large and of the small r
 
 def classify(server, n, timeout=30.0):
     texts = ["the movie was fun"] * n if n > 1 else ["fun"]  # 8 and 5 tokens once templated
-    return httpx.post(f"{server.url}/v1/classify", json={"model": "t0", "input": texts}, timeout=timeout)
+    return httpx.post(
+        f"{server.url}/v1/classify", json={"model": "t0", "input": texts}, timeout=timeout
+    )
 
 
 def pairs_run(slow, length: int) -> int:
@@ -110,7 +122,9 @@ def test_limits_abandoned_classify_stops_between_batches_and_frees_the_model(ser
     assert pairs_run(slow_scoring, LARGE) < 80 - 2 * SCORE_BATCH, slow_scoring.batches
     small = classify(server, 1)
     assert small.status_code == 200, small.text
-    assert slow_scoring.batches[settled:] == [[SMALL, SMALL]]  # nothing of the abandoned request ran before it
+    assert slow_scoring.batches[settled:] == [
+        [SMALL, SMALL]
+    ]  # nothing of the abandoned request ran before it
 
 
 def test_limits_small_request_is_not_starved_by_a_large_one(server, slow_scoring):
@@ -128,13 +142,21 @@ def test_limits_small_request_is_not_starved_by_a_large_one(server, slow_scoring
 
 def test_limits_inputs_prompts_and_tokens_per_request_are_413_naming_the_limit(server):
     too_many = server.http.post("/v1/classify", json={"model": "t0", "input": ["fun"] * 41})
-    assert_error(too_many, 413, "41 inputs in one request; this server takes at most 40 (--max-inputs-per-request)",
-                 "request_too_large")
+    assert_error(
+        too_many,
+        413,
+        "41 inputs in one request; this server takes at most 40 (--max-inputs-per-request)",
+        "request_too_large",
+    )
     assert too_many.json()["error"]["param"] == "input"
-    prompts = server.http.post("/v1/completions", json={"model": "t0", "prompt": ["fun"] * 5, "max_tokens": 1})
+    prompts = server.http.post(
+        "/v1/completions", json={"model": "t0", "prompt": ["fun"] * 5, "max_tokens": 1}
+    )
     assert_error(prompts, 413, "at most 4 (--max-prompts-per-request)", "request_too_large")
     assert prompts.json()["error"]["param"] == "prompt"
-    tokens = server.http.post("/v1/completions", json={"model": "t0", "prompt": ["fun"] * 4, "max_tokens": 250})
+    tokens = server.http.post(
+        "/v1/completions", json={"model": "t0", "prompt": ["fun"] * 4, "max_tokens": 250}
+    )
     assert_error(tokens, 413, "takes at most 1000 (--max-tokens-per-request)", "request_too_large")
     within = server.http.post("/v1/classify", json={"model": "t0", "input": ["fun"] * 40})
     assert within.status_code == 200 and len(within.json()["data"]) == 40
@@ -143,7 +165,10 @@ def test_limits_inputs_prompts_and_tokens_per_request_are_413_naming_the_limit(s
 def test_limits_are_serve_flags_with_defaults():
     args = build_parser().parse_args(["serve", "--bank", "b", "--max-inputs-per-request", "8"])
     assert from_args(RequestLimits, args) == RequestLimits(max_inputs_per_request=8)
-    assert RequestLimits().max_prompts_per_request == 64 and RequestLimits().max_tokens_per_request == 65_536
+    assert (
+        RequestLimits().max_prompts_per_request == 64
+        and RequestLimits().max_tokens_per_request == 65_536
+    )
     with pytest.raises(ValueError, match="--max-tokens-per-request must be an integer >= 1"):
         RequestLimits(max_tokens_per_request=0)
     with pytest.raises(ValueError, match="--max-body-bytes must be an integer >= 0"):
@@ -151,12 +176,26 @@ def test_limits_are_serve_flags_with_defaults():
 
 
 def test_limits_queue_timeout_and_batching_are_serve_flags_with_defaults():
-    args = build_parser().parse_args(["serve", "--bank", "b", "--max-queue", "3", "--request-timeout-s", "2.5",
-                                      "--no-join-running"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--bank",
+            "b",
+            "--max-queue",
+            "3",
+            "--request-timeout-s",
+            "2.5",
+            "--no-join-running",
+        ]
+    )
     assert from_args(SchedulerConfig, args) == SchedulerConfig(max_queue=3, join_running=False)
     assert from_args(RequestLimits, args).request_timeout_s == 2.5
     defaults = from_args(SchedulerConfig, build_parser().parse_args(["serve", "--bank", "b"]))
-    assert defaults.join_running and defaults.max_queue == 1024 and RequestLimits().request_timeout_s == 300
+    assert (
+        defaults.join_running
+        and defaults.max_queue == 1024
+        and RequestLimits().request_timeout_s == 300
+    )
     with pytest.raises(ValueError, match="--request-timeout-s must be a number > 0"):
         RequestLimits(request_timeout_s=0)
 
@@ -178,8 +217,11 @@ def paced_server(tmp_path, *, max_queue=1024, timeout_s=300.0):
         return step(batch)
 
     engine.step = paced_step
-    app = create_app(engine, scheduling=SchedulerConfig(max_queue=max_queue, max_wait_ms=0),
-                     limits=RequestLimits(request_timeout_s=timeout_s))
+    app = create_app(
+        engine,
+        scheduling=SchedulerConfig(max_queue=max_queue, max_wait_ms=0),
+        limits=RequestLimits(request_timeout_s=timeout_s),
+    )
     with running(app) as url:
         yield SimpleNamespace(url=url, scheduler=app.state.scheduler, pace=pace)
     pace.release.set()
@@ -209,7 +251,9 @@ def test_limits_request_over_its_time_is_504_and_its_rows_stop(tmp_path):
         server.pace.delay = 0.05  # 200 tokens would take 10 s
         start = time.monotonic()
         slow = complete(server.url, 200)
-        assert_error(slow, 504, "did not finish within 0.5 s (--request-timeout-s)", "backend_timeout")
+        assert_error(
+            slow, 504, "did not finish within 0.5 s (--request-timeout-s)", "backend_timeout"
+        )
         assert time.monotonic() - start < 5
         wait_until(lambda: server.scheduler._running is None)  # the row left at its next step
         server.pace.delay = 0.0
@@ -230,11 +274,15 @@ def test_the_default_body_limit_fits_a_64_token_deep_prompt_of_the_served_model(
 
 def test_bad_input_huge_or_negative_seed_is_422_naming_the_field(server):
     for seed in (2**64, -(2**63) - 1, 10**30):
-        response = server.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "seed": seed})
+        response = server.http.post(
+            "/v1/completions", json={"model": "t0", "prompt": "fun", "seed": seed}
+        )
         assert_error(response, 422, "seed", "invalid_value")
         assert response.json()["error"]["param"] == "seed"
-    edge = server.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2,
-                                                     "temperature": 1, "seed": 2**64 - 1})
+    edge = server.http.post(
+        "/v1/completions",
+        json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 1, "seed": 2**64 - 1},
+    )
     assert edge.status_code == 200, edge.text
 
 
@@ -247,18 +295,33 @@ def with_raw(body: dict, raw: str) -> bytes:
     return json.dumps(body).replace(json.dumps(PLACEHOLDER), raw).encode()
 
 
-@pytest.mark.parametrize("route, body, param", [
-    ("/v1/classify", {"model": "t0", "input": PLACEHOLDER}, "input"),
-    ("/v1/classify", {"model": "t0", "input": ["fun", PLACEHOLDER]}, "input"),
-    ("/v1/completions", {"model": "t0", "prompt": PLACEHOLDER}, "prompt"),
-    ("/v1/completions", {"model": "t0", "prompt": "fun", "stop": [PLACEHOLDER]}, "stop"),
-    ("/v1/completions", {"model": PLACEHOLDER, "prompt": "fun"}, "model"),
-    ("/v1/chat/completions", {"model": "t0", "messages": [{"role": "user", "content": PLACEHOLDER}]}, "messages"),
-    ("/v1/chat/completions",
-     {"model": "t0", "messages": [{"role": "user", "content": [{"type": "text", "text": PLACEHOLDER}]}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("/v1/classify", {"model": "t0", "input": PLACEHOLDER}, "input"),
+        ("/v1/classify", {"model": "t0", "input": ["fun", PLACEHOLDER]}, "input"),
+        ("/v1/completions", {"model": "t0", "prompt": PLACEHOLDER}, "prompt"),
+        ("/v1/completions", {"model": "t0", "prompt": "fun", "stop": [PLACEHOLDER]}, "stop"),
+        ("/v1/completions", {"model": PLACEHOLDER, "prompt": "fun"}, "model"),
+        (
+            "/v1/chat/completions",
+            {"model": "t0", "messages": [{"role": "user", "content": PLACEHOLDER}]},
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "t0",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": PLACEHOLDER}]}],
+            },
+            "messages",
+        ),
+    ],
+)
 def test_bad_input_lone_surrogate_is_422_naming_the_field(server, route, body, param):
-    response = server.http.post(route, content=with_raw(body, LONE), headers={"content-type": "application/json"})
+    response = server.http.post(
+        route, content=with_raw(body, LONE), headers={"content-type": "application/json"}
+    )
     assert_error(response, 422, "lone surrogate", "invalid_value")
     assert response.json()["error"]["param"] == param
 
@@ -266,9 +329,13 @@ def test_bad_input_lone_surrogate_is_422_naming_the_field(server, route, body, p
 def test_bad_input_unknown_task_404_names_only_what_the_client_sent(server):
     response = server.http.post("/v1/classify", json={"model": "nope", "input": "fun"})
     assert_error(response, 404, "unknown task 'nope'", "model_not_found")
-    assert response.json()["error"]["message"] == "unknown task 'nope'"  # no task list, no bank path
+    assert (
+        response.json()["error"]["message"] == "unknown task 'nope'"
+    )  # no task list, no bank path
     deleted = server.http.delete("/v1/prompts/nope", headers=ADMIN)
-    assert deleted.status_code == 404 and deleted.json()["error"]["message"] == "unknown task 'nope'"
+    assert (
+        deleted.status_code == 404 and deleted.json()["error"]["message"] == "unknown task 'nope'"
+    )
 
 
 def upload(server, name, files):
@@ -281,23 +348,30 @@ def with_file(files, name, content: bytes):
 
 def test_bad_input_upload_errors_never_show_server_paths(server):
     files = upload_files(random_prompt(2, 1))
-    for name, content, fragment in [("adapter_config.json", b"{not json", "adapter_config.json is not valid JSON"),
-                                    ("adapter_model.safetensors", b"garbage", "not a readable safetensors file"),
-                                    ("softprompt.json", b"[1, 2]", "softprompt.json must hold a JSON object")]:
+    for name, content, fragment in [
+        ("adapter_config.json", b"{not json", "adapter_config.json is not valid JSON"),
+        ("adapter_model.safetensors", b"garbage", "not a readable safetensors file"),
+        ("softprompt.json", b"[1, 2]", "softprompt.json must hold a JSON object"),
+    ]:
         response = upload(server, "leaky", with_file(files, name, content))
         assert_error(response, 422, fragment)
         message = response.json()["error"]["message"]
-        assert tempfile.gettempdir() not in message and str(server.bank.root) not in message, message
+        assert tempfile.gettempdir() not in message and str(server.bank.root) not in message, (
+            message
+        )
         assert "softprompt-upload" not in message
     assert "leaky" not in server.bank.names()
 
 
 @pytest.mark.parametrize("file_name", ["adapter_config.json", "softprompt.json"])
-@pytest.mark.parametrize("content, fragment", [
-    (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
-    (b'{"a": ' * 40 + b"1" + b"}" * 40, "nested deeper than 32 levels"),
-    (b'{"num_virtual_tokens": ' + b"7" * 5000 + b"}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"a": ' * 40 + b"1" + b"}" * 40, "nested deeper than 32 levels"),
+        (b'{"num_virtual_tokens": ' + b"7" * 5000 + b"}", "not valid JSON"),
+    ],
+)
 def test_bad_input_hostile_json_in_an_uploaded_file_is_422(server, file_name, content, fragment):
     files = upload_files(random_prompt(2, 1), meta={})
     response = upload(server, "hostile-json", with_file(files, file_name, content))
@@ -305,16 +379,21 @@ def test_bad_input_hostile_json_in_an_uploaded_file_is_422(server, file_name, co
     assert fragment in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("template, fragment", [
-    ("{text:>300000}", "format specs like :>300000 are not supported"),
-    ("{text.__class__.__mro__}", "attribute or index access"),
-    ("{text[0]}", "attribute or index access"),
-    ("{text!r}", "conversions like !r are not supported"),
-    ("{text:{text}}", "format specs"),
-])
+@pytest.mark.parametrize(
+    "template, fragment",
+    [
+        ("{text:>300000}", "format specs like :>300000 are not supported"),
+        ("{text.__class__.__mro__}", "attribute or index access"),
+        ("{text[0]}", "attribute or index access"),
+        ("{text!r}", "conversions like !r are not supported"),
+        ("{text:{text}}", "format specs"),
+    ],
+)
 def test_bad_input_template_beyond_plain_fields_is_refused_on_upload(server, template, fragment):
     meta = {"verbalizer": VERBALIZER, "template": template}
-    response = upload(server, "templated", upload_files(random_prompt(2, 1), meta=meta, model=server.model))
+    response = upload(
+        server, "templated", upload_files(random_prompt(2, 1), meta=meta, model=server.model)
+    )
     assert_error(response, 422, fragment, "invalid_prompt")
     assert "templated" not in server.bank.names()
 
@@ -340,9 +419,11 @@ def test_bad_input_duplicate_multipart_part_is_422_naming_it(server):
     weights = safetensors.torch.save({"prompt_embeddings": random_prompt(2, 1)})
     nan = safetensors.torch.save({"prompt_embeddings": torch.full((2, 32), float("nan"))})
     config = json.dumps(peft_config(2)).encode()
-    files = [("adapter_config.json", ("adapter_config.json", config)),
-             ("adapter_model.safetensors", ("adapter_model.safetensors", nan)),
-             ("adapter_model.safetensors", ("adapter_model.safetensors", weights))]
+    files = [
+        ("adapter_config.json", ("adapter_config.json", config)),
+        ("adapter_model.safetensors", ("adapter_model.safetensors", nan)),
+        ("adapter_model.safetensors", ("adapter_model.safetensors", weights)),
+    ]
     response = upload(server, "twice", files)
     assert_error(response, 422, "duplicate part 'adapter_model.safetensors'", "invalid_upload")
     assert "twice" not in server.bank.names()
@@ -351,25 +432,84 @@ def test_bad_input_duplicate_multipart_part_is_422_naming_it(server):
 # ---------------------------------------------------------------- the fuzz table
 
 HOSTILE = [  # raw JSON text, so values Python's json would never write are sent as they are
-    "null", "true", "-1", "0", "1e308", "-1e308", "NaN", "Infinity", "-Infinity", "0.5",
-    str(2**64), str(-(2**63) - 1), "1" * 5000, '""', '" "', LONE, '"a\\u0000b"', '"' + "x" * 5000 + '"',
-    "[]", "{}", '[[[["a"]]]]', "[" * 3000 + "]" * 3000, '["\\udfff"]', '[1, "a", null]', "[-1]", f"[{2**70}]",
-    '{"text": "\\ud800"}', '"../../etc/passwd"', '"{text.__class__}"', '"default"', '"t0"', '"no-such-task"', '"Bad/Name"',
+    "null",
+    "true",
+    "-1",
+    "0",
+    "1e308",
+    "-1e308",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "0.5",
+    str(2**64),
+    str(-(2**63) - 1),
+    "1" * 5000,
+    '""',
+    '" "',
+    LONE,
+    '"a\\u0000b"',
+    '"' + "x" * 5000 + '"',
+    "[]",
+    "{}",
+    '[[[["a"]]]]',
+    "[" * 3000 + "]" * 3000,
+    '["\\udfff"]',
+    '[1, "a", null]',
+    "[-1]",
+    f"[{2**70}]",
+    '{"text": "\\ud800"}',
+    '"../../etc/passwd"',
+    '"{text.__class__}"',
+    '"default"',
+    '"t0"',
+    '"no-such-task"',
+    '"Bad/Name"',
 ]
 ROUTES = {
     "/v1/completions": {"model": "t0", "prompt": "the movie", "max_tokens": 2, "temperature": 0},
-    "/v1/chat/completions": {"model": "t1", "max_tokens": 2,
-                             "messages": [{"role": "user", "content": [{"type": "text", "text": "fun"}]}]},
+    "/v1/chat/completions": {
+        "model": "t1",
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "fun"}]}],
+    },
     "/v1/classify": {"model": "t2", "input": ["fun"]},
 }
 FIELDS = {
-    "/v1/completions": ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-                        "stream_options", "logprobs"],
-    "/v1/chat/completions": ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                             "n", "stop", "seed", "stream", "stream_options", "messages.0.role",
-                             "messages.0.content", "messages.0.content.0", "messages.0.content.0.text"],
+    "/v1/completions": [
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "logprobs",
+    ],
+    "/v1/chat/completions": [
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "messages.0.role",
+        "messages.0.content",
+        "messages.0.content.0",
+        "messages.0.content.0.text",
+    ],
     "/v1/classify": ["model", "input", "input.0"],
 }
+
+
 def hostile_body(base: dict, field: str, raw: str) -> bytes:
     """`base` with the field at a dotted path (list items by index) replaced by raw JSON text."""
     body = json.loads(json.dumps(base))
@@ -389,15 +529,28 @@ def assert_clean(response) -> None:
 
 
 def test_bad_input_fuzz_every_field_of_every_route_never_5xx(server):
-    bodies = [(route, hostile_body(base, field, raw)) for route, base in ROUTES.items()
-              for field in FIELDS[route] for raw in HOSTILE]
-    bodies += [(route, raw.encode()) for route in ROUTES for raw in HOSTILE]  # the whole body hostile
+    bodies = [
+        (route, hostile_body(base, field, raw))
+        for route, base in ROUTES.items()
+        for field in FIELDS[route]
+        for raw in HOSTILE
+    ]
+    bodies += [
+        (route, raw.encode()) for route in ROUTES for raw in HOSTILE
+    ]  # the whole body hostile
     statuses = set()
     for route, body in bodies:
-        response = server.http.post(route, content=body, headers={"content-type": "application/json"})
+        response = server.http.post(
+            route, content=body, headers={"content-type": "application/json"}
+        )
         assert_clean(response)
         statuses.add(response.status_code)
-    assert {200, 400, 404, 422} <= statuses  # the table reaches good requests and every kind of refusal
+    assert {
+        200,
+        400,
+        404,
+        422,
+    } <= statuses  # the table reaches good requests and every kind of refusal
     for name in ["..", "a%2Fb", "default", "x" * 65, "%F0%9F%98%80", "t0%00", "UP"]:
         assert_clean(server.http.delete(f"/v1/prompts/{name}", headers=ADMIN))
         assert_clean(upload(server, name, upload_files(random_prompt(2, 1))))
@@ -405,23 +558,44 @@ def test_bad_input_fuzz_every_field_of_every_route_never_5xx(server):
 
 
 UPLOAD_CASES = {
-    "adapter_config.json": [b"", b"null", b"[]", b'{"peft_type": "PROMPT_TUNING"}', b"\xff\xfe",
-                            json.dumps({**peft_config(2), "num_virtual_tokens": -1}).encode(),
-                            json.dumps({**peft_config(2), "num_virtual_tokens": 2**70}).encode(),
-                            json.dumps({**peft_config(2), "token_dim": "32"}).encode(),
-                            b'{"peft_type": "PROMPT_TUNING", "x": "\\ud800"}'],
-    "adapter_model.safetensors": [b"", b"\x00" * 8, b"\xff" * 16, b"{}" * 10,
-                                  (2**63).to_bytes(8, "little") + b"{}"],
-    "softprompt.json": [b"null", b'{"verbalizer": "x"}', b'{"verbalizer": {"labels": []}}',
-                        b'{"verbalizer": {"labels": ["a", "a"]}}', b'{"template": 5}',
-                        b'{"verbalizer": {"labels": ["\\ud800", "b"]}}', b'{"template": "\\ud800{text}"}',
-                        b'{"fingerprint": [1, 2]}', b'{"verbalizer": {"labels": ["a", "b"], "targets": [1, 2]}}'],
+    "adapter_config.json": [
+        b"",
+        b"null",
+        b"[]",
+        b'{"peft_type": "PROMPT_TUNING"}',
+        b"\xff\xfe",
+        json.dumps({**peft_config(2), "num_virtual_tokens": -1}).encode(),
+        json.dumps({**peft_config(2), "num_virtual_tokens": 2**70}).encode(),
+        json.dumps({**peft_config(2), "token_dim": "32"}).encode(),
+        b'{"peft_type": "PROMPT_TUNING", "x": "\\ud800"}',
+    ],
+    "adapter_model.safetensors": [
+        b"",
+        b"\x00" * 8,
+        b"\xff" * 16,
+        b"{}" * 10,
+        (2**63).to_bytes(8, "little") + b"{}",
+    ],
+    "softprompt.json": [
+        b"null",
+        b'{"verbalizer": "x"}',
+        b'{"verbalizer": {"labels": []}}',
+        b'{"verbalizer": {"labels": ["a", "a"]}}',
+        b'{"template": 5}',
+        b'{"verbalizer": {"labels": ["\\ud800", "b"]}}',
+        b'{"template": "\\ud800{text}"}',
+        b'{"fingerprint": [1, 2]}',
+        b'{"verbalizer": {"labels": ["a", "b"], "targets": [1, 2]}}',
+    ],
 }
 
 
 def test_bad_input_fuzz_uploaded_files_never_5xx(server):
-    files = upload_files(random_prompt(2, 1), meta={"verbalizer": VERBALIZER, "template": TEMPLATE},
-                         model=server.model)
+    files = upload_files(
+        random_prompt(2, 1),
+        meta={"verbalizer": VERBALIZER, "template": TEMPLATE},
+        model=server.model,
+    )
     for file_name, contents in UPLOAD_CASES.items():
         for content in contents:
             response = upload(server, "fuzzed", with_file(files, file_name, content))

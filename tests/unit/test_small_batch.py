@@ -13,7 +13,9 @@ from softprompt.small_batch import SMALL_ROWS, SmallBatchLinear, use_small_batch
 from ..conftest import build_tiny_model, build_tiny_tokenizer
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (3, 1), (SMALL_ROWS, 1), (SMALL_ROWS + 1, 1), (1, 15), (4, 10)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 1), (3, 1), (SMALL_ROWS, 1), (SMALL_ROWS + 1, 1), (1, 15), (4, 10)]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_small_batch_linear_equals_the_plain_layer(shape, bias):
     torch.manual_seed(sum(shape))
@@ -47,7 +49,10 @@ def test_only_plain_linear_layers_change():
 
 
 def test_engine_generation_on_cpu_equals_the_unchanged_model():
-    plain, switched = build_tiny_model("llama"), build_tiny_model("llama")  # same seed: same weights
+    plain, switched = (
+        build_tiny_model("llama"),
+        build_tiny_model("llama"),
+    )  # same seed: same weights
     tokenizer = build_tiny_tokenizer()
     engine = Engine((switched, tokenizer))
     assert any(type(m) is SmallBatchLinear for m in switched.modules())
@@ -55,9 +60,15 @@ def test_engine_generation_on_cpu_equals_the_unchanged_model():
     results = engine.generate([GenerationRequest(t, max_new_tokens=8) for t in texts])
     for text, result in zip(texts, results, strict=True):
         ids = torch.tensor([tokenizer(text)["input_ids"]])
-        expected = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                  do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert result.token_ids == expected[0, ids.shape[1]:].tolist()
+        expected = plain.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        assert result.token_ids == expected[0, ids.shape[1] :].tolist()
     assert not any(type(m) is SmallBatchLinear for m in plain.modules())
 
 

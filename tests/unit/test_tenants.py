@@ -52,9 +52,11 @@ def server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tenants")
     keys_path = folder / "keys.json"
-    keys = {"acme": add_tenant(keys_path, "acme", ["acme-*"], upload=True, delete=True),
-            "beta": add_tenant(keys_path, "beta", ["beta-*"], upload=True, delete=True),
-            "reader": add_tenant(keys_path, "reader", ["acme-*"])}
+    keys = {
+        "acme": add_tenant(keys_path, "acme", ["acme-*"], upload=True, delete=True),
+        "beta": add_tenant(keys_path, "beta", ["beta-*"], upload=True, delete=True),
+        "reader": add_tenant(keys_path, "reader", ["acme-*"]),
+    }
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     bank = PromptBank(folder / "bank")
     for seed, (name, n) in enumerate(TASK_NAMES.items()):
@@ -62,9 +64,17 @@ def server(tmp_path_factory):
     engine = Engine((model, tokenizer), bank)
     app = create_app(engine, api_key=API_KEY, keys=keys_path)
     with running(app) as url:
-        yield SimpleNamespace(url=url, engine=engine, bank=bank, model=model, app=app, keys=keys,
-                              keys_path=keys_path, audit_path=folder / "keys.audit.jsonl",
-                              http=httpx.Client(base_url=url, timeout=30))
+        yield SimpleNamespace(
+            url=url,
+            engine=engine,
+            bank=bank,
+            model=model,
+            app=app,
+            keys=keys,
+            keys_path=keys_path,
+            audit_path=folder / "keys.audit.jsonl",
+            http=httpx.Client(base_url=url, timeout=30),
+        )
 
 
 def as_(server, tenant: str) -> dict:
@@ -80,9 +90,12 @@ def use_routes(server, task: str, who: str) -> list[httpx.Response]:
     """The task used through every inference route (streaming included)."""
     headers = as_(server, who)
     chat = {"model": task, "max_tokens": 4, "messages": [{"role": "user", "content": "fun"}]}
-    return [completion(server, task, who), completion(server, task, who, stream=True),
-            server.http.post("/v1/chat/completions", json=chat, headers=headers),
-            server.http.post("/v1/classify", json={"model": task, "input": "fun"}, headers=headers)]
+    return [
+        completion(server, task, who),
+        completion(server, task, who, stream=True),
+        server.http.post("/v1/chat/completions", json=chat, headers=headers),
+        server.http.post("/v1/classify", json={"model": task, "input": "fun"}, headers=headers),
+    ]
 
 
 def audit_lines(server) -> list[dict]:
@@ -102,11 +115,15 @@ def wait_for(condition, timeout=10.0):
 def test_every_v1_route_needs_a_valid_key_health_does_not(server):
     files = upload_files(random_prompt(2, 1))
     for headers, message in [({}, "missing API key"), (bearer("not-a-key"), "invalid API key")]:
-        for response in [server.http.get("/v1/models", headers=headers),
-                         *[server.http.post(route, json={"model": "acme-a"}, headers=headers)
-                           for route in ("/v1/completions", "/v1/chat/completions", "/v1/classify")],
-                         server.http.put("/v1/prompts/acme-x", files=files, headers=headers),
-                         server.http.delete("/v1/prompts/acme-a", headers=headers)]:
+        for response in [
+            server.http.get("/v1/models", headers=headers),
+            *[
+                server.http.post(route, json={"model": "acme-a"}, headers=headers)
+                for route in ("/v1/completions", "/v1/chat/completions", "/v1/classify")
+            ],
+            server.http.put("/v1/prompts/acme-x", files=files, headers=headers),
+            server.http.delete("/v1/prompts/acme-a", headers=headers),
+        ]:
             assert response.status_code == 401, response.text
             assert response.json()["error"]["code"] == "invalid_api_key"
             assert message in response.json()["error"]["message"]
@@ -116,7 +133,9 @@ def test_every_v1_route_needs_a_valid_key_health_does_not(server):
 
 def test_tenant_lists_only_its_tasks_plus_the_base_model(server):
     def listed(who):
-        return [m["id"] for m in server.http.get("/v1/models", headers=as_(server, who)).json()["data"]]
+        return [
+            m["id"] for m in server.http.get("/v1/models", headers=as_(server, who)).json()["data"]
+        ]
 
     base = server.engine.base_model_id
     assert listed("acme") == [base, "acme-a", "acme-b"]
@@ -129,7 +148,9 @@ def test_tenant_uses_its_own_tasks_and_the_base_model(server):
     for task in ("acme-a", server.engine.base_model_id):
         response = completion(server, task, "reader")
         assert response.status_code == 200, response.text
-        expected = server.engine.generate([GenerationRequest(TEXTS[0], task=task, max_new_tokens=4)])[0]
+        expected = server.engine.generate(
+            [GenerationRequest(TEXTS[0], task=task, max_new_tokens=4)]
+        )[0]
         assert response.json()["choices"][0]["text"] == expected.text
     assert all(r.status_code == 200 for r in use_routes(server, "acme-b", "acme"))
 
@@ -141,19 +162,26 @@ def test_another_tenants_task_answers_404_byte_identical_to_a_missing_one(server
     server.bank.delete("beta-gone")
     missing_for_acme = use_routes(server, "beta-gone", "acme")
     missing_for_admin = use_routes(server, "beta-gone", "admin")  # the engine's own 404
-    for hidden, missing, engine_404 in zip(exists_not_yours, missing_for_acme, missing_for_admin, strict=True):
+    for hidden, missing, engine_404 in zip(
+        exists_not_yours, missing_for_acme, missing_for_admin, strict=True
+    ):
         assert hidden.status_code == missing.status_code == engine_404.status_code == 404
         assert hidden.content == missing.content == engine_404.content
         assert hidden.headers["content-type"] == engine_404.headers["content-type"]
-    assert exists_not_yours[0].json()["error"] == {"message": "unknown task 'beta-gone'", "type":
-                                                   "invalid_request_error", "param": "model",
-                                                   "code": "model_not_found"}
+    assert exists_not_yours[0].json()["error"] == {
+        "message": "unknown task 'beta-gone'",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
 # ---------------------------------------------------------------- admin actions
 
 
-def test_upload_over_or_delete_outside_its_patterns_is_refused_alike_whether_or_not_it_exists(server):
+def test_upload_over_or_delete_outside_its_patterns_is_refused_alike_whether_or_not_it_exists(
+    server,
+):
     save_task(server.bank, "beta-kept", random_prompt(2, 10), server.model)
     before = server.bank.load("beta-kept").embeddings
     files = upload_files(random_prompt(2, 11), meta={"verbalizer": VERBALIZER}, model=server.model)
@@ -161,10 +189,17 @@ def test_upload_over_or_delete_outside_its_patterns_is_refused_alike_whether_or_
     delete = server.http.delete("/v1/prompts/beta-kept", headers=as_(server, "acme"))
     assert torch.equal(server.bank.load("beta-kept").embeddings, before)  # untouched
     server.bank.delete("beta-kept")
-    over_missing = server.http.put("/v1/prompts/beta-kept", files=files, headers=as_(server, "acme"))
+    over_missing = server.http.put(
+        "/v1/prompts/beta-kept", files=files, headers=as_(server, "acme")
+    )
     delete_missing = server.http.delete("/v1/prompts/beta-kept", headers=as_(server, "acme"))
-    assert over.status_code == over_missing.status_code == 403 and over.content == over_missing.content
-    assert delete.status_code == delete_missing.status_code == 403 and delete.content == delete_missing.content
+    assert (
+        over.status_code == over_missing.status_code == 403 and over.content == over_missing.content
+    )
+    assert (
+        delete.status_code == delete_missing.status_code == 403
+        and delete.content == delete_missing.content
+    )
     assert over.json()["error"]["code"] == "permission_denied"
     assert over.json()["error"]["message"] == "this key may not upload task 'beta-kept'"
     assert "beta-kept" not in server.bank.names()
@@ -172,8 +207,15 @@ def test_upload_over_or_delete_outside_its_patterns_is_refused_alike_whether_or_
 
 def test_a_tenant_without_rights_may_not_upload_or_delete_even_its_own_tasks(server):
     files = upload_files(random_prompt(2, 12))
-    assert server.http.put("/v1/prompts/acme-new", files=files, headers=as_(server, "reader")).status_code == 403
-    assert server.http.delete("/v1/prompts/acme-a", headers=as_(server, "reader")).status_code == 403
+    assert (
+        server.http.put(
+            "/v1/prompts/acme-new", files=files, headers=as_(server, "reader")
+        ).status_code
+        == 403
+    )
+    assert (
+        server.http.delete("/v1/prompts/acme-a", headers=as_(server, "reader")).status_code == 403
+    )
     assert "acme-a" in server.bank.names() and "acme-new" not in server.bank.names()
 
 
@@ -185,14 +227,24 @@ def test_each_admin_action_is_audited_with_who_what_when_and_from_refusals_too(s
     assert completion(server, "acme-up", "acme").status_code == 200
     refused = server.http.put("/v1/prompts/acme-up", files=files, headers=as_(server, "beta"))
     anonymous = server.http.delete("/v1/prompts/acme-up", headers=bearer("wrong"))
-    bad = server.http.put("/v1/prompts/acme-bad", files=upload_files(random_prompt(4, 1), n=3), headers=ADMIN)
+    bad = server.http.put(
+        "/v1/prompts/acme-bad", files=upload_files(random_prompt(4, 1), n=3), headers=ADMIN
+    )
     deleted = server.http.delete("/v1/prompts/acme-up", headers=as_(server, "acme"))
-    assert (refused.status_code, anonymous.status_code, bad.status_code, deleted.status_code) == (403, 401, 422, 200)
+    assert (refused.status_code, anonymous.status_code, bad.status_code, deleted.status_code) == (
+        403,
+        401,
+        422,
+        200,
+    )
     lines = audit_lines(server)[start:]
     assert [(r["who"], r["action"], r["task"], r["outcome"], r["status"]) for r in lines] == [
-        ("acme", "upload", "acme-up", "ok", 200), ("beta", "upload", "acme-up", "refused", 403),
-        (None, "delete", "acme-up", "refused", 401), ("admin", "upload", "acme-bad", "failed", 422),
-        ("acme", "delete", "acme-up", "ok", 200)]
+        ("acme", "upload", "acme-up", "ok", 200),
+        ("beta", "upload", "acme-up", "refused", 403),
+        (None, "delete", "acme-up", "refused", 401),
+        ("admin", "upload", "acme-bad", "failed", 422),
+        ("acme", "delete", "acme-up", "ok", 200),
+    ]
     assert lines[0]["version"] == uploaded.json()["version"]
     assert lines[1]["error"] == "this key may not upload task 'acme-up'"
     assert "has 4 rows" in lines[3]["error"]
@@ -217,9 +269,13 @@ def test_the_admin_key_still_sees_uploads_and_deletes_everything(server):
 
 def test_revoked_key_stops_working_after_the_mtime_reload(server):
     key = add_tenant(server.keys_path, "temp-mtime", ["acme-*"])
-    wait_for(lambda: server.http.get("/v1/models", headers=bearer(key)).status_code == 200, timeout=5)
+    wait_for(
+        lambda: server.http.get("/v1/models", headers=bearer(key)).status_code == 200, timeout=5
+    )
     revoke_tenant(server.keys_path, "temp-mtime")
-    wait_for(lambda: server.http.get("/v1/models", headers=bearer(key)).status_code == 401, timeout=5)
+    wait_for(
+        lambda: server.http.get("/v1/models", headers=bearer(key)).status_code == 401, timeout=5
+    )
 
 
 def test_revoked_key_stops_working_after_sighup(server, monkeypatch):
@@ -227,7 +283,9 @@ def test_revoked_key_stops_working_after_sighup(server, monkeypatch):
     table = server.app.state.access.keys
     table.request_reload()
     key = add_tenant(server.keys_path, "temp-hup", ["acme-*"])
-    assert server.http.get("/v1/models", headers=bearer(key)).status_code == 200  # forced reload above
+    assert (
+        server.http.get("/v1/models", headers=bearer(key)).status_code == 200
+    )  # forced reload above
     revoke_tenant(server.keys_path, "temp-hup")
     time.sleep(0.05)
     assert server.http.get("/v1/models", headers=bearer(key)).status_code == 200  # no reload yet
@@ -251,8 +309,11 @@ def test_a_bad_keys_file_on_reload_keeps_the_old_table_and_logs_it(server, caplo
             os.replace(tmp, server.keys_path)
             server.app.state.access.keys.request_reload()
             assert server.http.get("/v1/models", headers=as_(server, "acme")).status_code == 200
-        assert any("unknown field 'uplaod'" in r.getMessage() and "keeping the previous keys" in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            "unknown field 'uplaod'" in r.getMessage()
+            and "keeping the previous keys" in r.getMessage()
+            for r in caplog.records
+        )
     finally:
         tmp = server.keys_path.with_name("good.tmp")
         tmp.write_text(good)
@@ -265,7 +326,21 @@ def test_a_bad_keys_file_on_reload_keeps_the_old_table_and_logs_it(server, caplo
 
 
 def test_keys_add_prints_a_key_that_works_and_the_file_holds_only_its_hash(server, capsys):
-    assert main(["keys", "add", str(server.keys_path), "--tenant", "cli", "--tasks", "beta-*", "--upload"]) == 0
+    assert (
+        main(
+            [
+                "keys",
+                "add",
+                str(server.keys_path),
+                "--tenant",
+                "cli",
+                "--tasks",
+                "beta-*",
+                "--upload",
+            ]
+        )
+        == 0
+    )
     key = capsys.readouterr().out.strip()
     assert len(key) >= 43 and "\n" not in key
     text = server.keys_path.read_text()
@@ -277,7 +352,8 @@ def test_keys_add_prints_a_key_that_works_and_the_file_holds_only_its_hash(serve
     assert main(["keys", "list", str(server.keys_path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {"name": "cli", "tasks": ["beta-*"], "upload": True, "delete": False} == {
-        k: v for k, v in listed[-1].items() if k != "created"}
+        k: v for k, v in listed[-1].items() if k != "created"
+    }
     assert all("key_sha256" not in t for t in listed)
     assert main(["keys", "revoke", str(server.keys_path), "--tenant", "cli"]) == 0
     assert "cli" not in [t.name for t in read_keys(server.keys_path)]
@@ -289,23 +365,46 @@ BAD_FILES = [
     ("{not json", "is not valid JSON"),
     ('{"tenants": {}}', "must hold a JSON object with a 'tenants' list"),
     ('{"version": 2, "tenants": []}', "version 2 is not supported"),
-    ('{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": ["a*"], "uplaod": true}]}',
-     "tenant #1 ('acme'): unknown field 'uplaod'"),
-    ('{"tenants": [{"name": "acme", "key_sha256": "abc", "tasks": ["a*"]}]}',
-     "tenant #1 ('acme'): field 'key_sha256' must be 64 lowercase hex"),
-    ('{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": []}]}', "field 'tasks' must be a non-empty"),
-    ('{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": ["../x"]}]}', "'../x' is not a task name pattern"),
-    ('{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": ["a"], "delete": "yes"}]}',
-     "field 'delete' must be true or false"),
-    ('{"tenants": [{"name": "Acme!", "key_sha256": "%s", "tasks": ["a"]}]}', "tenant #1: field 'name' must match"),
-    ('{"tenants": [{"name": "admin", "key_sha256": "%s", "tasks": ["a"]}]}', "tenant name 'admin' is reserved"),
-    ('{"tenants": [{"name": "a", "key_sha256": "%s", "tasks": ["a"]}, {"name": "a", "key_sha256": "%s", '
-     '"tasks": ["b"]}]}', "tenant #2 ('a'): name is the same as an earlier tenant's"),
+    (
+        '{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": ["a*"], "uplaod": true}]}',
+        "tenant #1 ('acme'): unknown field 'uplaod'",
+    ),
+    (
+        '{"tenants": [{"name": "acme", "key_sha256": "abc", "tasks": ["a*"]}]}',
+        "tenant #1 ('acme'): field 'key_sha256' must be 64 lowercase hex",
+    ),
+    (
+        '{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": []}]}',
+        "field 'tasks' must be a non-empty",
+    ),
+    (
+        '{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": ["../x"]}]}',
+        "'../x' is not a task name pattern",
+    ),
+    (
+        '{"tenants": [{"name": "acme", "key_sha256": "%s", "tasks": ["a"], "delete": "yes"}]}',
+        "field 'delete' must be true or false",
+    ),
+    (
+        '{"tenants": [{"name": "Acme!", "key_sha256": "%s", "tasks": ["a"]}]}',
+        "tenant #1: field 'name' must match",
+    ),
+    (
+        '{"tenants": [{"name": "admin", "key_sha256": "%s", "tasks": ["a"]}]}',
+        "tenant name 'admin' is reserved",
+    ),
+    (
+        '{"tenants": [{"name": "a", "key_sha256": "%s", "tasks": ["a"]}, {"name": "a", "key_sha256": "%s", '
+        '"tasks": ["b"]}]}',
+        "tenant #2 ('a'): name is the same as an earlier tenant's",
+    ),
 ]
 
 
 @pytest.mark.parametrize("content, fragment", BAD_FILES)
-def test_a_bad_keys_file_is_refused_at_start_naming_the_file_and_the_entry(tmp_path, capsys, content, fragment):
+def test_a_bad_keys_file_is_refused_at_start_naming_the_file_and_the_entry(
+    tmp_path, capsys, content, fragment
+):
     from softprompt.server import create_app
 
     path = tmp_path / "keys.json"
@@ -314,7 +413,20 @@ def test_a_bad_keys_file_is_refused_at_start_naming_the_file_and_the_entry(tmp_p
         create_app(Engine((build_tiny_model("llama"), build_full_tokenizer())), keys=path)
     assert str(path) in str(caught.value) and fragment in str(caught.value)
     # the CLI says so before loading any model (there is none at this path)
-    assert main(["serve", "--model", str(tmp_path / "no-model"), "--bank", str(tmp_path), "--keys", str(path)]) == 2
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--bank",
+                str(tmp_path),
+                "--keys",
+                str(path),
+            ]
+        )
+        == 2
+    )
     assert fragment in capsys.readouterr().err
 
 
@@ -361,7 +473,8 @@ def test_concurrent_audit_writers_never_interleave_lines(tmp_path):
         thread.join()
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 240 and {(r["writer"], r["n"]) for r in records} == {
-        (i, j) for i in range(6) for j in range(40)}
+        (i, j) for i in range(6) for j in range(40)
+    }
 
 
 def test_without_a_keys_file_nothing_changes_for_inference_or_the_admin_key():

@@ -30,7 +30,9 @@ def _tensorboard(out) -> dict[str, dict[int, float]]:
     """Scalars as TensorBoard shows them (its reader also applies the resume purge)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "tensorboard" / trackers.PROJECT), size_guidance={"scalars": 0})
+    acc = EventAccumulator(
+        str(out / "tensorboard" / trackers.PROJECT), size_guidance={"scalars": 0}
+    )
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
@@ -47,11 +49,14 @@ def _mlflow_history(out, key: str) -> list[tuple[int, float]]:
 # ---------------------------------------------------------------- names and records
 
 
-@pytest.mark.parametrize("names, fragment", [
-    (["tensorbored"], "unknown tracker 'tensorbored'"),
-    (["comet_ml"], "does not support"),
-    (["all", "wandb"], "stand alone"),
-])
+@pytest.mark.parametrize(
+    "names, fragment",
+    [
+        (["tensorbored"], "unknown tracker 'tensorbored'"),
+        (["comet_ml"], "does not support"),
+        (["all", "wandb"], "stand alone"),
+    ],
+)
 def test_bad_report_to_is_a_config_error_naming_the_tracker(names, fragment):
     with pytest.raises(ConfigError, match=fragment):
         TrainConfig(report_to=names)
@@ -67,31 +72,69 @@ def test_report_to_names_all_and_none_and_a_missing_package(monkeypatch):
 
 
 def test_cli_unknown_tracker_is_one_clear_error_line(capsys):
-    code = main(["train", "--task", "t", "--data", "x.jsonl", "--bank", "b", "--report-to", "tensorboard,bogus"])
+    code = main(
+        [
+            "train",
+            "--task",
+            "t",
+            "--data",
+            "x.jsonl",
+            "--bank",
+            "b",
+            "--report-to",
+            "tensorboard,bogus",
+        ]
+    )
     assert code == 2 and "error: report_to: unknown tracker 'bogus'" in capsys.readouterr().err
 
 
 def test_scalars_map_a_step_record_with_validation_and_zero_shot():
-    record = {"step": 3, "loss": 0.5, "lr": 0.01, "seconds": 0.5, "examples": 4, "grad_norm": 2.0,
-              "prompt_grad_norms": {"sentiment": [0.1, 0.2]}, "prompt_norms": {"sentiment": [1.0, 2.0]},
-              "validation": {"metric": 0.75, "tasks": {"sentiment": {"accuracy": 0.75, "n": 8, "labels": ["a"]}},
-                             "zero_shot": {"metric": 0.5, "tasks": {"sentiment": {"accuracy": 0.5}}}}}
+    record = {
+        "step": 3,
+        "loss": 0.5,
+        "lr": 0.01,
+        "seconds": 0.5,
+        "examples": 4,
+        "grad_norm": 2.0,
+        "prompt_grad_norms": {"sentiment": [0.1, 0.2]},
+        "prompt_norms": {"sentiment": [1.0, 2.0]},
+        "validation": {
+            "metric": 0.75,
+            "tasks": {"sentiment": {"accuracy": 0.75, "n": 8, "labels": ["a"]}},
+            "zero_shot": {"metric": 0.5, "tasks": {"sentiment": {"accuracy": 0.5}}},
+        },
+    }
     assert trackers.scalars(record) == {
-        "train/loss": 0.5, "train/learning_rate": 0.01, "train/grad_norm": 2.0, "train/examples_per_second": 8.0,
-        "prompt_grad_norm/sentiment/v0": 0.1, "prompt_grad_norm/sentiment/v1": 0.2,
-        "prompt_norm/sentiment/v0": 1.0, "prompt_norm/sentiment/v1": 2.0,
-        "eval/metric": 0.75, "eval/sentiment/accuracy": 0.75, "eval/sentiment/n": 8.0,
-        "eval_zero_shot/metric": 0.5, "eval_zero_shot/sentiment/accuracy": 0.5}
+        "train/loss": 0.5,
+        "train/learning_rate": 0.01,
+        "train/grad_norm": 2.0,
+        "train/examples_per_second": 8.0,
+        "prompt_grad_norm/sentiment/v0": 0.1,
+        "prompt_grad_norm/sentiment/v1": 0.2,
+        "prompt_norm/sentiment/v0": 1.0,
+        "prompt_norm/sentiment/v1": 2.0,
+        "eval/metric": 0.75,
+        "eval/sentiment/accuracy": 0.75,
+        "eval/sentiment/n": 8.0,
+        "eval_zero_shot/metric": 0.5,
+        "eval_zero_shot/sentiment/accuracy": 0.5,
+    }
 
 
 # ---------------------------------------------------------------- TensorBoard and MLflow, with a resume
 
 
-def test_tensorboard_and_mlflow_hold_every_step_once_across_a_kill_and_resume(tiny_llama, tiny_tokenizer,
-                                                                                tmp_path, monkeypatch):
+def test_tensorboard_and_mlflow_hold_every_step_once_across_a_kill_and_resume(
+    tiny_llama, tiny_tokenizer, tmp_path, monkeypatch
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    config = {"max_steps": 6, "eval_steps": 3, "save_steps": 2, "report_to": ["tensorboard", "mlflow"]}
+    config = {
+        "max_steps": 6,
+        "eval_steps": 3,
+        "save_steps": 2,
+        "report_to": ["tensorboard", "mlflow"],
+    }
     first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config)
     first.on_step = _die_at(6)  # killed after step 5 was logged; the last checkpoint is at step 4
     with pytest.raises(_Killed):
@@ -110,13 +153,20 @@ def test_tensorboard_and_mlflow_hold_every_step_once_across_a_kill_and_resume(ti
     for i, norm in enumerate(metrics[6]["prompt_grad_norms"]["sentiment"]):
         assert board[f"prompt_grad_norm/sentiment/v{i}"][6] == pytest.approx(norm, rel=1e-6)
     assert set(board["eval/sentiment/accuracy"]) == {0, 3, 6}  # step 0: the untrained prompt
-    assert board["eval_zero_shot/sentiment/accuracy"][0] == metrics[0]["validation"]["zero_shot"]["metric"]
+    assert (
+        board["eval_zero_shot/sentiment/accuracy"][0]
+        == metrics[0]["validation"]["zero_shot"]["metric"]
+    )
     assert board["eval/metric"][6] == pytest.approx(metrics[6]["validation"]["metric"])
 
     run, history = _mlflow_history(out, "train/loss")  # one run, resumed by id
     assert [step for step, _ in history] == [1, 2, 3, 4, 5, 6]  # each step once
-    assert [v for _, v in history] == pytest.approx([metrics[s]["loss"] for s in range(1, 7)], rel=1e-6)
-    assert run.data.params["max_steps"] == "6" and run.data.params["report_to"] == "tensorboard,mlflow"
+    assert [v for _, v in history] == pytest.approx(
+        [metrics[s]["loss"] for s in range(1, 7)], rel=1e-6
+    )
+    assert (
+        run.data.params["max_steps"] == "6" and run.data.params["report_to"] == "tensorboard,mlflow"
+    )
     _, accuracy = _mlflow_history(out, "eval/sentiment/accuracy")
     assert [step for step, _ in accuracy] == [0, 3, 6]
 
@@ -136,14 +186,16 @@ def _wandb_history(run_file) -> dict[int, dict]:
         if 32768 - pos % 32768 < 7:  # block trailer
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = chunk + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record.FromString(chunk)
             chunk = b""
             if record.WhichOneof("record_type") == "history":
-                rows[record.history.step.num] = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                                 for item in record.history.item}
+                rows[record.history.step.num] = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
         elif kind == 0:
             break
     return rows
@@ -154,22 +206,53 @@ def test_cli_report_to_trackio_and_wandb_offline(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
     env.pop("WANDB_MODE", None)
-    done = subprocess.run(_train_cmd(tiny_model_dir, data, tmp_path / "bank", out, 3, "--report-to", "trackio,wandb",
-                                     "--save-steps", "2"), capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        _train_cmd(
+            tiny_model_dir,
+            data,
+            tmp_path / "bank",
+            out,
+            3,
+            "--report-to",
+            "trackio,wandb",
+            "--save-steps",
+            "2",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = _metrics(out)
 
-    read = subprocess.run([sys.executable, "-c", "import json, sys; from trackio.sqlite_storage import SQLiteStorage; "
-                           f"print(json.dumps(SQLiteStorage.get_logs({trackers.PROJECT!r}, 'run')))"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    read = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from trackio.sqlite_storage import SQLiteStorage; "
+            f"print(json.dumps(SQLiteStorage.get_logs({trackers.PROJECT!r}, 'run')))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert read.returncode == 0, read.stderr[-3000:]
     logged = {row["step"]: row for row in json.loads(read.stdout.splitlines()[-1])}
     assert sorted(logged) == [0, 1, 2, 3]
-    assert [logged[s]["train/loss"] for s in (1, 2, 3)] == pytest.approx([metrics[s]["loss"] for s in (1, 2, 3)])
+    assert [logged[s]["train/loss"] for s in (1, 2, 3)] == pytest.approx(
+        [metrics[s]["loss"] for s in (1, 2, 3)]
+    )
     assert logged[0]["eval_zero_shot/metric"] == metrics[0]["validation"]["zero_shot"]["metric"]
 
     (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     rows = _wandb_history(Path(run_file))
     assert sorted(rows) == [0, 1, 2, 3]
-    assert [rows[s]["train/loss"] for s in (1, 2, 3)] == pytest.approx([metrics[s]["loss"] for s in (1, 2, 3)])
-    assert rows[3]["eval/sentiment/accuracy"] == metrics[3]["validation"]["tasks"]["sentiment"]["accuracy"]
+    assert [rows[s]["train/loss"] for s in (1, 2, 3)] == pytest.approx(
+        [metrics[s]["loss"] for s in (1, 2, 3)]
+    )
+    assert (
+        rows[3]["eval/sentiment/accuracy"]
+        == metrics[3]["validation"]["tasks"]["sentiment"]["accuracy"]
+    )

@@ -45,12 +45,21 @@ def setup(tmp_path_factory):
     fake = FakeVLLM(model, tokenizer)
     fake.start(free_port())
     reference = Engine(load_model(str(folder)), bank)
-    backend = VLLMBackend(Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60)
+    backend = VLLMBackend(
+        Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60
+    )
     with running(create_app(backend)) as url:
-        yield SimpleNamespace(fake=fake, url=url, bank=bank, folder=folder, model=model, backend=backend,
-                              reference=reference, http=httpx.Client(base_url=url, timeout=30),
-                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
-                                                   timeout=30))
+        yield SimpleNamespace(
+            fake=fake,
+            url=url,
+            bank=bank,
+            folder=folder,
+            model=model,
+            backend=backend,
+            reference=reference,
+            http=httpx.Client(base_url=url, timeout=30),
+            client=openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30),
+        )
     fake.stop()
 
 
@@ -62,7 +71,9 @@ def clean_fake(setup):
 
 
 def greedy_alone(setup, prompt, task, n=8, **kwargs):
-    return setup.reference.generate([GenerationRequest(prompt, task=task, max_new_tokens=n, **kwargs)])[0]
+    return setup.reference.generate(
+        [GenerationRequest(prompt, task=task, max_new_tokens=n, **kwargs)]
+    )[0]
 
 
 async def run_one(backend, request):
@@ -78,7 +89,9 @@ def test_gateway_holds_only_embeddings_with_the_full_models_fingerprint(setup):
     light = load_gateway_model(str(setup.folder))
     full = load_model(str(setup.folder))
     assert light.fingerprint == full.fingerprint
-    assert torch.equal(light.model.get_input_embeddings().weight, full.model.get_input_embeddings().weight)
+    assert torch.equal(
+        light.model.get_input_embeddings().weight, full.model.get_input_embeddings().weight
+    )
     assert [n for n, _ in light.model.named_parameters()] == ["embed_tokens.weight"]
 
 
@@ -87,17 +100,28 @@ def test_gateway_holds_only_embeddings_with_the_full_models_fingerprint(setup):
 
 def test_request_shape_and_base64_tensor_bytes_are_prompt_then_token_embeddings(setup):
     before = len(setup.fake.bodies)
-    setup.client.completions.create(model="t2", prompt=TEXTS[0], max_tokens=3, temperature=0, stop=["xyz"])
+    setup.client.completions.create(
+        model="t2", prompt=TEXTS[0], max_tokens=3, temperature=0, stop=["xyz"]
+    )
     body = setup.fake.bodies[before]
     assert "prompt" not in body and body["model"] == "tiny"  # never `prompt: ""` next to embeddings
     assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop", "ignore_eos")} == {
-        "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": ["xyz"], "ignore_eos": False}
-    setup.client.completions.create(model="t2", prompt=TEXTS[0], max_tokens=3, extra_body={"ignore_eos": True})
+        "max_tokens": 3,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "stop": ["xyz"],
+        "ignore_eos": False,
+    }
+    setup.client.completions.create(
+        model="t2", prompt=TEXTS[0], max_tokens=3, extra_body={"ignore_eos": True}
+    )
     assert setup.fake.bodies[-1]["ignore_eos"] is True  # vLLM's own option, passed on
     sent = decode_embeds(body)
     ids = setup.reference.tokenizer(TEXTS[0])["input_ids"]
     prompt = setup.bank.load("t2").embeddings
-    expected = torch.cat([prompt, setup.model.get_input_embeddings().weight[ids].detach()])  # (n + L, d)
+    expected = torch.cat(
+        [prompt, setup.model.get_input_embeddings().weight[ids].detach()]
+    )  # (n + L, d)
     assert sent.dtype == torch.float32 and sent.shape == (TASKS["t2"] + len(ids), 32)
     assert torch.equal(sent, expected)
 
@@ -112,9 +136,14 @@ def test_encoded_embeddings_carry_only_their_rows_not_the_whole_matrix():
 
 def test_plain_rows_are_sent_as_token_ids(setup):
     before = len(setup.fake.bodies)
-    setup.client.completions.create(model=setup.reference.base_model_id, prompt=TEXTS[1], max_tokens=2, temperature=0)
+    setup.client.completions.create(
+        model=setup.reference.base_model_id, prompt=TEXTS[1], max_tokens=2, temperature=0
+    )
     body = setup.fake.bodies[before]
-    assert "prompt_embeds" not in body and body["prompt"] == setup.reference.tokenizer(TEXTS[1])["input_ids"]
+    assert (
+        "prompt_embeds" not in body
+        and body["prompt"] == setup.reference.tokenizer(TEXTS[1])["input_ids"]
+    )
 
 
 def test_bf16_gateway_sends_bf16_rows(setup):
@@ -129,7 +158,11 @@ def test_bf16_gateway_sends_bf16_rows(setup):
     before = len(setup.fake.bodies)
     asyncio.run(one())
     sent = decode_embeds(setup.fake.bodies[-1])
-    assert len(setup.fake.bodies) > before and sent.dtype == torch.bfloat16 and sent.shape == (TASKS["t1"] + 1, 32)
+    assert (
+        len(setup.fake.bodies) > before
+        and sent.dtype == torch.bfloat16
+        and sent.shape == (TASKS["t1"] + 1, 32)
+    )
 
 
 # ---------------------------------------------------------------- answers equal the built-in engine
@@ -141,8 +174,16 @@ def test_16_concurrent_requests_over_4_tasks_and_plain_rows_equal_the_engine(set
 
     def call(job):
         text, task = job
-        return setup.client.completions.create(model=task or setup.reference.base_model_id, prompt=text,
-                                               max_tokens=6, temperature=0).choices[0].text
+        return (
+            setup.client.completions.create(
+                model=task or setup.reference.base_model_id,
+                prompt=text,
+                max_tokens=6,
+                temperature=0,
+            )
+            .choices[0]
+            .text
+        )
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -154,16 +195,26 @@ def test_16_concurrent_requests_over_4_tasks_and_plain_rows_equal_the_engine(set
 
 def test_chat_with_stop_and_usage_equals_the_engine(setup):
     messages = [{"role": "user", "content": "the movie was"}]
-    out = setup.client.chat.completions.create(model="t1", messages=messages, max_tokens=6, temperature=0)
+    out = setup.client.chat.completions.create(
+        model="t1", messages=messages, max_tokens=6, temperature=0
+    )
     ids = setup.reference.chat_prompt(messages)
     expected = greedy_alone(setup, ids, "t1", 6)
     assert out.choices[0].message.content == expected.text
-    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(
+        expected.token_ids
+    )
 
 
 def test_streaming_passes_pieces_through_and_joins_to_the_engines_text(setup):
-    stream = setup.client.completions.create(model="t3", prompt=TEXTS[2], max_tokens=6, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
+    stream = setup.client.completions.create(
+        model="t3",
+        prompt=TEXTS[2],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == greedy_alone(setup, TEXTS[2], "t3", 6).text
@@ -181,7 +232,10 @@ def test_classify_equals_the_engine_with_single_and_multi_token_targets(setup):
         assert row["probabilities"] == pytest.approx(ref.probabilities, abs=1e-5)
     asked = setup.fake.bodies[before:]
     assert len(asked) == 3 * 2  # per row: 1 request for the first tokens of both, 1 for 'film'
-    assert all(b["max_tokens"] == 1 and b["logprob_token_ids"] and b["return_tokens_as_token_ids"] for b in asked)
+    assert all(
+        b["max_tokens"] == 1 and b["logprob_token_ids"] and b["return_tokens_as_token_ids"]
+        for b in asked
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -195,24 +249,38 @@ def test_unknown_task_is_404_and_nothing_reaches_vllm(setup):
 
 
 def test_context_longer_than_vllms_is_the_engines_400(setup):
-    r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun " * 150, "max_tokens": 100})
+    r = setup.http.post(
+        "/v1/completions", json={"model": "t0", "prompt": "fun " * 150, "max_tokens": 100}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert "200 tokens" in r.json()["error"]["message"]  # the fake vLLM's max_model_len, learned
 
 
-@pytest.mark.parametrize(("status", "message", "http", "code"), [
-    (400, "This model's maximum context length is 200 tokens. However...", 400, "context_length_exceeded"),
-    (400, "temperature must be >= 0", 422, "invalid_value"),
-    (500, "engine core died", 503, "backend_unavailable"),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "http", "code"),
+    [
+        (
+            400,
+            "This model's maximum context length is 200 tokens. However...",
+            400,
+            "context_length_exceeded",
+        ),
+        (400, "temperature must be >= 0", 422, "invalid_value"),
+        (500, "engine core died", 503, "backend_unavailable"),
+    ],
+)
 def test_vllm_errors_map_to_the_engines_errors(setup, status, message, http, code):
-    setup.fake.failures.append((status, {"error": {"message": message, "type": "X", "code": status}}))
+    setup.fake.failures.append(
+        (status, {"error": {"message": message, "type": "X", "code": status}})
+    )
     r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2})
     assert r.status_code == http and r.json()["error"]["code"] == code
     assert message[:20] in r.json()["error"]["message"]
 
 
-def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_the_builtin_engine(setup):
+def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_the_builtin_engine(
+    setup,
+):
     """vLLM's prompt embeddings carry a soft prompt only: a deep prompt in the bank gets a 422 naming
     the task and why, reaches no vLLM, and is not listed; the built-in engine serves the same task."""
     from softprompt.server import create_app
@@ -228,11 +296,18 @@ def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_
         assert len(setup.fake.bodies) == before
         for r in (gateway, classify):
             error = r.json()["error"]
-            assert r.status_code == 422 and (error["type"], error["code"]) == ("invalid_request_error", "invalid_prompt")
-            assert error["message"].startswith("task 'deep' is a deep prompt, which the vLLM backend cannot serve")
+            assert r.status_code == 422 and (error["type"], error["code"]) == (
+                "invalid_request_error",
+                "invalid_prompt",
+            )
+            assert error["message"].startswith(
+                "task 'deep' is a deep prompt, which the vLLM backend cannot serve"
+            )
         assert builtin.status_code == 200, builtin.text
         listed = {m["id"]: m for m in setup.http.get("/v1/models").json()["data"]}
-        assert "deep" not in listed and listed["t0"]["kind"] == "soft"  # /v1/models lists what is served
+        assert (
+            "deep" not in listed and listed["t0"]["kind"] == "soft"
+        )  # /v1/models lists what is served
     finally:
         setup.bank.delete("deep")
 
@@ -242,17 +317,34 @@ def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
     from softprompt.server import RequestLimits, create_app
 
     backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=30)
-    with running(create_app(backend, limits=RequestLimits(max_prompts_per_request=2,
-                                                          max_tokens_per_request=40))) as url:
+    with running(
+        create_app(
+            backend, limits=RequestLimits(max_prompts_per_request=2, max_tokens_per_request=40)
+        )
+    ) as url:
         before = len(setup.fake.bodies)
-        prompts = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 3}, timeout=30)
-        tokens = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 50},
-                            timeout=30)
+        prompts = httpx.post(
+            f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 3}, timeout=30
+        )
+        tokens = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "t0", "prompt": "fun", "max_tokens": 50},
+            timeout=30,
+        )
         assert len(setup.fake.bodies) == before
-        within = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": ["fun"] * 2, "max_tokens": 2},
-                            timeout=30)
-    assert prompts.status_code == 413 and "--max-prompts-per-request" in prompts.json()["error"]["message"]
-    assert tokens.status_code == 413 and "--max-tokens-per-request" in tokens.json()["error"]["message"]
+        within = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "t0", "prompt": ["fun"] * 2, "max_tokens": 2},
+            timeout=30,
+        )
+    assert (
+        prompts.status_code == 413
+        and "--max-prompts-per-request" in prompts.json()["error"]["message"]
+    )
+    assert (
+        tokens.status_code == 413
+        and "--max-tokens-per-request" in tokens.json()["error"]["message"]
+    )
     assert within.status_code == 200 and len(setup.fake.bodies) == before + 2
 
 
@@ -264,7 +356,9 @@ def test_request_timeout_is_504_backend_timeout(setup):
 
     async def slow():
         try:
-            return await run_one(backend, GenerationRequest("fun", task="t0", max_new_tokens=8, ignore_eos=True))
+            return await run_one(
+                backend, GenerationRequest("fun", task="t0", max_new_tokens=8, ignore_eos=True)
+            )
         finally:
             await backend.close()
 
@@ -289,8 +383,17 @@ def test_client_disconnect_mid_stream_cancels_the_vllm_request(setup):
     setup.fake.token_delay_s = 0.3
     before = len(setup.fake.bodies)
     with httpx.Client(base_url=setup.url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json={"model": "t1", "prompt": "fun", "max_tokens": 30,
-                                                            "stream": True, "ignore_eos": True}) as r:
+        with client.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "t1",
+                "prompt": "fun",
+                "max_tokens": 30,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        ) as r:
             next(r.iter_lines())  # the stream began; now hang up
     cancelled = _cancelled_after(setup.fake, before)
     assert [(b["stream"], b["max_tokens"]) for b in cancelled] == [(True, 30)]
@@ -300,9 +403,16 @@ def test_client_disconnect_without_streaming_cancels_the_vllm_request(setup):
     setup.fake.token_delay_s = 0.3
     before = len(setup.fake.bodies)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{setup.url}/v1/completions", json={"model": "t2", "prompt": "fun", "max_tokens": 30,
-                                                        "ignore_eos": True},  # 30 tokens x 0.3 s, whatever is sampled
-                   timeout=1.0)
+        httpx.post(
+            f"{setup.url}/v1/completions",
+            json={
+                "model": "t2",
+                "prompt": "fun",
+                "max_tokens": 30,
+                "ignore_eos": True,
+            },  # 30 tokens x 0.3 s, whatever is sampled
+            timeout=1.0,
+        )
     cancelled = _cancelled_after(setup.fake, before)
     assert [(b.get("stream"), b["max_tokens"]) for b in cancelled] == [(None, 30)]
 
@@ -313,7 +423,9 @@ def test_client_disconnect_without_streaming_cancels_the_vllm_request(setup):
 def test_vllm_down_is_503_health_says_so_and_service_recovers(setup):
     setup.fake.stop()
     try:
-        r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2})
+        r = setup.http.post(
+            "/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2}
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
         assert "not reachable" in r.json()["error"]["message"]
         health = setup.http.get("/health")
@@ -323,9 +435,18 @@ def test_vllm_down_is_503_health_says_so_and_service_recovers(setup):
         setup.fake.start(setup.fake.port)
     health = setup.http.get("/health")
     assert health.status_code == 200 and health.json()["backend"] == {
-        "name": "vllm", "status": "up", "url": setup.fake.url, "prompt_kinds": ["soft"]}
-    r = setup.http.post("/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 0})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy_alone(setup, "fun", "t0", 2).text
+        "name": "vllm",
+        "status": "up",
+        "url": setup.fake.url,
+        "prompt_kinds": ["soft"],
+    }
+    r = setup.http.post(
+        "/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 0}
+    )
+    assert (
+        r.status_code == 200
+        and r.json()["choices"][0]["text"] == greedy_alone(setup, "fun", "t0", 2).text
+    )
 
 
 def test_a_vllm_serving_another_model_is_refused(setup):
@@ -356,8 +477,12 @@ def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
 
     keys = tmp_path / "keys.json"
     key = add_tenant(keys, "one", ["t1"])
-    backend = VLLMBackend(Engine(load_gateway_model(str(setup.folder)), setup.bank), setup.fake.url,
-                          dtype="float32", timeout_s=60)
+    backend = VLLMBackend(
+        Engine(load_gateway_model(str(setup.folder)), setup.bank),
+        setup.fake.url,
+        dtype="float32",
+        timeout_s=60,
+    )
     with running(create_app(backend, keys=keys)) as url:
         http = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"})
         ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
@@ -367,6 +492,8 @@ def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
         assert mine.json()["choices"][0]["text"] == greedy_alone(setup, TEXTS[0], "t1", n=4).text
         sent = len(setup.fake.bodies)
         hidden = http.post("/v1/completions", json={**body, "model": "t2"})
-        assert hidden.status_code == 404 and hidden.json()["error"]["message"] == "unknown task 't2'"
+        assert (
+            hidden.status_code == 404 and hidden.json()["error"]["message"] == "unknown task 't2'"
+        )
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
         assert len(setup.fake.bodies) == sent  # neither reached vLLM

@@ -26,7 +26,7 @@ from ..conftest import build_tiny_model
 from .test_engine import build_full_tokenizer, fill_bank
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE_API_SERVER = '''
+FAKE_API_SERVER = """
 import argparse, threading
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.unit.fake_vllm import FakeVLLM
@@ -40,7 +40,7 @@ assert args.enable_prompt_embeds and args.host == "127.0.0.1"
 model = AutoModelForCausalLM.from_pretrained(args.model).eval()
 FakeVLLM(model, AutoTokenizer.from_pretrained(args.model), served=args.served_model_name).start(int(args.port))
 threading.Event().wait()
-'''
+"""
 
 
 @pytest.fixture
@@ -65,17 +65,41 @@ def test_serve_starts_vllm_serves_through_it_and_stops_it_on_exit(fake_vllm_pyth
     bank = PromptBank(tmp_path / "bank")
     fill_bank(bank, model)
     port = free_port()
-    gateway = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(folder), "--bank",
-                                str(bank.root), "--port", str(port), "--backend", "vllm", "--vllm-python",
-                                str(fake_vllm_python), "--vllm-dtype", "float32", "--vllm-startup-timeout-s", "120"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    gateway = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            "serve",
+            "--model",
+            str(folder),
+            "--bank",
+            str(bank.root),
+            "--port",
+            str(port),
+            "--backend",
+            "vllm",
+            "--vllm-python",
+            str(fake_vllm_python),
+            "--vllm-dtype",
+            "float32",
+            "--vllm-startup-timeout-s",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         health = _wait_healthy(url, gateway)
         vllm_url = health["backend"]["url"]
         assert vllm_url.startswith("http://127.0.0.1:") and vllm_url != url
-        r = httpx.post(f"{url}/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2,
-                                                          "temperature": 0}, timeout=60)  # greedy: sampling could draw EOS first
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 0},
+            timeout=60,
+        )  # greedy: sampling could draw EOS first
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         gateway.send_signal(signal.SIGINT)  # Ctrl-C

@@ -74,7 +74,6 @@ def _encode(saved: SavedPrompt) -> tuple[str, str]:
     )
 
 
-
 def _write_files(folder: Path, saved: SavedPrompt, config_text: str, meta_text: str) -> None:
     _write_text(folder / CONFIG_FILE, config_text)
     _write_tensor(folder / WEIGHTS_FILE, saved.embeddings)
@@ -126,7 +125,9 @@ def _json_depth(value: Any) -> int:
     while stack:
         item, depth = stack.pop()
         deepest = max(deepest, depth)
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return deepest
 
@@ -173,8 +174,10 @@ def _read_files(folder: Path, where: str) -> dict[str, bytes]:
             files[file_name] = (folder / file_name).read_bytes()
         except FileNotFoundError:
             if file_name == WEIGHTS_FILE and (folder / "adapter_model.bin").exists():
-                raise PromptFileError(f"{where}{file_name} is missing (adapter_model.bin is not "
-                                      "supported: save with safetensors)") from None
+                raise PromptFileError(
+                    f"{where}{file_name} is missing (adapter_model.bin is not "
+                    "supported: save with safetensors)"
+                ) from None
         except OSError as exc:
             raise PromptFileError(f"{where}{file_name} cannot be read: {exc.strerror}") from None
     return files
@@ -190,4 +193,3 @@ def read_prompt_dir(path: str | os.PathLike[str], name: str | None = None) -> Sa
         raise PromptFileError(f"prompt folder {folder} does not exist or is not a folder")
     where = f"{folder}{os.sep}"
     return prompt_from_files(_read_files(folder, where), name or folder.name, where=where)
-

@@ -195,8 +195,10 @@ def _check_config(config: object, where: str) -> None:
     if peft_type == "PREFIX_TUNING":
         _require_positive_int(config.get("num_layers"), "num_layers", where)
         if config.get("prefix_projection"):
-            raise PromptFileError(f"{where}: prefix_projection (an MLP kept in the file) is not "
-                                  "supported; save the prefix itself")
+            raise PromptFileError(
+                f"{where}: prefix_projection (an MLP kept in the file) is not "
+                "supported; save the prefix itself"
+            )
 
 
 def _row_width(config: dict[str, Any]) -> int:
@@ -224,7 +226,9 @@ def check_prompt_rows(values: object, where: str) -> torch.Tensor:
     one row, finite. `where` names it in the message ("prompt 'x'", a file)."""
     if not isinstance(values, torch.Tensor) or values.dim() != 2:
         shape = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise IncompatiblePromptError(f"{where} must be a 2-D tensor [num_virtual_tokens, width], got {shape}")
+        raise IncompatiblePromptError(
+            f"{where} must be a 2-D tensor [num_virtual_tokens, width], got {shape}"
+        )
     if values.shape[0] < 1:
         raise IncompatiblePromptError(f"{where} has no rows (virtual tokens)")
     if not bool(torch.isfinite(values).all()):
@@ -235,7 +239,9 @@ def check_prompt_rows(values: object, where: str) -> torch.Tensor:
 def check_width(name: str, width: int, model_width: int) -> None:
     """The one message for a prompt whose rows do not fit the model."""
     if width != model_width:
-        raise IncompatiblePromptError(f"prompt '{name}' has hidden size {width} but the model has {model_width}")
+        raise IncompatiblePromptError(
+            f"prompt '{name}' has hidden size {width} but the model has {model_width}"
+        )
 
 
 def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
@@ -249,15 +255,21 @@ def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
             f"num_transformer_submodules = {n_virtual} * {n_sub} = {n_virtual * n_sub}"
         )
     if cols != _row_width(config):
-        expected = ("num_layers * 2 * token_dim" if config["peft_type"] == "PREFIX_TUNING"
-                    else "token_dim")
+        expected = (
+            "num_layers * 2 * token_dim" if config["peft_type"] == "PREFIX_TUNING" else "token_dim"
+        )
         raise IncompatiblePromptError(
             f"{where}: {TENSOR_KEY} has {cols} columns but {expected} is {_row_width(config)}"
         )
 
 
-def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = None,
-                     kinds: tuple[str, ...] = ("soft",)) -> None:
+def check_compatible(
+    saved: SavedPrompt,
+    *,
+    token_dim: int,
+    fingerprint: Any = None,
+    kinds: tuple[str, ...] = ("soft",),
+) -> None:
     """Raise IncompatiblePromptError if `saved` cannot be used with a model of this kind.
 
     Checks the prompt kind against the `kinds` the caller serves, the width of its rows
@@ -268,7 +280,8 @@ def check_compatible(saved: SavedPrompt, *, token_dim: int, fingerprint: Any = N
         raise UnsupportedPromptKindError(
             f"prompt '{saved.name}' is a {saved.kind} prompt; this path serves "
             f"{' and '.join(kinds)} prompts only",
-            task=saved.name, kind=saved.kind,
+            task=saved.name,
+            kind=saved.kind,
         )
     check_width(saved.name, saved.token_dim, token_dim)
     _check_fingerprint(saved, fingerprint)
@@ -312,4 +325,3 @@ def _check_plots(plots: dict[str, bytes], where: str) -> None:
             raise PromptFileError(f"{where}: invalid plot name {name!r} (use a-z, 0-9 and '_')")
         if not isinstance(data, bytes) or not data.startswith(PNG_SIGNATURE):
             raise PromptFileError(f"{where}: plot '{name}' is not a PNG image")
-

@@ -191,6 +191,7 @@ class PromptBank:
     def stored_files(self, name: str) -> dict[str, int]:
         """Size in bytes of each file of the task's current version, by path relative to it
         (`adapter_config.json`, ..., `plots/loss.png`): what the task occupies on disk."""
+
         def sizes(folder: Path) -> dict[str, int]:
             found = {}
             for path in sorted(folder.rglob("*")):
@@ -222,7 +223,9 @@ class PromptBank:
                 result = read(target)
             except FileNotFoundError:
                 if attempt == _READ_ATTEMPTS or self._resolve(name) == target:  # no server path:
-                    raise PromptFileError(f"task '{name}': a file vanished while being read") from None
+                    raise PromptFileError(
+                        f"task '{name}': a file vanished while being read"
+                    ) from None
             else:
                 if _still_there(target):
                     return result
@@ -361,7 +364,9 @@ class PromptBank:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _write_version(self, name: str, saved: SavedPrompt, config_text: str, meta_text: str) -> str:
+    def _write_version(
+        self, name: str, saved: SavedPrompt, config_text: str, meta_text: str
+    ) -> str:
         """Write a complete new version folder (via a temp folder) and return its id."""
         versions = self._versions_dir(name)
         versions.mkdir(parents=True, exist_ok=True)

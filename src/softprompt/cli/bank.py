@@ -18,8 +18,15 @@ def cmd_bank(args) -> int:
             print(f"{name}\t{status}")
     elif args.bank_command == "show":
         saved = bank.load(args.name)
-        _print_json({"name": saved.name, "shape": list(saved.embeddings.shape), "config": saved.config,
-                     "meta": saved.meta, "path": str(Path(bank.root) / saved.name)})
+        _print_json(
+            {
+                "name": saved.name,
+                "shape": list(saved.embeddings.shape),
+                "config": saved.config,
+                "meta": saved.meta,
+                "path": str(Path(bank.root) / saved.name),
+            }
+        )
     elif args.bank_command == "rm":
         bank.delete(args.name)
         print(f"removed {args.name}")
@@ -48,8 +55,10 @@ def cmd_inspect(args) -> int:
     if args.json:
         _print_json(report)
         return 0
-    print(f"real token embedding norms: mean {report['embedding_norms']['mean']}, "
-          f"std {report['embedding_norms']['std']}")
+    print(
+        f"real token embedding norms: mean {report['embedding_norms']['mean']}, "
+        f"std {report['embedding_norms']['std']}"
+    )
     for name, info in report["tasks"].items():
         print(f"{name} {info['shape']}:")
         for i, (norm, near) in enumerate(zip(info["norms"], info["nearest_tokens"], strict=True)):

@@ -12,32 +12,64 @@ from ..errors import ConfigError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), "
-                   "'gemma3-270m', a .gguf file, a local model folder, or a hub id (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M-Instruct), "
+        "'gemma3-270m', a .gguf file, a local model folder, or a hub id (default: %(default)s)",
+    )
 
 
 def _add_task_data(p: argparse.ArgumentParser, *, many: bool) -> None:
     action = "append" if many else None
-    p.add_argument("--data", action=action, required=True,
-                   help="JSONL/CSV/TSV/parquet file, a datasets folder, or builtin:NAME:SPLIT "
-                        "(builtin sets: movie_sentiment, sms_spam, trec)" + (" (repeat per task)" if many else ""))
-    p.add_argument("--template", action=action, help="Input template with {column} fields, e.g. "
-                   "'Review: {text}\\nSentiment:' (default: the builtin set's, else '{text}')")
-    p.add_argument("--labels", action=action, help="Comma-separated label names in class order; "
-                   "integer labels index into them (default: the builtin set's)")
-    p.add_argument("--targets", action=action, help="Comma-separated target strings per label "
-                   "(default: each label with a leading space)")
+    p.add_argument(
+        "--data",
+        action=action,
+        required=True,
+        help="JSONL/CSV/TSV/parquet file, a datasets folder, or builtin:NAME:SPLIT "
+        "(builtin sets: movie_sentiment, sms_spam, trec)" + (" (repeat per task)" if many else ""),
+    )
+    p.add_argument(
+        "--template",
+        action=action,
+        help="Input template with {column} fields, e.g. "
+        "'Review: {text}\\nSentiment:' (default: the builtin set's, else '{text}')",
+    )
+    p.add_argument(
+        "--labels",
+        action=action,
+        help="Comma-separated label names in class order; "
+        "integer labels index into them (default: the builtin set's)",
+    )
+    p.add_argument(
+        "--targets",
+        action=action,
+        help="Comma-separated target strings per label (default: each label with a leading space)",
+    )
     p.add_argument("--text-column", help="Column to use as {text}")
-    p.add_argument("--label-column", default="label", help="Column holding the label (default: %(default)s)")
-    p.add_argument("--input-column", help="Free-form generation: the input column (template '{COLUMN}')")
-    p.add_argument("--target-column", help="Free-form generation: the column holding the target text")
-    p.add_argument("--skip-bad-rows", action="store_true", help="Drop bad rows with a count instead of failing")
-    p.add_argument("--max-length", type=int, default=256, help="Truncate input + target (default: %(default)s)")
+    p.add_argument(
+        "--label-column", default="label", help="Column holding the label (default: %(default)s)"
+    )
+    p.add_argument(
+        "--input-column", help="Free-form generation: the input column (template '{COLUMN}')"
+    )
+    p.add_argument(
+        "--target-column", help="Free-form generation: the column holding the target text"
+    )
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="Drop bad rows with a count instead of failing"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=256, help="Truncate input + target (default: %(default)s)"
+    )
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("softprompt").setLevel(logging.INFO)
     import transformers
 
@@ -65,20 +97,38 @@ def _task_spec(args, i: int, name: str):
     targets = _nth(args.targets, i)
     if args.target_column:
         field = args.input_column or "text"
-        return Task(name, Template.from_cli(template or "{" + field + "}"), None, target_column=args.target_column)
+        return Task(
+            name,
+            Template.from_cli(template or "{" + field + "}"),
+            None,
+            target_column=args.target_column,
+        )
     label_names = labels.split(",") if labels else (list(builtin.labels) if builtin else None)
     if not label_names:
         raise ConfigError("--labels is required for a classification task (or use --target-column)")
-    template = Template.from_cli(template) if template else (Template(builtin.template) if builtin else Template("{text}"))
+    template = (
+        Template.from_cli(template)
+        if template
+        else (Template(builtin.template) if builtin else Template("{text}"))
+    )
     target_list = targets.split(",") if targets else None
-    return Task(name, template, Verbalizer(label_names, target_list), label_column=args.label_column)
+    return Task(
+        name, template, Verbalizer(label_names, target_list), label_column=args.label_column
+    )
 
 
 def _load_split(path: str, task, tokenizer, task_id: int, args):
     from ..data import load_examples
 
-    examples, skipped = load_examples(path, task, tokenizer, task_id, text_column=args.text_column,
-                                      skip_bad_rows=args.skip_bad_rows, max_length=args.max_length)
+    examples, skipped = load_examples(
+        path,
+        task,
+        tokenizer,
+        task_id,
+        text_column=args.text_column,
+        skip_bad_rows=args.skip_bad_rows,
+        max_length=args.max_length,
+    )
     if skipped:
         print(f"skipped {skipped} bad rows in {path}", file=sys.stderr)
     return examples

@@ -17,14 +17,26 @@ def cmd_compare(args) -> int:
     from ..data import BUILTIN_DATASETS, Template
 
     config = from_args(CompareConfig, args)
-    builtin = BUILTIN_DATASETS.get(args.data.split(":")[1]) if args.data.startswith("builtin:") else None
+    builtin = (
+        BUILTIN_DATASETS.get(args.data.split(":")[1]) if args.data.startswith("builtin:") else None
+    )
     if not args.labels and not builtin:
         raise ConfigError("--labels is required (comma-separated label names in class order)")
     labels = args.labels.split(",") if args.labels else list(builtin.labels)
-    template = Template.from_cli(args.template) if args.template else Template(builtin.template if builtin else "{text}")
+    template = (
+        Template.from_cli(args.template)
+        if args.template
+        else Template(builtin.template if builtin else "{text}")
+    )
     output_dir = Path(args.output_dir or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     trained = {m for m in config.methods if m != "zero_shot"}
-    bar = tqdm(total=config.max_steps * len(trained), desc="compare", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=config.max_steps * len(trained),
+        desc="compare",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
     def progress(event: dict) -> None:
         bar.set_description(f"{event['method']}: {event['stage']}")
@@ -33,9 +45,17 @@ def cmd_compare(args) -> int:
             bar.set_postfix(loss=f"{event['loss']:.4f}")
 
     try:
-        results = run_compare(args.model, args.data, args.eval_data, template=template, labels=labels,
-                              targets=args.targets.split(",") if args.targets else None, config=config,
-                              output_dir=output_dir, progress=progress)
+        results = run_compare(
+            args.model,
+            args.data,
+            args.eval_data,
+            template=template,
+            labels=labels,
+            targets=args.targets.split(",") if args.targets else None,
+            config=config,
+            output_dir=output_dir,
+            progress=progress,
+        )
     finally:
         bar.close()
     print(markdown_table(results))

@@ -21,29 +21,52 @@ from .train import cmd_train
 def build_parser() -> argparse.ArgumentParser:
     from ..train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen causal LMs.")
+    parser = argparse.ArgumentParser(
+        prog="softprompt", description="Prompt tuning for frozen causal LMs."
+    )
     parser.add_argument("--version", action="version", version=__version__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details to stderr")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="Log progress details to stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="Train soft prompts; they land in --bank",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="Train soft prompts; they land in --bank",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_model(p)
-    p.add_argument("--task", action="append", required=True, help="Task name (repeat to train several at once)")
+    p.add_argument(
+        "--task", action="append", required=True, help="Task name (repeat to train several at once)"
+    )
     _add_task_data(p, many=True)
     p.add_argument("--eval-data", action="append", help="Validation data (per task)")
-    p.add_argument("--test-data", action="append", help="Test data: zero-shot vs tuned reported at the end")
-    p.add_argument("--bank", required=True, help="Prompt bank folder where the trained prompts land")
+    p.add_argument(
+        "--test-data", action="append", help="Test data: zero-shot vs tuned reported at the end"
+    )
+    p.add_argument(
+        "--bank", required=True, help="Prompt bank folder where the trained prompts land"
+    )
     p.add_argument("--output-dir", help="Metrics, plots and checkpoint (default: runs/<time>)")
-    p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --output-dir")
+    p.add_argument(
+        "--resume", action="store_true", help="Continue from the checkpoint in --output-dir"
+    )
     p.add_argument("--json", action="store_true", help="Print the summary as JSON on the last line")
-    p.add_argument("--prompt-type", choices=["deep", "soft"], default="deep",
-                   help="deep: a key/value prefix in every layer (P-tuning v2; the most accurate in "
-                        "bench/quality_sst2.py; served by the built-in engine later, not by vLLM); soft: "
-                        "vectors before the input (Lester et al.; what vLLM prompt embeddings carry)")
-    p.add_argument("--learning-rate", type=_learning_rate, default=None,
-                   help="Peak learning rate, or 'auto' (an LR range test picks it). Default: "
-                        "1e-2 for deep prompts, 3e-2 for soft prompts (bench/quality_sst2.py)")
+    p.add_argument(
+        "--prompt-type",
+        choices=["deep", "soft"],
+        default="deep",
+        help="deep: a key/value prefix in every layer (P-tuning v2; the most accurate in "
+        "bench/quality_sst2.py; served by the built-in engine later, not by vLLM); soft: "
+        "vectors before the input (Lester et al.; what vLLM prompt embeddings carry)",
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=_learning_rate,
+        default=None,
+        help="Peak learning rate, or 'auto' (an LR range test picks it). Default: "
+        "1e-2 for deep prompts, 3e-2 for soft prompts (bench/quality_sst2.py)",
+    )
     add_arguments(p, PromptTuningConfig, skip=("seed",))  # one --seed for init and batches
     add_arguments(p, TrainConfig, skip=("max_length", "learning_rate"))
     p.set_defaults(func=cmd_train)
@@ -53,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", help="Prompt bank folder")
     p.add_argument("--task", help="Task in the bank to evaluate")
     p.add_argument("--zero-shot", action="store_true", help="No soft prompt: the template alone")
-    p.add_argument("--hard-prompt", help="With --zero-shot: text put before the template (e.g. the init text)")
-    p.add_argument("--batch-size", type=int, default=32, help="Rows per forward (default: %(default)s)")
+    p.add_argument(
+        "--hard-prompt", help="With --zero-shot: text put before the template (e.g. the init text)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="Rows per forward (default: %(default)s)"
+    )
     p.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"], help="bf16 autocast")
     p.add_argument("--json", action="store_true", help="Print metrics as JSON on the last line")
     _add_task_data(p, many=False)
@@ -69,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--unescape", action=argparse.BooleanOptionalAction, default=True,
-                   help="Decode \\n and \\t typed in the text")
+    p.add_argument(
+        "--unescape",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Decode \\n and \\t typed in the text",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("text", nargs="+", help="Input text(s); several make one mixed batch")
     p.set_defaults(func=cmd_generate)
@@ -82,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bank", help="List, show, remove, import or export prompts in a bank")
     bank_sub = p.add_subparsers(dest="bank_command", required=True)
-    for verb, text in (("list", "List tasks (broken entries flagged)"), ("show", "Shape, init, template, metrics"),
-                       ("rm", "Remove a task"), ("import", "Import a PEFT prompt-tuning adapter folder"),
-                       ("export", "Write a task as a plain PEFT-loadable folder")):
+    for verb, text in (
+        ("list", "List tasks (broken entries flagged)"),
+        ("show", "Shape, init, template, metrics"),
+        ("rm", "Remove a task"),
+        ("import", "Import a PEFT prompt-tuning adapter folder"),
+        ("export", "Write a task as a plain PEFT-loadable folder"),
+    ):
         q = bank_sub.add_parser(verb, help=text)
         q.add_argument("--bank", required=True, help="Prompt bank folder")
         if verb in ("show", "rm", "export"):
@@ -96,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("dest", help="Destination folder (must not exist)")
     p.set_defaults(func=cmd_bank)
 
-    p = sub.add_parser("inspect", help="What prompts mean: nearest tokens, norms, similarity between tasks")
+    p = sub.add_parser(
+        "inspect", help="What prompts mean: nearest tokens, norms, similarity between tasks"
+    )
     _add_model(p)
     p.add_argument("--bank", required=True, help="Prompt bank folder")
     p.add_argument("--task", action="append", help="Task(s) to inspect (default: all in the bank)")
@@ -109,14 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
-                   help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
-                        "embeddings, bank) in front of a vLLM server (default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        choices=["builtin", "vllm"],
+        default="builtin",
+        help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
+        "embeddings, bank) in front of a vLLM server (default: %(default)s)",
+    )
     from ..scheduler import SchedulerConfig
-    p.add_argument("--keys", help="Tenants' keys file (softprompt keys add): every /v1 route then needs a "
-                   "key, and each tenant sees only its tasks. The admin key is SOFTPROMPT_API_KEY")
-    p.add_argument("--audit-log", help="Where admin actions are appended as JSON lines (default with "
-                   "--keys: next to it, KEYS.audit.jsonl; else none)")
+
+    p.add_argument(
+        "--keys",
+        help="Tenants' keys file (softprompt keys add): every /v1 route then needs a "
+        "key, and each tenant sees only its tasks. The admin key is SOFTPROMPT_API_KEY",
+    )
+    p.add_argument(
+        "--audit-log",
+        help="Where admin actions are appended as JSON lines (default with "
+        "--keys: next to it, KEYS.audit.jsonl; else none)",
+    )
     from ..server import RequestLimits
     from ..vllm_backend import VLLMConfig
 
@@ -127,12 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="Add, revoke or list tenants in a keys file for serve --keys")
     keys_sub = p.add_subparsers(dest="keys_command", required=True)
-    q = keys_sub.add_parser("add", help="Add a tenant with a new random key, printed once (only its hash is stored)")
+    q = keys_sub.add_parser(
+        "add", help="Add a tenant with a new random key, printed once (only its hash is stored)"
+    )
     q.add_argument("file", help="Keys file (created if missing)")
     q.add_argument("--tenant", required=True, help="Tenant name (as task names: a-z 0-9 . _ -)")
-    q.add_argument("--tasks", action="append", required=True,
-                   help="Task name pattern the tenant may use, e.g. 'acme-*' (repeat for several)")
-    q.add_argument("--upload", action="store_true", help="May upload prompts to tasks its patterns match")
+    q.add_argument(
+        "--tasks",
+        action="append",
+        required=True,
+        help="Task name pattern the tenant may use, e.g. 'acme-*' (repeat for several)",
+    )
+    q.add_argument(
+        "--upload", action="store_true", help="May upload prompts to tasks its patterns match"
+    )
     q.add_argument("--delete", action="store_true", help="May delete tasks its patterns match")
     q = keys_sub.add_parser("revoke", help="Remove a tenant and its key")
     q.add_argument("file", help="Keys file")
@@ -144,14 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..compare import CompareConfig
 
-    p = sub.add_parser("compare", help="Prompt tuning vs deep prompt vs LoRA vs full fine-tuning, measured "
-                       "on your data (writes compare.json, compare.md, compare.png)")
+    p = sub.add_parser(
+        "compare",
+        help="Prompt tuning vs deep prompt vs LoRA vs full fine-tuning, measured "
+        "on your data (writes compare.json, compare.md, compare.png)",
+    )
     _add_model(p)
-    p.add_argument("--data", required=True, help="Training data: JSONL/CSV/TSV/parquet file or builtin:NAME:SPLIT")
-    p.add_argument("--eval-data", required=True, help="Evaluation data (the same examples for every method)")
-    p.add_argument("--template", help="Input template, e.g. 'Review: {text}\\nSentiment:' (default: the "
-                   "builtin set's, else '{text}')")
-    p.add_argument("--labels", help="Comma-separated label names in class order (default: the builtin set's)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="Training data: JSONL/CSV/TSV/parquet file or builtin:NAME:SPLIT",
+    )
+    p.add_argument(
+        "--eval-data", required=True, help="Evaluation data (the same examples for every method)"
+    )
+    p.add_argument(
+        "--template",
+        help="Input template, e.g. 'Review: {text}\\nSentiment:' (default: the "
+        "builtin set's, else '{text}')",
+    )
+    p.add_argument(
+        "--labels", help="Comma-separated label names in class order (default: the builtin set's)"
+    )
     p.add_argument("--targets", help="Comma-separated target strings per label (default: ' label')")
     p.add_argument("--output-dir", help="Where the results go (default: runs/compare-<time>)")
     add_arguments(p, CompareConfig)

@@ -21,7 +21,9 @@ def cmd_eval(args) -> int:
     if args.zero_shot:
         task = _task_spec(args, 0, args.task or "zero-shot")
         if args.hard_prompt:  # the init text as a plain-text prompt, the other usual baseline
-            task.template = Template(args.hard_prompt.replace("{", "{{").replace("}", "}}") + " " + task.template.text)
+            task.template = Template(
+                args.hard_prompt.replace("{", "{{").replace("}", "}}") + " " + task.template.text
+            )
     else:
         if not (args.bank and args.task):
             raise ConfigError("eval needs --bank and --task, or --zero-shot")
@@ -33,7 +35,12 @@ def cmd_eval(args) -> int:
     device = prompted.model.get_input_embeddings().weight.device
     with autocast(device, use_bf16(TrainConfig(bf16=args.bf16), device)):
         metrics = evaluate_task(prompted, task, examples, task_name, batch_size=args.batch_size)
-    metrics = {"task": task_name, "zero_shot": bool(args.zero_shot), "template": task.template.text, **metrics}
+    metrics = {
+        "task": task_name,
+        "zero_shot": bool(args.zero_shot),
+        "template": task.template.text,
+        **metrics,
+    }
     if args.json:
         _print_json(metrics)
     else:
@@ -51,26 +58,40 @@ def _task_from_saved(args, saved):
     if args.template:
         meta["template"] = Template.from_cli(args.template).text
     if args.labels:
-        meta["verbalizer"] = {"labels": args.labels.split(","), "targets": args.targets.split(",") if args.targets else None}
+        meta["verbalizer"] = {
+            "labels": args.labels.split(","),
+            "targets": args.targets.split(",") if args.targets else None,
+        }
     if args.target_column:
-        return Task(saved.name, Template(meta.get("template") or "{text}"), None, target_column=args.target_column)
+        return Task(
+            saved.name,
+            Template(meta.get("template") or "{text}"),
+            None,
+            target_column=args.target_column,
+        )
     try:
         task = task_from_meta(saved.name, meta)
     except NoVerbalizerError:
-        raise ConfigError(f"prompt {saved.name!r} has no verbalizer; pass --labels or --target-column") from None
+        raise ConfigError(
+            f"prompt {saved.name!r} has no verbalizer; pass --labels or --target-column"
+        ) from None
     task.label_column = args.label_column
     return task
 
 
 def _print_eval(metrics: dict) -> None:
     if "accuracy" in metrics:
-        print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n={metrics['n']}")
+        print(
+            f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n={metrics['n']}"
+        )
         print("confusion (rows = gold, cols = predicted):", metrics["labels"])
         for label, row in zip(metrics["labels"], metrics["confusion_matrix"], strict=True):
             print(f"  {label:>12}: {row}")
     else:
-        print(f"exact match {metrics['exact_match']:.4f}  token F1 {metrics['token_f1']:.4f}  "
-              f"loss {metrics['loss']:.4f}  n={metrics['n']}")
+        print(
+            f"exact match {metrics['exact_match']:.4f}  token F1 {metrics['token_f1']:.4f}  "
+            f"loss {metrics['loss']:.4f}  n={metrics['n']}"
+        )
 
 
 # ---------------------------------------------------------------- generate / info
@@ -90,8 +111,14 @@ def cmd_generate(args) -> int:
         saved = PromptBank(args.bank, create=False).load(args.task)  # reading makes no folder
         prompted, task = model_for_saved(loaded, saved, args.task), args.task
     texts = [t.encode().decode("unicode_escape") if args.unescape else t for t in args.text]
-    outputs = prompted.generate(texts, task, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+    outputs = prompted.generate(
+        texts,
+        task,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     if args.json:
         _print_json({"task": task, "outputs": outputs})
     else:

@@ -17,9 +17,18 @@ def cmd_serve(args) -> int:
 
     if args.keys:
         read_keys(args.keys)  # a bad keys file fails now, not after the model has loaded
-    serve(args.model, args.bank, host=args.host, port=args.port, backend=args.backend,
-          vllm=from_args(VLLMConfig, args), scheduling=from_args(SchedulerConfig, args),
-          keys=args.keys, audit_log=args.audit_log, limits=from_args(RequestLimits, args))
+    serve(
+        args.model,
+        args.bank,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        vllm=from_args(VLLMConfig, args),
+        scheduling=from_args(SchedulerConfig, args),
+        keys=args.keys,
+        audit_log=args.audit_log,
+        limits=from_args(RequestLimits, args),
+    )
     return 0
 
 
@@ -28,17 +37,24 @@ def cmd_keys(args) -> int:
 
     if args.keys_command == "add":
         key = add_tenant(args.file, args.tenant, args.tasks, upload=args.upload, delete=args.delete)
-        print(f"added tenant '{args.tenant}' to {args.file}; its key (shown this once, stored only as "
-              "its sha256) is:", file=sys.stderr)
+        print(
+            f"added tenant '{args.tenant}' to {args.file}; its key (shown this once, stored only as "
+            "its sha256) is:",
+            file=sys.stderr,
+        )
         print(key)
     elif args.keys_command == "revoke":
         revoke_tenant(args.file, args.tenant)
-        print(f"revoked tenant '{args.tenant}'; a running server drops it within a second, or at SIGHUP",
-              file=sys.stderr)
+        print(
+            f"revoked tenant '{args.tenant}'; a running server drops it within a second, or at SIGHUP",
+            file=sys.stderr,
+        )
     else:
         tenants = read_keys(args.file)
         if args.json:
-            _print_json([{k: v for k, v in t.to_json().items() if k != "key_sha256"} for t in tenants])
+            _print_json(
+                [{k: v for k, v in t.to_json().items() if k != "key_sha256"} for t in tenants]
+            )
         for t in tenants if not args.json else ():
             rights = ",".join(a for a in ("upload", "delete") if getattr(t, a)) or "use"
             print(f"{t.name}\t{' '.join(t.tasks)}\t{rights}\t{t.created or ''}")

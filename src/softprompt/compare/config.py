@@ -44,7 +44,8 @@ class CompareConfig:
         1e-3, "Peak learning rate of LoRA (the best of 1e-4..3e-3 in bench/quality_sst2.py)."
     )
     learning_rate_full: float = opt(
-        1e-4, "Peak learning rate of full fine-tuning (the best of 1e-5..1e-4 in bench/quality_sst2.py)."
+        1e-4,
+        "Peak learning rate of full fine-tuning (the best of 1e-5..1e-4 in bench/quality_sst2.py).",
     )
     warmup_steps: int = opt(10, "Linear warmup steps (every method).")
     num_virtual_tokens: int = opt(16, "Virtual tokens of the prompt and of the deep prompt.")
@@ -61,8 +62,9 @@ class CompareConfig:
         0, "Train on a seeded sample of at most this many examples (0 = all)."
     )
     max_eval_examples: int = opt(
-        0, "Evaluate on a random sample of at most this many examples, the same rows for every "
-        "method and seed (0 = all)."
+        0,
+        "Evaluate on a random sample of at most this many examples, the same rows for every "
+        "method and seed (0 = all).",
     )
     eval_batch_size: int = opt(32, "Rows per evaluation forward.")
     max_length: int = opt(256, "Truncate input + target to this many tokens.")

@@ -172,4 +172,3 @@ _COLORS = {
     "lora": "#ff7f0e",
     "full": "#d62728",
 }
-

@@ -107,7 +107,15 @@ def mean_over_seeds(runs: list[dict]) -> dict:
 
 
 # What must be equal for two compare runs to be rows of one table (the budget, the data, the base).
-_SAME_IN_EVERY_PART = ("model", "data", "eval_data", "template", "labels", "train_examples", "eval_examples")
+_SAME_IN_EVERY_PART = (
+    "model",
+    "data",
+    "eval_data",
+    "template",
+    "labels",
+    "train_examples",
+    "eval_examples",
+)
 
 
 def merge_results(parts: list[dict]) -> dict:
@@ -123,12 +131,18 @@ def merge_results(parts: list[dict]) -> dict:
     for index, part in enumerate(parts):
         for key in _SAME_IN_EVERY_PART:
             if part[key] != first[key]:
-                raise ConfigError(f"part {index + 1} differs from part 1 in {key}: {part[key]!r} != {first[key]!r}")
+                raise ConfigError(
+                    f"part {index + 1} differs from part 1 in {key}: {part[key]!r} != {first[key]!r}"
+                )
         for key, value in part["config"].items():
             if key in budget and value != budget[key]:
-                raise ConfigError(f"part {index + 1} differs from part 1 in config.{key}: {value!r} != {budget[key]!r}")
+                raise ConfigError(
+                    f"part {index + 1} differs from part 1 in config.{key}: {value!r} != {budget[key]!r}"
+                )
         for run in part["runs"]:
-            zero_shot = run["method"] == "zero_shot"  # it has no seed: one run stands for every part's
+            zero_shot = (
+                run["method"] == "zero_shot"
+            )  # it has no seed: one run stands for every part's
             key = (run["method"], None if zero_shot else run["seed"])
             if key in seen and zero_shot:
                 continue
@@ -142,7 +156,11 @@ def merge_results(parts: list[dict]) -> dict:
     return {
         **first,
         "date": max(part["date"] for part in parts),
-        "config": {**first["config"], "methods": [m for m in methods if m != "zero_shot"], "seeds": seeds},
+        "config": {
+            **first["config"],
+            "methods": [m for m in methods if m != "zero_shot"],
+            "seeds": seeds,
+        },
         "methods": [mean_over_seeds([r for r in runs if r["method"] == m]) for m in methods],
         "runs": runs,
         "merged_parts": len(parts),
@@ -166,7 +184,9 @@ def _load_data(train_path, eval_path, task: Task, tokenizer, config: CompareConf
         return sample_rows(examples, limit, seed)
 
     train = load(train_path, config.max_train_examples, config.seed)
-    evals = load(eval_path, config.max_eval_examples, 0)  # every method and seed scored on the same rows
+    evals = load(
+        eval_path, config.max_eval_examples, 0
+    )  # every method and seed scored on the same rows
     if not train or not evals:
         raise ConfigError(f"no examples in {train_path if not train else eval_path}")
     return CompareData(task, train, evals)
