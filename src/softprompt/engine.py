@@ -20,7 +20,7 @@ import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -225,7 +225,7 @@ class Engine:
         wanted = request.max_new_tokens
         if wanted is None:
             wanted = max(1, min(self.max_new_tokens_cap, self.context_length - used))
-        if not isinstance(wanted, int) or wanted < 1:
+        if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, not {wanted!r}")
         self._check_context(len(ids), task, wanted)
         sampling = inject.Sampling(float(request.temperature), float(request.top_p), request.seed)
@@ -351,7 +351,10 @@ class Engine:
         """Generate for `rows` together until the last one ends (how `run` and `generate` batch)."""
         batch, results = self.start_generation(rows), {}
         while batch.rows:
-            results.update((id(row), result) for row, result in self.step(batch))
+            for row, result in self.step(batch):
+                if isinstance(result, Exception):
+                    raise result  # one call: a failing row fails it
+                results[id(row)] = result
         return [results[id(row)] for row in rows]
 
     # ------------------------------------------------------------ generation, one step at a time
@@ -379,36 +382,105 @@ class Engine:
                 "this model's rows cannot join a running batch (sliding-window attention)"
             )
         with self._model_lock:
-            self._catch_up(running)
-            running.state = inject.merge_states(running.state, new.state)
+            self._catch_up(running)  # rows failing here go to `running.failed`
+            running.state = (
+                inject.merge_states(running.state, new.state) if running.rows else new.state
+            )
         running.rows += new.rows
         running.picker = running.picker + new.picker
 
-    def step(self, batch: GenerationBatch) -> list[tuple[_PreparedGeneration, GenerationResult]]:
+    def step(
+        self, batch: GenerationBatch
+    ) -> list[tuple[_PreparedGeneration, GenerationResult | Exception]]:
         """One new token for every row of `batch`; the rows that ended leave it at once (their
-        last text streamed) and are returned with their results. Cancelled rows end here."""
+        last text streamed) and are returned with their results. Cancelled rows end here.
+
+        A row that fails alone (its forward, its sampling, its text) leaves with its error in place
+        of a result, and the others go on exactly as alone (`_isolate`). This raises only when the
+        batch fails as a whole: no row fails alone (e.g. out of memory), or a sliding-window
+        model's forward failed (its cache cannot be restored, `inject.decode`).
+        """
         with self._model_lock:
             self._catch_up(batch)
-            next_ids = batch.picker(batch.state.logits)  # (B,)
-        keep, ended = [], []
+            next_ids = self._pick(batch) if batch.rows else None  # (B,)
+        ended, batch.failed = batch.failed, []
+        if next_ids is None:
+            return [(row.row, error) for row, error in ended]
+        batch.pending, keep = next_ids, []
         for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
-            row.tokens.append(token)
-            if row.ends_at(token) or row.step(row.tokens):
-                ended.append(row)
-            else:
+            outcome = row.take(token)
+            if outcome is None:
                 keep.append(i)
-        if ended:
+            else:
+                ended.append((row, outcome))
+        if len(keep) < len(batch.rows):
             with self._model_lock:
-                batch.state = inject.select_rows(batch.state, keep) if keep else None
-            batch.rows, batch.picker = [batch.rows[i] for i in keep], batch.picker.select(keep)
-        batch.pending = next_ids[keep] if keep else None
-        return [(row.row, row.finish(row.tokens)) for row in ended]
+                self._keep_rows(batch, keep)
+        return [(row.row, outcome) for row, outcome in ended]
 
     def _catch_up(self, batch: GenerationBatch) -> None:
-        """Feed the tokens picked at the last step (under the model lock): logits for every row."""
+        """Feed the tokens picked at the last step (under the model lock): logits for every row.
+        Rows whose forward fails alone leave the batch (`_isolate`)."""
+        if batch.pending is None:
+            return
+        try:
+            self._feed(batch)
+            return
+        except Exception as exc:
+            if not self.can_join:  # a sliding-window cache: the failed forward changed it
+                raise
+            failure = exc
+        self._isolate(batch, failure, self._feed)  # out of the handler: no chained tracebacks
+        self._catch_up(batch)  # the rows left, together
+
+    def _feed(self, batch: GenerationBatch) -> None:
+        batch.state = inject.decode(self.model, batch.state, batch.pending)
+        batch.pending = None
+
+    def _pick(self, batch: GenerationBatch) -> torch.Tensor | None:
+        """The rows' next tokens (B,) (under the model lock); rows whose sampling fails alone
+        leave the batch first (`_isolate`). None when no row is left."""
+        generators = list(batch.picker.generators)
+        saved = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return batch.picker(batch.state.logits)
+        except Exception as exc:
+            failure = exc
+        _set_states(generators, saved)  # the rows sampled before the failure drew already
+        self._isolate(batch, failure, lambda alone: alone.picker(alone.state.logits))
+        _set_states(generators, saved)  # and so did each row tried alone
+        return self._pick(batch) if batch.rows else None
+
+    def _isolate(self, batch: GenerationBatch, exc: Exception, work) -> None:
+        """`work(batch)` raised `exc`: run it on each row alone (a copy of the row) to find the
+        rows that fail; they leave for `batch.failed`, each with its own error, and the others
+        stay as they were. Raises `exc` when no row fails alone: the batch's own failure."""
+        errors = [self._error_alone(batch, i, work) for i in range(len(batch.rows))]
+        if all(error is None for error in errors):
+            raise exc
+        batch.failed += [(r, e) for r, e in zip(batch.rows, errors, strict=True) if e is not None]
+        self._keep_rows(batch, [i for i, error in enumerate(errors) if error is None])
+
+    @staticmethod
+    def _error_alone(batch: GenerationBatch, i: int, work) -> Exception | None:
+        """What `work` raises on row `i` of `batch` alone (None if nothing); `batch` is untouched."""
+        pending = None if batch.pending is None else batch.pending[i : i + 1]
+        alone = GenerationBatch(
+            [batch.rows[i]], inject.copy_rows(batch.state, [i]), batch.picker.select([i]), pending
+        )
+        try:
+            work(alone)
+        except Exception as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _keep_rows(batch: GenerationBatch, keep: list[int]) -> None:
+        """Only the rows `keep` (indices) stay in `batch` (callers hold the model lock)."""
+        batch.state = inject.select_rows(batch.state, keep) if keep else None
+        batch.rows, batch.picker = [batch.rows[i] for i in keep], batch.picker.select(keep)
         if batch.pending is not None:
-            batch.state = inject.decode(self.model, batch.state, batch.pending)
-            batch.pending = None
+            batch.pending = batch.pending[keep] if keep else None
 
     def _run_scores(self, items: list[_PreparedScore]) -> list:
         scores = self.score_pairs([pair for item in items for pair in item.pairs])
@@ -492,6 +564,8 @@ class GenerationBatch:
     state: inject.DecodeState | None
     picker: inject.TokenPicker
     pending: torch.Tensor | None = None  # (B,) tokens picked but not yet fed to the model
+    failed: list[tuple[_RowState, Exception]] = field(default_factory=list)
+    """Rows that failed alone and left, with their errors: the next `Engine.step` returns them."""
 
 
 class _RowState:
@@ -502,6 +576,17 @@ class _RowState:
         self.tokens: list[int] = []
         self.holdback = max((len(s) for s in row.stops), default=1) - 1
         self.watch = bool(row.stops or row.request.on_text)
+
+    def take(self, token: int) -> GenerationResult | Exception | None:
+        """Add the row's new token: its result when that ends it, None while it goes on, or the
+        error its own work raised (decoding, stop strings), which ends this row alone."""
+        try:
+            self.tokens.append(token)
+            if self.ends_at(token) or self.step(self.tokens):
+                return self.finish(self.tokens)
+        except Exception as exc:
+            return exc
+        return None
 
     def ends_at(self, token: int) -> bool:
         """An end-of-sequence token ends the row, unless the request ignores them."""
@@ -539,6 +624,13 @@ class _RowState:
         except Exception:  # a broken listener must not break the batch
             log.exception("streaming callback failed")
             self.row.cancelled = True
+
+
+def _set_states(generators: list, states: list) -> None:
+    """Rewind the rows' own random generators (None: a row without one) to `states`."""
+    for generator, state in zip(generators, states, strict=True):
+        if generator is not None:
+            generator.set_state(state)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -32,9 +32,9 @@ class GenerationRequest:
     max_new_tokens: int | None = 16
     """New tokens at most; None = up to the context, at most `Engine.max_new_tokens_cap`."""
     temperature: float = 0.0
-    """0 = greedy; above 0 = sampling."""
+    """0 = greedy; above 0 = sampling (below `inject.SAMPLING_EPS`: greedy, its limit)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold (with temperature > 0)."""
+    """Nucleus sampling threshold (with temperature > 0; below `inject.SAMPLING_EPS`: greedy)."""
     seed: int | None = None
     """Seed of this row's own generator: the same seed gives the same text in any batch."""
     stop: str | Sequence[str] = ()
@@ -154,15 +154,20 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 
 def _check_sampling(request: GenerationRequest) -> None:
     seed = request.seed
-    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+    if seed is not None and not (_is_number(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise ConfigError(f"seed must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
-    if not (isinstance(request.temperature, int | float) and 0 <= request.temperature < math.inf):
+    if not (_is_number(request.temperature) and 0 <= request.temperature < math.inf):
         raise ConfigError(f"temperature must be >= 0, not {request.temperature!r}")
-    if not (isinstance(request.top_p, int | float) and 0 < request.top_p <= 1):
+    if not (_is_number(request.top_p) and 0 < request.top_p <= 1):
         raise ConfigError(f"top_p must be in (0, 1], not {request.top_p!r}")
     stops = [request.stop] if isinstance(request.stop, str) else request.stop
     if not all(isinstance(s, str) for s in stops):
         raise ConfigError("stop must be a string or a list of strings")
+
+
+def _is_number(value, kind: type | tuple = (int, float)) -> bool:
+    """A number of `kind`, never a bool (True is an int to Python, not a number to a client)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def _classify_inputs(values) -> list[str | Mapping]:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import (
     AuthenticationError,
@@ -44,6 +45,9 @@ class BodyTooLargeError(StarletteHTTPException):
 
 # ---------------------------------------------------------------- errors: the one mapping
 
+CLIENT_CLOSED = 499
+"""The client went away before its answer (nginx's code): its outcome, not a server error."""
+
 _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match wins
     (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     (PermissionDeniedError, 403, "permission_error", "permission_denied"),
@@ -62,6 +66,7 @@ _ERRORS: list[tuple[type[Exception], int, str, str | None]] = [  # first match w
     (SoftPromptError, 400, "invalid_request_error", None),
 ]
 _HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+_HTTP_CODES = {413: "request_too_large", CLIENT_CLOSED: "client_closed"}
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -70,8 +75,12 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 def classify_error(exc: Exception) -> tuple[int, dict]:
     """(HTTP status, OpenAI error body) for any exception."""
+    if isinstance(exc, ClientDisconnect):  # e.g. mid-upload: nobody is left to answer
+        return CLIENT_CLOSED, error_body(
+            "client closed the request", "invalid_request_error", "client_closed"
+        )
     if isinstance(exc, StarletteHTTPException):
-        code = "request_too_large" if exc.status_code == 413 else None
+        code = _HTTP_CODES.get(exc.status_code)
         return exc.status_code, error_body(
             str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code
         )
@@ -112,6 +121,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(SoftPromptError, known)
     app.add_exception_handler(StarletteHTTPException, known)
+    # Its own handler: the catch-all one below (Starlette's ServerErrorMiddleware) re-raises to
+    # the HTTP server, which logs a traceback.
+    app.add_exception_handler(ClientDisconnect, known)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, known)
 
@@ -144,6 +156,7 @@ class BodyLimit:
 __all__ = [
     "BodyLimit",
     "BodyTooLargeError",
+    "CLIENT_CLOSED",
     "classify_error",
     "error_body",
     "install_error_handlers",

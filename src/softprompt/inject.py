@@ -11,6 +11,7 @@ Only public transformers arguments are used: `inputs_embeds`, `attention_mask`, 
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -301,9 +302,18 @@ def _forward_after_prefixes(
 # ---------------------------------------------------------------- generation
 
 
+SAMPLING_EPS = 1e-5
+"""A temperature or top_p below this samples greedily (vLLM's `_SAMPLING_EPS` for temperature).
+Greedy is their limit, and smaller values break the arithmetic: logits / 1e-300 overflow, and a
+top_p of 1e-300 is 0 in float32 and keeps no token. (A top_p below 1e-5 keeps the top token
+alone unless that token is under 1e-5 likely, i.e. a nearly flat distribution over > 100k.)"""
+
+
 @dataclass
 class Sampling:
-    """How one row picks its next token."""
+    """How one row picks its next token. Values below `SAMPLING_EPS` are set to their limit,
+    greedy, when the settings are made: every backend (this sampler, the vLLM gateway) reads
+    these fields, so all of them treat such values alike and none meets one it mishandles."""
 
     temperature: float = 0.0
     """0 = greedy (argmax); above 0 = sample from softmax(logits / temperature)."""
@@ -311,6 +321,10 @@ class Sampling:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     seed: int | None = None
     """Seed of this row's own random generator (reproducible whatever else is in the batch)."""
+
+    def __post_init__(self):
+        if self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS:
+            self.temperature, self.top_p = 0.0, 1.0  # greedy; as in vLLM, top_p plays no part
 
 
 class TokenPicker:
@@ -346,10 +360,12 @@ class TokenPicker:
 
     def _sample(self, logits: torch.Tensor, row: int) -> torch.Tensor:
         s = self.sampling[row]
-        probs = torch.softmax(logits.float().cpu() / s.temperature, -1)  # (V,)
+        # float64: logits / temperature (>= SAMPLING_EPS) can neither overflow nor underflow
+        probs = torch.softmax(logits.double().cpu() / s.temperature, -1)  # (V,)
         if s.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs >= s.top_p  # keeps at least one
+            sorted_probs, order = probs.sort(descending=True, stable=True)  # ties: argmax's first
+            outside = sorted_probs.cumsum(0) - sorted_probs >= s.top_p
+            outside[0] = False  # the top token always stays, whatever the rounding
             probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
         pick = torch.multinomial(probs, 1, generator=self.generators[row])[0]
         return pick.to(logits.device)
@@ -419,18 +435,35 @@ def prefill(
 
 @torch.no_grad()
 def decode(model, state: DecodeState, next_ids: torch.Tensor) -> DecodeState:
-    """Feed each row's new token (B,): the state one column further, with the next logits."""
+    """Feed each row's new token (B,): the state one column further, with the next logits.
+
+    The cache grows in place, layer by layer; if the forward raises, full-attention layers are
+    cut back to their columns before it, so the state is as it was and its rows can be fed again
+    (a sliding-window layer drops old columns as it grows: it cannot be restored).
+    """
     mask = torch.cat([state.mask, state.mask.new_ones(len(state), 1)], 1)  # (B, T+1)
     positions = state.positions + 1
-    out = run_model(
-        model,
-        input_ids=next_ids[:, None],
-        attention_mask=mask,
-        position_ids=positions[:, None],
-        cache=state.cache,
-        use_cache=True,
-    )
+    try:
+        out = run_model(
+            model,
+            input_ids=next_ids[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            cache=state.cache,
+            use_cache=True,
+        )
+    except Exception:
+        _cut_columns(state.cache, state.mask.shape[1])
+        raise
     return DecodeState(out.cache, mask, positions, out.logits[:, -1])
+
+
+def _cut_columns(cache: DynamicCache, width: int) -> None:
+    """Keep the first `width` columns of every full-attention layer (keys and values apart: a
+    forward may fail between the two)."""
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
 
 def can_merge(model) -> bool:
@@ -454,6 +487,15 @@ def select_rows(state: DecodeState, rows: list[int]) -> DecodeState:
             layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
         mask = mask[:, first:]
     return DecodeState(state.cache, mask, state.positions[index], state.logits[index])
+
+
+def copy_rows(state: DecodeState, rows: list[int]) -> DecodeState:
+    """`select_rows` on a copy: `state` stays as it was (for running some rows apart from their
+    batch). Only the selected rows' keys and values are copied."""
+    cache = copy.copy(state.cache)
+    cache.layers = [copy.copy(layer) for layer in state.cache.layers]  # each layer's tensors
+    # are replaced, never written, by `batch_select_indices` and `update`
+    return select_rows(DecodeState(cache, state.mask, state.positions, state.logits), rows)
 
 
 def merge_states(a: DecodeState, b: DecodeState) -> DecodeState:

@@ -9,7 +9,8 @@ One worker thread owns the model's work. Each iteration it
 3. prefills waiting generations, taken in turns per client request up to `max_batch_size` rows,
    and joins them to the running batch (their KV caches merged, `inject.merge_states`);
 4. runs one decode step for every running row; rows that ended leave at once and their futures
-   resolve (the last stream chunk was already sent), a cancelled row ends at its next step.
+   resolve (the last stream chunk was already sent), a cancelled row ends at its next step, a
+   row that fails alone leaves with its error while the others go on (`Engine.step`).
 
 Static batching is the same loop with `join_running=False`: a generation batch runs to its end
 before new rows or scoring start. A sliding-window model (Gemma 3) cannot merge caches exactly,
@@ -95,7 +96,8 @@ class BatchScheduler:
     shared batches, fairly per client request, one decoding step at a time (module docstring).
 
     A request is validated in the caller (`engine.prepare`), so a bad one fails alone before it
-    can join a batch; if a prefill or a scoring slice raises, its requests are retried one by one.
+    can join a batch; if a prefill or a scoring slice raises, its requests are retried one by one;
+    a row that fails in a decode step leaves it alone, with its error (`Engine.step`).
     While idle the worker refreshes the engine from its bank every `refresh_interval_s`.
     """
 
@@ -354,9 +356,9 @@ class BatchScheduler:
             self._running = new
             return
         try:
-            self.engine.join(self._running, new)
+            self.engine.join(self._running, new)  # a row failing alone leaves at the next step
         except Exception as exc:
-            self._fail_running(exc, extra=new)
+            self._fail_running(exc)
 
     def _step(self) -> None:
         try:
@@ -368,16 +370,27 @@ class BatchScheduler:
         self.step_sizes[size] += 1
         self.largest_batch = max(self.largest_batch, size)
         for prepared, result in ended:
-            self._resolve(self._running_jobs.pop(prepared), result)
+            self._finish(self._running_jobs.pop(prepared), result, size)
         if not self._running.rows:
             self._running = None
 
-    def _fail_running(self, exc: Exception, extra: GenerationBatch | None = None) -> None:
-        """A decode step failed: its cache is gone, so every running row fails with the error."""
-        rows = [*self._running.rows, *(extra.rows if extra else [])]
-        log.error("a decode step of %d rows failed: %s", len(rows), exc)
-        for row in rows:
-            self._resolve(self._running_jobs.pop(row.row), error=exc)
+    def _finish(self, job: _Job, result, size: int) -> None:
+        """Resolve a row that left the batch with its result, or the error it failed with alone
+        (one log line: the client gets the error, the other rows go on)."""
+        if not isinstance(result, Exception):
+            self._resolve(job, result)
+            return
+        name = type(result).__name__
+        log.error("a row failed alone in a decode step of %d rows: %s: %s", size, name, result)
+        self._resolve(job, error=result)
+
+    def _fail_running(self, exc: Exception) -> None:
+        """The running batch failed as a whole (`Engine.step`: no row fails alone): every
+        running row, joining ones included, fails with the error."""
+        log.error("a decode step of %d rows failed as a whole: %s", len(self._running_jobs), exc)
+        for job in self._running_jobs.values():
+            self._resolve(job, error=exc)
+        self._running_jobs.clear()
         self._running = None
 
     # ------------------------------------------------------------ scoring

@@ -1,15 +1,17 @@
 """What an HTTP request may carry: the JSON bodies of the OpenAI-compatible routes (pydantic
-schemas; unknown OpenAI options are accepted and ignored, lone surrogates refused) and the work
-one request may ask for (`RequestLimits`: over a limit is a 413 naming it). server.py uses them.
+schemas, strict: no string-to-number or bool-to-int coercion; an explicit null is the field's
+default; unknown OpenAI options are accepted and ignored, lone surrogates refused, options not
+implemented refused when they ask for something) and the work one request may ask for
+(`RequestLimits`: over a limit is a 413 naming it). server.py uses them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .data import is_valid_unicode
 from .engine import SEED_RANGE, Engine
@@ -83,7 +85,17 @@ class RequestLimits:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored
+    # Unknown OpenAI options are accepted and ignored. Strict: "3" or true is not a max_tokens
+    # (a JSON int is still a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body):
+        """An explicit null means the field's default, as OpenAI's API reads it."""
+        if isinstance(body, dict):
+            return {key: value for key, value in body.items() if value is not None}
+        return body
 
     @field_validator("*", mode="before")
     @classmethod
@@ -121,6 +133,13 @@ class _SamplingFields(_Request):
         None, description='{"include_usage": true} adds a usage chunk.'
     )
 
+    @field_validator("stream_options")
+    @classmethod
+    def _usage_flag(cls, options):
+        if options is not None and not isinstance(options.get("include_usage", False), bool):
+            raise ValueError("include_usage must be true or false")
+        return options
+
     @field_validator("n")
     @classmethod
     def _only_one(cls, n: int) -> int:
@@ -137,11 +156,24 @@ class _SamplingFields(_Request):
         return stops
 
 
+def _nothing_asked(value):
+    """Refuse an option that is not implemented yet when it asks for something (rather than
+    answer as if it had been honoured); its null, 0 or false stays accepted."""
+    if value:
+        raise ValueError("not supported yet; send null, 0 or false, or leave it out")
+    return value
+
+
+UnsupportedOption = Annotated[bool | int | None, AfterValidator(_nothing_asked)]
+
+
 class CompletionBody(_SamplingFields):
     prompt: str | list[str] | list[int] = Field(
         description="Text, a list of texts, or one list of token ids."
     )
-    max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
+    max_tokens: int = Field(16, ge=1, description="New tokens at most (default 16).")
+    logprobs: UnsupportedOption = Field(None, description="Not supported yet: null or 0.")
+    echo: UnsupportedOption = Field(None, description="Not supported yet: null or false.")
 
 
 class ChatMessage(_Request):
@@ -166,6 +198,8 @@ class ChatBody(_SamplingFields):
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Same as max_tokens (newer name)."
     )
+    logprobs: UnsupportedOption = Field(None, description="Not supported yet: null or false.")
+    top_logprobs: UnsupportedOption = Field(None, description="Not supported yet: null or 0.")
 
 
 class ClassifyBody(_Request):

@@ -42,10 +42,10 @@ from .bank import validate_task_name
 from .console import add_console_routes
 from .engine import PROMPT_FILES, ClassifyRequest, Engine, GenerationRequest, GenerationResult
 from .errors import AuthenticationError, ConfigError, UploadError
-from .http_errors import BodyLimit, classify_error, install_error_handlers
+from .http_errors import CLIENT_CLOSED, BodyLimit, classify_error, install_error_handlers
 from .scheduler import SchedulerConfig
 from .schemas import ChatBody, ClassifyBody, CompletionBody, RequestLimits, _SamplingFields
-from .tenants import Access, build_access, reload_on_sighup
+from .tenants import Access, ProxyConfig, build_access, reload_on_sighup
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,13 @@ def create_app(
     audit_log: str | os.PathLike | None = None,
     scheduling: SchedulerConfig | None = None,
     limits: RequestLimits | None = None,
+    proxies: ProxyConfig | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `backend` (an Engine: the built-in backend, batching as
     `scheduling` says); admin routes behind `api_key`; with a `keys` file, every /v1 route behind
-    a tenant's key (or `api_key`), admin actions in `audit_log`."""
+    a tenant's key (or `api_key`), admin actions in `audit_log`, with the client a proxy in
+    `proxies` names. Run it with proxy headers off (`uvicorn_options`): the app takes the ASGI
+    client for the socket peer."""
     limits = limits or RequestLimits()
     if isinstance(backend, Engine):
         backend = BuiltinBackend(backend, scheduling, request_timeout_s=limits.request_timeout_s)
@@ -84,6 +87,7 @@ def create_app(
         audit_log=audit_log,
         base_names=engine.base_names,
         status_of=lambda exc: classify_error(exc)[0],
+        proxies=proxies,
     )
     app = FastAPI(
         title="softprompt", lifespan=lifespan, dependencies=[Depends(access.authenticate)]
@@ -107,16 +111,20 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
     engine = backend.engine
 
     @app.get("/health")
-    async def health():
-        """200 while the backend can serve; 503 (same body) while it is down, e.g. vLLM restarting."""
+    async def health(http: Request):
+        """200 while the backend can serve; 503 (same body) while it is down, e.g. vLLM restarting.
+        With a keys file, only a valid key sees more than the status, and a tenant counts only the
+        tasks it may use."""
         state = await backend.health()
         up = state["status"] == "up"
-        body = {
-            "status": "ok" if up else "unavailable",
-            "model": engine.base_model_id,
-            "tasks": len(engine.tasks()),
-            "backend": state,
-        }
+        body: dict = {"status": "ok" if up else "unavailable"}
+        viewer = access.health_viewer(http)
+        if viewer is not None:
+            body |= {
+                "model": engine.base_model_id,
+                "tasks": sum(1 for task in engine.tasks() if viewer.may_use(task)),
+                "backend": state,
+            }
         return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/v1/models")
@@ -289,7 +297,7 @@ async def _run(backend: Backend, http: Request, prepared: list) -> list:
     work.add_done_callback(
         lambda done: done.cancelled() or done.exception()
     )  # retrieved: no warning
-    raise StarletteHTTPException(499, "client closed the request; it was cancelled")
+    raise StarletteHTTPException(CLIENT_CLOSED, "client closed the request; it was cancelled")
 
 
 async def _unless_disconnected(http: Request, work: asyncio.Future) -> bool:
@@ -417,6 +425,7 @@ def serve(
     keys: str | None = None,
     audit_log: str | None = None,
     limits: RequestLimits | None = None,
+    proxies: ProxyConfig | None = None,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> None:
     """Serve the bank with uvicorn until stopped, on the built-in engine or through vLLM.
@@ -424,6 +433,7 @@ def serve(
     `vllm` (a `VLLMConfig`) says where vLLM is, or how to start one (stopped again on exit).
     The admin key is `api_key`, else the environment variable SOFTPROMPT_API_KEY (else none).
     `keys` is a tenants' keys file (tenants.py), re-read on SIGHUP and when it changes.
+    `proxies` says which reverse proxies may name the client (none by default).
     """
     import uvicorn
 
@@ -441,14 +451,22 @@ def serve(
             audit_log=audit_log,
             scheduling=scheduling,
             limits=limits,
+            proxies=proxies,
         )
         if app.state.access.keys is not None:
             reload_on_sighup(app.state.access.keys)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        uvicorn.run(app, **uvicorn_options(host, port, log_level))
     finally:
         process = getattr(served, "process", None)
         if process is not None:  # also when uvicorn never started the app (e.g. port taken)
             process.stop()
+
+
+def uvicorn_options(host: str, port: int, log_level: str) -> dict:
+    """uvicorn's settings for the app. Proxy headers off: uvicorn would otherwise trust
+    X-Forwarded-For from loopback (or FORWARDED_ALLOW_IPS) and rewrite the client address the
+    audit log records; the app's `ProxyConfig` decides what a proxy may say, in its own field."""
+    return {"host": host, "port": port, "log_level": log_level, "proxy_headers": False}
 
 
 def _open_backend(backend: str, model_name: str, bank, vllm, timeout_s: float) -> Backend | Engine:
@@ -464,9 +482,11 @@ def _open_backend(backend: str, model_name: str, bank, vllm, timeout_s: float) -
 
 
 __all__ = [
+    "ProxyConfig",
     "RequestLimits",
     "create_app",
     "serve",
+    "uvicorn_options",
     "classify_error",
     "AuthenticationError",
     "UploadError",

@@ -17,6 +17,10 @@ The admin key (`--api-key`, SOFTPROMPT_API_KEY) may do everything.
 The HTTP side (server.py) calls `Access.authenticate` before every /v1 route, `Access.check_use`
 before a task reaches the backend, and runs each upload and delete inside `Access.admin_action`,
 which writes the audit line.
+
+Where a request comes from is the socket peer: the server runs uvicorn with proxy headers off, so
+no header can rewrite it. A reverse proxy named in `ProxyConfig.forwarded_allow_ips` may name the
+client in X-Forwarded-For; the audit log keeps that as `forwarded_for`, beside the peer's `from`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -45,6 +50,8 @@ from fastapi import Request
 from .atomic import write_file
 from .bank import TASK_NAME_PATTERN
 from .errors import AuthenticationError, ConfigError, PermissionDeniedError
+from .options import flag as cli_flag
+from .options import opt
 from .registry import unknown_task
 
 log = logging.getLogger(__name__)
@@ -364,9 +371,83 @@ def default_audit_path(keys_path: str | Path) -> Path:
     return keys_path.with_name(f"{keys_path.stem}.audit.jsonl")
 
 
+# ---------------------------------------------------------------- where a request comes from
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ANY = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+@dataclass
+class ProxyConfig:
+    """Which peers are reverse proxies trusted to name the client. None by default: otherwise any
+    client could write an address into X-Forwarded-For and the audit log would believe it."""
+
+    forwarded_allow_ips: str = opt(
+        "",
+        "Reverse proxies trusted to name the client in X-Forwarded-For: comma-separated IP "
+        "addresses or CIDR networks, or '*' for every peer. The audit log's 'from' is always the "
+        "connecting peer; the client a trusted proxy names is logged as 'forwarded_for'. Empty: "
+        "no proxy is trusted (uvicorn's FORWARDED_ALLOW_IPS is not read).",
+    )
+
+    def __post_init__(self):
+        self._trusted = _parse_trusted(self.forwarded_allow_ips)
+
+    def trusts(self, host: str | None) -> bool:
+        address = _ip(host)
+        return address is not None and any(address in network for network in self._trusted)
+
+    def forwarded_for(self, peer: str | None, forwarded: list[str]) -> str | None:
+        """The client a trusted `peer` names in its X-Forwarded-For header values; None if the peer
+        is not trusted or names nobody. Each proxy appends the address it saw, so the client is the
+        last hop not itself a trusted proxy (the first hop if every one is)."""
+        if not self.trusts(peer):
+            return None
+        hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self.trusts(_hop_host(hop)):
+                return _hop_host(hop)
+        return _hop_host(hops[0]) if hops else None
+
+
+def _parse_trusted(value: str) -> tuple[_Network, ...]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if "*" in items:
+        return _ANY
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{cli_flag('forwarded_allow_ips')}: {item!r} is not an IP address or CIDR network "
+                "(e.g. 10.0.0.1,192.168.0.0/16, or '*' for every peer)"
+            ) from None
+    return tuple(networks)
+
+
+def _ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` as an address (an IPv4-mapped IPv6 peer, as a dual-stack socket reports, as IPv4)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def _hop_host(hop: str) -> str:
+    """An X-Forwarded-For entry without its port: '[::1]:80' -> '::1', '10.0.0.1:80' -> '10.0.0.1'."""
+    if hop.startswith("[") and "]" in hop:
+        return hop[1 : hop.index("]")]
+    return hop.rsplit(":", 1)[0] if hop.count(":") == 1 else hop
+
+
 # ---------------------------------------------------------------- the HTTP side
 
 _ADMIN_METHODS = {"PUT": "upload", "DELETE": "delete"}
+_OUTCOMES = {401: "refused", 403: "refused", 499: "client_closed"}
+"""The audit outcome of a failed action by its status (any other: "failed")."""
 
 
 class Access:
@@ -381,8 +462,10 @@ class Access:
         audit: AuditLog | None = None,
         base_names: Iterable[str] = (),
         status_of: Callable[[Exception], int] = lambda exc: 500,
+        proxies: ProxyConfig | None = None,
     ):
         self.keys, self.audit = keys, audit
+        self.proxies = proxies or ProxyConfig()
         self._admin_digest = (
             hashlib.sha256(api_key.encode()).digest() if api_key is not None else None
         )
@@ -435,6 +518,24 @@ class Access:
         cached = getattr(request.state, "caller", None)
         return cached if cached is not None else self._identify(request)
 
+    def health_viewer(self, request: Request) -> Tenant | None:
+        """Who may see /health's details (the model, the backend, the tasks it may use): anyone
+        without a keys file; with one, only a valid key's owner. None: up/down only. A missing or
+        wrong key is not refused, so a load balancer's probe always gets its answer."""
+        if self.keys is None:
+            return OPEN
+        try:
+            return self._identify(request)
+        except AuthenticationError:
+            return None
+
+    def origin(self, request: Request) -> dict:
+        """Where the request comes from, for the audit log: the socket peer (`from`), plus the
+        client a trusted proxy names (`forwarded_for`), only when there is one."""
+        peer = request.client.host if request.client else None
+        forwarded = self.proxies.forwarded_for(peer, request.headers.getlist("x-forwarded-for"))
+        return {"from": peer} | ({"forwarded_for": forwarded} if forwarded else {})
+
     # ------------------------------------------------------------ what
 
     def may_use(self, request: Request, task: str) -> bool:
@@ -477,14 +578,14 @@ class Access:
             "who": caller.name if caller else None,
             "action": action,
             "task": task,
-            "from": request.client.host if request.client else None,
+            **self.origin(request),
         }
         if error is None:
             record |= {"outcome": "ok", "status": 200, "version": version}
         else:
             status = self._status_of(error)
             record |= {
-                "outcome": "refused" if status in (401, 403) else "failed",
+                "outcome": _OUTCOMES.get(status, "failed"),
                 "status": status,
                 "error": str(error) or type(error).__name__,
             }
@@ -501,6 +602,7 @@ def build_access(
     audit_log: str | Path | None,
     base_names: Iterable[str],
     status_of: Callable[[Exception], int],
+    proxies: ProxyConfig | None = None,
 ) -> Access:
     """The server's Access from its flags; the audit log defaults to next to the keys file."""
     table = KeyTable(keys) if keys is not None else None
@@ -511,7 +613,12 @@ def build_access(
     )
     audit = AuditLog(audit_path) if audit_path is not None else None
     return Access(
-        api_key=api_key, keys=table, audit=audit, base_names=base_names, status_of=status_of
+        api_key=api_key,
+        keys=table,
+        audit=audit,
+        base_names=base_names,
+        status_of=status_of,
+        proxies=proxies,
     )
 
 
@@ -519,6 +626,7 @@ __all__ = [
     "Access",
     "AuditLog",
     "KeyTable",
+    "ProxyConfig",
     "Tenant",
     "add_tenant",
     "build_access",

@@ -381,6 +381,21 @@ def test_classify_multi_field_bad_input_names_the_field(engine, bank, tiny_llama
         engine.classify("titled", [value])
 
 
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("temperature", True, "temperature must be >= 0"),
+        ("top_p", True, "top_p must be in (0, 1]"),
+        ("seed", False, "seed must be an integer"),
+        ("max_new_tokens", True, "max_new_tokens must be a positive integer"),
+    ],
+)
+def test_bad_input_a_bool_is_not_a_sampling_number(engine, field, value, fragment):
+    fields = {"max_new_tokens": 1, field: value}
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        engine.generate([GenerationRequest("fun", task="t0", **fields)])
+
+
 def test_classify_string_input_fills_the_one_field_of_any_name(engine, bank, tiny_llama):
     save_task(bank, "question", random_prompt(3, 8), tiny_llama, template="q : {question} a :")
     by_string, by_object = engine.classify(

@@ -134,6 +134,30 @@ def test_encoded_embeddings_carry_only_their_rows_not_the_whole_matrix():
     assert torch.equal(decode_embeds({"prompt_embeds": encoded}), view)
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 5e-324, "top_p": 0.5},
+        {"temperature": -0.0},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-45},
+    ],
+)
+def test_tiny_sampling_values_reach_vllm_as_greedy_and_equal_the_engine(setup, sampling):
+    """The gateway sends the engine's normalised settings (inject.Sampling), so vLLM never sees
+    a value it would read differently, and the text is the built-in engine's greedy text."""
+    body = {"model": "t1", "prompt": TEXTS[0], "max_tokens": 4, **sampling}
+    before = len(setup.fake.bodies)
+    whole = setup.http.post("/v1/completions", json=body)
+    streamed = setup.http.post("/v1/completions", json={**body, "stream": True})
+    assert whole.status_code == streamed.status_code == 200, (whole.text, streamed.text)
+    assert '"error"' not in streamed.text, streamed.text
+    sent = setup.fake.bodies[before:]
+    assert [(b["temperature"], b["top_p"]) for b in sent] == [(0.0, 1.0)] * 2
+    assert whole.json()["choices"][0]["text"] == greedy_alone(setup, TEXTS[0], "t1", n=4).text
+
+
 def test_plain_rows_are_sent_as_token_ids(setup):
     before = len(setup.fake.bodies)
     setup.client.completions.create(

@@ -5,7 +5,8 @@ format.py   task names, `SavedPrompt`, the PEFT adapter config, checks of a conf
 files.py    one prompt folder: encoding and writing its files (each fsynced), parsing them back
             (`prompt_from_files` for folders and uploads alike, `read_prompt_dir`, `write_prompt_dir`)
 store.py    `PromptBank`: versioned folders behind a symlink swapped atomically, per-task writer
-            locks, readers that retry when a version vanished under them
+            locks, readers that retry when a version vanished under them; opening a bank clears
+            up after writers killed mid-way
 """
 
 from .files import (

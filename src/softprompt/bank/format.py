@@ -302,6 +302,9 @@ def _check_fingerprint(saved: SavedPrompt, fingerprint: Any) -> None:
         detail = "; ".join(
             f"{key}: prompt {ours!r} vs model {theirs!r}" for key, ours, theirs in diffs
         )
+        trained_on = saved.meta.get("base_model")  # the name it was trained under, when recorded
+        if trained_on:
+            detail = f"trained on {trained_on!r}; {detail}"
         raise IncompatiblePromptError(
             f"prompt '{saved.name}' was made for another base model ({detail})"
         )

@@ -12,10 +12,7 @@ def cmd_bank(args) -> int:
 
     bank = PromptBank(args.bank, create=args.bank_command == "import")
     if args.bank_command == "list":
-        _, errors = bank.load_all()
-        for name in bank.names():
-            status = f"BROKEN: {errors[name]}" if name in errors else "ok"
-            print(f"{name}\t{status}")
+        _list_tasks(bank, args.model)
     elif args.bank_command == "show":
         saved = bank.load(args.name)
         _print_json(
@@ -37,6 +34,31 @@ def cmd_bank(args) -> int:
         bank.export(args.name, args.dest)
         print(f"exported {args.name} to {args.dest}")
     return 0
+
+
+def _list_tasks(bank, model_name: str) -> None:
+    """One line per task: `ok`, `BROKEN: why` (its files cannot be read) or `UNUSABLE with model
+    'M': why` (readable, but not for this model), by the check the server's engine makes when it
+    loads a task, so the list says what `serve --model` would do with each."""
+    from ..engine import Engine
+    from ..errors import IncompatiblePromptError, InvalidTaskNameError, UnknownTaskError
+    from ..models import load_model
+
+    engine = Engine(load_model(model_name), bank)
+    model = engine.model.config.name_or_path or model_name  # as saved prompts name their model
+    for name in bank.names():
+        try:
+            info = engine.activate(name)
+        except UnknownTaskError:
+            continue  # removed while we listed
+        except (IncompatiblePromptError, InvalidTaskNameError) as exc:
+            status = f"UNUSABLE with model {model!r}: {exc}"
+        except Exception as exc:  # one broken entry must never hide the others
+            status = f"BROKEN: {exc}"
+        else:
+            unverified = info.meta.get("fingerprint") is None  # e.g. a PEFT import
+            status = "ok (no base-model fingerprint: not verified)" if unverified else "ok"
+        print(f"{name}\t{status}")
 
 
 def cmd_inspect(args) -> int:

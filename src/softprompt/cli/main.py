@@ -114,14 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bank", help="List, show, remove, import or export prompts in a bank")
     bank_sub = p.add_subparsers(dest="bank_command", required=True)
     for verb, text in (
-        ("list", "List tasks (broken entries flagged)"),
+        (
+            "list",
+            "List tasks, each 'ok', 'BROKEN: why' (its files) or 'UNUSABLE with model M: why' "
+            "(trained on another base model, another width or kind), as `serve --model` would "
+            "judge them with --model (default: the default model)",
+        ),
         ("show", "Shape, init, template, metrics"),
         ("rm", "Remove a task"),
         ("import", "Import a PEFT prompt-tuning adapter folder"),
         ("export", "Write a task as a plain PEFT-loadable folder"),
     ):
-        q = bank_sub.add_parser(verb, help=text)
+        q = bank_sub.add_parser(verb, help=text, description=text)
         q.add_argument("--bank", required=True, help="Prompt bank folder")
+        if verb == "list":
+            _add_model(q)  # the model the tasks are checked against
         if verb in ("show", "rm", "export"):
             q.add_argument("name", help="Task name")
         if verb == "import":
@@ -165,11 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where admin actions are appended as JSON lines (default with "
         "--keys: next to it, KEYS.audit.jsonl; else none)",
     )
-    from ..server import RequestLimits
+    from ..server import ProxyConfig, RequestLimits
     from ..vllm_backend import VLLMConfig
 
     add_arguments(p, SchedulerConfig)
     add_arguments(p, RequestLimits)
+    add_arguments(p, ProxyConfig)
     add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
 

@@ -11,12 +11,13 @@ from .common import _print_json
 
 def cmd_serve(args) -> int:
     from ..scheduler import SchedulerConfig
-    from ..server import RequestLimits, serve
+    from ..server import ProxyConfig, RequestLimits, serve
     from ..tenants import read_keys
     from ..vllm_backend import VLLMConfig
 
+    proxies = from_args(ProxyConfig, args)  # bad flags and keys fail now, not after the model loads
     if args.keys:
-        read_keys(args.keys)  # a bad keys file fails now, not after the model has loaded
+        read_keys(args.keys)
     serve(
         args.model,
         args.bank,
@@ -28,6 +29,7 @@ def cmd_serve(args) -> int:
         keys=args.keys,
         audit_log=args.audit_log,
         limits=from_args(RequestLimits, args),
+        proxies=proxies,
     )
     return 0
 
