@@ -50,12 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from serve_latency import prompt_values  # noqa: E402
 
-from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
-from softprompt.engine import ClassifyRequest, Engine, GenerationRequest
-from softprompt.models import load_model
-from softprompt.scheduler import BatchScheduler
-from softprompt.small_batch import use_small_batch_matmul
+from softprompt.model.loading import load_model
+from softprompt.model.small_batch import use_small_batch_matmul
+from softprompt.prompting import inject
+from softprompt.serving.engine import ClassifyRequest, Engine, GenerationRequest
+from softprompt.serving.scheduler import BatchScheduler
 
 TEMPLATE = "Review: {text}\nSentiment:"
 VERBALIZER = {"labels": ["positive", "negative"], "targets": [" positive", " negative"]}

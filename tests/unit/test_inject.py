@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import inject
-from softprompt.prompts import NO_TASK, PromptTable
+from softprompt.prompting import inject
+from softprompt.prompting.soft import NO_TASK, PromptTable
 
 from ..conftest import build_tiny_model
 

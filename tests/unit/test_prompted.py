@@ -14,8 +14,8 @@ from softprompt.errors import (
     PromptFileError,
     UnknownTaskError,
 )
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import PromptTuningConfig, init_prompt
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import PromptTuningConfig, init_prompt
 
 from ..conftest import build_tiny_model
 

@@ -9,12 +9,12 @@ import torch
 
 from softprompt.bank import PromptBank
 from softprompt.data import encode_example, make_classification_task
-from softprompt.deep_prompt import DeepPromptModel
-from softprompt.engine import ClassifyRequest, Engine
-from softprompt.evaluate import label_log_likelihoods
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import NO_TASK
-from softprompt.scorer import ScoreRow, score_rows
+from softprompt.prompting.deep import DeepPromptModel
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.scorer import ScoreRow, score_rows
+from softprompt.prompting.soft import NO_TASK
+from softprompt.serving.engine import ClassifyRequest, Engine
+from softprompt.training.evaluation import label_log_likelihoods
 
 from ..conftest import build_tiny_tokenizer
 

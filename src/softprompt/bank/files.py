@@ -14,9 +14,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..atomic import fsync_dir, fsync_file
-from ..errors import PromptFileError
-from .format import (
+from softprompt.atomic import fsync_dir, fsync_file
+from softprompt.bank.format import (
     CONFIG_FILE,
     META_FILE,
     PLOTS_DIR,
@@ -27,6 +26,7 @@ from .format import (
     _check_plots,
     _check_tensor,
 )
+from softprompt.errors import PromptFileError
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting accepted in adapter_config.json / softprompt.json (ours is 3 levels deep)."""

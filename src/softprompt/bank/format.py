@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import (
+from softprompt.errors import (
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,

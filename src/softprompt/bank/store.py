@@ -46,9 +46,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir
-from ..errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
-from .files import (
+from softprompt.atomic import fsync_dir
+from softprompt.bank.files import (
     _encode,
     _read_files,
     _write_files,
@@ -56,7 +55,7 @@ from .files import (
     read_prompt_dir,
     write_prompt_dir,
 )
-from .format import (
+from softprompt.bank.format import (
     _PLOT_NAME_RE,
     _TASK_NAME_RE,
     CONFIG_FILE,
@@ -68,6 +67,7 @@ from .format import (
     check_compatible,
     validate_task_name,
 )
+from softprompt.errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
 
 try:
     import fcntl

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from ..errors import ConfigError
+from softprompt.errors import ConfigError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -88,7 +88,7 @@ def _nth(values, i: int, default=None):
 
 def _task_spec(args, i: int, name: str):
     """A Task from the flags for the i-th task (builtin data supplies template and labels)."""
-    from ..data import BUILTIN_DATASETS, Task, Template, Verbalizer
+    from softprompt.data import BUILTIN_DATASETS, Task, Template, Verbalizer
 
     data = _nth(args.data, i)
     builtin = BUILTIN_DATASETS.get(data.split(":")[1]) if str(data).startswith("builtin:") else None
@@ -118,7 +118,7 @@ def _task_spec(args, i: int, name: str):
 
 
 def _load_split(path: str, task, tokenizer, task_id: int, args):
-    from ..data import load_examples
+    from softprompt.data import load_examples
 
     examples, skipped = load_examples(
         path,

@@ -6,20 +6,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import __version__
-from ..errors import SoftPromptError
-from ..options import add_arguments
-from ..prompts import PromptTuningConfig
-from .bank import cmd_bank, cmd_inspect
-from .common import _add_model, _add_task_data, _learning_rate, _setup_logging
-from .compare import cmd_compare
-from .model import cmd_eval, cmd_generate, cmd_info
-from .serve import cmd_keys, cmd_serve
-from .train import cmd_train
+from softprompt import __version__
+from softprompt.cli.bank import cmd_bank, cmd_inspect
+from softprompt.cli.common import _add_model, _add_task_data, _learning_rate, _setup_logging
+from softprompt.cli.compare import cmd_compare
+from softprompt.cli.model import cmd_eval, cmd_generate, cmd_info
+from softprompt.cli.serve import cmd_keys, cmd_serve
+from softprompt.cli.train import cmd_train
+from softprompt.errors import SoftPromptError
+from softprompt.options import add_arguments
+from softprompt.prompting.soft import PromptTuningConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..train import TrainConfig
+    from softprompt.training.trainer import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="softprompt", description="Prompt tuning for frozen causal LMs."
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
         "embeddings, bank) in front of a vLLM server (default: %(default)s)",
     )
-    from ..scheduler import SchedulerConfig
+    from softprompt.serving.scheduler import SchedulerConfig
 
     p.add_argument(
         "--keys",
@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where admin actions are appended as JSON lines (default with "
         "--keys: next to it, KEYS.audit.jsonl; else none)",
     )
-    from ..server import ProxyConfig, RequestLimits
-    from ..vllm_backend import VLLMConfig
+    from softprompt.api.app import ProxyConfig, RequestLimits
+    from softprompt.serving.vllm.backend import VLLMConfig
 
     add_arguments(p, SchedulerConfig)
     add_arguments(p, RequestLimits)
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keys)
 
-    from ..compare import CompareConfig
+    from softprompt.training.compare import CompareConfig
 
     p = sub.add_parser(
         "compare",

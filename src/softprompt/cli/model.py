@@ -3,17 +3,17 @@ the zero-shot baseline), `generate`, `info`."""
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .common import _load_split, _print_json, _task_spec
+from softprompt.cli.common import _load_split, _print_json, _task_spec
+from softprompt.errors import ConfigError
 
 
 def cmd_eval(args) -> int:
-    from ..bank import PromptBank
-    from ..data import Template
-    from ..evaluate import evaluate_task
-    from ..models import load_model
-    from ..prompted import PromptedModel, model_for_saved
-    from ..train import TrainConfig, autocast, use_bf16
+    from softprompt.bank import PromptBank
+    from softprompt.data import Template
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.prompted import PromptedModel, model_for_saved
+    from softprompt.training.evaluation import evaluate_task
+    from softprompt.training.trainer import TrainConfig, autocast, use_bf16
 
     loaded = load_model(args.model)
     prompted = PromptedModel(loaded)
@@ -51,8 +51,8 @@ def cmd_eval(args) -> int:
 def _task_from_saved(args, saved):
     """The saved prompt's own template and verbalizer (read as the server reads them, by
     data.task_from_meta) unless flags override them."""
-    from ..data import Task, Template, task_from_meta
-    from ..errors import NoVerbalizerError
+    from softprompt.data import Task, Template, task_from_meta
+    from softprompt.errors import NoVerbalizerError
 
     meta = dict(saved.meta)
     if args.template:
@@ -98,9 +98,9 @@ def _print_eval(metrics: dict) -> None:
 
 
 def cmd_generate(args) -> int:
-    from ..bank import PromptBank, read_prompt_dir
-    from ..models import load_model
-    from ..prompted import PromptedModel, model_for_saved
+    from softprompt.bank import PromptBank, read_prompt_dir
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.prompted import PromptedModel, model_for_saved
 
     loaded = load_model(args.model)
     prompted, task = PromptedModel(loaded), None
@@ -128,7 +128,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ..models import describe, load_model
+    from softprompt.model.loading import describe, load_model
 
     info = describe(load_model(args.model))
     if args.json:

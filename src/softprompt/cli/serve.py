@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from ..options import from_args
-from .common import _print_json
+from softprompt.cli.common import _print_json
+from softprompt.options import from_args
 
 
 def cmd_serve(args) -> int:
-    from ..scheduler import SchedulerConfig
-    from ..server import ProxyConfig, RequestLimits, serve
-    from ..tenants import read_keys
-    from ..vllm_backend import VLLMConfig
+    from softprompt.api.app import ProxyConfig, RequestLimits, serve
+    from softprompt.api.tenants import read_keys
+    from softprompt.serving.scheduler import SchedulerConfig
+    from softprompt.serving.vllm.backend import VLLMConfig
 
     proxies = from_args(ProxyConfig, args)  # bad flags and keys fail now, not after the model loads
     if args.keys:
@@ -35,7 +35,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from ..tenants import add_tenant, read_keys, revoke_tenant
+    from softprompt.api.tenants import add_tenant, read_keys, revoke_tenant
 
     if args.keys_command == "add":
         key = add_tenant(args.file, args.tenant, args.tasks, upload=args.upload, delete=args.delete)

@@ -9,20 +9,20 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..atomic import write_file
-from ..errors import ConfigError
-from ..options import from_args
-from ..prompts import PromptTuningConfig
-from .common import _load_split, _nth, _print_json, _task_spec
+from softprompt.atomic import write_file
+from softprompt.cli.common import _load_split, _nth, _print_json, _task_spec
+from softprompt.errors import ConfigError
+from softprompt.options import from_args
+from softprompt.prompting.soft import PromptTuningConfig
 
 
 def cmd_train(args) -> int:
-    from ..bank import PromptBank
-    from ..deep_prompt import DeepPromptModel
-    from ..lr_find import find_learning_rate
-    from ..models import load_model
-    from ..prompted import PromptedModel
-    from ..train import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer
+    from softprompt.bank import PromptBank
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.deep import DeepPromptModel
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.training.lr_find import find_learning_rate
+    from softprompt.training.trainer import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer
 
     names = args.task
     if len(args.data) not in (1, len(names)):
@@ -128,8 +128,8 @@ def _init_config(args, task) -> PromptTuningConfig:
 
 def _test_metrics(prompted, trainer, tasks, test_sets) -> dict[str, dict]:
     """Zero-shot and tuned test metrics per task that has test data."""
-    from ..evaluate import evaluate_task
-    from ..train import autocast
+    from softprompt.training.evaluation import evaluate_task
+    from softprompt.training.trainer import autocast
 
     out = {}
     for task in tasks:
@@ -182,7 +182,7 @@ def _finish_training(args, prompted, trainer, result, tasks, tests, output_dir: 
 def _draw_plots(output_dir: Path) -> list[Path]:
     """The run's PNG plots (drawn before the prompt is saved, to go with it); a plot that cannot be
     drawn must not cost the trained prompt, so a failure is reported and the prompt saved without."""
-    from ..plots import plot_training
+    from softprompt.training.plots import plot_training
 
     metrics_file = output_dir / "metrics.jsonl"
     if not metrics_file.is_file():
