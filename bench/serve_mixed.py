@@ -1,7 +1,7 @@
 """Mixed serving load: short requests arriving while a long generation runs, static vs continuous
 batching, in one run on one machine.
 
-The built-in engine's scheduler (`softprompt.scheduler.BatchScheduler`) runs in-process, without
+The built-in engine's scheduler (`softprompt.serving.scheduler.BatchScheduler`) runs in-process, without
 HTTP, once with `join_running=False` (static: a batch runs to its end before anything else
 starts) and once with `join_running=True` (continuous: new rows join the running batch at its
 next step, scoring runs between steps). Per mode and repeat:

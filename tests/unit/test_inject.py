@@ -1,4 +1,4 @@
-"""Invariants of the injection seam (DESIGN.md 1-4, 7) on tiny random Llama and Gemma 3 models."""
+"""Invariants of the injection seam (docs/architecture.md 1-4, 7) on tiny random Llama and Gemma 3 models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PromptedModel: inits, PEFT interop both ways (DESIGN.md 5), round trips (6), bad input."""
+"""PromptedModel: inits, PEFT interop both ways (docs/architecture.md 5), round trips (6), bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one scorer (scorer.py): `softprompt eval` (evaluate.label_log_likelihoods) and the engine's
+"""The one scorer (prompting/scorer.py): `softprompt eval` (evaluation.label_log_likelihoods) and the engine's
 /v1/classify give the same scores on the same rows, for a soft prompt, a deep prompt and no prompt,
 with one-token and multi-token labels; the one-token fast path shares forwards and changes no score."""
 

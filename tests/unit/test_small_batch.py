@@ -1,4 +1,4 @@
-"""small_batch.py: the transposed product for decode steps of a few rows on CPU."""
+"""model/small_batch.py: the transposed product for decode steps of a few rows on CPU."""
 
 from __future__ import annotations
 

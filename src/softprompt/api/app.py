@@ -10,12 +10,12 @@ folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api 
 is set. With a keys file (`keys=`) every /v1 route needs a key and each tenant sees only its own
 tasks (tenants.py: the keys, the checks, the audit log). Every error is JSON in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`, mapped from exception types in one place,
-http_errors.py (which also holds the body-size limit).
+errors.py (which also holds the body-size limit).
 
 What is about the HTTP request is the server's, so every backend gets it: the body size, the
 schemas and the per-request limits (schemas.py; `RequestLimits`: 413 naming the limit), and
 cancelling a request whose client disconnects (here). The model work (and, for the built-in
-engine, its fair batch scheduler) is the backend's (`backends.py`): the built-in engine, or vLLM
+engine, its fair batch scheduler) is the backend's (`serving/backends.py`): the built-in engine, or vLLM
 behind a gateway.
 
 Replicas are stateless over a shared bank folder: every request checks its task's bank version.
@@ -44,7 +44,7 @@ from softprompt.api.schemas import (
     ClassifyBody,
     CompletionBody,
     RequestLimits,
-    _SamplingFields,
+    SamplingFields,
 )
 from softprompt.api.tenants import Access, ProxyConfig, build_access, reload_on_sighup
 from softprompt.bank import validate_task_name
@@ -259,7 +259,7 @@ def _is_token_list(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(x, int) for x in prompt)
 
 
-def _generation_request(body: _SamplingFields, prompt, max_tokens: int | None) -> GenerationRequest:
+def _generation_request(body: SamplingFields, prompt, max_tokens: int | None) -> GenerationRequest:
     return GenerationRequest(
         prompt=prompt,
         task=body.model,
@@ -330,7 +330,7 @@ async def _disconnect(http: Request) -> None:
         pass
 
 
-async def _stream(backend: Backend, prepared, body: _SamplingFields, obj: str) -> StreamingResponse:
+async def _stream(backend: Backend, prepared, body: SamplingFields, obj: str) -> StreamingResponse:
     """Start a validated request now (errors keep their status), then stream OpenAI chunks ending
     in [DONE]."""
     pieces = await backend.stream(prepared)

@@ -2,7 +2,7 @@
 schemas, strict: no string-to-number or bool-to-int coercion; an explicit null is the field's
 default; unknown OpenAI options are accepted and ignored, lone surrogates refused, options not
 implemented refused when they ask for something) and the work one request may ask for
-(`RequestLimits`: over a limit is a 413 naming it). server.py uses them.
+(`RequestLimits`: over a limit is a 413 naming it). app.py uses them.
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ class _Request(BaseModel):
         return value
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
+    """The fields completions and chat completions share: the task and how to sample."""
+
     model: str = Field(
         description="A task name (its soft prompt is prepended) or the base model's id."
     )
@@ -167,7 +169,7 @@ def _nothing_asked(value):
 UnsupportedOption = Annotated[bool | int | None, AfterValidator(_nothing_asked)]
 
 
-class CompletionBody(_SamplingFields):
+class CompletionBody(SamplingFields):
     prompt: str | list[str] | list[int] = Field(
         description="Text, a list of texts, or one list of token ids."
     )
@@ -190,7 +192,7 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
-class ChatBody(_SamplingFields):
+class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(
         None, ge=1, description="New tokens at most (default: up to the context)."

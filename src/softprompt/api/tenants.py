@@ -14,7 +14,7 @@ upload over / delete them if `upload` / `delete` say so. Anything outside its pa
 exist for it: the same 404 as a missing task, so a tenant cannot learn another's task names.
 The admin key (`--api-key`, SOFTPROMPT_API_KEY) may do everything.
 
-The HTTP side (server.py) calls `Access.authenticate` before every /v1 route, `Access.check_use`
+The HTTP side (app.py) calls `Access.authenticate` before every /v1 route, `Access.check_use`
 before a task reaches the backend, and runs each upload and delete inside `Access.admin_action`,
 which writes the audit line.
 

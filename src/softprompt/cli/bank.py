@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softprompt.cli.common import _print_json
+from softprompt.cli.common import print_json
 
 
 def cmd_bank(args) -> int:
@@ -15,7 +15,7 @@ def cmd_bank(args) -> int:
         _list_tasks(bank, args.model)
     elif args.bank_command == "show":
         saved = bank.load(args.name)
-        _print_json(
+        print_json(
             {
                 "name": saved.name,
                 "shape": list(saved.embeddings.shape),
@@ -75,7 +75,7 @@ def cmd_inspect(args) -> int:
         prompts[name] = saved.embeddings
     report = inspect_prompts(loaded.model, loaded.tokenizer, prompts, k=args.top_k)
     if args.json:
-        _print_json(report)
+        print_json(report)
         return 0
     print(
         f"real token embedding norms: mean {report['embedding_norms']['mean']}, "

@@ -3,7 +3,7 @@ the zero-shot baseline), `generate`, `info`."""
 
 from __future__ import annotations
 
-from softprompt.cli.common import _load_split, _print_json, _task_spec
+from softprompt.cli.common import load_split, print_json, task_from_flags
 from softprompt.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def cmd_eval(args) -> int:
     prompted = PromptedModel(loaded)
     task_name = None
     if args.zero_shot:
-        task = _task_spec(args, 0, args.task or "zero-shot")
+        task = task_from_flags(args, 0, args.task or "zero-shot")
         if args.hard_prompt:  # the init text as a plain-text prompt, the other usual baseline
             task.template = Template(
                 args.hard_prompt.replace("{", "{{").replace("}", "}}") + " " + task.template.text
@@ -31,7 +31,7 @@ def cmd_eval(args) -> int:
         prompted = model_for_saved(loaded, saved, args.task)
         task = _task_from_saved(args, saved)
         task_name = args.task
-    examples = _load_split(args.data, task, loaded.tokenizer, 0 if task_name else -1, args)
+    examples = load_split(args.data, task, loaded.tokenizer, 0 if task_name else -1, args)
     device = prompted.model.get_input_embeddings().weight.device
     with autocast(device, use_bf16(TrainConfig(bf16=args.bf16), device)):
         metrics = evaluate_task(prompted, task, examples, task_name, batch_size=args.batch_size)
@@ -42,7 +42,7 @@ def cmd_eval(args) -> int:
         **metrics,
     }
     if args.json:
-        _print_json(metrics)
+        print_json(metrics)
     else:
         _print_eval(metrics)
     return 0
@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
         seed=args.seed,
     )
     if args.json:
-        _print_json({"task": task, "outputs": outputs})
+        print_json({"task": task, "outputs": outputs})
     else:
         for text, out in zip(texts, outputs, strict=True):
             print(text + out)
@@ -132,7 +132,7 @@ def cmd_info(args) -> int:
 
     info = describe(load_model(args.model))
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         for key, value in info.items():
             print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")

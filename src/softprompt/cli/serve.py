@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from softprompt.cli.common import _print_json
+from softprompt.cli.common import print_json
 from softprompt.options import from_args
 
 
@@ -54,7 +54,7 @@ def cmd_keys(args) -> int:
     else:
         tenants = read_keys(args.file)
         if args.json:
-            _print_json(
+            print_json(
                 [{k: v for k, v in t.to_json().items() if k != "key_sha256"} for t in tenants]
             )
         for t in tenants if not args.json else ():

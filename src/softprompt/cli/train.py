@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from softprompt.atomic import write_file
-from softprompt.cli.common import _load_split, _nth, _print_json, _task_spec
+from softprompt.cli.common import load_split, nth, print_json, task_from_flags
 from softprompt.errors import ConfigError
 from softprompt.options import from_args
 from softprompt.prompting.soft import PromptTuningConfig
@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
         else args.learning_rate
     )
     config = from_args(TrainConfig, args, learning_rate=learning_rate)
-    tasks = [_task_spec(args, i, name) for i, name in enumerate(names)]
+    tasks = [task_from_flags(args, i, name) for i, name in enumerate(names)]
     loaded = load_model(args.model)
     inits = {task.name: _init_config(args, task) for task in tasks}
     prompted = (
@@ -46,14 +46,14 @@ def cmd_train(args) -> int:
     )
     train_examples, eval_sets, test_sets = [], {}, {}
     for i, (name, task) in enumerate(zip(names, tasks, strict=True)):
-        train_examples += _load_split(_nth(args.data, i), task, loaded.tokenizer, i, args)
+        train_examples += load_split(nth(args.data, i), task, loaded.tokenizer, i, args)
         if args.eval_data:
             eval_sets[name] = EvalSet(
-                task, _load_split(_nth(args.eval_data, i), task, loaded.tokenizer, i, args)
+                task, load_split(nth(args.eval_data, i), task, loaded.tokenizer, i, args)
             )
         if args.test_data:
             test_sets[name] = EvalSet(
-                task, _load_split(_nth(args.test_data, i), task, loaded.tokenizer, i, args)
+                task, load_split(nth(args.test_data, i), task, loaded.tokenizer, i, args)
             )
     output_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if auto_lr:
@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
     summary = _finish_training(
         args, prompted, trainer, result, tasks, tests, output_dir, PromptBank(args.bank)
     )
-    _print_json(summary) if args.json else _print_summary(summary)
+    print_json(summary) if args.json else _print_summary(summary)
     return 0
 
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 TASK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-"""Valid task names (DESIGN.md): also folder names in the prompt bank."""
+"""Valid task names (docs/architecture.md): also folder names in the prompt bank."""
 
 
 @dataclass

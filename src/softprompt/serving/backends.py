@@ -11,7 +11,7 @@ and reports its health:
 
 - `BuiltinBackend`: the engine's own model behind one fair continuous batcher (`scheduler.py`),
   with a bounded queue (503 when full) and a per-request timeout (504).
-- `VLLMBackend` (`vllm_backend.py`): a vLLM server fed prompt embeddings over HTTP.
+- `VLLMBackend` (`vllm/backend.py`): a vLLM server fed prompt embeddings over HTTP.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ scheduler.py, joins and drops rows between steps).
 The tasks are the engine's `registry` (registry.py): a request names one, and before it runs
 the registry checks the task's bank version, so a prompt saved, changed or deleted by any replica
 is seen on the very next request. Everything that touches the model goes
-through `inject.py`; all model calls run under one lock, so the engine is safe to share.
-The requests, results and prepared work are in engine_requests.py (importable from here too);
-scoring is scorer.py's, with this engine's forward (`_last_logits`: prompt inputs, prefix cache).
+through `prompting/inject.py`; all model calls run under one lock, so the engine is safe to share.
+The requests, results and prepared work are in requests.py (importable from here too);
+scoring is prompting/scorer.py's, with this engine's forward (`_last_logits`: prompt inputs, prefix cache).
 """
 
 from __future__ import annotations
@@ -39,21 +39,21 @@ from softprompt.model.small_batch import use_small_batch_matmul
 from softprompt.prompting import inject
 from softprompt.prompting.deep import PrefixShape, prefix_shape, rows_to_prefix
 from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows
-from softprompt.serving.registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
+from softprompt.serving.registry import PROMPT_FILES, LoadedTask, TaskInfo, TaskRegistry
 from softprompt.serving.requests import (
     SEED_RANGE,
     Classification,
     ClassifyRequest,
     GenerationRequest,
     GenerationResult,
+    PreparedGeneration,
+    PreparedScore,
     ScoreRequest,
-    _check_sampling,
-    _classify_inputs,
-    _fields,
-    _per_row,
-    _PreparedGeneration,
-    _PreparedScore,
-    _texts,
+    check_sampling,
+    classify_inputs,
+    task_per_row,
+    template_fields,
+    text_list,
 )
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Engine:
             self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
         )
 
-    def _resolve(self, name: str | None, snapshot: dict[str, _Task]) -> _Task | None:
+    def _resolve(self, name: str | None, snapshot: dict[str, LoadedTask]) -> LoadedTask | None:
         """The task entry for a request (None = the base model, no prompt).
 
         Each name is resolved once per `snapshot` and then taken from it, so all the rows of one
@@ -195,7 +195,7 @@ class Engine:
 
     # ------------------------------------------------------------ validation
 
-    def prepare(self, request, snapshot: dict[str, _Task] | None = None):
+    def prepare(self, request, snapshot: dict[str, LoadedTask] | None = None):
         """Validate and tokenise one request (raises here, before it can join a batch).
 
         Each task is resolved once per request (once per `snapshot`, when one is shared), so all
@@ -212,13 +212,11 @@ class Engine:
 
     def prepare_all(self, requests: Sequence) -> list:
         """Prepare the pieces of one request (e.g. a completion's prompts) with one snapshot."""
-        snapshot: dict[str, _Task] = {}
+        snapshot: dict[str, LoadedTask] = {}
         return [self.prepare(request, snapshot) for request in requests]
 
-    def _prepare_generation(
-        self, request: GenerationRequest, snapshot: dict
-    ) -> _PreparedGeneration:
-        _check_sampling(request)
+    def _prepare_generation(self, request: GenerationRequest, snapshot: dict) -> PreparedGeneration:
+        check_sampling(request)
         task = self._resolve(request.task, snapshot)
         ids = self._input_ids(request.prompt)
         used = len(ids) + (task.length if task else 0)
@@ -232,22 +230,22 @@ class Engine:
         stops = tuple(
             s for s in ([request.stop] if isinstance(request.stop, str) else request.stop) if s
         )
-        return _PreparedGeneration(request, task, ids, wanted, sampling, stops)
+        return PreparedGeneration(request, task, ids, wanted, sampling, stops)
 
-    def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> _PreparedScore:
-        inputs = _classify_inputs(request.texts)
+    def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> PreparedScore:
+        inputs = classify_inputs(request.texts)
         pairs, labels = [], []
         for i, (name, value) in enumerate(
-            zip(_per_row(request.task, len(inputs)), inputs, strict=True)
+            zip(task_per_row(request.task, len(inputs)), inputs, strict=True)
         ):
             task = self._resolve(name, snapshot)
             spec, targets = self._classifier(task, name)
-            ids = self._classify_input_ids(spec, _fields(spec, value, i), i)
+            ids = self._classify_input_ids(spec, template_fields(spec, value, i), i)
             prompt = None if request.zero_shot else task
             self._check_context(len(ids), prompt, max(len(t) for t in targets))
             pairs += [ScoreRow(ids, t, prompt) for t in targets]
             labels.append(spec.verbalizer.labels)
-        return _PreparedScore(request, pairs, labels)
+        return PreparedScore(request, pairs, labels)
 
     def _classify_input_ids(self, spec: Task, record: dict[str, str], index: int) -> list[int]:
         """The input tokens `softprompt eval` scores for this record (data.encode_example)."""
@@ -263,13 +261,13 @@ class Engine:
                 f"'{spec.name}' uses {', '.join(spec.template.fields)})"
             ) from None
 
-    def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> _PreparedScore:
-        texts, targets = _texts(request.texts, "texts"), _texts(request.targets, "targets")
+    def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> PreparedScore:
+        texts, targets = text_list(request.texts, "texts"), text_list(request.targets, "targets")
         if len(texts) != len(targets):
             raise ConfigError(f"{len(texts)} texts but {len(targets)} targets")
         pairs = []
         for name, text, target in zip(
-            _per_row(request.task, len(texts)), texts, targets, strict=True
+            task_per_row(request.task, len(texts)), texts, targets, strict=True
         ):
             task, ids = self._resolve(name, snapshot), self._input_ids(text)
             target_ids = self._encode(target, special=False)
@@ -277,9 +275,9 @@ class Engine:
                 raise ConfigError(f"target {target!r} encodes to no tokens")
             self._check_context(len(ids), task, len(target_ids))
             pairs.append(ScoreRow(ids, target_ids, task))
-        return _PreparedScore(request, pairs, None)
+        return PreparedScore(request, pairs, None)
 
-    def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
+    def _classifier(self, task: LoadedTask | None, name) -> tuple[Task, list[list[int]]]:
         """(data.Task, target ids) from the task's meta, parsed once per loaded version."""
         if task is None:
             raise NoVerbalizerError(
@@ -292,7 +290,7 @@ class Engine:
                 task.classifier = (spec, spec.verbalizer.target_token_ids(self.tokenizer))
         return task.classifier
 
-    def _check_context(self, n_input: int, task: _Task | None, n_new: int) -> None:
+    def _check_context(self, n_input: int, task: LoadedTask | None, n_new: int) -> None:
         n_virtual = task.length if task else 0
         total = n_input + n_virtual + n_new
         if total > self.context_length:
@@ -347,7 +345,7 @@ class Engine:
                     results[i] = result
         return results
 
-    def _run_generation(self, rows: list[_PreparedGeneration]) -> list[GenerationResult]:
+    def _run_generation(self, rows: list[PreparedGeneration]) -> list[GenerationResult]:
         """Generate for `rows` together until the last one ends (how `run` and `generate` batch)."""
         batch, results = self.start_generation(rows), {}
         while batch.rows:
@@ -359,7 +357,7 @@ class Engine:
 
     # ------------------------------------------------------------ generation, one step at a time
 
-    def start_generation(self, rows: list[_PreparedGeneration]) -> GenerationBatch:
+    def start_generation(self, rows: list[PreparedGeneration]) -> GenerationBatch:
         """Prefill `rows` (any tasks and kinds): a batch ready to `step`, or to `join` another."""
         ids, mask = self._left_pad([r.input_ids for r in rows])  # (B, L)
         max_new = max(r.max_new_tokens for r in rows)
@@ -391,7 +389,7 @@ class Engine:
 
     def step(
         self, batch: GenerationBatch
-    ) -> list[tuple[_PreparedGeneration, GenerationResult | Exception]]:
+    ) -> list[tuple[PreparedGeneration, GenerationResult | Exception]]:
         """One new token for every row of `batch`; the rows that ended leave it at once (their
         last text streamed) and are returned with their results. Cancelled rows end here.
 
@@ -482,7 +480,7 @@ class Engine:
         if batch.pending is not None:
             batch.pending = batch.pending[keep] if keep else None
 
-    def _run_scores(self, items: list[_PreparedScore]) -> list:
+    def _run_scores(self, items: list[PreparedScore]) -> list:
         scores = self.score_pairs([pair for item in items for pair in item.pairs])
         out, start = [], 0
         for item in items:
@@ -502,7 +500,7 @@ class Engine:
             batch_size=self.score_batch_size,
         ).tolist()
 
-    def _last_logits(self, tasks: list[_Task | None], ids, mask, keep: int) -> torch.Tensor:
+    def _last_logits(self, tasks: list[LoadedTask | None], ids, mask, keep: int) -> torch.Tensor:
         """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
         with self._model_lock:
             inputs = self._prompt_inputs(tasks, ids.shape[1])
@@ -516,7 +514,7 @@ class Engine:
             batch = inject.inject(self.model, ids, mask, prompts, lengths)
             return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
 
-    def _prompt_inputs(self, tasks: list[_Task | None], width: int) -> dict:
+    def _prompt_inputs(self, tasks: list[LoadedTask | None], width: int) -> dict:
         """How the rows' prompts enter: KV prefixes for a batch with a deep prompt (its KV is all
         there is) or when the cache is on and exact; else embeddings."""
         if not any(tasks):
@@ -538,7 +536,7 @@ class Engine:
         lengths = torch.tensor([t.length if t else 0 for t in tasks], device=self.device)
         return {"prompts": prompts, "prompt_lengths": lengths}
 
-    def _prefix(self, task: _Task) -> inject.PromptPrefix:
+    def _prefix(self, task: LoadedTask) -> inject.PromptPrefix:
         """The task's KV prefix, computed once per loaded version (callers hold the model lock)."""
         if task.prefix is None and task.kind == "deep":  # the rows are the keys and values
             dtype = self.model.get_input_embeddings().weight.dtype
@@ -571,7 +569,7 @@ class GenerationBatch:
 class _RowState:
     """Stop strings, per-row token limit, tokens and streamed text of one generating row."""
 
-    def __init__(self, row: _PreparedGeneration, decode, eos_ids: tuple[int, ...]):
+    def __init__(self, row: PreparedGeneration, decode, eos_ids: tuple[int, ...]):
         self.row, self.decode, self.eos_ids = row, decode, eos_ids
         self.tokens: list[int] = []
         self.holdback = max((len(s) for s in row.stops), default=1) - 1

@@ -1,6 +1,6 @@
 """The engine's tasks: name -> validated prompt (soft or deep) in memory, following a bank.
 
-Tasks live in memory as `_Task` entries (prompt [n, d] fp32 on the model's device, its bank
+Tasks live in memory as `LoadedTask` entries (prompt [n, d] fp32 on the model's device, its bank
 version, its metadata and, once used, its KV prefix). Before a request runs, the engine asks the
 bank for its task's version (one `readlink`), so a prompt saved, changed or deleted by any replica
 is seen on the very next request. One load path (bank read -> compatibility check -> tensor
@@ -62,7 +62,9 @@ class TaskInfo:
 
 
 @dataclass(eq=False)
-class _Task:
+class LoadedTask:
+    """A task the engine can run: its prompt on the model's device, bank version and metadata."""
+
     name: str
     prompt: torch.Tensor  # (n, d) fp32 on the model's device
     version: str | None
@@ -106,7 +108,7 @@ class TaskRegistry:
         self.bank, self.kinds, self.fingerprint = bank, kinds, fingerprint
         self.reserved_names, self._row_width = reserved_names, row_width
         self.context_length, self.device = context_length, device
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, LoadedTask] = {}
         self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
         self._tasks_lock = threading.RLock()
 
@@ -183,7 +185,7 @@ class TaskRegistry:
         if name in self.reserved_names:
             raise InvalidTaskNameError(f"task name '{name}' is reserved: it names a base model")
 
-    def _activate(self, name: str) -> _Task:
+    def _activate(self, name: str) -> LoadedTask:
         self._check_name(name)
         with self._tasks_lock:
             entry = self._tasks.get(name)
@@ -200,7 +202,7 @@ class TaskRegistry:
             return entry
         return self._load(name, version)
 
-    def _load(self, name: str, version: str) -> _Task:
+    def _load(self, name: str, version: str) -> LoadedTask:
         """Read `name` from the bank (version read first: a racing save only causes a reload)."""
         bad = self._bad.get(name)
         if bad is not None and bad[0] == version:
@@ -236,12 +238,12 @@ class TaskRegistry:
 
     def _entry(
         self, name: str, values: torch.Tensor, version: str | None, meta: dict, kind: str
-    ) -> _Task:
-        return _Task(
+    ) -> LoadedTask:
+        return LoadedTask(
             name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind
         )
 
-    def _store(self, entry: _Task) -> _Task:
+    def _store(self, entry: LoadedTask) -> LoadedTask:
         with self._tasks_lock:
             self._tasks[entry.name] = entry
             self._bad.pop(entry.name, None)

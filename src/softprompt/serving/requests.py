@@ -16,7 +16,7 @@ from softprompt.data import Task, is_valid_unicode
 from softprompt.errors import ConfigError
 from softprompt.prompting import inject
 from softprompt.prompting.scorer import ScoreRow
-from softprompt.serving.registry import _Task
+from softprompt.serving.registry import LoadedTask
 
 # ---------------------------------------------------------------- requests and results
 
@@ -96,9 +96,11 @@ class ScoreRequest:
 
 
 @dataclass(eq=False)
-class _PreparedGeneration:
+class PreparedGeneration:
+    """A generation request checked and tokenised: what the scheduler queues and the engine runs."""
+
     request: GenerationRequest
-    task: _Task | None
+    task: LoadedTask | None
     input_ids: list[int]
     max_new_tokens: int
     sampling: inject.Sampling
@@ -114,9 +116,11 @@ class _PreparedGeneration:
 
 
 @dataclass(eq=False)
-class _PreparedScore:
+class PreparedScore:
+    """A classify or score request checked and tokenised into (input, target) pairs to score."""
+
     request: ClassifyRequest | ScoreRequest
-    pairs: list[ScoreRow]  # task = the row's _Task (None: no prompt)
+    pairs: list[ScoreRow]  # task = the row's LoadedTask (None: no prompt)
     labels: list[list[str]] | None  # per row, for classification
     cancelled: bool = False  # set when the client went away: dropped before the next batch
     kind = "score"
@@ -152,7 +156,8 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 """Seeds a torch generator accepts."""
 
 
-def _check_sampling(request: GenerationRequest) -> None:
+def check_sampling(request: GenerationRequest) -> None:
+    """Raise ConfigError unless the request's seed, temperature, top_p and stop are usable."""
     seed = request.seed
     if seed is not None and not (_is_number(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise ConfigError(f"seed must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
@@ -170,7 +175,7 @@ def _is_number(value, kind: type | tuple = (int, float)) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def _classify_inputs(values) -> list[str | Mapping]:
+def classify_inputs(values) -> list[str | Mapping]:
     """A classify request's inputs: one string or mapping, or a non-empty list of them."""
     if isinstance(values, str | Mapping):
         values = [values]
@@ -182,7 +187,7 @@ def _classify_inputs(values) -> list[str | Mapping]:
     return values
 
 
-def _fields(spec: Task, value: str | Mapping, index: int) -> dict[str, str]:
+def template_fields(spec: Task, value: str | Mapping, index: int) -> dict[str, str]:
     """The template fields of one input: a string fills a one-field template; an object names
     every field (an unknown key is refused rather than ignored: it is usually a typo)."""
     fields = spec.template.fields
@@ -204,7 +209,8 @@ def _fields(spec: Task, value: str | Mapping, index: int) -> dict[str, str]:
     return dict(value)
 
 
-def _texts(values, what: str) -> list[str]:
+def text_list(values, what: str) -> list[str]:
+    """`values` as a non-empty list of strings (one string is a list of one); `what` names it."""
     if isinstance(values, str):
         values = [values]
     values = list(values)
@@ -213,7 +219,8 @@ def _texts(values, what: str) -> list[str]:
     return values
 
 
-def _per_row(task, rows: int) -> list[str | None]:
+def task_per_row(task, rows: int) -> list[str | None]:
+    """The task of each of `rows` rows: one name (or None) for all, or a list with one per row."""
     if task is None or isinstance(task, str):
         return [task] * rows
     task = list(task)

@@ -15,7 +15,7 @@ One worker thread owns the model's work. Each iteration it
 Static batching is the same loop with `join_running=False`: a generation batch runs to its end
 before new rows or scoring start. A sliding-window model (Gemma 3) cannot merge caches exactly,
 so for it new rows wait for the running batch to end. Outputs never depend on the batch: each row
-keeps its own positions, mask and random generator (DESIGN.md invariant 9).
+keeps its own positions, mask and random generator (docs/architecture.md invariant 9).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from softprompt.errors import ConfigError, OverloadedError
 from softprompt.options import flag, opt
 from softprompt.prompting.scorer import ScoreRow
-from softprompt.serving.engine import Engine, GenerationBatch, _PreparedGeneration, _PreparedScore
+from softprompt.serving.engine import Engine, GenerationBatch, PreparedGeneration, PreparedScore
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SchedulerConfig:
 class _Job:
     """One prepared request in the scheduler; a scoring job runs in slices of its pairs."""
 
-    prepared: _PreparedGeneration | _PreparedScore
+    prepared: PreparedGeneration | PreparedScore
     future: concurrent.futures.Future
     owner: object
     """The client request it belongs to: batches are shared fairly per owner, not per job."""
@@ -134,7 +134,7 @@ class BatchScheduler:
         }
         """Worker-only: per kind, per owner (in turn order), jobs not started (scoring: not finished)."""
         self._running: GenerationBatch | None = None
-        self._running_jobs: dict[_PreparedGeneration, _Job] = {}
+        self._running_jobs: dict[PreparedGeneration, _Job] = {}
         self._closed = self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
         self._thread.start()

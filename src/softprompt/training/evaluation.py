@@ -31,7 +31,7 @@ def label_log_likelihoods(
     batch_size: int = 32,
     progress: Callable | None = None,
 ) -> torch.Tensor:
-    """Log-likelihood [E, K] of each of K label targets after each example's input (scorer.py:
+    """Log-likelihood [E, K] of each of K label targets after each example's input (prompting/scorer.py:
     the same arithmetic as the engine's /v1/classify; one-token labels share one forward).
 
     Several task ids make a prompt ensemble (Lester et al. 2021, sec. 6): every (example, label,

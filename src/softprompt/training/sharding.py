@@ -8,7 +8,7 @@ layers get no gradients, so nothing is reduce-scattered; the prompt table stays 
 on every process, and the Trainer sums its gradient across processes exactly as without FSDP, so
 N sharded processes compute what one process computes on the same global batch.
 
-The input embeddings (which `inject.py` calls directly to place the prompt), the final norm and the
+The input embeddings (which `prompting/inject.py` calls directly to place the prompt), the final norm and the
 output head stay whole on each process: they are a small part of a large model, and sharding the
 embedding would need every process to join each of its lookups.
 """

@@ -26,7 +26,7 @@ from softprompt.training.trainer import TrainConfig, Trainer, autocast
 log = logging.getLogger(__name__)
 
 
-def _run_method(
+def run_method(
     method: str,
     loaded: LoadedModel,
     data: CompareData,
@@ -35,6 +35,7 @@ def _run_method(
     workdir: Path,
     progress: Progress | None,
 ) -> dict:
+    """Train, evaluate and save one method on `loaded`: its row of the comparison table."""
     base_bytes = _parameter_bytes(loaded.model)
     row = {
         "method": method,

@@ -20,7 +20,7 @@ from softprompt.data import Task, Template, load_examples, make_classification_t
 from softprompt.errors import ConfigError
 from softprompt.model.loading import load_model
 from softprompt.training.compare.config import METHODS, TASK, CompareConfig, CompareData, Progress
-from softprompt.training.compare.measure import _run_method, release_memory
+from softprompt.training.compare.measure import release_memory, run_method
 from softprompt.training.compare.report import markdown_table, plot_results
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def run_compare(
             torch.manual_seed(seed)  # LoRA's init; prompts take the seed from their config
             loaded = load_model(model_name)  # a fresh base per run: no cross-contamination
             data = data or _load_data(train_path, eval_path, task, loaded.tokenizer, config)
-            row = _run_method(
+            row = run_method(
                 method,
                 loaded,
                 data,
