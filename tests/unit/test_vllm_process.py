@@ -124,6 +124,12 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> dict:
     pytest.fail("gateway did not become healthy")
 
 
+def test_the_vllm_environment_is_looked_for_in_this_checkout():
+    from softprompt.serving.vllm import process
+
+    assert process._CHECKOUT == Path(__file__).resolve().parents[2]
+
+
 def test_missing_vllm_environment_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.delenv("SOFTPROMPT_VLLM_PYTHON", raising=False)
     monkeypatch.chdir(tmp_path)

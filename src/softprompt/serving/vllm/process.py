@@ -25,9 +25,8 @@ from softprompt.errors import BackendUnavailableError, ConfigError
 log = logging.getLogger(__name__)
 
 VLLM_VENV = ".venv-vllm"
-_CHECKOUT = (
-    Path(__file__).resolve().parents[2]
-)  # src/softprompt/ -> the checkout (editable install)
+# src/softprompt/serving/vllm/process.py -> the checkout (an editable install)
+_CHECKOUT = Path(__file__).resolve().parents[4]
 
 
 def find_vllm_python(explicit: str | None = None) -> Path:
