@@ -10,8 +10,8 @@ import torch
 
 from softprompt.bank import PromptBank, SavedPrompt
 from softprompt.cli import main
-from softprompt.models import load_model
-from softprompt.prompted import PromptedModel
+from softprompt.model.loading import load_model
+from softprompt.prompting.prompted import PromptedModel
 
 from ..conftest import NEGATIVE, POSITIVE, build_tiny_model, write_sentiment_jsonl
 
@@ -417,9 +417,9 @@ def test_multi_task_training_moves_every_prompt(trained_bank):
 
 
 def test_inspect_text_init_decodes_to_its_own_words(tiny_model, tiny_tokenizer):
-    from softprompt.inspect import nearest_tokens
-    from softprompt.prompted import PromptedModel
-    from softprompt.prompts import PromptTuningConfig
+    from softprompt.prompting.inspection import nearest_tokens
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.prompting.soft import PromptTuningConfig
 
     config = PromptTuningConfig(
         num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text="great awful movie"

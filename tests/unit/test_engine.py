@@ -10,20 +10,20 @@ import time
 import pytest
 import torch
 
-from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
 from softprompt.data import encode_example, task_from_meta
-from softprompt.engine import (
+from softprompt.errors import ConfigError, IncompatiblePromptError, UnknownTaskError
+from softprompt.model.loading import fingerprint
+from softprompt.prompting import inject
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.serving.engine import (
     ClassifyRequest,
     ContextLengthError,
     Engine,
     GenerationRequest,
     NoVerbalizerError,
 )
-from softprompt.errors import ConfigError, IncompatiblePromptError, UnknownTaskError
-from softprompt.evaluate import label_log_likelihoods
-from softprompt.models import fingerprint
-from softprompt.prompted import PromptedModel
+from softprompt.training.evaluation import label_log_likelihoods
 
 from ..conftest import WORDS, build_tiny_model
 
@@ -537,7 +537,7 @@ def test_bad_input_prompt_saved_mid_request_never_mixes_versions(
 def test_bad_input_prompt_tensor_gets_one_message_in_the_engine_and_the_prompt_table(
     engine, values, message
 ):
-    from softprompt.prompts import PromptTable
+    from softprompt.prompting.soft import PromptTable
 
     with pytest.raises(IncompatiblePromptError) as in_engine:
         engine.add_task("bad", values)

@@ -1,12 +1,12 @@
-"""Invariants of the injection seam (DESIGN.md 1-4, 7) on tiny random Llama and Gemma 3 models."""
+"""Invariants of the injection seam (docs/architecture.md 1-4, 7) on tiny random Llama and Gemma 3 models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from softprompt import inject
-from softprompt.prompts import NO_TASK, PromptTable
+from softprompt.prompting import inject
+from softprompt.prompting.soft import NO_TASK, PromptTable
 
 from ..conftest import build_tiny_model
 

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from softprompt import inject
-from softprompt.engine import ClassifyRequest, Engine, GenerationRequest
+from softprompt.api.tenants import add_tenant
 from softprompt.errors import ConfigError, OverloadedError, UnknownTaskError
-from softprompt.scheduler import BatchScheduler, SchedulerConfig
-from softprompt.tenants import add_tenant
+from softprompt.prompting import inject
+from softprompt.serving.engine import ClassifyRequest, Engine, GenerationRequest
+from softprompt.serving.scheduler import BatchScheduler, SchedulerConfig
 
 from ..conftest import build_tiny_model
 from .test_deep_prompt import _served_bank
@@ -394,7 +394,7 @@ def test_over_http_a_tenant_whose_request_fails_never_fails_another_tenants_requ
     """Issue 23, item 2 against a server with two tenants: B's completion of two prompts (8
     tokens, ignore_eos) runs; A's request on its own task joins and its sampling fails: A gets
     the 500, B gets its texts as each alone."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     from .test_server import running
 

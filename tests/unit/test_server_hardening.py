@@ -17,12 +17,12 @@ import pytest
 import safetensors.torch
 import torch
 
+from softprompt.api.app import RequestLimits
 from softprompt.bank import PromptBank
 from softprompt.cli import build_parser
-from softprompt.engine import Engine
 from softprompt.options import from_args
-from softprompt.scheduler import SchedulerConfig
-from softprompt.server import RequestLimits
+from softprompt.serving.engine import Engine
+from softprompt.serving.scheduler import SchedulerConfig
 
 from ..conftest import build_tiny_model
 from .test_engine import (
@@ -50,7 +50,7 @@ def server(tmp_path_factory):
     """A live server whose scoring can be slowed down (`server.slow.delay` seconds per batch) and
     records each scoring batch (the input length of each pair)."""
 
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
@@ -203,7 +203,7 @@ def test_limits_queue_timeout_and_batching_are_serve_flags_with_defaults():
 @contextlib.contextmanager
 def paced_server(tmp_path, *, max_queue=1024, timeout_s=300.0):
     """A live server whose decode steps wait for `pace.release` (set) and then `pace.delay` s."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     bank = PromptBank(tmp_path / "bank")

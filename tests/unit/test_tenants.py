@@ -19,14 +19,9 @@ import httpx
 import pytest
 import torch
 
-from softprompt import tenants
-from softprompt.bank import PromptBank
-from softprompt.cli import build_parser, main
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.errors import ConfigError
-from softprompt.options import from_args
-from softprompt.server import uvicorn_options
-from softprompt.tenants import (
+from softprompt.api import tenants
+from softprompt.api.app import uvicorn_options
+from softprompt.api.tenants import (
     Access,
     AuditLog,
     KeyTable,
@@ -37,6 +32,11 @@ from softprompt.tenants import (
     reload_on_sighup,
     revoke_tenant,
 )
+from softprompt.bank import PromptBank
+from softprompt.cli import build_parser, main
+from softprompt.errors import ConfigError
+from softprompt.options import from_args
+from softprompt.serving.engine import Engine, GenerationRequest
 
 from ..conftest import build_tiny_model
 from .test_engine import TEXTS, VERBALIZER, build_full_tokenizer, random_prompt, save_task
@@ -54,7 +54,7 @@ def bearer(key: str) -> dict:
 def server(tmp_path_factory):
     """Tenants acme (acme-*, upload + delete), beta (beta-*, upload + delete) and reader (acme-*,
     no admin rights), plus the admin key; audit log at its default place next to the keys file."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     folder = tmp_path_factory.mktemp("tenants")
     keys_path = folder / "keys.json"
@@ -309,7 +309,7 @@ def test_revoked_key_stops_working_after_sighup(server, monkeypatch):
 def test_a_bad_keys_file_on_reload_keeps_the_old_table_and_logs_it(server, caplog):
     good = server.keys_path.read_text()
     try:
-        with caplog.at_level("ERROR", logger="softprompt.tenants"):
+        with caplog.at_level("ERROR", logger="softprompt.api.tenants"):
             tmp = server.keys_path.with_name("bad.tmp")
             tmp.write_text(good.replace('"upload"', '"uplaod"', 1))
             os.replace(tmp, server.keys_path)
@@ -411,7 +411,7 @@ BAD_FILES = [
 def test_a_bad_keys_file_is_refused_at_start_naming_the_file_and_the_entry(
     tmp_path, capsys, content, fragment
 ):
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     path = tmp_path / "keys.json"
     path.write_text(content.replace("%s", hash_key("k1"), 1).replace("%s", hash_key("k2")))
@@ -513,7 +513,7 @@ def served(app):
 def audited_delete(server, tmp_path, forwarded_allow_ips: str, forwarded_for: str) -> dict:
     """The audit record of a DELETE (of a missing task: nothing changes) sent from 127.0.0.1 with
     the given X-Forwarded-For, by a server trusting `forwarded_allow_ips`."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     audit_path = tmp_path / f"audit-{len(list(tmp_path.iterdir()))}.jsonl"
     app = create_app(
@@ -571,7 +571,7 @@ def test_forwarded_allow_ips_is_a_serve_flag_refusing_a_bad_value_before_the_mod
     given = parse(["serve", "--bank", "b", "--forwarded-allow-ips", "10.0.0.1,192.168.0.0/16"])
     assert from_args(ProxyConfig, given).trusts("192.168.4.5")
     calls = []
-    monkeypatch.setattr("softprompt.server.serve", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr("softprompt.api.app.serve", lambda *a, **kw: calls.append(kw))
     assert main(["serve", "--bank", "b", "--forwarded-allow-ips", "127.0.0.1"]) == 0
     assert calls[0]["proxies"].trusts("127.0.0.1") and not calls[0]["proxies"].trusts("6.6.6.6")
     for bad in ("10.0.0.300", "localhost", "10.0.0.0/33"):
@@ -609,7 +609,7 @@ def test_health_with_a_key_shows_the_details_counting_only_the_tasks_the_key_may
 
 
 def test_health_without_keys_is_unchanged_open_and_complete(server):
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     with served(create_app(server.engine, api_key=API_KEY)) as http:
         health = http.get("/health")

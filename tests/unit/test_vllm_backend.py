@@ -15,13 +15,13 @@ import httpx
 import pytest
 import torch
 
-from softprompt.backends import BuiltinBackend
 from softprompt.bank import PromptBank
-from softprompt.deep_prompt import DeepPromptModel
-from softprompt.engine import Engine, GenerationRequest
 from softprompt.errors import BackendTimeoutError
-from softprompt.models import load_model
-from softprompt.vllm_backend import VLLMBackend, encode_embeds, load_gateway_model
+from softprompt.model.loading import load_model
+from softprompt.prompting.deep import DeepPromptModel
+from softprompt.serving.backends import BuiltinBackend
+from softprompt.serving.engine import Engine, GenerationRequest
+from softprompt.serving.vllm.backend import VLLMBackend, encode_embeds, load_gateway_model
 
 from ..conftest import build_tiny_model
 from .fake_vllm import FakeVLLM, decode_embeds
@@ -34,7 +34,7 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model folder, a bank of 4 tasks, the fake vLLM, the gateway app and a reference engine."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     folder = tmp_path_factory.mktemp("tiny-model")
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
@@ -307,7 +307,7 @@ def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_
 ):
     """vLLM's prompt embeddings carry a soft prompt only: a deep prompt in the bank gets a 422 naming
     the task and why, reaches no vLLM, and is not listed; the built-in engine serves the same task."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     DeepPromptModel(setup.model, {"deep": torch.zeros(2, 32)}).save_task("deep", setup.bank)
     try:
@@ -338,7 +338,7 @@ def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_
 
 def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
     """The limits live in the HTTP layer, so the vLLM backend gets them like the built-in one."""
-    from softprompt.server import RequestLimits, create_app
+    from softprompt.api.app import RequestLimits, create_app
 
     backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=30)
     with running(
@@ -373,7 +373,7 @@ def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
 
 
 def test_request_timeout_is_504_backend_timeout(setup):
-    from softprompt.server import classify_error
+    from softprompt.api.app import classify_error
 
     backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=1)
     setup.fake.token_delay_s = 0.5  # 8 tokens take 4 s: longer than the 1 s timeout
@@ -496,8 +496,8 @@ def test_builtin_backend_reports_its_prompt_kinds(setup):
 
 
 def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
-    from softprompt.server import create_app
-    from softprompt.tenants import add_tenant
+    from softprompt.api.app import create_app
+    from softprompt.api.tenants import add_tenant
 
     keys = tmp_path / "keys.json"
     key = add_tenant(keys, "one", ["t1"])

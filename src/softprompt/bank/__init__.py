@@ -9,14 +9,14 @@ store.py    `PromptBank`: versioned folders behind a symlink swapped atomically,
             up after writers killed mid-way
 """
 
-from .files import (
+from softprompt.bank.files import (
     MAX_JSON_DEPTH,
     parse_json_object,
     prompt_from_files,
     read_prompt_dir,
     write_prompt_dir,
 )
-from .format import (
+from softprompt.bank.format import (
     CONFIG_FILE,
     META_FILE,
     PEFT_TYPES,
@@ -32,7 +32,7 @@ from .format import (
     peft_prompt_config,
     validate_task_name,
 )
-from .store import PromptBank
+from softprompt.bank.store import PromptBank
 
 __all__ = [
     "CONFIG_FILE",

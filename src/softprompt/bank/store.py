@@ -46,28 +46,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir
-from ..errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
-from .files import (
-    _encode,
-    _read_files,
-    _write_files,
+from softprompt.atomic import fsync_dir
+from softprompt.bank.files import (
+    encode_saved,
     prompt_from_files,
+    read_files,
     read_prompt_dir,
+    write_files,
     write_prompt_dir,
 )
-from .format import (
-    _PLOT_NAME_RE,
-    _TASK_NAME_RE,
+from softprompt.bank.format import (
     CONFIG_FILE,
     META_FILE,
+    PLOT_NAME_RE,
     PLOTS_DIR,
+    TASK_NAME_RE,
     WEIGHTS_FILE,
     SavedPrompt,
-    _check_fingerprint,
     check_compatible,
+    check_fingerprint,
     validate_task_name,
 )
+from softprompt.errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
 
 try:
     import fcntl
@@ -208,12 +208,12 @@ class PromptBank:
         with os.scandir(self._root) as entries:
             for entry in entries:
                 # A symlink counts even when dangling, so load_all reports it instead of hiding it.
-                if _TASK_NAME_RE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_dir()):
+                if TASK_NAME_RE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_dir()):
                     found.append(entry.name)
         return sorted(found)
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str) or _TASK_NAME_RE.fullmatch(name) is None:
+        if not isinstance(name, str) or TASK_NAME_RE.fullmatch(name) is None:
             return False
         return os.path.lexists(self._root / name)
 
@@ -240,7 +240,7 @@ class PromptBank:
         """Errors name files relative to the bank (`<name>/<file>`): no server path in them."""
         if not folder.is_dir():
             raise PromptFileError(f"task '{name}': its folder does not exist (a dangling link?)")
-        return prompt_from_files(_read_files(folder, f"{name}/"), name, where=f"{name}/")
+        return prompt_from_files(read_files(folder, f"{name}/"), name, where=f"{name}/")
 
     def version(self, name: str) -> str:
         """A cheap id of the task's current content; it changes on every save."""
@@ -270,7 +270,7 @@ class PromptBank:
     def read_plot(self, name: str, plot: str) -> bytes | None:
         """The PNG bytes of plot `plot` saved with task `name`, or None if it has no such plot."""
         validate_task_name(name)
-        if not isinstance(plot, str) or _PLOT_NAME_RE.fullmatch(plot) is None:
+        if not isinstance(plot, str) or PLOT_NAME_RE.fullmatch(plot) is None:
             return None
 
         def read(folder: Path) -> bytes | None:
@@ -312,7 +312,7 @@ class PromptBank:
                 if token_dim is not None:
                     check_compatible(saved, token_dim=token_dim, fingerprint=fingerprint)
                 elif fingerprint is not None:
-                    _check_fingerprint(saved, fingerprint)
+                    check_fingerprint(saved, fingerprint)
             except UnknownTaskError:
                 continue  # deleted between names() and load()
             except Exception as exc:  # one broken entry must never hide the others
@@ -327,7 +327,7 @@ class PromptBank:
     def save(self, saved: SavedPrompt) -> Path:
         """Store `saved` under its name atomically (replacing any previous version); return its path."""
         name = validate_task_name(saved.name)
-        config_text, meta_text = _encode(saved)  # bad input fails before anything is written
+        config_text, meta_text = encode_saved(saved)  # bad input fails before anything is written
         try:
             with self._writer_lock(name):
                 self._adopt_plain_dir(name)
@@ -450,7 +450,7 @@ class PromptBank:
         tmp = versions / f"{_TMP_PREFIX}{version}"
         tmp.mkdir()
         try:
-            _write_files(tmp, saved, config_text, meta_text)
+            write_files(tmp, saved, config_text, meta_text)
             os.rename(tmp, versions / version)
         except Exception:
             _remove_path(tmp)  # an ordinary error leaves nothing; a killed process is cleaned later
@@ -533,7 +533,7 @@ class PromptBank:
             current = _linked_version(self._root / name)
             if current is None or set(entries) - _kept_versions(entries, current):
                 found.add(name)
-        return {name for name in found if _TASK_NAME_RE.fullmatch(name)}
+        return {name for name in found if TASK_NAME_RE.fullmatch(name)}
 
     def _recover(self, name: str) -> None:
         """Bring task `name` to what a finished save or delete leaves; we hold its lock, so the

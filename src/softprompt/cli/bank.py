@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import _print_json
+from softprompt.cli.common import print_json
 
 
 def cmd_bank(args) -> int:
-    from ..bank import PromptBank
+    from softprompt.bank import PromptBank
 
     bank = PromptBank(args.bank, create=args.bank_command == "import")
     if args.bank_command == "list":
         _list_tasks(bank, args.model)
     elif args.bank_command == "show":
         saved = bank.load(args.name)
-        _print_json(
+        print_json(
             {
                 "name": saved.name,
                 "shape": list(saved.embeddings.shape),
@@ -40,9 +40,9 @@ def _list_tasks(bank, model_name: str) -> None:
     """One line per task: `ok`, `BROKEN: why` (its files cannot be read) or `UNUSABLE with model
     'M': why` (readable, but not for this model), by the check the server's engine makes when it
     loads a task, so the list says what `serve --model` would do with each."""
-    from ..engine import Engine
-    from ..errors import IncompatiblePromptError, InvalidTaskNameError, UnknownTaskError
-    from ..models import load_model
+    from softprompt.errors import IncompatiblePromptError, InvalidTaskNameError, UnknownTaskError
+    from softprompt.model.loading import load_model
+    from softprompt.serving.engine import Engine
 
     engine = Engine(load_model(model_name), bank)
     model = engine.model.config.name_or_path or model_name  # as saved prompts name their model
@@ -62,9 +62,9 @@ def _list_tasks(bank, model_name: str) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from ..bank import PromptBank
-    from ..inspect import inspect_prompts
-    from ..models import load_model
+    from softprompt.bank import PromptBank
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.inspection import inspect_prompts
 
     loaded = load_model(args.model)
     bank = PromptBank(args.bank, create=False)
@@ -75,7 +75,7 @@ def cmd_inspect(args) -> int:
         prompts[name] = saved.embeddings
     report = inspect_prompts(loaded.model, loaded.tokenizer, prompts, k=args.top_k)
     if args.json:
-        _print_json(report)
+        print_json(report)
         return 0
     print(
         f"real token embedding norms: mean {report['embedding_norms']['mean']}, "

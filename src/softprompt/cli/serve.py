@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from ..options import from_args
-from .common import _print_json
+from softprompt.cli.common import print_json
+from softprompt.options import from_args
 
 
 def cmd_serve(args) -> int:
-    from ..scheduler import SchedulerConfig
-    from ..server import ProxyConfig, RequestLimits, serve
-    from ..tenants import read_keys
-    from ..vllm_backend import VLLMConfig
+    from softprompt.api.app import ProxyConfig, RequestLimits, serve
+    from softprompt.api.tenants import read_keys
+    from softprompt.serving.scheduler import SchedulerConfig
+    from softprompt.serving.vllm.backend import VLLMConfig
 
     proxies = from_args(ProxyConfig, args)  # bad flags and keys fail now, not after the model loads
     if args.keys:
@@ -35,7 +35,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from ..tenants import add_tenant, read_keys, revoke_tenant
+    from softprompt.api.tenants import add_tenant, read_keys, revoke_tenant
 
     if args.keys_command == "add":
         key = add_tenant(args.file, args.tenant, args.tasks, upload=args.upload, delete=args.delete)
@@ -54,7 +54,7 @@ def cmd_keys(args) -> int:
     else:
         tenants = read_keys(args.file)
         if args.json:
-            _print_json(
+            print_json(
                 [{k: v for k, v in t.to_json().items() if k != "key_sha256"} for t in tenants]
             )
         for t in tenants if not args.json else ():
