@@ -18,7 +18,7 @@ negative/positive) and split (bench/common.split_validation: 300 selection rows,
   residual   residual reparameterisation of the soft prompt (Razdaibiedina et al. 2023):
              rows + MLP(rows), the MLP's last layer starting at zero; folded into plain rows
 
-Accuracy is rank classification (softprompt.evaluate) after the last step on the 700 report
+Accuracy is rank classification (softprompt.training.evaluation) after the last step on the 700 report
 rows (as `softprompt compare` reports it); each run also validates every 200 steps on both row
 sets (its curve), and the report accuracy of the checkpoint the 300 selection rows would pick.
 
@@ -134,10 +134,10 @@ def _models():
     import torch
     from torch import nn
 
-    from softprompt import inject
-    from softprompt.deep_prompt import DeepPromptModel, rows_to_kv
-    from softprompt.prompted import PromptedModel
-    from softprompt.prompts import NO_TASK
+    from softprompt.prompting import inject
+    from softprompt.prompting.deep import DeepPromptModel, rows_to_kv
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.prompting.soft import NO_TASK
 
     def to_columns(delta: torch.Tensor, batch) -> torch.Tensor:
         """Per-token vectors (B, L, d) in the caller's layout -> the injected layout (B, C, d)."""
@@ -300,7 +300,7 @@ def build(run: Run, loaded, teacher_path: str | None):
     """The model the Trainer trains for `run`, and the names of its second-lr parameters."""
     import torch
 
-    from softprompt.prompts import PromptTuningConfig
+    from softprompt.prompting.soft import PromptTuningConfig
 
     m = _models()
     config = {
@@ -340,7 +340,7 @@ class _Cut(Exception):
 
 
 def _accuracy(model, task, examples) -> float:
-    from softprompt.evaluate import evaluate_classification
+    from softprompt.training.evaluation import evaluate_classification
 
     return evaluate_classification(model, task, examples, TASK, batch_size=64)["accuracy"]
 
@@ -370,8 +370,8 @@ def _train(run: Run, encoded: str, teacher_path, prompts_dir: str, deadline: flo
     import torch
     from transformers import get_scheduler
 
-    from softprompt.models import load_model
-    from softprompt.train import EvalSet, TrainConfig, Trainer
+    from softprompt.model.loading import load_model
+    from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
     wall = time.perf_counter()
     torch.manual_seed(run.seed)
@@ -486,7 +486,7 @@ def _set_threads(threads: int) -> None:
 def cmd_run(args) -> int:
     import torch
 
-    from softprompt.models import load_model
+    from softprompt.model.loading import load_model
 
     start = time.time()
     deadline = start + args.budget_seconds

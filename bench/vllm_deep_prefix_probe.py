@@ -42,10 +42,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED, machine, today  # noqa: E402
 
-from softprompt.deep_prompt import DeepPromptModel  # noqa: E402
-from softprompt.models import load_model  # noqa: E402
-from softprompt.prompts import PromptTuningConfig  # noqa: E402
-from softprompt.vllm_process import VLLMProcess, find_vllm_python  # noqa: E402
+from softprompt.model.loading import load_model  # noqa: E402
+from softprompt.prompting.deep import DeepPromptModel  # noqa: E402
+from softprompt.prompting.soft import PromptTuningConfig  # noqa: E402
+from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python  # noqa: E402
 
 PLUGINS = Path(__file__).resolve().parent / "vllm_plugins"
 PLACEHOLDER = 0  # <|endoftext|>; any id works: its K/V is overwritten, it is never computed
