@@ -20,7 +20,7 @@ next step, scoring runs between steps). Per mode and repeat:
            --uniform-repeats runs per mode alternating, the medians compared.
 
 Also measured, side by side: a decoding step of 1-16 rows with the engine's small-batch product
-on CPU (`softprompt.small_batch`) and with the library's kernel.
+on CPU (`softprompt.model.small_batch`) and with the library's kernel.
 
 Reported: p50 / p95 latency of the short requests alone and under the long generation, their
 ratio (target: p95 under the long generation <= 2x p95 alone), the long generation's own
