@@ -35,12 +35,17 @@ from .engine_requests import (
     ClassifyRequest,
     GenerationRequest,
     GenerationResult,
+    PromptLogprobsRequest,
     ScoreRequest,
+    TextPiece,
+    TokenLogprob,
     _check_sampling,
+    _check_top_logprobs,
     _classify_inputs,
     _fields,
     _per_row,
     _PreparedGeneration,
+    _PreparedPromptLogprobs,
     _PreparedScore,
     _texts,
 )
@@ -53,7 +58,7 @@ from .errors import (
 )
 from .models import LoadedModel, eos_token_ids, fingerprint
 from .registry import PROMPT_FILES, TaskInfo, TaskRegistry, _Task
-from .scorer import ScoreRow, left_pad, score_rows
+from .scorer import ScoreRow, left_pad, score_rows, token_scores
 from .small_batch import use_small_batch_matmul
 
 log = logging.getLogger(__name__)
@@ -208,6 +213,8 @@ class Engine:
             return self._prepare_classify(request, snapshot)
         if isinstance(request, ScoreRequest):
             return self._prepare_score(request, snapshot)
+        if isinstance(request, PromptLogprobsRequest):
+            return self._prepare_prompt_logprobs(request, snapshot)
         raise TypeError(f"cannot run a {type(request).__name__}")
 
     def prepare_all(self, requests: Sequence) -> list:
@@ -279,6 +286,15 @@ class Engine:
             pairs.append(ScoreRow(ids, target_ids, task))
         return _PreparedScore(request, pairs, None)
 
+    def _prepare_prompt_logprobs(
+        self, request: PromptLogprobsRequest, snapshot: dict
+    ) -> _PreparedPromptLogprobs:
+        top = _check_top_logprobs(request.top_logprobs, "logprobs")
+        task, ids = self._resolve(request.task, snapshot), self._input_ids(request.prompt)
+        self._check_context(len(ids), task, 0)
+        pairs = [ScoreRow(ids[:1], ids[1:], task, top)] if len(ids) > 1 else []
+        return _PreparedPromptLogprobs(request, pairs, None, token_ids=ids)
+
     def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
         """(data.Task, target ids) from the task's meta, parsed once per loaded version."""
         if task is None:
@@ -335,6 +351,25 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token alone as text, special tokens by name: how log-probabilities name tokens."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def text_pieces(self, ids: Sequence[int], start: int = 0) -> list[str]:
+        """The text each of `ids[start:]` adds to the decoded text of `ids` (special tokens add
+        none; a token ending inside a character adds nothing and the next one the character):
+        their lengths are the tokens' text offsets."""
+        pieces = []
+        with self._tokenizer_lock:
+            for i in range(start, len(ids)):
+                window = list(ids[max(0, i - 4) : i + 1])  # enough context for spaces and bytes
+                before = self.tokenizer.decode(window[:-1], skip_special_tokens=True)
+                text = self.tokenizer.decode(window, skip_special_tokens=True)
+                before = before.rstrip("\ufffd")
+                pieces.append("" if text.endswith("\ufffd") else text[len(before) :])
+        return pieces
+
     # ------------------------------------------------------------ running prepared work
 
     def run(self, prepared: Sequence) -> list:
@@ -390,6 +425,7 @@ class Engine:
         with self._model_lock:
             self._catch_up(batch)
             next_ids = batch.picker(batch.state.logits)  # (B,)
+            _record_logprobs(batch, next_ids)
         keep, ended = [], []
         for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
             row.tokens.append(token)
@@ -418,17 +454,18 @@ class Engine:
             start += len(item.pairs)
         return out
 
-    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list[float]:
+    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list:
         """Summed log-probability of each prepared pair's target (scorer.py, as `softprompt eval`
-        scores), `score_batch_size` model rows per forward."""
+        scores), `score_batch_size` model rows per forward; a pair asking for alternatives
+        (`top_k`, an echoed prompt) gets its tokens one by one (`scorer.TokenScores`)."""
+        if not pairs:
+            return []
         pad = self.tokenizer.pad_token_id or 0
-        return score_rows(
-            pairs,
-            self._last_logits,
-            pad_id=pad,
-            device=self.device,
-            batch_size=self.score_batch_size,
-        ).tolist()
+        run = {"pad_id": pad, "device": self.device, "batch_size": self.score_batch_size}
+        if all(p.top_k is None for p in pairs):
+            return score_rows(pairs, self._last_logits, **run).tolist()
+        detail = token_scores(pairs, self._last_logits, **run)
+        return [d.total if p.top_k is None else d for p, d in zip(pairs, detail, strict=True)]
 
     def _last_logits(self, tasks: list[_Task | None], ids, mask, keep: int) -> torch.Tensor:
         """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
@@ -502,6 +539,9 @@ class _RowState:
         self.tokens: list[int] = []
         self.holdback = max((len(s) for s in row.stops), default=1) - 1
         self.watch = bool(row.stops or row.request.on_text)
+        self.top_logprobs = row.request.logprobs  # None: no log-probabilities wanted
+        self.logprobs: list[TokenLogprob] = []
+        self.streamed = 0  # log-probability entries already sent with a streamed piece
 
     def ends_at(self, token: int) -> bool:
         """An end-of-sequence token ends the row, unless the request ignores them."""
@@ -527,18 +567,42 @@ class _RowState:
         else:
             reason = "stop" if tokens and self.ends_at(tokens[-1]) else "length"
         self._emit(text)
-        return GenerationResult(text, list(tokens), reason, len(self.row.input_ids), len(tokens))
+        logprobs = None if self.top_logprobs is None else list(self.logprobs)
+        return GenerationResult(
+            text, list(tokens), reason, len(self.row.input_ids), len(tokens), logprobs
+        )
 
     def _emit(self, text: str) -> None:
         callback, sent = self.row.request.on_text, self.row.emitted
         if callback is None or len(text) <= len(sent) or not text.startswith(sent):
             return
         self.row.emitted = text
+        entries = None
+        if self.top_logprobs is not None:
+            entries, self.streamed = self.logprobs[self.streamed :], len(self.logprobs)
         try:
-            callback(text[len(sent) :])
+            callback(TextPiece(text[len(sent) :], entries))
         except Exception:  # a broken listener must not break the batch
             log.exception("streaming callback failed")
             self.row.cancelled = True
+
+
+def _record_logprobs(batch: GenerationBatch, next_ids: torch.Tensor) -> None:
+    """Each picked token's log-probability (the model's log-softmax of the step's logits) and the
+    most likely alternatives, for the rows that asked for them."""
+    wanted = [i for i, row in enumerate(batch.rows) if row.top_logprobs is not None]
+    if not wanted:
+        return
+    index = torch.tensor(wanted, device=next_ids.device)
+    logprobs = batch.state.logits[index].float().log_softmax(-1)  # (W, V)
+    picked = logprobs.gather(1, next_ids[index][:, None])[:, 0].tolist()  # (W,)
+    k = max(batch.rows[i].top_logprobs for i in wanted)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (W, k)
+    values, ids = values.tolist(), ids.tolist()
+    for w, i in enumerate(wanted):
+        row = batch.rows[i]
+        top = list(zip(ids[w][: row.top_logprobs], values[w][: row.top_logprobs], strict=True))
+        row.logprobs.append(TokenLogprob(int(next_ids[i]), picked[w], top))
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -9,10 +9,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from .data import is_valid_unicode
 from .engine import SEED_RANGE, Engine
+from .engine_requests import MAX_TOP_LOGPROBS
 from .errors import ConfigError, RequestLimitError
 from .options import flag, opt
 
@@ -138,10 +139,21 @@ class _SamplingFields(_Request):
 
 
 class CompletionBody(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(
-        description="Text, a list of texts, or one list of token ids."
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a list of texts, one list of token ids, or a list of them."
     )
-    max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
+    max_tokens: int | None = Field(
+        16, ge=0, description="New tokens at most (default 16); 0 with echo scores the prompt."
+    )
+    logprobs: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Return each token's log-probability and this many most likely alternatives.",
+    )
+    echo: StrictBool = Field(
+        False, description="Return the prompt before the completion (with logprobs: its tokens')."
+    )
 
 
 class ChatMessage(_Request):
@@ -165,6 +177,15 @@ class ChatBody(_SamplingFields):
     )
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Same as max_tokens (newer name)."
+    )
+    logprobs: StrictBool | None = Field(
+        None, description="Return each new token's log-probability (choices[].logprobs.content)."
+    )
+    top_logprobs: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many most likely alternatives at each token.",
     )
 
 
