@@ -16,6 +16,7 @@ from softprompt.scorer import ScoreRow
 
 from ..conftest import build_tiny_tokenizer
 from .test_deep_prompt import TEXTS, _served_bank
+from .test_server import server  # noqa: F401  (the HTTP server fixture)
 
 ATOL = 1e-5
 TASKS = ["deep-task", "soft-task", None]
@@ -46,7 +47,9 @@ def test_echo_and_generated_logprobs_equal_the_scorer_soft_deep_and_none_in_one_
         for j in range(1, len(ids)):
             entry = echo.logprobs[j]
             assert entry.token == ids[j]
-            assert entry.logprob == pytest.approx(reference(engine, task, ids[:j], ids[j]), abs=ATOL)
+            assert entry.logprob == pytest.approx(
+                reference(engine, task, ids[:j], ids[j]), abs=ATOL
+            )
             assert len(entry.top) == 3
             for alt, value in entry.top:
                 assert value == pytest.approx(reference(engine, task, ids[:j], alt), abs=ATOL)
@@ -59,9 +62,10 @@ def test_echo_and_generated_logprobs_equal_the_scorer_soft_deep_and_none_in_one_
             values = [v for _, v in entry.top]
             assert values == sorted(values, reverse=True) and entry.top[0][1] >= entry.logprob
             assert entry.top[0][1] == pytest.approx(entry.logprob, abs=ATOL)  # greedy: the best
-    assert len({tuple(r.token_ids) for r in results[3:]}) > 1 or len(
-        {round(r.logprobs[0].logprob, 4) for r in results[3:]}
-    ) == 3  # the prompts really differ
+    assert (
+        len({tuple(r.token_ids) for r in results[3:]}) > 1
+        or len({round(r.logprobs[0].logprob, 4) for r in results[3:]}) == 3
+    )  # the prompts really differ
 
 
 def test_logprobs_do_not_change_the_generated_tokens_and_sampling_keeps_raw_values(engine):
@@ -108,3 +112,176 @@ def test_pieces_of_text_add_up_to_the_decoded_text(engine):
     assert "".join(pieces) == engine.tokenizer.decode(ids, skip_special_tokens=True)
     assert engine.text_pieces(ids, 2) == pieces[2:]
     assert torch.tensor(0).item() == 0
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+def completion(server, **body):
+    response = server.http.post("/v1/completions", json={"model": "t1", **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_http_echo_with_logprobs_returns_prompt_and_completion_tokens(server):
+    prompts = [[1, 5, 6, 7], [8, 9]]
+    body = completion(server, prompt=prompts, max_tokens=3, logprobs=2, echo=True, temperature=0)
+    for prompt, choice in zip(prompts, body["choices"], strict=True):
+        lp = choice["logprobs"]
+        assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        assert len(lp["tokens"]) == len(prompt) + 3 == len(lp["text_offset"])
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(isinstance(v, float) for v in lp["token_logprobs"][1:])
+        assert all(len(top) in (2, 3) for top in lp["top_logprobs"][1:])
+        offsets = lp["text_offset"]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+        head = server.engine.tokenizer.decode(prompt, skip_special_tokens=True)
+        assert choice["text"].startswith(head) and offsets[len(prompt)] == len(head)
+        [echo] = server.engine.run(
+            server.engine.prepare_all([PromptLogprobsRequest(prompt, "t1", 2)])
+        )
+        assert lp["token_logprobs"][1 : len(prompt)] == pytest.approx(
+            [e.logprob for e in echo.logprobs[1:]], abs=ATOL
+        )
+        alone = server.engine.generate(
+            [GenerationRequest(prompt, task="t1", max_new_tokens=3, logprobs=2)]
+        )[0]
+        assert lp["token_logprobs"][len(prompt) :] == pytest.approx(
+            [e.logprob for e in alone.logprobs], abs=ATOL
+        )
+    assert body["usage"]["completion_tokens"] == 6
+
+
+def test_http_max_tokens_zero_with_echo_scores_the_prompt_alone(server):
+    body = completion(server, prompt="the movie was fun", max_tokens=0, echo=True, logprobs=0)
+    [choice] = body["choices"]
+    assert choice["text"] == "the movie was fun" and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["the", "movie", "was", "fun"]
+    assert lp["text_offset"] == [0, 3, 9, 13]  # where each token's text starts (its space first)
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4}
+    without = completion(server, prompt="the movie was fun", max_tokens=0, echo=True)
+    assert without["choices"][0]["logprobs"] is None
+    assert without["choices"][0]["text"] == "the movie was fun"
+
+
+def test_openai_client_echo_logprobs_as_lm_eval_reads_them(server):
+    out = server.client.completions.create(
+        model="t2", prompt=[[5, 6, 7, 8]], max_tokens=1, logprobs=1, echo=True, temperature=0
+    )
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and lp.token_logprobs[0] is None
+    continuation = lp.token_logprobs[2:-1]  # what lm-eval sums for a context of 2 tokens
+    assert all(v <= max(top.values()) + 1e-9 for v, top in zip(continuation, lp.top_logprobs[2:-1]))
+
+
+def test_http_streamed_logprobs_join_to_the_whole_answer(server):
+    body = {"prompt": "the movie was", "max_tokens": 5, "logprobs": 2, "echo": True}
+    whole = completion(server, **body, temperature=0)["choices"][0]
+    chunks = []
+    with server.http.stream(
+        "POST", "/v1/completions", json={"model": "t1", **body, "temperature": 0, "stream": True}
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:])["choices"][0])
+    joined = {key: [] for key in whole["logprobs"]}
+    for choice in chunks:
+        for key, values in (choice["logprobs"] or {}).items():
+            joined[key] += values
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert joined["tokens"] == whole["logprobs"]["tokens"]
+    assert joined["text_offset"] == whole["logprobs"]["text_offset"]
+    assert joined["token_logprobs"][1:] == pytest.approx(
+        whole["logprobs"]["token_logprobs"][1:], abs=ATOL
+    )
+
+
+def test_openai_client_chat_logprobs_and_top_logprobs(server):
+    messages = [{"role": "user", "content": "a great film"}]
+    out = server.client.chat.completions.create(
+        model="t0", messages=messages, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 4
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=ATOL) for c in content)
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    plain = server.client.chat.completions.create(
+        model="t0", messages=messages, max_tokens=4, temperature=0
+    )
+    assert plain.choices[0].logprobs is None
+    stream = server.client.chat.completions.create(
+        model="t0",
+        messages=messages,
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=1,
+        stream=True,
+        temperature=0,
+    )
+    streamed = [
+        c
+        for chunk in stream
+        for choice in chunk.choices
+        for c in (choice.logprobs.content if choice.logprobs else [])
+    ]
+    assert [c.token for c in streamed] == [c.token for c in content]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"logprobs": "2"}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/completions", {"logprobs": 2.0}, "logprobs"),
+        ("/v1/completions", {"logprobs": MAX_TOP_LOGPROBS + 1}, "logprobs"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"echo": "true"}, "echo"),
+        ("/v1/completions", {"echo": 1}, "echo"),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"logprobs": "true"}, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": "2"}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_http_bad_logprobs_fields_are_422_naming_the_field(server, route, body, param):
+    base = (
+        {"prompt": "the movie"}
+        if route == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "fun"}]}
+    )
+    response = server.http.post(route, json={"model": "t0", **base, **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+    assert param in response.json()["error"]["message"]
+
+
+def test_http_alternatives_count_in_the_request_token_budget(server):
+    limits = server.app.state.limits
+    room = limits.max_tokens_per_request
+    response = server.http.post(
+        "/v1/completions",
+        json={
+            "model": "t0",
+            "prompt": "fun",
+            "max_tokens": 100,
+            "logprobs": 20,
+            "ignore_eos": True,
+        },
+    )
+    assert room < 100 * 21 or response.status_code == 200
+    limits.max_tokens_per_request, saved = 1000, room
+    try:
+        response = server.http.post(
+            "/v1/completions",
+            json={"model": "t0", "prompt": "fun", "max_tokens": 100, "logprobs": 20},
+        )
+        assert response.status_code == 413, response.text
+        ok = server.http.post(
+            "/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 100}
+        )
+        assert ok.status_code == 200
+    finally:
+        limits.max_tokens_per_request = saved
