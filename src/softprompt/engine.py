@@ -187,6 +187,27 @@ class Engine:
         """Summed log-probability of each target's tokens after its text."""
         return self.run([self.prepare(ScoreRequest(task, texts, targets))])[0]
 
+    def score_tokens(
+        self,
+        task: str | None,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        top_k: int | None = None,
+    ) -> list:
+        """Log-likelihood of each (input ids, target ids) pair under `task`'s prompt, as
+        `score_pairs` gives it: the summed float, or with `top_k` the target tokens one by one
+        (`scorer.TokenScores`, with the k most likely tokens at each)."""
+        if top_k is not None:
+            _check_top_logprobs(top_k, "top_k")
+        entry, rows = self._resolve(task, {}), []
+        for ids, target in pairs:
+            if not target:
+                raise ConfigError("every target needs at least one token")
+            ids, target = self._input_ids(list(ids)), self._input_ids(list(target))
+            self._check_context(len(ids), entry, len(target))
+            rows.append(ScoreRow(ids, target, entry, top_k))
+        return self.score_pairs(rows)
+
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of chat messages through the tokenizer's chat template (or a plain join)."""
         if getattr(self.tokenizer, "chat_template", None):

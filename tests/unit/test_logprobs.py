@@ -5,6 +5,7 @@ HTTP routes return them in OpenAI's shapes, streaming included, with strict vali
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from softprompt.scorer import ScoreRow
 
 from ..conftest import build_tiny_tokenizer
 from .test_deep_prompt import TEXTS, _served_bank
-from .test_server import server  # noqa: F401  (the HTTP server fixture)
+from .test_engine import build_full_tokenizer, fill_bank
+from .test_server import API_KEY, CHAT_TEMPLATE, running
 
 ATOL = 1e-5
 TASKS = ["deep-task", "soft-task", None]
@@ -117,6 +119,32 @@ def test_pieces_of_text_add_up_to_the_decoded_text(engine):
 # ---------------------------------------------------------------- over HTTP
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The built-in server over a tiny Llama and four soft-prompt tasks (t0..t3), as test_server's."""
+    import httpx
+    import openai
+
+    from softprompt.bank import PromptBank
+    from softprompt.server import create_app
+
+    from ..conftest import build_tiny_model
+
+    model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    bank = PromptBank(tmp_path_factory.mktemp("bank"))
+    fill_bank(bank, model)
+    engine = Engine((model, tokenizer), bank)
+    app = create_app(engine, api_key=API_KEY)
+    with running(app) as url:
+        yield SimpleNamespace(
+            engine=engine,
+            app=app,
+            client=openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=30),
+            http=httpx.Client(base_url=url, timeout=30),
+        )
+
+
 def completion(server, **body):
     response = server.http.post("/v1/completions", json={"model": "t1", **body})
     assert response.status_code == 200, response.text
@@ -172,7 +200,10 @@ def test_openai_client_echo_logprobs_as_lm_eval_reads_them(server):
     lp = out.choices[0].logprobs
     assert len(lp.token_logprobs) == 5 and lp.token_logprobs[0] is None
     continuation = lp.token_logprobs[2:-1]  # what lm-eval sums for a context of 2 tokens
-    assert all(v <= max(top.values()) + 1e-9 for v, top in zip(continuation, lp.top_logprobs[2:-1]))
+    assert all(
+        v <= max(top.values()) + 1e-9
+        for v, top in zip(continuation, lp.top_logprobs[2:-1], strict=True)
+    )
 
 
 def test_http_streamed_logprobs_join_to_the_whole_answer(server):
