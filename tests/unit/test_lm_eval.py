@@ -176,6 +176,23 @@ def check_against_engine(result, classified, generated, task):
     assert [s["resps"][0][0] for s in gen] == generated
 
 
+def test_info_source_prints_the_model_folder_lm_eval_reads_the_tokenizer_from(setup):
+    done = subprocess.run(
+        [str(BIN / "softprompt"), "info", "--model", setup["model"], "--source"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == setup["model"], done.stderr
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(done.stdout.strip())
+    assert (
+        tokenizer("review : fun")["input_ids"]
+        == load_model(setup["model"]).tokenizer("review : fun")["input_ids"]
+    )
+
+
 @pytest.mark.parametrize("task", ["soft", "deep"])
 def test_lm_eval_local_completions_over_http_equals_softprompt_eval(setup, task):
     expected = softprompt_eval(setup, task)
@@ -200,8 +217,9 @@ def test_lm_eval_local_completions_over_http_equals_softprompt_eval(setup, task)
     check_against_engine(result, *engine_view(setup, task), task)
 
 
-@pytest.mark.parametrize("task", ["soft", "deep", ""])
+@pytest.mark.parametrize("task", ["soft", "deep", "plain"])
 def test_lm_eval_in_process_softprompt_model_equals_softprompt_eval(setup, task):
+    task = "" if task == "plain" else task  # task= (empty): the plain model
     args = f"bank={setup['bank']},task={task},model={setup['model']}"
     result = lm_eval(
         setup,
