@@ -314,7 +314,7 @@ class Engine:
         task, ids = self._resolve(request.task, snapshot), self._input_ids(request.prompt)
         self._check_context(len(ids), task, 0)
         pairs = [ScoreRow(ids[:1], ids[1:], task, top)] if len(ids) > 1 else []
-        return _PreparedPromptLogprobs(request, pairs, None, token_ids=ids)
+        return _PreparedPromptLogprobs(request, pairs, None, token_ids=ids, task=task)
 
     def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:
         """(data.Task, target ids) from the task's meta, parsed once per loaded version."""

@@ -198,6 +198,7 @@ class _PreparedPromptLogprobs(_PreparedScore):
     prompt; its scores are `scorer.TokenScores`."""
 
     token_ids: list[int] = ()
+    task: _Task | None = None  # the prompt it is read under (None: the plain model)
 
     def finish(self, scores: list) -> PromptLogprobs:
         entries: list[TokenLogprob | None] = [None]

@@ -117,7 +117,7 @@ def lm_eval(setup, *args, command: str = "lm_eval") -> dict:
 def softprompt_eval(setup, task: str) -> dict:
     done = subprocess.run(
         [str(BIN / "softprompt"), "eval", "--model", setup["model"], "--bank", setup["bank"]]
-        + ["--task", task, "--data", setup["rows"], "--json"],
+        + ["--task", task, "--data", setup["rows"], "--json", "--bf16", "no"],  # as served: fp32
         env=setup["env"],
         capture_output=True,
         text=True,
