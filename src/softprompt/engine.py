@@ -310,10 +310,13 @@ class Engine:
     def _prepare_prompt_logprobs(
         self, request: PromptLogprobsRequest, snapshot: dict
     ) -> _PreparedPromptLogprobs:
-        top = _check_top_logprobs(request.top_logprobs, "logprobs")
+        top = request.top_logprobs
+        if top is not None:
+            _check_top_logprobs(top, "logprobs")
         task, ids = self._resolve(request.task, snapshot), self._input_ids(request.prompt)
         self._check_context(len(ids), task, 0)
-        pairs = [ScoreRow(ids[:1], ids[1:], task, top)] if len(ids) > 1 else []
+        scored = len(ids) > 1 and top is not None
+        pairs = [ScoreRow(ids[:1], ids[1:], task, top)] if scored else []
         return _PreparedPromptLogprobs(request, pairs, None, token_ids=ids, task=task)
 
     def _classifier(self, task: _Task | None, name) -> tuple[Task, list[list[int]]]:

@@ -133,8 +133,9 @@ class PromptLogprobsRequest:
     prompt: str | list[int]
     """Text (tokenised with the tokenizer's special tokens) or token ids used as they are."""
     task: str | None = None
-    top_logprobs: int = 0
-    """The most likely alternatives to return at each position (0..MAX_TOP_LOGPROBS)."""
+    top_logprobs: int | None = 0
+    """The most likely alternatives to return at each position (0..MAX_TOP_LOGPROBS); None =
+    the prompt's tokens only, nothing scored (an echo without logprobs)."""
 
 
 @dataclass

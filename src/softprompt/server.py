@@ -279,7 +279,7 @@ def _generation_request(
 
 
 def _echo_request(body: CompletionBody, prompt) -> PromptLogprobsRequest:
-    return PromptLogprobsRequest(prompt, body.model, body.logprobs or 0)
+    return PromptLogprobsRequest(prompt, body.model, body.logprobs)
 
 
 def _invalid(message: str, param: str) -> ConfigError:

@@ -361,7 +361,8 @@ class VLLMBackend:
         except UnsupportedPromptKindError as exc:  # a deep prompt in the bank: say why vLLM cannot
             raise _cannot_serve(exc) from None
         for piece in prepared:
-            if isinstance(piece, _PreparedPromptLogprobs) and piece.task is not None:
+            scored = isinstance(piece, _PreparedPromptLogprobs) and piece.pairs
+            if scored and piece.task is not None:
                 raise _no_echo(piece.task.name)
         await self._ensure_served()
         return prepared
@@ -444,7 +445,7 @@ class VLLMBackend:
         """A plain row's prompt log-probabilities from vLLM's own echo (token ids; a task's row
         was refused in `prepare_all`)."""
         ids = list(prepared.token_ids)
-        if len(ids) < 2:
+        if not prepared.pairs:  # one token, or only the tokens asked for
             return prepared.finish([])
         answer = await self.client.complete(
             {

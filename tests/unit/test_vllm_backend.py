@@ -531,6 +531,8 @@ def test_echo_of_a_task_is_refused_naming_the_field_and_backend_and_plain_rows_e
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "echo"
     assert "vllm backend" in refused.json()["error"]["message"]
     assert len(setup.fake.bodies) == sent  # never reached vLLM
+    text_only = setup.http.post("/v1/completions", json={"model": "t2", **body, "logprobs": None})
+    assert text_only.status_code == 200 and text_only.json()["choices"][0]["text"] == TEXTS[1]
     base = setup.reference.base_model_id
     answer = setup.http.post("/v1/completions", json={"model": base, **body})
     assert answer.status_code == 200, answer.text
