@@ -212,9 +212,34 @@ def test_lm_eval_local_completions_over_http_equals_softprompt_eval(setup, task)
             "--tasks",
             "tiny_sentiment,tiny_generate",
         )
+        chat = None
+        if task == "soft":  # generation through /v1/chat/completions too
+            args = f"model={task},base_url={url}/v1/chat/completions"
+            chat = lm_eval(
+                setup,
+                "--model",
+                "local-chat-completions",
+                "--model_args",
+                args,
+                "--apply_chat_template",
+                "--tasks",
+                "tiny_generate",
+            )
     acc = result["results"]["tiny_sentiment"]["acc,none"]
     assert acc == expected["accuracy"] and expected["n"] == len(POSITIVE + NEGATIVE)
     check_against_engine(result, *engine_view(setup, task), task)
+    if chat is not None:
+        engine = Engine(load_model(setup["model"]), PromptBank(setup["bank"]))
+        rows = [json.loads(x) for x in open(setup["rows"])]
+        messages = [[{"role": "user", "content": TEMPLATE.format(text=r["text"])}] for r in rows]
+        expected_chat = engine.generate(
+            [
+                GenerationRequest(engine.chat_prompt(m), task, max_new_tokens=4, stop=(".",))
+                for m in messages
+            ]
+        )
+        gen = sorted(chat["samples"]["tiny_generate"], key=lambda s: s["doc_id"])
+        assert [s["resps"][0][0] for s in gen] == [g.text for g in expected_chat]
 
 
 @pytest.mark.parametrize("task", ["soft", "deep", "plain"])
