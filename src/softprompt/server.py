@@ -187,12 +187,18 @@ def _add_generation_routes(
             return await _stream_completion(backend, http, prepared, body, prompts[0])
         results = await _run(backend, http, await prepare(echoes + generations))
         echoed, generated = results[: len(echoes)], results[len(echoes) :]
-        choices, usage = [], []
-        for i, prompt in enumerate(prompts):
-            echo = echoed[i] if echoed else None
-            result = generated[i] if generated else _nothing_generated(echo)
-            choices.append(_completion_choice(engine, i, prompt, echo, result, body.logprobs))
-            usage.append(result)
+        usage = [
+            generated[i] if generated else _nothing_generated(echoed[i])
+            for i in range(len(prompts))
+        ]
+        choices = await asyncio.to_thread(  # token texts and offsets: tokenizer work, off the loop
+            lambda: [
+                _completion_choice(
+                    engine, i, p, echoed[i] if echoed else None, usage[i], body.logprobs
+                )
+                for i, p in enumerate(prompts)
+            ]
+        )
         return _response("cmpl", "text_completion", body.model, choices, usage)
 
     @app.post("/v1/chat/completions")
