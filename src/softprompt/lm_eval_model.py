@@ -51,6 +51,7 @@ class SoftPromptLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32
         self.max_gen_toks = int(max_gen_toks)
         self.tokenizer = self.engine.tokenizer
+        self.engine.score_batch_size = self.batch_size
         if self.task is not None:
             self.engine.activate(self.task)  # an unknown or unusable task fails here, not mid-run
 
@@ -73,13 +74,12 @@ class SoftPromptLM(TemplateLM):
         """(summed log-probability, greedy?) of each continuation after its context."""
         pairs = [self._fit(context, continuation) for _, context, continuation in requests]
         out = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            for (_, target), scores in zip(
-                chunk, self.engine.score_tokens(self.task, chunk, top_k=1), strict=True
-            ):
-                greedy = all(top[0][0] == t for top, t in zip(scores.top, target, strict=True))
-                out.append((scores.total, greedy))
+        # the scorer batches them (`batch_size` model rows a forward, grouped by length)
+        for (_, target), scores in zip(
+            pairs, self.engine.score_tokens(self.task, pairs, top_k=1), strict=True
+        ):
+            greedy = all(top[0][0] == t for top, t in zip(scores.top, target, strict=True))
+            out.append((scores.total, greedy))
         return out
 
     def _fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
