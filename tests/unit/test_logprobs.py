@@ -86,6 +86,22 @@ def test_logprobs_do_not_change_the_generated_tokens_and_sampling_keeps_raw_valu
         assert entry.logprob == pytest.approx(expected, abs=ATOL)
 
 
+def test_classification_sharing_a_scoring_batch_with_an_echo_keeps_its_scores(engine):
+    from softprompt.engine import ClassifyRequest
+
+    alone = engine.classify("soft-task", TEXTS)
+    mixed = engine.run(
+        engine.prepare_all(
+            [ClassifyRequest("soft-task", TEXTS), PromptLogprobsRequest(TEXTS[0], "deep-task", 4)]
+        )
+    )[0]
+    for a, m in zip(alone, mixed, strict=True):
+        assert m.label == a.label
+        assert list(m.log_likelihoods.values()) == pytest.approx(
+            list(a.log_likelihoods.values()), abs=1e-6
+        )
+
+
 def test_one_token_prompt_echo_has_one_null_entry(engine):
     [echo] = engine.run(engine.prepare_all([PromptLogprobsRequest([5], "soft-task", 2)]))
     assert echo.token_ids == [5] and echo.logprobs == [None]
