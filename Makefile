@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
-# The main job: tune a soft prompt for the embedded SmolLM2 on the built-in movie-review
+# The main job: tune a deep prompt for the embedded SmolLM2 on the built-in movie-review
 # sentiment set, then print zero-shot vs tuned accuracy on its test split.
 demo: setup
 	$(BIN)/softprompt train --model default --task movie-sentiment \

@@ -17,7 +17,7 @@ RESULTS = REPO / "bench" / "results"
 
 def machine() -> dict:
     """What ran the benchmark: numbers are only comparable on the same machine, in one run."""
-    from softprompt.compare import machine as describe_machine
+    from softprompt.training.compare import machine as describe_machine
 
     return {**describe_machine(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
 

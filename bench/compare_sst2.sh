@@ -17,7 +17,7 @@
 # Environment: SHARED (folder holding data/sst2, default ../shared beside the repo), MODEL,
 # MAX_STEPS, BATCH, SEEDS, METHODS, OUT (run folder), RESULTS (where the results are copied),
 # PYTHON, JOBS (how many compare processes run at once: 1 = one `softprompt compare` for all;
-# more = one per (method, seed), joined by softprompt.compare.merge_results; their speed and memory
+# more = one per (method, seed), joined by softprompt.training.compare.merge_results; their speed and memory
 # columns then include the others' load). Extra arguments go to `softprompt compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,7 @@ else
     "$PYTHON" - "$OUT" "${parts[@]}" <<'PY'
 import json, sys
 from pathlib import Path
-from softprompt.compare import merge_results, write_outputs
+from softprompt.training.compare import merge_results, write_outputs
 out, parts = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
 missing = [str(p) for p in parts if not (p / "compare.json").is_file()]
 if missing:

@@ -24,10 +24,10 @@ from torch.nn.attention import SDPBackend
 sys.path.insert(0, "bench")
 import quality_sst2 as q
 
-from softprompt import inject
 from softprompt.data import collate
-from softprompt.models import load_model
-from softprompt.train import EvalSet, TrainConfig, Trainer, autocast
+from softprompt.model.loading import load_model
+from softprompt.prompting import inject
+from softprompt.training.trainer import EvalSet, TrainConfig, Trainer, autocast
 
 variant, steps = sys.argv[1], int(sys.argv[2])
 if variant != "guarded":

@@ -266,10 +266,10 @@ def _encoded(spec: Spec, tokenizer):
 
 def _trainable(spec: Spec, loaded, task):
     """(the model the Trainer trains, its task name or None when the weights are the task)."""
-    from softprompt.compare import CompareConfig, build_method
-    from softprompt.deep_prompt import DeepPromptModel
-    from softprompt.prompted import PromptedModel
-    from softprompt.prompts import PromptTuningConfig
+    from softprompt.prompting.deep import DeepPromptModel
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.prompting.soft import PromptTuningConfig
+    from softprompt.training.compare import CompareConfig, build_method
 
     labels = task.verbalizer.labels
     config = PromptTuningConfig(
@@ -302,8 +302,8 @@ def _bf16() -> str:
 
 
 def _accuracy(model, task, examples, name, device) -> float:
-    from softprompt.evaluate import evaluate_classification
-    from softprompt.train import TrainConfig, autocast, use_bf16
+    from softprompt.training.evaluation import evaluate_classification
+    from softprompt.training.trainer import TrainConfig, autocast, use_bf16
 
     with autocast(device, use_bf16(TrainConfig(bf16=_bf16()), device)):
         return evaluate_classification(model, task, examples, name, batch_size=64)["accuracy"]
@@ -330,7 +330,7 @@ def run_spec(args: tuple[dict, float, str | None]) -> dict:
 def _run(spec: Spec, save_dir: str | None) -> dict:
     import torch
 
-    from softprompt.models import load_model
+    from softprompt.model.loading import load_model
 
     torch.manual_seed(spec.seed)
     loaded = load_model(_model_name())  # a fresh base per run: LoRA and full change it
@@ -351,8 +351,8 @@ def _run(spec: Spec, save_dir: str | None) -> dict:
 
 
 def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) -> dict:
-    from softprompt.lr_find import find_learning_rate
-    from softprompt.train import EvalSet, TrainConfig, Trainer
+    from softprompt.training.lr_find import find_learning_rate
+    from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
     model, name = _trainable(spec, loaded, task)
     model.to(device)
@@ -424,7 +424,7 @@ def _run_trainer(spec, loaded, task, train, select, report, device, save_dir) ->
 
 
 def _run_peft(spec, loaded, task, train, select, report, device) -> dict:
-    from softprompt.prompted import PromptedModel
+    from softprompt.prompting.prompted import PromptedModel
 
     scorer = PromptedModel(loaded)  # our rank classifier scores PEFT's prompt too
     curve = []
@@ -484,9 +484,9 @@ def ensemble_rows(runs: list[dict], prompts_dirs: list[Path]) -> list[dict]:
     averaged in one mixed-task batch per row set."""
     import torch
 
-    from softprompt.deep_prompt import DeepPromptModel
-    from softprompt.models import load_model
-    from softprompt.prompted import PromptedModel
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.deep import DeepPromptModel
+    from softprompt.prompting.prompted import PromptedModel
 
     def saved(run: dict) -> Path | None:
         return next(
@@ -735,7 +735,7 @@ def cmd_cpu_speed(args) -> int:
     after another in one process: the figures that turn learning curves' steps into CPU minutes."""
     import torch
 
-    from softprompt.models import load_model
+    from softprompt.model.loading import load_model
 
     rows = {}
     for spec in timed_settings(load_runs(Path(args.runs))):
@@ -776,7 +776,7 @@ def timed_settings(runs: list[dict]) -> list[Spec]:
 
 
 def _seconds_per_step(spec: Spec, loaded, task, train, steps: int) -> float:
-    from softprompt.train import TrainConfig, Trainer
+    from softprompt.training.trainer import TrainConfig, Trainer
 
     if spec.method == "peft_prompt":
         _, seconds, _ = train_peft_prompt(

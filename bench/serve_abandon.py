@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from softprompt.api.app import create_app
 from softprompt.bank import PromptBank, SavedPrompt
-from softprompt.engine import Engine
-from softprompt.models import load_model
-from softprompt.server import create_app
+from softprompt.model.loading import load_model
+from softprompt.serving.engine import Engine
 
 TEXT = "the plot was slow but the acting and the music were lovely, and I would watch it again"
 

@@ -35,11 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.models import load_model, resolve_model_source
-from softprompt.prompts import PromptTuningConfig, init_prompt
+from softprompt.model.loading import load_model, resolve_model_source
+from softprompt.prompting import inject
+from softprompt.prompting.soft import PromptTuningConfig, init_prompt
+from softprompt.serving.engine import Engine, GenerationRequest
 
 TEXT = "Review: the plot was slow but the acting and the music were lovely\nSentiment:"
 

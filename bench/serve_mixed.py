@@ -1,7 +1,7 @@
 """Mixed serving load: short requests arriving while a long generation runs, static vs continuous
 batching, in one run on one machine.
 
-The built-in engine's scheduler (`softprompt.scheduler.BatchScheduler`) runs in-process, without
+The built-in engine's scheduler (`softprompt.serving.scheduler.BatchScheduler`) runs in-process, without
 HTTP, once with `join_running=False` (static: a batch runs to its end before anything else
 starts) and once with `join_running=True` (continuous: new rows join the running batch at its
 next step, scoring runs between steps). Per mode and repeat:
@@ -50,12 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from serve_latency import prompt_values  # noqa: E402
 
-from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
-from softprompt.engine import ClassifyRequest, Engine, GenerationRequest
-from softprompt.models import load_model
-from softprompt.scheduler import BatchScheduler
-from softprompt.small_batch import use_small_batch_matmul
+from softprompt.model.loading import load_model
+from softprompt.model.small_batch import use_small_batch_matmul
+from softprompt.prompting import inject
+from softprompt.serving.engine import ClassifyRequest, Engine, GenerationRequest
+from softprompt.serving.scheduler import BatchScheduler
 
 TEMPLATE = "Review: {text}\nSentiment:"
 VERBALIZER = {"labels": ["positive", "negative"], "targets": [" positive", " negative"]}

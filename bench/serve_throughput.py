@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from softprompt.bank import PromptBank, SavedPrompt
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.models import load_model
-from softprompt.prompts import PromptTuningConfig, init_prompt
+from softprompt.model.loading import load_model
+from softprompt.prompting.soft import PromptTuningConfig, init_prompt
+from softprompt.serving.engine import Engine, GenerationRequest
 
 WORDS = (
     "the film was great boring fun awful lovely slow the plot acting music story ending "

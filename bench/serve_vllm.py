@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from softprompt.bank import PromptBank, SavedPrompt  # noqa: E402
-from softprompt.models import load_model  # noqa: E402
-from softprompt.prompts import PromptTuningConfig, init_prompt  # noqa: E402
-from softprompt.vllm_backend import encode_embeds  # noqa: E402
-from softprompt.vllm_process import VLLMProcess, find_vllm_python, free_port  # noqa: E402
+from softprompt.model.loading import load_model  # noqa: E402
+from softprompt.prompting.soft import PromptTuningConfig, init_prompt  # noqa: E402
+from softprompt.serving.vllm.backend import encode_embeds  # noqa: E402
+from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python, free_port  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -70,8 +70,8 @@ def parse_args(argv=None):
 
 def load(args):
     from softprompt.data import load_examples, make_classification_task
-    from softprompt.models import load_model
-    from softprompt.prompted import PromptedModel
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.prompted import PromptedModel
 
     loaded = load_model(args.model)
     task = make_classification_task("sst2", TEMPLATE, LABELS)
@@ -81,8 +81,8 @@ def load(args):
 
 
 def defaults(args):
-    from softprompt.prompts import PromptTuningConfig
-    from softprompt.train import TrainConfig
+    from softprompt.prompting.soft import PromptTuningConfig
+    from softprompt.training.trainer import TrainConfig
 
     lr = args.learning_rate if args.learning_rate is not None else TrainConfig().learning_rate
     n_default = PromptTuningConfig.__dataclass_fields__["num_virtual_tokens"].default
@@ -91,8 +91,8 @@ def defaults(args):
 
 
 def score(prompted, task, evaluation, task_name):
-    from softprompt.evaluate import evaluate_classification
-    from softprompt.train import TrainConfig, autocast, use_bf16
+    from softprompt.training.evaluation import evaluate_classification
+    from softprompt.training.trainer import TrainConfig, autocast, use_bf16
 
     device = prompted.model.get_input_embeddings().weight.device
     with autocast(device, use_bf16(TrainConfig(), device)):  # one evaluator, one precision for all
@@ -113,8 +113,8 @@ def run_zero_shot(args) -> dict:
 
 
 def run_softprompt(args) -> dict:
-    from softprompt.prompts import PromptTuningConfig
-    from softprompt.train import TrainConfig, Trainer
+    from softprompt.prompting.soft import PromptTuningConfig
+    from softprompt.training.trainer import TrainConfig, Trainer
 
     _, prompted, task, train, evaluation = load(args)
     lr, n = defaults(args)

@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .bank import PromptBank, SavedPrompt  # noqa: E402
-from .models import LoadedModel, load_model  # noqa: E402
-from .prompted import PromptedModel  # noqa: E402
-from .prompts import NO_TASK, PromptTuningConfig  # noqa: E402
-from .train import TrainConfig, Trainer, train_prompts  # noqa: E402
+from softprompt.bank import PromptBank, SavedPrompt  # noqa: E402
+from softprompt.model.loading import LoadedModel, load_model  # noqa: E402
+from softprompt.prompting.prompted import PromptedModel  # noqa: E402
+from softprompt.prompting.soft import NO_TASK, PromptTuningConfig  # noqa: E402
+from softprompt.training.trainer import TrainConfig, Trainer, train_prompts  # noqa: E402
 
 __all__ = [
     "NO_TASK",

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from softprompt.models import load_model
+    from softprompt.model.loading import load_model
 
     return load_model("default")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import inject
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import PromptTuningConfig
+from softprompt.prompting import inject
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import PromptTuningConfig
 
 from .conftest import gemma_installed
 
@@ -19,7 +19,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gemma():
-    from softprompt.models import load_model
+    from softprompt.model.loading import load_model
 
     return load_model("gemma3-270m")
 

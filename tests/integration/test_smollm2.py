@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from softprompt.models import load_model
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import PromptTuningConfig
+from softprompt.model.loading import load_model
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import PromptTuningConfig
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ INIT_TEXT = "Classify if this review is positive or negative:"
 
 
 def test_default_loads_from_cache_on_second_call(smollm2, caplog):
-    with caplog.at_level(logging.INFO, logger="softprompt.models"):
+    with caplog.at_level(logging.INFO, logger="softprompt.model.loading"):
         again = load_model("default")
     assert "converting" not in caplog.text  # no GGUF dequantisation the second time
     assert again.fingerprint == smollm2.fingerprint
@@ -71,7 +71,7 @@ def test_peft_interop_text_prompt_same_greedy_generation_as_peft(smollm2):
 
 
 def test_engine_kv_prefix_cache_on_the_real_model_equals_injection_and_is_taken(smollm2):
-    from softprompt.engine import Engine, GenerationRequest
+    from softprompt.serving.engine import Engine, GenerationRequest
 
     config = PromptTuningConfig(
         num_virtual_tokens=8, prompt_tuning_init="text", prompt_tuning_init_text=INIT_TEXT

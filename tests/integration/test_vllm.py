@@ -24,10 +24,10 @@ import torch
 
 from softprompt.bank import PromptBank, SavedPrompt, peft_prompt_config
 from softprompt.data import load_builtin
-from softprompt.engine import Engine, GenerationRequest
 from softprompt.errors import ConfigError
-from softprompt.prompts import PromptTuningConfig, init_prompt
-from softprompt.vllm_process import VLLMProcess, find_vllm_python, free_port
+from softprompt.prompting.soft import PromptTuningConfig, init_prompt
+from softprompt.serving.engine import Engine, GenerationRequest
+from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -149,7 +149,7 @@ def _equal_or_near_tie(
     if ours == theirs:
         return True
     k = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
-    from softprompt.prompted import PromptedModel
+    from softprompt.prompting.prompted import PromptedModel
 
     prompted = PromptedModel(smollm2)
     if task is not None:
@@ -238,8 +238,8 @@ def test_classification_equals_softprompt_eval_on_50_rows(gateway, tmp_path, ban
 def _per_row_eval_labels(smollm2, bank, rows) -> list[str]:
     """The labels `softprompt eval` computes, row by row (its own functions, not the server's)."""
     from softprompt.data import Task, Template, Verbalizer, load_examples
-    from softprompt.evaluate import label_log_likelihoods
-    from softprompt.prompted import PromptedModel
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.training.evaluation import label_log_likelihoods
 
     saved = bank.load("sentiment")
     prompted = PromptedModel(smollm2)
@@ -281,7 +281,7 @@ def test_streaming_through_the_gateway_joins_to_the_engines_text(gateway, engine
 def test_logprobs_through_real_vllm_equal_the_engines_and_echo_of_a_task_is_refused(
     gateway, engine
 ):
-    from softprompt.engine_requests import PromptLogprobsRequest
+    from softprompt.serving.requests import PromptLogprobsRequest
 
     for task in ("sentiment", None):
         body = {"model": task or engine.base_model_id, "prompt": TEXTS[1], "max_tokens": 4}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -344,6 +346,133 @@ def test_atomic_concurrent_writers_never_mix(tmp_path):
     assert bank.names() == ["shared"]
     assert [p for p in bank.root.rglob("*") if p.name.startswith(".tmp-")] == []
     assert len(os.listdir(bank.root / ".versions" / "shared")) <= 2
+
+
+# ----------------------------------------------------------------------------- killed writers
+
+
+def _run_paused(target: str, when: str, flag: str, argv: list[str]) -> None:
+    """Child process: make `target` ('module:attr' or 'module:Class.attr') mark `flag` and sleep
+    (before or after running it), then run the real CLI command `argv`; the test SIGKILLs it."""
+    from softprompt.cli import main
+
+    module_name, _, dotted = target.partition(":")
+    owner = importlib.import_module(module_name)
+    *parents, attr = dotted.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    original = getattr(owner, attr)
+
+    def paused(*args, **kwargs):
+        if when == "after":
+            original(*args, **kwargs)
+        Path(flag).touch()
+        time.sleep(600)
+
+    setattr(owner, attr, paused)
+    main(argv)
+
+
+def _start_paused(target: str, when: str, argv: list[str], flag: Path):
+    method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork: no torch re-import
+    proc = mp.get_context(method).Process(target=_run_paused, args=(target, when, str(flag), argv))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not flag.exists():
+        assert proc.is_alive(), f"`{' '.join(argv)}` ended without reaching {target}"
+        assert time.monotonic() < deadline, f"`{' '.join(argv)}` never reached {target}"
+        time.sleep(0.02)
+    return proc
+
+
+def _tree(*folders: Path) -> list[str]:
+    return sorted(str(p) for folder in folders for p in folder.rglob("*"))
+
+
+def _litter(root: Path, *others: Path) -> list[str]:
+    """Temporaries, version folders no link reaches, and more versions than current + previous."""
+    found = [str(p) for folder in (root, *others) for p in folder.rglob("*.tmp-*")]
+    for task in _listdir_sorted(root / ".versions"):
+        versions = _listdir_sorted(root / ".versions" / task)
+        if not (root / task).is_symlink() or len(versions) > 2:
+            found.append(f".versions/{task}: {versions}")
+    return found
+
+
+def _listdir_sorted(path: Path) -> list[str]:
+    return sorted(os.listdir(path)) if path.is_dir() else []
+
+
+KILL_POINTS = {
+    # operation/moment: (what pauses it, before or after running it)
+    "import/writing-files": ("softprompt.bank.files:_write_tensor", "before"),
+    "import/written-not-linked": ("softprompt.bank.store:PromptBank._swap_link", "before"),
+    "import/link-staged": ("os:symlink", "after"),
+    "import/removing-old-version": ("softprompt.bank.store:_remove_path", "before"),
+    "import/over-copied-folder": ("os:symlink", "before"),
+    "rm/after-commit": ("softprompt.bank.store:PromptBank._cleanup", "before"),
+    "rm/removing-versions": ("softprompt.bank.store:_remove_path", "before"),
+    "export/writing-files": ("softprompt.bank.files:_write_tensor", "before"),
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_atomic_killed_bank_command_is_cleared_up_on_next_open(tmp_path, point):
+    operation, moment = point.split("/")
+    root, out = tmp_path / "bank", tmp_path / "out"
+    out.mkdir()
+    bank = PromptBank(root)
+    other, old, new = _prompt("other", seed=9), _prompt(seed=2), _prompt(seed=3)
+    bank.save(other)
+    if moment == "over-copied-folder":
+        (root / "sentiment").mkdir()
+        write_prompt_dir(root / "sentiment", old)  # a PEFT folder copied into the bank
+    else:
+        bank.save(_prompt(seed=1))
+        bank.save(old)
+    (out / "source").mkdir()
+    write_prompt_dir(out / "source", new)
+    versions_before = set(_listdir_sorted(root / ".versions" / "sentiment"))
+    argv = {
+        "import": ["bank", "import", "--bank", str(root), str(out / "source"), "sentiment"],
+        "rm": ["bank", "rm", "--bank", str(root), "sentiment"],
+        "export": ["bank", "export", "--bank", str(root), "sentiment", str(out / "exported")],
+    }[operation]
+    proc = _start_paused(*KILL_POINTS[point], argv, tmp_path / "paused")
+    try:
+        mid_way = _tree(root, out)
+        PromptBank(root)  # the writer is alive: nothing of it may be touched
+        assert _tree(root, out) == mid_way
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+    assert _litter(root, out), "the kill point left nothing to clear up: the test tests nothing"
+
+    bank = PromptBank(root)  # the next open
+
+    assert _litter(root, out) == []
+    _assert_same(bank.load("other"), other)
+    if operation == "rm" or moment in {"writing-files", "written-not-linked", "link-staged"}:
+        expected_names = ["other"] if operation == "rm" else ["other", "sentiment"]
+        assert bank.names() == expected_names
+    if operation == "rm":
+        assert not (root / ".versions" / "sentiment").exists()
+        return
+    current = os.path.basename(os.readlink(root / "sentiment"))
+    assert set(_listdir_sorted(root / ".versions" / "sentiment")) <= versions_before | {current}
+    _assert_same(bank.load("sentiment"), new if moment == "removing-old-version" else old)
+    assert not (out / "exported").exists()
+
+
+def test_atomic_version_ids_grow_even_when_the_clock_goes_back(tmp_path, monkeypatch):
+    bank = PromptBank(tmp_path / "bank")
+    bank.save(_prompt(seed=1))
+    monkeypatch.setattr(time, "time_ns", lambda: 5)  # a writer on a host whose clock is behind
+    bank.save(_prompt(seed=2))
+    monkeypatch.undo()
+    PromptBank(bank.root)  # an open clears up only what no reader can reach
+    assert len(os.listdir(bank.root / ".versions" / "sentiment")) == 2
+    _assert_same(bank.load("sentiment"), _prompt(seed=2))
 
 
 # ----------------------------------------------------------------------------- bad input

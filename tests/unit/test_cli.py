@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.bank import PromptBank
+from softprompt.bank import PromptBank, SavedPrompt
 from softprompt.cli import main
+from softprompt.model.loading import load_model
+from softprompt.prompting.prompted import PromptedModel
 
-from ..conftest import NEGATIVE, POSITIVE, write_sentiment_jsonl
+from ..conftest import NEGATIVE, POSITIVE, build_tiny_model, write_sentiment_jsonl
 
 TEMPLATE = "review : {text} sentiment :"
 
@@ -246,9 +248,9 @@ def test_eval_json_last_line_and_zero_shot(trained_bank, tiny_model_dir, capsys)
     assert code == 0 and _last_json(out)["zero_shot"] is True
 
 
-def test_bank_list_show_export_import_rm(trained_bank, tmp_path, capsys):
+def test_bank_list_show_export_import_rm(trained_bank, tiny_model_dir, tmp_path, capsys):
     bank, _, _ = trained_bank
-    code, out, _ = _run(capsys, "bank", "list", "--bank", str(bank))
+    code, out, _ = _run(capsys, "bank", "list", "--bank", str(bank), "--model", tiny_model_dir)
     assert code == 0 and out.splitlines() == ["sentiment\tok", "topic\tok"]
     code, out, _ = _run(capsys, "bank", "show", "--bank", str(bank), "topic")
     assert code == 0 and _last_json(out)["shape"] == [3, 32]
@@ -263,6 +265,34 @@ def test_bank_list_show_export_import_rm(trained_bank, tmp_path, capsys):
     )
     assert _run(capsys, "bank", "rm", "--bank", str(bank), "topic")[0] == 0
     assert PromptBank(bank).names() == ["sentiment", "topic2"]
+
+
+def test_bank_list_shows_a_task_from_another_base_model_as_unusable(
+    tiny_model_dir, tmp_path, capsys
+):
+    bank = PromptBank(tmp_path / "bank")
+    other = build_tiny_model("llama", seed=1)  # same shape, other weights: another base model
+    other.config.name_or_path = "other/tiny-llama"
+    PromptedModel(other, {"foreign": torch.randn(2, 32)}).save_task("foreign", bank)
+    mine = PromptedModel(load_model(tiny_model_dir), {"mine": torch.randn(2, 32)})
+    mine.save_task("mine", bank)
+    bank.save(SavedPrompt("peft", torch.randn(2, 32), mine.saved_prompt("mine").config))
+    bank.save(PromptedModel(other, {"wide": torch.randn(2, 16)}).saved_prompt("wide"))
+    (bank.root / "broken").mkdir()
+    (bank.root / "broken" / "adapter_config.json").write_text("{}")
+
+    code, out, _ = _run(capsys, "bank", "list", "--bank", str(bank.root), "--model", tiny_model_dir)
+
+    assert code == 0
+    status = dict(line.split("\t", 1) for line in out.splitlines())
+    assert sorted(status) == ["broken", "foreign", "mine", "peft", "wide"]
+    assert status["mine"] == "ok"
+    assert status["peft"] == "ok (no base-model fingerprint: not verified)"
+    assert status["foreign"].startswith(f"UNUSABLE with model {tiny_model_dir!r}: ")
+    assert "trained on 'other/tiny-llama'" in status["foreign"]
+    assert "embedding_sha256" in status["foreign"]
+    assert status["wide"].startswith("UNUSABLE") and "hidden size 16" in status["wide"]
+    assert status["broken"].startswith("BROKEN") and "peft_type" in status["broken"]
 
 
 def test_generate_with_a_bank_task_and_without(trained_bank, tiny_model_dir, capsys):
@@ -387,9 +417,9 @@ def test_multi_task_training_moves_every_prompt(trained_bank):
 
 
 def test_inspect_text_init_decodes_to_its_own_words(tiny_model, tiny_tokenizer):
-    from softprompt.inspect import nearest_tokens
-    from softprompt.prompted import PromptedModel
-    from softprompt.prompts import PromptTuningConfig
+    from softprompt.prompting.inspection import nearest_tokens
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.prompting.soft import PromptTuningConfig
 
     config = PromptTuningConfig(
         num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text="great awful movie"

@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from softprompt.compare import METHODS, CompareConfig, markdown_table, model_digest, run_compare
 from softprompt.errors import ConfigError
+from softprompt.training.compare import (
+    METHODS,
+    CompareConfig,
+    markdown_table,
+    model_digest,
+    run_compare,
+)
 
 from ..conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -273,7 +279,7 @@ def test_seeds_run_each_method_per_seed_and_report_mean_and_std(compared, tmp_pa
 
 
 def test_merge_results_joins_runs_made_apart_into_one_table(compared, tmp_path):
-    from softprompt.compare import merge_results, write_outputs
+    from softprompt.training.compare import merge_results, write_outputs
 
     model_dir = str(compared["out"].parent / "tiny")
     data = str(compared["out"].parent / "data.jsonl")

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from softprompt.bank import PNG_SIGNATURE, PromptBank, SavedPrompt
-from softprompt.engine import ClassifyRequest, Engine
-from softprompt.inspect import nearest_tokens, task_similarity
-from softprompt.models import fingerprint
-from softprompt.plots import plot_training
+from softprompt.model.loading import fingerprint
+from softprompt.prompting.inspection import nearest_tokens, task_similarity
+from softprompt.serving.engine import ClassifyRequest, Engine
+from softprompt.training.plots import plot_training
 
 from ..conftest import build_tiny_model
 from .test_engine import (
@@ -95,8 +95,8 @@ def _plotted_task(bank: PromptBank, model, run_dir: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory):
-    from softprompt.deep_prompt import DeepPromptModel
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
+    from softprompt.prompting.deep import DeepPromptModel
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
@@ -148,10 +148,10 @@ def test_console_assets_ship_in_the_package_data():
     patterns = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"][
         "setuptools"
     ]["package-data"]["softprompt"]
-    shipped = resources.files("softprompt") / "console"
+    shipped = resources.files("softprompt") / "api" / "static"
     for name in ("index.html", "console.js", "console.css"):
         assert (shipped / name).is_file()
-        assert any(Path("console", name).match(p) for p in patterns), name
+        assert any(Path("api", "static", name).match(p) for p in patterns), name
 
 
 def test_bad_input_unknown_console_file_is_a_json_404(console):
@@ -308,8 +308,8 @@ def page_server(console):
     if not (model and bank):
         yield console
         return
-    from softprompt.models import load_model
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
+    from softprompt.model.loading import load_model
 
     engine = Engine(load_model(model), PromptBank(bank, create=False))
     with running(create_app(engine, api_key=API_KEY)) as url:
@@ -434,10 +434,10 @@ def test_console_in_a_real_browser(page_server, tmp_path):
 def gateway(tmp_path_factory):
     """The console's routes on the vLLM gateway (a fake vLLM doing the model work) next to the
     built-in engine on the same bank, with a deep prompt the gateway cannot serve."""
-    from softprompt.deep_prompt import DeepPromptModel
-    from softprompt.models import load_model
-    from softprompt.server import create_app
-    from softprompt.vllm_backend import VLLMBackend, load_gateway_model
+    from softprompt.api.app import create_app
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.deep import DeepPromptModel
+    from softprompt.serving.vllm.backend import VLLMBackend, load_gateway_model
 
     from .fake_vllm import FakeVLLM
     from .test_server import free_port
@@ -498,8 +498,8 @@ def test_console_routes_answer_alike_on_the_vllm_gateway_and_the_builtin_engine(
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory):
     """Tenants acme (acme-*) and beta (beta-*) on one bank, plus the admin key."""
-    from softprompt.server import create_app
-    from softprompt.tenants import add_tenant
+    from softprompt.api.app import create_app
+    from softprompt.api.tenants import add_tenant
 
     folder = tmp_path_factory.mktemp("tenants")
     keys_path = folder / "keys.json"

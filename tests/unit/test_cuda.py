@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.prompted import PromptedModel
+from softprompt.prompting.prompted import PromptedModel
 
 pytestmark = pytest.mark.cuda
 

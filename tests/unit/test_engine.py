@@ -10,20 +10,20 @@ import time
 import pytest
 import torch
 
-from softprompt import inject
 from softprompt.bank import PromptBank, SavedPrompt
 from softprompt.data import encode_example, task_from_meta
-from softprompt.engine import (
+from softprompt.errors import ConfigError, IncompatiblePromptError, UnknownTaskError
+from softprompt.model.loading import fingerprint
+from softprompt.prompting import inject
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.serving.engine import (
     ClassifyRequest,
     ContextLengthError,
     Engine,
     GenerationRequest,
     NoVerbalizerError,
 )
-from softprompt.errors import ConfigError, IncompatiblePromptError, UnknownTaskError
-from softprompt.evaluate import label_log_likelihoods
-from softprompt.models import fingerprint
-from softprompt.prompted import PromptedModel
+from softprompt.training.evaluation import label_log_likelihoods
 
 from ..conftest import WORDS, build_tiny_model
 
@@ -381,6 +381,21 @@ def test_classify_multi_field_bad_input_names_the_field(engine, bank, tiny_llama
         engine.classify("titled", [value])
 
 
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("temperature", True, "temperature must be >= 0"),
+        ("top_p", True, "top_p must be in (0, 1]"),
+        ("seed", False, "seed must be an integer"),
+        ("max_new_tokens", True, "max_new_tokens must be a positive integer"),
+    ],
+)
+def test_bad_input_a_bool_is_not_a_sampling_number(engine, field, value, fragment):
+    fields = {"max_new_tokens": 1, field: value}
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        engine.generate([GenerationRequest("fun", task="t0", **fields)])
+
+
 def test_classify_string_input_fills_the_one_field_of_any_name(engine, bank, tiny_llama):
     save_task(bank, "question", random_prompt(3, 8), tiny_llama, template="q : {question} a :")
     by_string, by_object = engine.classify(
@@ -522,7 +537,7 @@ def test_bad_input_prompt_saved_mid_request_never_mixes_versions(
 def test_bad_input_prompt_tensor_gets_one_message_in_the_engine_and_the_prompt_table(
     engine, values, message
 ):
-    from softprompt.prompts import PromptTable
+    from softprompt.prompting.soft import PromptTable
 
     with pytest.raises(IncompatiblePromptError) as in_engine:
         engine.add_task("bad", values)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from softprompt.data import load_examples, make_classification_task
-from softprompt.evaluate import evaluate_classification, label_log_likelihoods
-from softprompt.prompted import PromptedModel
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.training.evaluation import evaluate_classification, label_log_likelihoods
 
 from ..conftest import write_sentiment_jsonl
 
@@ -66,7 +66,7 @@ def _scores_one_forward_per_label(model, examples, targets, task_id):
 def test_one_token_labels_read_from_one_forward_equal_one_forward_per_label(
     kind, tiny_llama, tiny_tokenizer, tmp_path
 ):
-    from softprompt.deep_prompt import DeepPromptModel
+    from softprompt.prompting.deep import DeepPromptModel
 
     task = make_classification_task(
         "sentiment", "review : {text} sentiment :", ["negative", "positive"], [" bad", " good"]

@@ -1,12 +1,12 @@
-"""Invariants of the injection seam (DESIGN.md 1-4, 7) on tiny random Llama and Gemma 3 models."""
+"""Invariants of the injection seam (docs/architecture.md 1-4, 7) on tiny random Llama and Gemma 3 models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from softprompt import inject
-from softprompt.prompts import NO_TASK, PromptTable
+from softprompt.prompting import inject
+from softprompt.prompting.soft import NO_TASK, PromptTable
 
 from ..conftest import build_tiny_model
 
@@ -268,6 +268,32 @@ def test_sampling_with_seed_is_batch_independent(tiny_llama):
         tiny_llama, ids, mask, prompts=prompts, prompt_lengths=lengths, max_new_tokens=8
     )
     assert mixed != greedy  # sampling really samples
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.0, 5e-324, 1e-45, 1e-300, 9.9e-6])
+@pytest.mark.parametrize("top_p", [1.0, 5e-324, 1e-45, 1e-300])
+def test_sampling_values_below_eps_are_greedy(temperature, top_p):
+    sampling = inject.Sampling(temperature, top_p, seed=1)
+    assert (sampling.temperature, sampling.top_p) == (0.0, 1.0)  # what every backend reads
+    logits = torch.randn(4, 50)  # (B, V)
+    picker = inject.TokenPicker([sampling] * 4)
+    assert torch.equal(picker(logits), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-5, 1.0), (1e-5, 1e-5), (2.0, 1e-5)])
+def test_sampler_never_overflows_to_nan_and_tiny_top_p_keeps_the_top_token(temperature, top_p):
+    """Logits near float32's limits divided by the smallest sampling temperature overflow in
+    float32 (inf / inf = nan); the sampler works in float64."""
+    logits = torch.tensor([[3e38, 1e38, -3e38, 0.0], [0.0, 0.0, 5.0, 0.0]])  # (B=2, V=4)
+    picker = inject.TokenPicker([inject.Sampling(temperature, top_p, seed=s) for s in (1, 2)])
+    for _ in range(20):
+        assert picker(logits).tolist() == [0, 2]
+
+
+def test_sampling_ties_under_a_tiny_top_p_pick_the_argmax():
+    logits = torch.tensor([[0.0, 7.0, 7.0, 7.0]])  # three tokens share the top
+    picker = inject.TokenPicker([inject.Sampling(1.0, 2e-5, seed=3)])
+    assert picker(logits).item() == logits.argmax(-1).item() == 1
 
 
 def test_bad_input_unknown_task_id_names_it():

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from softprompt.bank import PromptBank
-from softprompt.deep_prompt import DeepPromptModel
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.models import load_model
-from softprompt.prompted import PromptedModel
+from softprompt.model.loading import load_model
+from softprompt.prompting.deep import DeepPromptModel
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.serving.engine import Engine, GenerationRequest
 
 from ..conftest import NEGATIVE, POSITIVE
 from .test_server import free_port

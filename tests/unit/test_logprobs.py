@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.engine_requests import MAX_TOP_LOGPROBS, PromptLogprobsRequest
 from softprompt.errors import ConfigError
-from softprompt.scorer import ScoreRow
+from softprompt.prompting.scorer import ScoreRow
+from softprompt.serving.engine import Engine, GenerationRequest
+from softprompt.serving.requests import MAX_TOP_LOGPROBS, PromptLogprobsRequest
 
 from ..conftest import build_tiny_tokenizer
 from .test_deep_prompt import TEXTS, _served_bank
@@ -87,7 +87,7 @@ def test_logprobs_do_not_change_the_generated_tokens_and_sampling_keeps_raw_valu
 
 
 def test_classification_sharing_a_scoring_batch_with_an_echo_keeps_its_scores(engine):
-    from softprompt.engine import ClassifyRequest
+    from softprompt.serving.engine import ClassifyRequest
 
     alone = engine.classify("soft-task", TEXTS)
     mixed = engine.run(
@@ -141,8 +141,8 @@ def server(tmp_path_factory):
     import httpx
     import openai
 
+    from softprompt.api.app import create_app
     from softprompt.bank import PromptBank
-    from softprompt.server import create_app
 
     from ..conftest import build_tiny_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from softprompt.errors import ModelLoadError
-from softprompt.models import describe, load_model, resolve_model_source, softprompt_home
+from softprompt.model.loading import describe, load_model, resolve_model_source, softprompt_home
 
 
 def test_frozen_local_folder_loads_with_fingerprint(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""PromptedModel: inits, PEFT interop both ways (DESIGN.md 5), round trips (6), bad input."""
+"""PromptedModel: inits, PEFT interop both ways (docs/architecture.md 5), round trips (6), bad input."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from softprompt.errors import (
     PromptFileError,
     UnknownTaskError,
 )
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import PromptTuningConfig, init_prompt
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import PromptTuningConfig, init_prompt
 
 from ..conftest import build_tiny_model
 

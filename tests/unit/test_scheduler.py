@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
-from softprompt.engine import ClassifyRequest, Engine, GenerationRequest
+from softprompt.api.tenants import add_tenant
 from softprompt.errors import ConfigError, OverloadedError, UnknownTaskError
-from softprompt.scheduler import BatchScheduler, SchedulerConfig
+from softprompt.prompting import inject
+from softprompt.serving.engine import ClassifyRequest, Engine, GenerationRequest
+from softprompt.serving.scheduler import BatchScheduler, SchedulerConfig
 
 from ..conftest import build_tiny_model
 from .test_deep_prompt import _served_bank
@@ -62,6 +67,39 @@ def started(request: GenerationRequest) -> threading.Event:
     event = threading.Event()
     request.on_text = lambda _: event.set()
     return event
+
+
+def fail_picks_of(monkeypatch, failing, after: int = 0) -> None:
+    """From its pick number `after` on, picking fails for the row whose sampling settings are
+    `failing(settings)` (as a sampler raises on a value it mishandles): the rows before it in its
+    batch sample first, so their generators have moved; batches without it pick as before."""
+    real, picks = inject.TokenPicker.__call__, []
+
+    def picking(picker, logits):
+        at = next((i for i, s in enumerate(picker.sampling) if failing(s)), None)
+        if at is not None:
+            picks.append(at)
+            if len(picks) > after:
+                if at:
+                    real(picker.select(list(range(at))), logits[:at])
+                raise RuntimeError("this row's sampling failed")
+        return real(picker, logits)
+
+    monkeypatch.setattr(inject.TokenPicker, "__call__", picking)
+
+
+def fail_forwards_from(model, position: int) -> list[bool]:
+    """Arm (set `[0] = True`) a failure of every one-token forward over a row at `position` or
+    beyond, in the model's second layer: the first layer has already grown the cache."""
+    armed = [False]
+
+    def check(_, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+        if armed[0] and hidden.shape[1] == 1 and bool((kwargs["position_ids"] >= position).any()):
+            raise RuntimeError("this row's forward failed")
+
+    model.model.layers[1].register_forward_pre_hook(check, with_kwargs=True)
+    return armed
 
 
 # ---------------------------------------------------------------- the engine's steps
@@ -299,3 +337,172 @@ def test_a_later_request_gets_a_turn_before_a_large_one_ends(engine, make_schedu
         batches
     )  # not after all of them
     assert sum(len(b) for b in batches) == 7
+
+
+# ---------------------------------------------------------------- a failing row fails alone
+
+
+def test_a_row_failing_in_a_step_fails_alone_and_the_running_rows_finish_as_alone(
+    engine, make_scheduler, monkeypatch
+):
+    """Issue 23, item 2: client B runs two greedy generations (8 tokens, ignore_eos); client A's
+    request on its own task joins them and its sampling fails: A alone gets the error."""
+    tenant_b = [
+        GenerationRequest(text, task="t0", max_new_tokens=8, ignore_eos=True) for text in TEXTS[:2]
+    ]
+    alone = [engine.generate([r])[0] for r in tenant_b]
+    bad = engine.prepare(GenerationRequest("fun", task="t1", max_new_tokens=8, temperature=0.7))
+    fail_picks_of(monkeypatch, lambda s: s is bad.sampling)
+    b_running, a_queued = threading.Event(), threading.Event()
+
+    def hold(_):  # B's first step waits until A's request is queued: A joins B's rows
+        b_running.set()
+        a_queued.wait(30)
+
+    tenant_b[0].on_text = hold
+    scheduler = make_scheduler(max_wait_ms=0)
+    b_futures = scheduler.enqueue_all(engine.prepare_all(tenant_b), "tenant B")
+    assert b_running.wait(30)
+    a_future = scheduler.enqueue(bad, "tenant A")
+    a_queued.set()
+    with pytest.raises(RuntimeError, match="this row's sampling failed"):
+        a_future.result(30)
+    assert outputs([f.result(30) for f in b_futures]) == outputs(alone)
+    assert scheduler.step_sizes[3] == 1  # A's row really shared (and failed) a step with B's
+
+
+def test_one_failing_row_of_a_4_row_step_fails_alone_and_the_scheduler_serves_on(
+    engine, make_scheduler, monkeypatch
+):
+    requests = mixed_requests(4)  # rows 0 and 2 sample with their own seeds, before row 3
+    alone = [engine.generate([r])[0] for r in requests]
+    prepared = engine.prepare_all(requests)
+    fail_picks_of(monkeypatch, lambda s: s is prepared[3].sampling, after=2)  # its 3rd token
+    scheduler = make_scheduler(max_batch_size=4, max_wait_ms=200)
+    futures = scheduler.enqueue_all(prepared, "one client")
+    with pytest.raises(RuntimeError, match="this row's sampling failed"):
+        futures[3].result(30)
+    assert outputs([f.result(30) for f in futures[:3]]) == outputs(alone[:3])
+    assert scheduler.step_sizes[4] == 3  # the failing step had all four rows
+    later = scheduler.submit_sync(requests[2], timeout=30)
+    assert outputs([later]) == outputs([alone[2]])
+
+
+def test_over_http_a_tenant_whose_request_fails_never_fails_another_tenants_requests(
+    engine, tmp_path, monkeypatch
+):
+    """Issue 23, item 2 against a server with two tenants: B's completion of two prompts (8
+    tokens, ignore_eos) runs; A's request on its own task joins and its sampling fails: A gets
+    the 500, B gets its texts as each alone."""
+    from softprompt.api.app import create_app
+
+    from .test_server import running
+
+    tenants = {"a": "t1", "b": "t0"}  # each tenant's own task
+    keys = {name: add_tenant(tmp_path / "keys.json", name, [t]) for name, t in tenants.items()}
+    prompts = TEXTS[:2]
+    alone = [
+        engine.generate([GenerationRequest(p, task="t0", max_new_tokens=8, ignore_eos=True)])[0]
+        for p in prompts
+    ]
+    fail_picks_of(monkeypatch, lambda s: s.seed == 4242)
+    app = create_app(engine, keys=tmp_path / "keys.json")
+    real_pick, b_running = inject.TokenPicker.__call__, threading.Event()
+
+    def held(picker, logits):  # B's first step waits until A's request is queued: A joins it
+        if not b_running.is_set():
+            b_running.set()
+            deadline = time.monotonic() + 30
+            while app.state.scheduler.queued < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return real_pick(picker, logits)
+
+    monkeypatch.setattr(inject.TokenPicker, "__call__", held)
+    b_body = {
+        "model": "t0",
+        "prompt": prompts,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    a_body = {"model": "t1", "prompt": "fun", "max_tokens": 8, "temperature": 0.7, "seed": 4242}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+
+        def post(body, tenant):
+            auth = {"Authorization": f"Bearer {keys[tenant]}"}
+            return http.post("/v1/completions", json=body, headers=auth)
+
+        with ThreadPoolExecutor(1) as pool:
+            b_response = pool.submit(post, b_body, "b")
+            assert b_running.wait(30)
+            a_response = post(a_body, "a")
+            b_response = b_response.result(30)
+    assert a_response.status_code == 500
+    assert b_response.status_code == 200
+    assert [c["text"] for c in b_response.json()["choices"]] == [r.text for r in alone]
+    assert app.state.scheduler.step_sizes[3] == 1  # A's row failed in a step with B's two
+
+
+@pytest.mark.parametrize("where", ["step", "join"])
+def test_a_row_whose_forward_fails_leaves_alone_the_cache_as_it_was(engine, where):
+    """The failing forward has grown the first layer's cache before it raised: the rows left
+    go on from the cache as it was before (inject.decode cuts it back), each as alone."""
+    long_text = " ".join(TEXTS * 3)  # its positions are beyond every other row's
+    requests = [greedy("fun", "t0"), greedy(long_text, "t3"), greedy("i love this film", None)]
+    joining = [greedy("a boring plot and", "t1", n=6), greedy("the actor is not", "deep-task")]
+    alone = [engine.generate([r])[0] for r in [*requests, *joining]]
+    armed = fail_forwards_from(engine.model, position=len(engine.prepare(requests[1]).input_ids))
+    prepared, later = engine.prepare_all(requests), engine.prepare_all(joining)
+    batch = engine.start_generation(prepared)
+    results = dict(engine.step(batch))  # the first tokens: read from the prefill, no forward
+    armed[0] = True
+    new = engine.start_generation(later)
+    if where == "join":
+        engine.join(batch, new)  # the running rows' forward fails there
+    else:
+        results.update(engine.step(batch))  # the failing row leaves here
+        engine.join(batch, new)
+    while batch.rows:
+        results.update(engine.step(batch))
+    error = results.pop(prepared[1])
+    assert isinstance(error, RuntimeError) and "forward failed" in str(error)
+    others = [prepared[0], prepared[2], *later]
+    assert outputs([results[p] for p in others]) == outputs([alone[0], *alone[2:]])
+
+
+def test_sliding_window_model_a_row_whose_sampling_fails_leaves_alone(tmp_path, monkeypatch):
+    gemma = build_tiny_model("gemma3")
+    engine = Engine((gemma, build_full_tokenizer()), tmp_path / "bank")
+    requests = [
+        GenerationRequest(t, max_new_tokens=6, temperature=0.9, seed=i)
+        for i, t in enumerate(TEXTS[:3])
+    ]
+    alone = [engine.generate([r])[0] for r in requests]
+    prepared = engine.prepare_all(requests)
+    fail_picks_of(monkeypatch, lambda s: s is prepared[2].sampling, after=1)
+    batch, results = engine.start_generation(prepared), {}
+    while batch.rows:
+        results.update(engine.step(batch))
+    assert isinstance(results.pop(prepared[2]), RuntimeError)
+    assert outputs([results[p] for p in prepared[:2]]) == outputs(alone[:2])
+
+
+def test_a_batch_failing_as_a_whole_fails_its_rows_and_the_scheduler_serves_on(
+    engine, make_scheduler
+):
+    """Every row passes alone but not together (as when memory runs out for the batch): the
+    failure is the batch's, so every row of it fails; a later request runs."""
+
+    def check(_, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+        if hidden.shape[0] > 1 and hidden.shape[1] == 1:
+            raise RuntimeError("out of memory")
+
+    engine.model.model.layers[1].register_forward_pre_hook(check, with_kwargs=True)
+    scheduler = make_scheduler(max_wait_ms=200)
+    futures = scheduler.enqueue_all(engine.prepare_all([greedy(t, "t0") for t in TEXTS[:3]]))
+    for future in futures:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            future.result(30)
+    assert scheduler.step_sizes == {3: 1}  # the first step reads the prefill's logits
+    assert scheduler.submit_sync(greedy("fun", "t1", n=2), timeout=30).token_ids

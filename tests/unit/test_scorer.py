@@ -1,4 +1,4 @@
-"""The one scorer (scorer.py): `softprompt eval` (evaluate.label_log_likelihoods) and the engine's
+"""The one scorer (prompting/scorer.py): `softprompt eval` (evaluation.label_log_likelihoods) and the engine's
 /v1/classify give the same scores on the same rows, for a soft prompt, a deep prompt and no prompt,
 with one-token and multi-token labels; the one-token fast path shares forwards and changes no score."""
 
@@ -9,12 +9,12 @@ import torch
 
 from softprompt.bank import PromptBank
 from softprompt.data import encode_example, make_classification_task
-from softprompt.deep_prompt import DeepPromptModel
-from softprompt.engine import ClassifyRequest, Engine
-from softprompt.evaluate import label_log_likelihoods
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import NO_TASK
-from softprompt.scorer import ScoreRow, score_rows
+from softprompt.prompting.deep import DeepPromptModel
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.scorer import ScoreRow, score_rows
+from softprompt.prompting.soft import NO_TASK
+from softprompt.serving.engine import ClassifyRequest, Engine
+from softprompt.training.evaluation import label_log_likelihoods
 
 from ..conftest import build_tiny_tokenizer
 

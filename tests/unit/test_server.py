@@ -18,9 +18,9 @@ import safetensors.torch
 import torch
 
 from softprompt.bank import PromptBank
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.models import fingerprint
-from softprompt.scheduler import SchedulerConfig
+from softprompt.model.loading import fingerprint
+from softprompt.serving.engine import Engine, GenerationRequest
+from softprompt.serving.scheduler import SchedulerConfig
 
 from ..conftest import build_tiny_model
 from .test_engine import (
@@ -75,7 +75,7 @@ def running(app):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
 
-    from softprompt.server import RequestLimits, create_app
+    from softprompt.api.app import RequestLimits, create_app
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -558,7 +558,7 @@ def test_classify_object_input_serves_a_multi_field_template(server):
 
 
 def test_deep_prompt_upload_is_served_over_http_and_listed_with_its_kind(server, tmp_path):
-    from softprompt.deep_prompt import DeepPromptModel
+    from softprompt.prompting.deep import DeepPromptModel
 
     deep = DeepPromptModel(
         server.model, {"deep": random_prompt(3, seed=46)}, tokenizer=server.engine.tokenizer

@@ -17,12 +17,12 @@ import pytest
 import safetensors.torch
 import torch
 
+from softprompt.api.app import RequestLimits
 from softprompt.bank import PromptBank
 from softprompt.cli import build_parser
-from softprompt.engine import Engine
 from softprompt.options import from_args
-from softprompt.scheduler import SchedulerConfig
-from softprompt.server import RequestLimits
+from softprompt.serving.engine import Engine
+from softprompt.serving.scheduler import SchedulerConfig
 
 from ..conftest import build_tiny_model
 from .test_engine import (
@@ -50,7 +50,7 @@ def server(tmp_path_factory):
     """A live server whose scoring can be slowed down (`server.slow.delay` seconds per batch) and
     records each scoring batch (the input length of each pair)."""
 
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     bank = PromptBank(tmp_path_factory.mktemp("bank"))
@@ -203,7 +203,7 @@ def test_limits_queue_timeout_and_batching_are_serve_flags_with_defaults():
 @contextlib.contextmanager
 def paced_server(tmp_path, *, max_queue=1024, timeout_s=300.0):
     """A live server whose decode steps wait for `pace.release` (set) and then `pace.delay` s."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
     bank = PromptBank(tmp_path / "bank")
@@ -431,6 +431,9 @@ def test_bad_input_duplicate_multipart_part_is_422_naming_it(server):
 
 # ---------------------------------------------------------------- the fuzz table
 
+FLOAT_EDGES = ["5e-324", "1e-45", "1e-300", "1.7976931348623157e308", "-0.0"]
+"""Raw JSON floats the arithmetic may trip on: subnormals (float64, float32), one that is 0 in
+float32, the largest float, negative zero."""
 HOSTILE = [  # raw JSON text, so values Python's json would never write are sent as they are
     "null",
     "true",
@@ -465,6 +468,7 @@ HOSTILE = [  # raw JSON text, so values Python's json would never write are sent
     '"t0"',
     '"no-such-task"',
     '"Bad/Name"',
+    *FLOAT_EDGES,
 ]
 ROUTES = {
     "/v1/completions": {"model": "t0", "prompt": "the movie", "max_tokens": 2, "temperature": 0},
@@ -488,6 +492,7 @@ FIELDS = {
         "stream",
         "stream_options",
         "logprobs",
+        "echo",
     ],
     "/v1/chat/completions": [
         "model",
@@ -501,6 +506,8 @@ FIELDS = {
         "seed",
         "stream",
         "stream_options",
+        "logprobs",
+        "top_logprobs",
         "messages.0.role",
         "messages.0.content",
         "messages.0.content.0",
@@ -555,6 +562,142 @@ def test_bad_input_fuzz_every_field_of_every_route_never_5xx(server):
         assert_clean(server.http.delete(f"/v1/prompts/{name}", headers=ADMIN))
         assert_clean(upload(server, name, upload_files(random_prompt(2, 1))))
     assert set(server.bank.names()) == {"t0", "t1", "t2", "t3"}
+
+
+GREEDY_LIMIT = {  # the edge values each sampling field accepts whose limit is greedy
+    "temperature": {"5e-324", "1e-45", "1e-300", "-0.0"},
+    "top_p": {"5e-324", "1e-45", "1e-300"},
+    "seed": set(),  # a seed is an integer: every float edge is refused
+}
+SAMPLED = {  # a base body per route that samples (temperature 1), so top_p and seed matter
+    "/v1/completions": {**ROUTES["/v1/completions"], "temperature": 1.0, "max_tokens": 3},
+    "/v1/chat/completions": {**ROUTES["/v1/chat/completions"], "temperature": 1.0, "max_tokens": 3},
+}
+
+
+def generated_text(server, route: str, body: bytes, stream: bool) -> tuple[int, str]:
+    """(status, generated text) of a completion or chat request, streamed or not; a stream that
+    carries an error fails the test."""
+    headers = {"content-type": "application/json"}
+    if not stream:
+        response = server.http.post(route, content=body, headers=headers)
+        assert_clean(response)
+        if response.status_code != 200:
+            return response.status_code, ""
+        choice = response.json()["choices"][0]
+        return 200, choice["text"] if "text" in choice else choice["message"]["content"]
+    with server.http.stream("POST", route, content=body, headers=headers) as response:
+        if response.status_code != 200:
+            response.read()
+            assert_clean(response)
+            return response.status_code, ""
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c], chunks
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    return 200, "".join(c.get("text") or c.get("delta", {}).get("content") or "" for c in choices)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("route", list(SAMPLED))
+def test_bad_input_fuzz_float_edges_of_every_sampling_field_never_5xx_tiny_values_are_greedy(
+    server, route, stream
+):
+    base = {**SAMPLED[route], "stream": stream}
+    greedy = generated_text(server, route, json.dumps({**base, "temperature": 0}).encode(), stream)
+    assert greedy[0] == 200
+    for field, greedy_values in GREEDY_LIMIT.items():
+        for raw in FLOAT_EDGES:
+            status, text = generated_text(server, route, hostile_body(base, field, raw), stream)
+            if raw in greedy_values:
+                assert (status, text) == greedy, (field, raw)
+            else:
+                assert status == 422, (field, raw, status)
+
+
+@pytest.mark.parametrize(
+    "route, field, value",
+    [
+        ("/v1/completions", "max_tokens", "3"),
+        ("/v1/completions", "max_tokens", True),
+        ("/v1/completions", "max_tokens", 3.0),
+        ("/v1/completions", "temperature", "1"),
+        ("/v1/completions", "temperature", True),
+        ("/v1/completions", "top_p", False),
+        ("/v1/completions", "seed", "7"),
+        ("/v1/completions", "seed", True),
+        ("/v1/completions", "stream", "yes"),
+        ("/v1/completions", "ignore_eos", 1),
+        ("/v1/completions", "stream_options", {"include_usage": "yes"}),
+        ("/v1/completions", "prompt", [1, True]),
+        ("/v1/chat/completions", "max_tokens", "3"),
+        ("/v1/chat/completions", "max_completion_tokens", True),
+        ("/v1/chat/completions", "n", "1"),
+        ("/v1/classify", "zero_shot", "yes"),
+        ("/v1/classify", "zero_shot", 1),
+    ],
+)
+def test_bad_input_loose_types_are_422_naming_the_field(server, route, field, value):
+    response = server.http.post(route, json={**ROUTES[route], field: value})
+    assert_error(response, 422, field, "invalid_value")
+    assert response.json()["error"]["param"].split(".")[0] == field
+
+
+def test_bad_input_a_json_int_is_a_float_and_null_is_the_default(server):
+    route, base = "/v1/completions", {"model": "t0", "prompt": "the movie", "ignore_eos": True}
+
+    def text_and_tokens(**fields):
+        response = server.http.post(route, json={**base, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"], response.json()["usage"]["completion_tokens"]
+
+    assert text_and_tokens(temperature=0, top_p=1) == text_and_tokens(temperature=0.0, top_p=1.0)
+    assert text_and_tokens(max_tokens=None, seed=5) == text_and_tokens(seed=5)
+    assert text_and_tokens(max_tokens=None, temperature=0)[1] == 16  # the default, not the cap
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stop", "stream", "stream_options"])
+    assert text_and_tokens(seed=5, **nulls) == text_and_tokens(seed=5)
+    chat = {**ROUTES["/v1/chat/completions"], "temperature": 0}
+    del chat["max_tokens"]  # chat's default: up to the context
+
+    def chat_answer(**fields):
+        response = server.http.post("/v1/chat/completions", json={**chat, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0], response.json()["usage"]
+
+    assert chat_answer(max_tokens=None, max_completion_tokens=None) == chat_answer()
+    classify = server.http.post("/v1/classify", json={**ROUTES["/v1/classify"], "zero_shot": None})
+    assert classify.json() == server.http.post("/v1/classify", json=ROUTES["/v1/classify"]).json()
+
+
+@pytest.mark.parametrize(
+    "route, fields",
+    [
+        ("/v1/completions", {"logprobs": 1}),
+        ("/v1/completions", {"echo": True}),
+        ("/v1/completions", {"echo": True, "logprobs": 0}),
+        ("/v1/chat/completions", {"logprobs": True}),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}),
+    ],
+)
+def test_logprobs_and_echo_are_answered_streamed_or_not_and_null_is_the_default(
+    server, route, fields
+):
+    """Asked for, they are honoured, never refused nor silently dropped (their values:
+    test_logprobs.py; their bad values: 422 naming the field, there too); null means the default."""
+    for stream in (False, True):
+        response = server.http.post(route, json={**ROUTES[route], **fields, "stream": stream})
+        assert response.status_code == 200, (fields, stream, response.text)
+        assert '"error"' not in response.text, response.text
+        if not stream:
+            choice = response.json()["choices"][0]
+            assert (choice["logprobs"] is not None) == ("logprobs" in fields), choice
+            if fields.get("echo"):
+                assert choice["text"].startswith(ROUTES[route]["prompt"]), choice
+    nulls = {field: None for field in fields}
+    response = server.http.post(route, json={**ROUTES[route], **nulls})
+    assert response.status_code == 200, (nulls, response.text)
+    assert response.json()["choices"][0]["logprobs"] is None
 
 
 UPLOAD_CASES = {

@@ -1,4 +1,4 @@
-"""small_batch.py: the transposed product for decode steps of a few rows on CPU."""
+"""model/small_batch.py: the transposed product for decode steps of a few rows on CPU."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.small_batch import SMALL_ROWS, SmallBatchLinear, use_small_batch_matmul
+from softprompt.model.small_batch import SMALL_ROWS, SmallBatchLinear, use_small_batch_matmul
+from softprompt.serving.engine import Engine, GenerationRequest
 
 from ..conftest import build_tiny_model, build_tiny_tokenizer
 

@@ -3,10 +3,13 @@ that leak nothing, reloads (mtime and SIGHUP), the audit log, the keys file and 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import logging
 import os
 import signal
+import socket
 import threading
 import time
 from datetime import datetime
@@ -16,25 +19,28 @@ import httpx
 import pytest
 import torch
 
-from softprompt import tenants
-from softprompt.bank import PromptBank
-from softprompt.cli import main
-from softprompt.engine import Engine, GenerationRequest
-from softprompt.errors import ConfigError
-from softprompt.tenants import (
+from softprompt.api import tenants
+from softprompt.api.app import uvicorn_options
+from softprompt.api.tenants import (
     Access,
     AuditLog,
     KeyTable,
+    ProxyConfig,
     add_tenant,
     hash_key,
     read_keys,
     reload_on_sighup,
     revoke_tenant,
 )
+from softprompt.bank import PromptBank
+from softprompt.cli import build_parser, main
+from softprompt.errors import ConfigError
+from softprompt.options import from_args
+from softprompt.serving.engine import Engine, GenerationRequest
 
 from ..conftest import build_tiny_model
 from .test_engine import TEXTS, VERBALIZER, build_full_tokenizer, random_prompt, save_task
-from .test_server import API_KEY, running, upload_files
+from .test_server import API_KEY, free_port, running, upload_files
 
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 TASK_NAMES = {"acme-a": 2, "acme-b": 3, "beta-a": 4}
@@ -48,7 +54,7 @@ def bearer(key: str) -> dict:
 def server(tmp_path_factory):
     """Tenants acme (acme-*, upload + delete), beta (beta-*, upload + delete) and reader (acme-*,
     no admin rights), plus the admin key; audit log at its default place next to the keys file."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     folder = tmp_path_factory.mktemp("tenants")
     keys_path = folder / "keys.json"
@@ -303,7 +309,7 @@ def test_revoked_key_stops_working_after_sighup(server, monkeypatch):
 def test_a_bad_keys_file_on_reload_keeps_the_old_table_and_logs_it(server, caplog):
     good = server.keys_path.read_text()
     try:
-        with caplog.at_level("ERROR", logger="softprompt.tenants"):
+        with caplog.at_level("ERROR", logger="softprompt.api.tenants"):
             tmp = server.keys_path.with_name("bad.tmp")
             tmp.write_text(good.replace('"upload"', '"uplaod"', 1))
             os.replace(tmp, server.keys_path)
@@ -405,7 +411,7 @@ BAD_FILES = [
 def test_a_bad_keys_file_is_refused_at_start_naming_the_file_and_the_entry(
     tmp_path, capsys, content, fragment
 ):
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     path = tmp_path / "keys.json"
     path.write_text(content.replace("%s", hash_key("k1"), 1).replace("%s", hash_key("k2")))
@@ -481,3 +487,187 @@ def test_without_a_keys_file_nothing_changes_for_inference_or_the_admin_key():
     access = Access(api_key="k")
     assert access.keys is None and access.audit is None and access._match("k").name == "admin"
     assert tenants.READER.may_use("any") and not tenants.READER.may("upload", "any")
+
+
+# ---------------------------------------------------------------- where a request comes from
+
+
+@contextlib.contextmanager
+def served(app):
+    """`app` run the way `softprompt serve` runs it (`uvicorn_options`) on a free loopback port;
+    yields an httpx client for it."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, **uvicorn_options("127.0.0.1", free_port(), "warning")))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    wait_for(lambda: uv.started, timeout=30)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{uv.config.port}", timeout=30) as http:
+            yield http
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+def audited_delete(server, tmp_path, forwarded_allow_ips: str, forwarded_for: str) -> dict:
+    """The audit record of a DELETE (of a missing task: nothing changes) sent from 127.0.0.1 with
+    the given X-Forwarded-For, by a server trusting `forwarded_allow_ips`."""
+    from softprompt.api.app import create_app
+
+    audit_path = tmp_path / f"audit-{len(list(tmp_path.iterdir()))}.jsonl"
+    app = create_app(
+        server.engine,
+        api_key=API_KEY,
+        keys=server.keys_path,
+        audit_log=audit_path,
+        proxies=ProxyConfig(forwarded_allow_ips=forwarded_allow_ips),
+    )
+    with served(app) as http:
+        headers = {**as_(server, "acme"), "X-Forwarded-For": forwarded_for}
+        assert http.delete("/v1/prompts/acme-nothing", headers=headers).status_code == 404
+    [record] = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert (record["who"], record["action"], record["status"]) == ("acme", "delete", 404)
+    return record
+
+
+def test_a_forged_x_forwarded_for_from_loopback_is_logged_as_the_socket_peer(server, tmp_path):
+    record = audited_delete(server, tmp_path, "", "6.6.6.6")
+    assert record["from"] == "127.0.0.1" and "forwarded_for" not in record
+    # A proxy that is trusted is still not a peer that is: 10.0.0.1 may not speak for 127.0.0.1.
+    record = audited_delete(server, tmp_path, "10.0.0.1", "6.6.6.6")
+    assert record["from"] == "127.0.0.1" and "forwarded_for" not in record
+
+
+def test_a_trusted_proxys_client_is_logged_as_forwarded_for_beside_the_peer(server, tmp_path):
+    record = audited_delete(server, tmp_path, "127.0.0.1", "6.6.6.6")
+    assert (record["from"], record["forwarded_for"]) == ("127.0.0.1", "6.6.6.6")
+    # Through a chain of trusted proxies the client is the last hop that is not one of them: an
+    # address the client wrote itself (1.1.1.1) is ignored.
+    record = audited_delete(
+        server, tmp_path, "127.0.0.0/8, 10.0.0.0/8", "1.1.1.1, 6.6.6.6, 10.0.0.7"
+    )
+    assert (record["from"], record["forwarded_for"]) == ("127.0.0.1", "6.6.6.6")
+
+
+def test_forwarded_for_walks_hops_from_the_right_and_strips_ports():
+    proxies = ProxyConfig(forwarded_allow_ips="10.0.0.0/8,::1")
+    assert proxies.forwarded_for("10.1.2.3", ["7.7.7.7", "6.6.6.6:5000, 10.0.0.2"]) == "6.6.6.6"
+    assert proxies.forwarded_for("::ffff:10.0.0.1", ["[2001:db8::1]:443"]) == "2001:db8::1"
+    assert proxies.forwarded_for("::1", ["10.0.0.2, 10.0.0.3"]) == "10.0.0.2"  # all proxies
+    assert proxies.forwarded_for("::1", []) is None
+    assert proxies.forwarded_for("127.0.0.1", ["6.6.6.6"]) is None  # not a trusted peer
+    assert ProxyConfig().forwarded_for("127.0.0.1", ["6.6.6.6"]) is None  # the default trusts none
+    assert ProxyConfig(forwarded_allow_ips="*").forwarded_for("8.8.8.8", ["1.1.1.1, 2.2.2.2"]) == (
+        "1.1.1.1"
+    )
+
+
+def test_forwarded_allow_ips_is_a_serve_flag_refusing_a_bad_value_before_the_model_loads(
+    monkeypatch, capsys
+):
+    parse = build_parser().parse_args
+    assert from_args(ProxyConfig, parse(["serve", "--bank", "b"])).forwarded_allow_ips == ""
+    given = parse(["serve", "--bank", "b", "--forwarded-allow-ips", "10.0.0.1,192.168.0.0/16"])
+    assert from_args(ProxyConfig, given).trusts("192.168.4.5")
+    calls = []
+    monkeypatch.setattr("softprompt.api.app.serve", lambda *a, **kw: calls.append(kw))
+    assert main(["serve", "--bank", "b", "--forwarded-allow-ips", "127.0.0.1"]) == 0
+    assert calls[0]["proxies"].trusts("127.0.0.1") and not calls[0]["proxies"].trusts("6.6.6.6")
+    for bad in ("10.0.0.300", "localhost", "10.0.0.0/33"):
+        assert main(["serve", "--bank", "b", "--forwarded-allow-ips", f"10.0.0.1,{bad}"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --forwarded-allow-ips: '{bad}' is not an IP address or CIDR network" in err
+    assert len(calls) == 1  # the bad values never reached serve()
+
+
+def test_serve_runs_uvicorn_with_proxy_headers_off():
+    assert uvicorn_options("0.0.0.0", 8000, "info")["proxy_headers"] is False
+
+
+# ---------------------------------------------------------------- /health
+
+
+def test_health_under_keys_shows_only_the_status_without_a_valid_key(server):
+    for headers in ({}, bearer("not-a-key")):
+        health = server.http.get("/health", headers=headers)
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_health_with_a_key_shows_the_details_counting_only_the_tasks_the_key_may_use(server):
+    everything = server.http.get("/health", headers=ADMIN).json()
+    assert everything["status"] == "ok" and everything["backend"]["status"] == "up"
+    assert everything["model"] == server.engine.base_model_id
+    assert everything["tasks"] == len(server.engine.tasks()) >= len(TASK_NAMES)
+    acme = [t for t in server.engine.tasks() if t.startswith("acme-")]
+    beta = [t for t in server.engine.tasks() if t.startswith("beta-")]
+    assert server.http.get("/health", headers=as_(server, "acme")).json() == {
+        **everything,
+        "tasks": len(acme),
+    }
+    assert server.http.get("/health", headers=as_(server, "beta")).json()["tasks"] == len(beta)
+
+
+def test_health_without_keys_is_unchanged_open_and_complete(server):
+    from softprompt.api.app import create_app
+
+    with served(create_app(server.engine, api_key=API_KEY)) as http:
+        health = http.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {
+        "status": "ok",
+        "model": server.engine.base_model_id,
+        "tasks": len(server.engine.tasks()),
+        "backend": health.json()["backend"],
+    }
+    assert health.json()["backend"]["status"] == "up"
+
+
+# ---------------------------------------------------------------- a client gone mid-upload
+
+
+def bank_files(bank) -> dict[str, bytes]:
+    root = bank.root
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def cut_upload(server, task: str, files: dict) -> None:
+    """Send a PUT of `files` that declares its whole length, then close after half the body."""
+    url = f"{server.url}/v1/prompts/{task}"
+    request = httpx.Request("PUT", url, files=files, headers=as_(server, "acme"))
+    body = request.read()
+    head = [f"PUT /v1/prompts/{task} HTTP/1.1", "Host: 127.0.0.1"]
+    head += [f"{k}: {request.headers[k]}" for k in ("authorization", "content-type")]
+    head += [f"Content-Length: {len(body)}", "", ""]
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall("\r\n".join(head).encode() + body[: len(body) // 2])
+        time.sleep(0.3)  # the server is reading the form now, waiting for the rest
+
+
+def test_a_client_gone_mid_upload_is_audited_499_without_a_traceback_and_the_bank_unchanged(
+    server, caplog
+):
+    before = bank_files(server.bank)
+    start = len(audit_lines(server)) if server.audit_path.exists() else 0
+    uvicorn_log = logging.getLogger("uvicorn")  # uvicorn's loggers do not propagate to caplog's
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            for task in ("acme-cut", "acme-a"):  # a new task, and one whose old version must stay
+                files = upload_files(random_prompt(TASK_NAMES.get(task, 2), 21), model=server.model)
+                cut_upload(server, task, files)
+            wait_for(lambda: len(audit_lines(server)) >= start + 2)
+            time.sleep(0.2)  # anything the server logs after the record
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    records = audit_lines(server)[start:]
+    assert sorted((r["who"], r["task"], r["outcome"], r["status"]) for r in records) == [
+        ("acme", "acme-a", "client_closed", 499),
+        ("acme", "acme-cut", "client_closed", 499),
+    ]
+    assert [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+    assert bank_files(server.bank) == before and "acme-cut" not in server.bank.names()
+    assert completion(server, "acme-a", "acme").status_code == 200

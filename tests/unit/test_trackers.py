@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from softprompt import trackers
 from softprompt.cli import main
 from softprompt.errors import ConfigError
-from softprompt.train import TrainConfig
+from softprompt.training import trackers
+from softprompt.training.trainer import TrainConfig
 
 from ..conftest import write_sentiment_jsonl
 from .test_train import _die_at, _Killed, _train_cmd, _trainer

@@ -16,10 +16,10 @@ import torch
 from softprompt.bank import PromptBank
 from softprompt.data import load_examples, make_classification_task
 from softprompt.errors import ConfigError
-from softprompt.evaluate import evaluate_loss
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import PromptTuningConfig
-from softprompt.train import EvalSet, TrainConfig, Trainer
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import PromptTuningConfig
+from softprompt.training.evaluation import evaluate_loss
+from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
 from ..conftest import write_sentiment_jsonl
 
@@ -256,7 +256,7 @@ def test_fsdp_two_processes_shard_the_frozen_base_and_equal_one_process(tiny_mod
 
 def test_sharding_splits_each_decoder_layer_and_refuses_a_trainable_base(tiny_llama):
     from softprompt.errors import ConfigError
-    from softprompt.sharding import decoder_layers, shard_frozen_base
+    from softprompt.training.sharding import decoder_layers, shard_frozen_base
 
     assert len(decoder_layers(tiny_llama)) == 2
     with pytest.raises(ConfigError, match="frozen base"):
@@ -315,7 +315,7 @@ def test_non_finite_gradient_step_is_skipped_and_counted(
 def test_lr_finder_returns_a_finite_rate_from_a_real_loss_curve_and_restores_the_prompt(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    from softprompt.lr_find import find_learning_rate
+    from softprompt.training.lr_find import find_learning_rate
 
     prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
     start = prompted.table.get("sentiment").detach().clone()
@@ -365,7 +365,7 @@ def test_seeds_same_seed_same_prompt_other_seed_other_prompt(tiny_tokenizer, tmp
 def test_step_zero_validation_is_logged_with_the_zero_shot_reference(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    from softprompt.plots import plot_training
+    from softprompt.training.plots import plot_training
 
     prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
     trainer = Trainer(
@@ -556,7 +556,7 @@ def test_resume_checkpoints_on_the_wall_clock_too(
     tiny_llama, tiny_tokenizer, tmp_path, monkeypatch
 ):
     clock = iter(range(0, 10_000, 20))  # each look at the clock is 20 s later
-    monkeypatch.setattr("softprompt.train.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("softprompt.training.trainer.time.monotonic", lambda: next(clock))
     trainer = _trainer(
         tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0, save_minutes=0.5
     )

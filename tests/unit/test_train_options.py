@@ -11,10 +11,15 @@ import torch
 
 from softprompt.data import Task, Template, load_examples
 from softprompt.errors import ConfigError
-from softprompt.evaluate import evaluate_classification, evaluate_task, generation_metrics, token_f1
-from softprompt.prompted import PromptedModel
-from softprompt.prompts import PromptTuningConfig
-from softprompt.train import EvalSet, TrainConfig, Trainer
+from softprompt.prompting.prompted import PromptedModel
+from softprompt.prompting.soft import PromptTuningConfig
+from softprompt.training.evaluation import (
+    evaluate_classification,
+    evaluate_task,
+    generation_metrics,
+    token_f1,
+)
+from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
 from ..conftest import write_sentiment_jsonl
 from .test_train import TEMPLATE, _setup
@@ -115,7 +120,7 @@ def test_bf16_autocast_trains_and_evaluates_close_to_fp32(tiny_llama, tiny_token
         trainer.prompted.table.get("sentiment").dtype == torch.float32
     )  # the prompt itself stays fp32
     prompted, task, examples = trainer.prompted, *_setup(tiny_llama, tiny_tokenizer, tmp_path)[1:]
-    from softprompt.train import autocast
+    from softprompt.training.trainer import autocast
 
     with autocast(trainer.device, True):
         low = evaluate_classification(prompted, task, examples, "sentiment")

@@ -15,13 +15,13 @@ import httpx
 import pytest
 import torch
 
-from softprompt.backends import BuiltinBackend
 from softprompt.bank import PromptBank
-from softprompt.deep_prompt import DeepPromptModel
-from softprompt.engine import Engine, GenerationRequest
 from softprompt.errors import BackendTimeoutError
-from softprompt.models import load_model
-from softprompt.vllm_backend import VLLMBackend, encode_embeds, load_gateway_model
+from softprompt.model.loading import load_model
+from softprompt.prompting.deep import DeepPromptModel
+from softprompt.serving.backends import BuiltinBackend
+from softprompt.serving.engine import Engine, GenerationRequest
+from softprompt.serving.vllm.backend import VLLMBackend, encode_embeds, load_gateway_model
 
 from ..conftest import build_tiny_model
 from .fake_vllm import FakeVLLM, decode_embeds
@@ -34,7 +34,7 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model folder, a bank of 4 tasks, the fake vLLM, the gateway app and a reference engine."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     folder = tmp_path_factory.mktemp("tiny-model")
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()
@@ -132,6 +132,30 @@ def test_encoded_embeddings_carry_only_their_rows_not_the_whole_matrix():
     encoded = encode_embeds(view)
     assert len(encoded) < 4000  # 2 x 32 float32 plus torch.save's zip framing, in base64
     assert torch.equal(decode_embeds({"prompt_embeds": encoded}), view)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 5e-324, "top_p": 0.5},
+        {"temperature": -0.0},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-45},
+    ],
+)
+def test_tiny_sampling_values_reach_vllm_as_greedy_and_equal_the_engine(setup, sampling):
+    """The gateway sends the engine's normalised settings (inject.Sampling), so vLLM never sees
+    a value it would read differently, and the text is the built-in engine's greedy text."""
+    body = {"model": "t1", "prompt": TEXTS[0], "max_tokens": 4, **sampling}
+    before = len(setup.fake.bodies)
+    whole = setup.http.post("/v1/completions", json=body)
+    streamed = setup.http.post("/v1/completions", json={**body, "stream": True})
+    assert whole.status_code == streamed.status_code == 200, (whole.text, streamed.text)
+    assert '"error"' not in streamed.text, streamed.text
+    sent = setup.fake.bodies[before:]
+    assert [(b["temperature"], b["top_p"]) for b in sent] == [(0.0, 1.0)] * 2
+    assert whole.json()["choices"][0]["text"] == greedy_alone(setup, TEXTS[0], "t1", n=4).text
 
 
 def test_plain_rows_are_sent_as_token_ids(setup):
@@ -283,7 +307,7 @@ def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_
 ):
     """vLLM's prompt embeddings carry a soft prompt only: a deep prompt in the bank gets a 422 naming
     the task and why, reaches no vLLM, and is not listed; the built-in engine serves the same task."""
-    from softprompt.server import create_app
+    from softprompt.api.app import create_app
 
     DeepPromptModel(setup.model, {"deep": torch.zeros(2, 32)}).save_task("deep", setup.bank)
     try:
@@ -314,7 +338,7 @@ def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_
 
 def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
     """The limits live in the HTTP layer, so the vLLM backend gets them like the built-in one."""
-    from softprompt.server import RequestLimits, create_app
+    from softprompt.api.app import RequestLimits, create_app
 
     backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=30)
     with running(
@@ -349,7 +373,7 @@ def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
 
 
 def test_request_timeout_is_504_backend_timeout(setup):
-    from softprompt.server import classify_error
+    from softprompt.api.app import classify_error
 
     backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=1)
     setup.fake.token_delay_s = 0.5  # 8 tokens take 4 s: longer than the 1 s timeout
@@ -472,8 +496,8 @@ def test_builtin_backend_reports_its_prompt_kinds(setup):
 
 
 def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
-    from softprompt.server import create_app
-    from softprompt.tenants import add_tenant
+    from softprompt.api.app import create_app
+    from softprompt.api.tenants import add_tenant
 
     keys = tmp_path / "keys.json"
     key = add_tenant(keys, "one", ["t1"])
@@ -537,7 +561,7 @@ def test_echo_of_a_task_is_refused_naming_the_field_and_backend_and_plain_rows_e
     answer = setup.http.post("/v1/completions", json={"model": base, **body})
     assert answer.status_code == 200, answer.text
     lp = answer.json()["choices"][0]["logprobs"]
-    from softprompt.engine_requests import PromptLogprobsRequest
+    from softprompt.serving.requests import PromptLogprobsRequest
 
     [echo] = setup.reference.run(
         setup.reference.prepare_all([PromptLogprobsRequest(TEXTS[1], None, 1)])

@@ -20,7 +20,7 @@ import pytest
 
 from softprompt.bank import PromptBank
 from softprompt.errors import ConfigError
-from softprompt.vllm_process import find_vllm_python, free_port
+from softprompt.serving.vllm.process import find_vllm_python, free_port
 
 from ..conftest import build_tiny_model
 from .test_engine import build_full_tokenizer, fill_bank
@@ -124,10 +124,16 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> dict:
     pytest.fail("gateway did not become healthy")
 
 
+def test_the_vllm_environment_is_looked_for_in_this_checkout():
+    from softprompt.serving.vllm import process
+
+    assert process._CHECKOUT == Path(__file__).resolve().parents[2]
+
+
 def test_missing_vllm_environment_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.delenv("SOFTPROMPT_VLLM_PYTHON", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("softprompt.vllm_process._CHECKOUT", tmp_path)
+    monkeypatch.setattr("softprompt.serving.vllm.process._CHECKOUT", tmp_path)
     with pytest.raises(ConfigError, match="make vllm"):
         find_vllm_python()
     with pytest.raises(ConfigError, match="does not exist"):

@@ -5,17 +5,18 @@ format.py   task names, `SavedPrompt`, the PEFT adapter config, checks of a conf
 files.py    one prompt folder: encoding and writing its files (each fsynced), parsing them back
             (`prompt_from_files` for folders and uploads alike, `read_prompt_dir`, `write_prompt_dir`)
 store.py    `PromptBank`: versioned folders behind a symlink swapped atomically, per-task writer
-            locks, readers that retry when a version vanished under them
+            locks, readers that retry when a version vanished under them; opening a bank clears
+            up after writers killed mid-way
 """
 
-from .files import (
+from softprompt.bank.files import (
     MAX_JSON_DEPTH,
     parse_json_object,
     prompt_from_files,
     read_prompt_dir,
     write_prompt_dir,
 )
-from .format import (
+from softprompt.bank.format import (
     CONFIG_FILE,
     META_FILE,
     PEFT_TYPES,
@@ -31,7 +32,7 @@ from .format import (
     peft_prompt_config,
     validate_task_name,
 )
-from .store import PromptBank
+from softprompt.bank.store import PromptBank
 
 __all__ = [
     "CONFIG_FILE",

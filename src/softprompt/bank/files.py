@@ -14,19 +14,19 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..atomic import fsync_dir, fsync_file
-from ..errors import PromptFileError
-from .format import (
+from softprompt.atomic import fsync_dir, fsync_file
+from softprompt.bank.format import (
     CONFIG_FILE,
     META_FILE,
     PLOTS_DIR,
     TENSOR_KEY,
     WEIGHTS_FILE,
     SavedPrompt,
-    _check_config,
-    _check_plots,
-    _check_tensor,
+    check_config,
+    check_plots,
+    check_tensor,
 )
+from softprompt.errors import PromptFileError
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting accepted in adapter_config.json / softprompt.json (ours is 3 levels deep)."""
@@ -62,19 +62,20 @@ def _dumps(obj: object, where: str, *, sort_keys: bool = False) -> str:
         raise PromptFileError(f"{where}: cannot be written as JSON: {exc}") from exc
 
 
-def _encode(saved: SavedPrompt) -> tuple[str, str]:
+def encode_saved(saved: SavedPrompt) -> tuple[str, str]:
     """Check `saved` and return (config JSON, meta JSON); touches no disk."""
     where = f"prompt '{saved.name}'"
-    _check_config(saved.config, where)
-    _check_tensor(saved.embeddings, saved.config, where)
-    _check_plots(saved.plots, where)
+    check_config(saved.config, where)
+    check_tensor(saved.embeddings, saved.config, where)
+    check_plots(saved.plots, where)
     # sort_keys for the config: the same byte layout PEFT writes.
     return _dumps(saved.config, f"{where} config", sort_keys=True), _dumps(
         saved.meta, f"{where} meta"
     )
 
 
-def _write_files(folder: Path, saved: SavedPrompt, config_text: str, meta_text: str) -> None:
+def write_files(folder: Path, saved: SavedPrompt, config_text: str, meta_text: str) -> None:
+    """Write the three prompt files of `saved` into `folder` (texts from `encode_saved`)."""
     _write_text(folder / CONFIG_FILE, config_text)
     _write_tensor(folder / WEIGHTS_FILE, saved.embeddings)
     _write_text(folder / META_FILE, meta_text)
@@ -89,12 +90,12 @@ def _write_files(folder: Path, saved: SavedPrompt, config_text: str, meta_text: 
 def write_prompt_dir(path: str | os.PathLike[str], saved: SavedPrompt) -> None:
     """Write the three prompt files into the existing empty folder `path`, each fsynced."""
     folder = Path(path)
-    config_text, meta_text = _encode(saved)
+    config_text, meta_text = encode_saved(saved)
     if not folder.is_dir():
         raise PromptFileError(f"prompt folder {folder} does not exist")
     if any(folder.iterdir()):
         raise PromptFileError(f"prompt folder {folder} is not empty")
-    _write_files(folder, saved, config_text, meta_text)
+    write_files(folder, saved, config_text, meta_text)
 
 
 def parse_json_object(data: bytes | str, where: str) -> dict[str, Any]:
@@ -151,10 +152,10 @@ def prompt_from_files(files: dict[str, bytes], name: str, *, where: str = "") ->
     file as `where` + its name, so an upload's errors show only the file names the client sent.
     """
     config = parse_json_object(_required(files, CONFIG_FILE, where), where + CONFIG_FILE)
-    _check_config(config, where + CONFIG_FILE)
+    check_config(config, where + CONFIG_FILE)
     weights = _required(files, WEIGHTS_FILE, where)
     embeddings = _tensor_from_bytes(weights, where + WEIGHTS_FILE)  # (n_virtual * n_sub, d)
-    _check_tensor(embeddings, config, where + WEIGHTS_FILE)
+    check_tensor(embeddings, config, where + WEIGHTS_FILE)
     meta = parse_json_object(files[META_FILE], where + META_FILE) if META_FILE in files else {}
     return SavedPrompt(name=name, embeddings=embeddings, config=config, meta=meta)
 
@@ -165,7 +166,7 @@ def _required(files: dict[str, bytes], file_name: str, where: str) -> bytes:
     return files[file_name]
 
 
-def _read_files(folder: Path, where: str) -> dict[str, bytes]:
+def read_files(folder: Path, where: str) -> dict[str, bytes]:
     """The prompt files present in `folder` (PEFT's own folders have no softprompt.json); errors
     name each file as `where` + its name."""
     files = {}
@@ -192,4 +193,4 @@ def read_prompt_dir(path: str | os.PathLike[str], name: str | None = None) -> Sa
     if not folder.is_dir():
         raise PromptFileError(f"prompt folder {folder} does not exist or is not a folder")
     where = f"{folder}{os.sep}"
-    return prompt_from_files(_read_files(folder, where), name or folder.name, where=where)
+    return prompt_from_files(read_files(folder, where), name or folder.name, where=where)

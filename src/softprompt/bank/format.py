@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import (
+from softprompt.errors import (
     ConfigError,
     IncompatiblePromptError,
     InvalidTaskNameError,
@@ -35,8 +35,10 @@ PLOTS_DIR = "plots"
 """Sub-folder of a saved version holding the training run's PNG plots (loss, validation, ...)."""
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-_TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
-_PLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
+TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
+"""A valid task name (whole string, with `fullmatch`): also its folder name in the bank."""
+PLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
+"""A valid plot name: the PNG files a task keeps beside its prompt."""
 
 
 # Our init names -> PEFT's PromptTuningInit values. class_labels / from_file have no PEFT
@@ -59,7 +61,7 @@ def validate_task_name(name: object) -> str:
 
     Runs before any disk access, so a name like `../x` can never reach a path.
     """
-    if not isinstance(name, str) or _TASK_NAME_RE.fullmatch(name) is None:
+    if not isinstance(name, str) or TASK_NAME_RE.fullmatch(name) is None:
         raise InvalidTaskNameError(
             f"invalid task name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit"
@@ -179,7 +181,7 @@ PEFT_TYPES = {"PROMPT_TUNING": "soft", "PREFIX_TUNING": "deep"}
 """The PEFT adapter types a bank holds, and the prompt kind each one is."""
 
 
-def _check_config(config: object, where: str) -> None:
+def check_config(config: object, where: str) -> None:
     """Raise PromptFileError unless `config` is a prompt- or prefix-tuning adapter config we can use."""
     if not isinstance(config, dict):
         raise PromptFileError(f"{where}: adapter config must be a JSON object")
@@ -244,7 +246,7 @@ def check_width(name: str, width: int, model_width: int) -> None:
         )
 
 
-def _check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
+def check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
     """Raise IncompatiblePromptError unless the tensor's shape and values fit the config."""
     check_prompt_rows(tensor, f"{where}: {TENSOR_KEY}")
     rows, cols = tensor.shape
@@ -284,10 +286,12 @@ def check_compatible(
             kind=saved.kind,
         )
     check_width(saved.name, saved.token_dim, token_dim)
-    _check_fingerprint(saved, fingerprint)
+    check_fingerprint(saved, fingerprint)
 
 
-def _check_fingerprint(saved: SavedPrompt, fingerprint: Any) -> None:
+def check_fingerprint(saved: SavedPrompt, fingerprint: Any) -> None:
+    """Raise IncompatiblePromptError if `saved` was made for another base model than `fingerprint`
+    (warn when the prompt has no fingerprint; None for `fingerprint` checks nothing)."""
     if saved.fingerprint is None:
         logger.warning(
             "prompt '%s' has no base-model fingerprint (a PEFT import?); "
@@ -302,6 +306,9 @@ def _check_fingerprint(saved: SavedPrompt, fingerprint: Any) -> None:
         detail = "; ".join(
             f"{key}: prompt {ours!r} vs model {theirs!r}" for key, ours, theirs in diffs
         )
+        trained_on = saved.meta.get("base_model")  # the name it was trained under, when recorded
+        if trained_on:
+            detail = f"trained on {trained_on!r}; {detail}"
         raise IncompatiblePromptError(
             f"prompt '{saved.name}' was made for another base model ({detail})"
         )
@@ -318,10 +325,10 @@ def _fingerprint_diffs(ours: Any, theirs: Any) -> list[tuple[str, Any, Any]]:
     return [(key, ours[key], theirs[key]) for key in shared if ours[key] != theirs[key]]
 
 
-def _check_plots(plots: dict[str, bytes], where: str) -> None:
+def check_plots(plots: dict[str, bytes], where: str) -> None:
     """Raise PromptFileError unless every plot has a plain name and is a PNG image."""
     for name, data in plots.items():
-        if not isinstance(name, str) or _PLOT_NAME_RE.fullmatch(name) is None:
+        if not isinstance(name, str) or PLOT_NAME_RE.fullmatch(name) is None:
             raise PromptFileError(f"{where}: invalid plot name {name!r} (use a-z, 0-9 and '_')")
         if not isinstance(data, bytes) or not data.startswith(PNG_SIGNATURE):
             raise PromptFileError(f"{where}: plot '{name}' is not a PNG image")

@@ -12,6 +12,25 @@ hold its lock, so the cleanup of old versions can never delete a version that an
 about to link. The version linked before the current one is kept as well: a reader that resolved
 the old link just before a swap can still finish reading it, and readers retry when a version
 vanished under them.
+
+A writer killed mid-way (`kill -9`) leaves entries that the next open of the bank clears up, each
+task under its writer lock: a lock we can take proves that no writer of that task is alive (the
+kernel drops a dead holder's lock, on this host or, through the filesystem's locks, another one),
+so what such a writer left is abandoned, while a live writer's entries are never touched. Pid- or
+age-based guesses could not prove that for replicas on other hosts sharing the bank. Left behind
+and cleared up, by the step the writer was killed in:
+
+- `.versions/<task>/.tmp-*` (a version being written, an old one being removed): removed;
+- a version newer than the linked one (written, never linked): removed; version ids grow with
+  every save of a task (`_next_version_id`), so the one linked before the current is known;
+- `<root>/.tmp-link-<task>@<version>` (a new link not yet swapped in): removed;
+- `<root>/.tmp-rm-<task>@<id>`: a delete past its commit point (the task's link, moved aside);
+  the task's versions are removed, finishing the delete;
+- versions with no link to them and no delete under way (a save over a copied-in folder, or a
+  task's first save, killed between moving its folder and linking it): the newest complete
+  version is linked (a killed first save completes), so a prompt is never lost;
+- `<root>/.tmp-export-<id>`: a running export's journal naming its temp folder beside the
+  destination, locked while the export runs; that folder is removed once the lock is free.
 """
 
 from __future__ import annotations
@@ -27,28 +46,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir
-from ..errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
-from .files import (
-    _encode,
-    _read_files,
-    _write_files,
+from softprompt.atomic import fsync_dir
+from softprompt.bank.files import (
+    encode_saved,
     prompt_from_files,
+    read_files,
     read_prompt_dir,
+    write_files,
     write_prompt_dir,
 )
-from .format import (
-    _PLOT_NAME_RE,
-    _TASK_NAME_RE,
+from softprompt.bank.format import (
     CONFIG_FILE,
     META_FILE,
+    PLOT_NAME_RE,
     PLOTS_DIR,
+    TASK_NAME_RE,
     WEIGHTS_FILE,
     SavedPrompt,
-    _check_fingerprint,
     check_compatible,
+    check_fingerprint,
     validate_task_name,
 )
+from softprompt.errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
 
 try:
     import fcntl
@@ -60,7 +79,9 @@ logger = logging.getLogger(__name__)
 _VERSIONS_DIR = ".versions"
 _LOCKS_DIR = ".locks"
 _TMP_PREFIX = ".tmp-"
-_LINK_PREFIX = ".tmp-link-"
+_LINK_PREFIX = ".tmp-link-"  # .tmp-link-<task>@<version>: a new link about to replace the task's
+_RM_PREFIX = ".tmp-rm-"  # .tmp-rm-<task>@<id>: a deleted task's link, kept until its versions go
+_EXPORT_PREFIX = ".tmp-export-"  # a running export's journal, and its temp folder's suffix
 _LINK_SEP = "@"  # cannot occur in a task name, so '<name>@<version>' parses unambiguously
 _READ_ATTEMPTS = 3
 
@@ -103,9 +124,52 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
-def _new_version_id() -> str:
-    """Unique across processes and hosts sharing a bank; sorts by creation time."""
-    return f"v{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}"
+def _new_version_id(ns: int | None = None) -> str:
+    """Unique across processes and hosts sharing a bank; sorts by creation time (or `ns`)."""
+    return f"v{time.time_ns() if ns is None else ns}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    """Sort key of a version id: its time part (0 for a name `_new_version_id` did not make)."""
+    head = version[1:].split("-", 1)[0]
+    return (int(head) if version.startswith("v") and head.isdigit() else 0), version
+
+
+def _next_version_id(existing: list[str]) -> str:
+    """A new version id sorting after every one in `existing` (the caller holds the task's lock),
+    even when this host's clock is behind the one that wrote them."""
+    newest = max((_version_key(entry)[0] for entry in existing), default=0)
+    return _new_version_id(max(time.time_ns(), newest + 1))
+
+
+def _kept_versions(entries: list[str], current: str | None) -> set[str]:
+    """The versions of a task readers may use: the linked one (`current`) and the one linked
+    before it, which a reader that resolved the link just before the last save may still read.
+    Versions newer than the linked one were never linked (a save killed before its link swap)."""
+    versions = [entry for entry in entries if not entry.startswith(".")]
+    if current not in versions:
+        return set(versions)  # the link points elsewhere: keep every version rather than guess
+    older = [v for v in versions if _version_key(v) < _version_key(current)]
+    return {current, max(older, key=_version_key)} if older else {current}
+
+
+def _linked_version(link: Path) -> str | None:
+    """The version a task's symlink names, or None if it is not a symlink (or just vanished)."""
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def _try_flock(fd: int, *, wait: bool) -> bool:
+    """Take an exclusive flock on `fd`; False if `wait` is off and another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the bank
@@ -116,11 +180,13 @@ class PromptBank:
 
     Safe for several processes (server replicas, a trainer) sharing one folder: saves of one task
     are serialised by a file lock, last writer wins, and readers never see a half-written task.
+    Opening a bank clears up after writers killed mid-way (see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True):
         self._root = Path(root).expanduser().absolute()
         if self._root.is_dir():
+            self._sweep()
             return
         if not create or self._root.exists():
             raise PromptFileError(f"bank folder {self._root} does not exist or is not a folder")
@@ -142,12 +208,12 @@ class PromptBank:
         with os.scandir(self._root) as entries:
             for entry in entries:
                 # A symlink counts even when dangling, so load_all reports it instead of hiding it.
-                if _TASK_NAME_RE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_dir()):
+                if TASK_NAME_RE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_dir()):
                     found.append(entry.name)
         return sorted(found)
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str) or _TASK_NAME_RE.fullmatch(name) is None:
+        if not isinstance(name, str) or TASK_NAME_RE.fullmatch(name) is None:
             return False
         return os.path.lexists(self._root / name)
 
@@ -174,7 +240,7 @@ class PromptBank:
         """Errors name files relative to the bank (`<name>/<file>`): no server path in them."""
         if not folder.is_dir():
             raise PromptFileError(f"task '{name}': its folder does not exist (a dangling link?)")
-        return prompt_from_files(_read_files(folder, f"{name}/"), name, where=f"{name}/")
+        return prompt_from_files(read_files(folder, f"{name}/"), name, where=f"{name}/")
 
     def version(self, name: str) -> str:
         """A cheap id of the task's current content; it changes on every save."""
@@ -204,7 +270,7 @@ class PromptBank:
     def read_plot(self, name: str, plot: str) -> bytes | None:
         """The PNG bytes of plot `plot` saved with task `name`, or None if it has no such plot."""
         validate_task_name(name)
-        if not isinstance(plot, str) or _PLOT_NAME_RE.fullmatch(plot) is None:
+        if not isinstance(plot, str) or PLOT_NAME_RE.fullmatch(plot) is None:
             return None
 
         def read(folder: Path) -> bytes | None:
@@ -246,7 +312,7 @@ class PromptBank:
                 if token_dim is not None:
                     check_compatible(saved, token_dim=token_dim, fingerprint=fingerprint)
                 elif fingerprint is not None:
-                    _check_fingerprint(saved, fingerprint)
+                    check_fingerprint(saved, fingerprint)
             except UnknownTaskError:
                 continue  # deleted between names() and load()
             except Exception as exc:  # one broken entry must never hide the others
@@ -261,9 +327,10 @@ class PromptBank:
     def save(self, saved: SavedPrompt) -> Path:
         """Store `saved` under its name atomically (replacing any previous version); return its path."""
         name = validate_task_name(saved.name)
-        config_text, meta_text = _encode(saved)  # bad input fails before anything is written
+        config_text, meta_text = encode_saved(saved)  # bad input fails before anything is written
         try:
             with self._writer_lock(name):
+                self._adopt_plain_dir(name)
                 version = self._write_version(name, saved, config_text, meta_text)
                 previous = self._swap_link(name, version)
                 self._cleanup(name, keep={version, previous})
@@ -283,11 +350,17 @@ class PromptBank:
             with self._writer_lock(name):
                 if not os.path.lexists(link):
                     raise UnknownTaskError(self._unknown_message(name))
-                if self._adopt_plain_dir(name) is None:
-                    link.unlink()
+                self._adopt_plain_dir(name)
+                # The commit point: readers find no task, and the link, moved aside, records
+                # that its versions must go until they are gone (a killed delete is finished
+                # by the next open of the bank).
+                moved = self._root / f"{_RM_PREFIX}{name}{_LINK_SEP}{_new_version_id()}"
+                os.rename(link, moved)
                 fsync_dir(self._root)
                 self._cleanup(name, keep=set())
                 _remove_path(self._versions_dir(name))
+                _remove_path(moved)
+                fsync_dir(self._root)
         except OSError as exc:
             raise PromptFileError(
                 f"could not delete task '{name}' in bank {self._root}: {exc}"
@@ -317,16 +390,20 @@ class PromptBank:
         if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
             raise PromptFileError(f"export destination {dest} exists and is not an empty folder")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}{_TMP_PREFIX}{_new_version_id()}"
-        tmp.mkdir()
-        try:
-            write_prompt_dir(tmp, saved)
-            os.replace(tmp, dest)  # POSIX allows renaming a folder over an empty one
-        except Exception as exc:
-            _remove_path(tmp)
-            if isinstance(exc, OSError):
-                raise PromptFileError(f"could not export task '{name}' to {dest}: {exc}") from exc
-            raise
+        job = _new_version_id()
+        tmp = dest.parent / f".{dest.name}{_EXPORT_PREFIX}{job}"
+        with self._export_journal(job, tmp):
+            tmp.mkdir()
+            try:
+                write_prompt_dir(tmp, saved)
+                os.replace(tmp, dest)  # POSIX allows renaming a folder over an empty one
+            except Exception as exc:
+                _remove_path(tmp)
+                if isinstance(exc, OSError):
+                    raise PromptFileError(
+                        f"could not export task '{name}' to {dest}: {exc}"
+                    ) from exc
+                raise
         fsync_dir(dest.parent)
         logger.info("exported task '%s' to %s", name, dest)
         return dest
@@ -348,8 +425,9 @@ class PromptBank:
         return Path(os.path.realpath(link))
 
     @contextlib.contextmanager
-    def _writer_lock(self, name: str) -> Iterator[None]:
-        """Exclusive per-task lock; the kernel drops it if the holder dies.
+    def _writer_lock(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+        """Exclusive per-task lock; the kernel drops it if the holder dies. Yields whether it was
+        taken (always, when `wait`; without `wait`, False if another process holds it).
 
         The lock file is never deleted: writers that opened an unlinked lock file would no longer
         exclude each other.
@@ -358,9 +436,7 @@ class PromptBank:
         locks.mkdir(exist_ok=True)
         fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield _try_flock(fd, wait=wait)
         finally:
             os.close(fd)  # closing releases the lock
 
@@ -370,11 +446,11 @@ class PromptBank:
         """Write a complete new version folder (via a temp folder) and return its id."""
         versions = self._versions_dir(name)
         versions.mkdir(parents=True, exist_ok=True)
-        version = _new_version_id()
+        version = _next_version_id(_listdir(versions))
         tmp = versions / f"{_TMP_PREFIX}{version}"
         tmp.mkdir()
         try:
-            _write_files(tmp, saved, config_text, meta_text)
+            write_files(tmp, saved, config_text, meta_text)
             os.rename(tmp, versions / version)
         except Exception:
             _remove_path(tmp)  # an ordinary error leaves nothing; a killed process is cleaned later
@@ -385,29 +461,29 @@ class PromptBank:
     def _swap_link(self, name: str, version: str) -> str | None:
         """Point `<root>/<name>` at `version` atomically; return the version it pointed at before."""
         link = self._root / name
-        previous = self._adopt_plain_dir(name)
-        if previous is None and link.is_symlink():
-            previous = os.path.basename(os.readlink(link))
+        previous = _linked_version(link)
         tmp_link = self._root / f"{_LINK_PREFIX}{name}{_LINK_SEP}{version}"
         os.symlink(os.path.join(_VERSIONS_DIR, name, version), tmp_link)
         os.replace(tmp_link, link)  # the commit point: readers see the old or the new version
         fsync_dir(self._root)
         return previous
 
-    def _adopt_plain_dir(self, name: str) -> str | None:
-        """Move a real folder at `<root>/<name>` (e.g. a copied PEFT folder) into .versions.
+    def _adopt_plain_dir(self, name: str) -> None:
+        """Turn a real folder at `<root>/<name>` (e.g. a copied PEFT folder) into a linked version.
 
-        A symlink cannot replace a folder atomically, so the task is briefly absent here.
+        A symlink cannot replace a folder atomically: the folder moves into .versions, then is
+        linked; a writer killed in between leaves versions with no link, which the next open of
+        the bank links again (`_recover`).
         """
         path = self._root / name
         if path.is_symlink() or not path.is_dir():
-            return None
-        version = _new_version_id()
+            return
         versions = self._versions_dir(name)
         versions.mkdir(parents=True, exist_ok=True)
+        version = _next_version_id(_listdir(versions))
         os.rename(path, versions / version)
+        self._swap_link(name, version)
         logger.info("moved plain folder %s into %s", path, versions / version)
-        return version
 
     def _cleanup(self, name: str, keep: set[str | None]) -> None:
         """Remove versions and temp entries of `name` other than `keep` (we hold its lock)."""
@@ -417,10 +493,117 @@ class PromptBank:
                 _remove_path(versions / entry)  # no reader ever opens a temp folder
             elif entry not in keep:
                 _retire(versions / entry)
-        stale_link_prefix = f"{_LINK_PREFIX}{name}{_LINK_SEP}"
+        for stale_link in self._root_temps(name, _LINK_PREFIX):
+            _remove_path(stale_link)
+
+    def _root_temps(self, name: str, prefix: str) -> list[Path]:
+        """Entries `<root>/<prefix><name>@...` (links a writer of `name` stages or moves aside)."""
+        start = f"{prefix}{name}{_LINK_SEP}"
+        return [self._root / e for e in _listdir(self._root) if e.startswith(start)]
+
+    # -- clearing up after killed writers (see the module docstring)
+
+    def _sweep(self) -> None:
+        """Clear up after writers killed mid-way, each task under its lock, skipping tasks whose
+        writer is alive; best effort: a bank we may only read is still opened."""
+        if fcntl is None:
+            return  # without flock nothing proves a writer dead: leave everything
+        try:
+            for name in sorted(self._littered_tasks()):
+                with self._writer_lock(name, wait=False) as locked:
+                    if locked:
+                        self._recover(name)
+            for entry in _listdir(self._root):
+                if entry.startswith(_EXPORT_PREFIX):
+                    _drop_abandoned_export(self._root / entry, entry[len(_EXPORT_PREFIX) :])
+        except OSError as exc:
+            logger.warning(
+                "could not clear up after killed writers in bank %s: %s", self._root, exc
+            )
+
+    def _littered_tasks(self) -> set[str]:
+        """Tasks a killed writer may have left entries of (cheap: folder listings and links)."""
+        found = set()
         for entry in _listdir(self._root):
-            if entry.startswith(stale_link_prefix):
-                _remove_path(self._root / entry)
+            for prefix in (_LINK_PREFIX, _RM_PREFIX):
+                if entry.startswith(prefix):
+                    found.add(entry[len(prefix) :].split(_LINK_SEP, 1)[0])
+        for name in _listdir(self._root / _VERSIONS_DIR):
+            entries = _listdir(self._versions_dir(name))
+            current = _linked_version(self._root / name)
+            if current is None or set(entries) - _kept_versions(entries, current):
+                found.add(name)
+        return {name for name in found if TASK_NAME_RE.fullmatch(name)}
+
+    def _recover(self, name: str) -> None:
+        """Bring task `name` to what a finished save or delete leaves; we hold its lock, so the
+        writer that left these entries is dead. Never removes the version its link names."""
+        link, versions = self._root / name, self._versions_dir(name)
+        deletes = self._root_temps(name, _RM_PREFIX)
+        for stale_link in self._root_temps(name, _LINK_PREFIX):
+            _remove_path(stale_link)
+        if not os.path.lexists(link) and not deletes:
+            self._relink_newest(name)
+        current = _linked_version(link)
+        if current is not None:
+            self._cleanup(name, keep=_kept_versions(_listdir(versions), current))
+        else:  # deleted (finish it), or a plain folder: no version folder is in use
+            _remove_path(versions)
+        for moved in deletes:
+            _remove_path(moved)
+        fsync_dir(self._root)
+        logger.info("cleared up after a killed writer of task '%s' in bank %s", name, self._root)
+
+    def _relink_newest(self, name: str) -> None:
+        """Link the newest complete version of a task that has versions but no link."""
+        complete = [e for e in _listdir(self._versions_dir(name)) if not e.startswith(".")]
+        if complete:
+            newest = max(complete, key=_version_key)
+            self._swap_link(name, newest)
+            logger.warning(
+                "task '%s' had versions but no link: linked its newest, %s", name, newest
+            )
+
+    @contextlib.contextmanager
+    def _export_journal(self, job: str, tmp: Path) -> Iterator[None]:
+        """Record a running export's temp folder `tmp` (beside its destination, outside the bank)
+        in `<root>/.tmp-export-<job>`, locked while the export runs, so that the next open of the
+        bank removes the folder if the export is killed. A bank we may not write to gets no
+        journal: a killed export then leaves its temp folder, as any writer there would."""
+        journal = self._root / f"{_EXPORT_PREFIX}{job}"
+        try:
+            fd = os.open(journal, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            logger.debug("no export journal in bank %s: %s", self._root, exc)
+            fd = None
+        try:
+            if fd is not None:
+                _try_flock(fd, wait=True)
+                os.write(fd, os.fsencode(tmp))
+            yield
+        finally:
+            if fd is not None:
+                _remove_path(journal)  # before the lock goes: a sweep never sees a done export
+                os.close(fd)
+
+
+def _drop_abandoned_export(journal: Path, job: str) -> None:
+    """Remove a killed export's temp folder and its journal; nothing while the export runs."""
+    try:
+        fd = os.open(journal, os.O_RDWR)
+    except FileNotFoundError:
+        return  # finished meanwhile
+    try:
+        if not _try_flock(fd, wait=False):
+            return  # the export is running
+        tmp = Path(os.fsdecode(os.read(fd, 1 << 16)))
+        # Only the folder this journal's export made, whatever else the file might say. Empty:
+        # the export was killed (or is starting) before it named its folder, so it made none.
+        if tmp.is_absolute() and tmp.name.endswith(f"{_EXPORT_PREFIX}{job}"):
+            _remove_path(tmp)
+        _remove_path(journal)
+    finally:
+        os.close(fd)
 
 
 def _dir_version(path: Path) -> str:

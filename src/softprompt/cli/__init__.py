@@ -12,6 +12,6 @@ serve.py     serve, keys
 compare.py   compare
 """
 
-from .main import build_parser, main
+from softprompt.cli.main import build_parser, main
 
 __all__ = ["build_parser", "main"]

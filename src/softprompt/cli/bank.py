@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import _print_json
+from softprompt.cli.common import print_json
 
 
 def cmd_bank(args) -> int:
-    from ..bank import PromptBank
+    from softprompt.bank import PromptBank
 
     bank = PromptBank(args.bank, create=args.bank_command == "import")
     if args.bank_command == "list":
-        _, errors = bank.load_all()
-        for name in bank.names():
-            status = f"BROKEN: {errors[name]}" if name in errors else "ok"
-            print(f"{name}\t{status}")
+        _list_tasks(bank, args.model)
     elif args.bank_command == "show":
         saved = bank.load(args.name)
-        _print_json(
+        print_json(
             {
                 "name": saved.name,
                 "shape": list(saved.embeddings.shape),
@@ -39,10 +36,35 @@ def cmd_bank(args) -> int:
     return 0
 
 
+def _list_tasks(bank, model_name: str) -> None:
+    """One line per task: `ok`, `BROKEN: why` (its files cannot be read) or `UNUSABLE with model
+    'M': why` (readable, but not for this model), by the check the server's engine makes when it
+    loads a task, so the list says what `serve --model` would do with each."""
+    from softprompt.errors import IncompatiblePromptError, InvalidTaskNameError, UnknownTaskError
+    from softprompt.model.loading import load_model
+    from softprompt.serving.engine import Engine
+
+    engine = Engine(load_model(model_name), bank)
+    model = engine.model.config.name_or_path or model_name  # as saved prompts name their model
+    for name in bank.names():
+        try:
+            info = engine.activate(name)
+        except UnknownTaskError:
+            continue  # removed while we listed
+        except (IncompatiblePromptError, InvalidTaskNameError) as exc:
+            status = f"UNUSABLE with model {model!r}: {exc}"
+        except Exception as exc:  # one broken entry must never hide the others
+            status = f"BROKEN: {exc}"
+        else:
+            unverified = info.meta.get("fingerprint") is None  # e.g. a PEFT import
+            status = "ok (no base-model fingerprint: not verified)" if unverified else "ok"
+        print(f"{name}\t{status}")
+
+
 def cmd_inspect(args) -> int:
-    from ..bank import PromptBank
-    from ..inspect import inspect_prompts
-    from ..models import load_model
+    from softprompt.bank import PromptBank
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.inspection import inspect_prompts
 
     loaded = load_model(args.model)
     bank = PromptBank(args.bank, create=False)
@@ -53,7 +75,7 @@ def cmd_inspect(args) -> int:
         prompts[name] = saved.embeddings
     report = inspect_prompts(loaded.model, loaded.tokenizer, prompts, k=args.top_k)
     if args.json:
-        _print_json(report)
+        print_json(report)
         return 0
     print(
         f"real token embedding norms: mean {report['embedding_norms']['mean']}, "

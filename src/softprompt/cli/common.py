@@ -8,10 +8,11 @@ import json
 import logging
 import sys
 
-from ..errors import ConfigError
+from softprompt.errors import ConfigError
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def add_model_flag(p: argparse.ArgumentParser) -> None:
+    """--model: the base model to load."""
     p.add_argument(
         "--model",
         default="default",
@@ -20,7 +21,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_task_data(p: argparse.ArgumentParser, *, many: bool) -> None:
+def add_task_data_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
+    """--data, the task's template and labels (one set per task with `many`)."""
     action = "append" if many else None
     p.add_argument(
         "--data",
@@ -64,7 +66,8 @@ def _add_task_data(p: argparse.ArgumentParser, *, many: bool) -> None:
     )
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
+    """Log to stderr: INFO with --verbose, else warnings only."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
@@ -77,7 +80,7 @@ def _setup_logging(verbose: bool) -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _nth(values, i: int, default=None):
+def nth(values, i: int, default=None):
     """Per-task flag value: the i-th if given per task, the only one if given once (or a scalar flag)."""
     if not isinstance(values, list):
         return default if values is None else values
@@ -86,15 +89,15 @@ def _nth(values, i: int, default=None):
     return values[i] if len(values) > 1 else values[0]
 
 
-def _task_spec(args, i: int, name: str):
+def task_from_flags(args, i: int, name: str):
     """A Task from the flags for the i-th task (builtin data supplies template and labels)."""
-    from ..data import BUILTIN_DATASETS, Task, Template, Verbalizer
+    from softprompt.data import BUILTIN_DATASETS, Task, Template, Verbalizer
 
-    data = _nth(args.data, i)
+    data = nth(args.data, i)
     builtin = BUILTIN_DATASETS.get(data.split(":")[1]) if str(data).startswith("builtin:") else None
-    template = _nth(args.template, i)
-    labels = _nth(args.labels, i)
-    targets = _nth(args.targets, i)
+    template = nth(args.template, i)
+    labels = nth(args.labels, i)
+    targets = nth(args.targets, i)
     if args.target_column:
         field = args.input_column or "text"
         return Task(
@@ -117,8 +120,9 @@ def _task_spec(args, i: int, name: str):
     )
 
 
-def _load_split(path: str, task, tokenizer, task_id: int, args):
-    from ..data import load_examples
+def load_split(path: str, task, tokenizer, task_id: int, args):
+    """The Examples of one data file for `task`, rows that cannot be read reported and skipped."""
+    from softprompt.data import load_examples
 
     examples, skipped = load_examples(
         path,
@@ -134,10 +138,11 @@ def _load_split(path: str, task, tokenizer, task_id: int, args):
     return examples
 
 
-def _learning_rate(text: str) -> float | str:
+def parse_learning_rate(text: str) -> float | str:
     """--learning-rate: 'auto' or a number (TrainConfig says which numbers are usable)."""
     return text if text == "auto" else float(text)
 
 
-def _print_json(obj) -> None:
+def print_json(obj) -> None:
+    """One JSON line on stdout (values JSON cannot hold written as strings)."""
     print(json.dumps(obj, default=str))

@@ -6,15 +6,15 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..options import from_args
+from softprompt.errors import ConfigError
+from softprompt.options import from_args
 
 
 def cmd_compare(args) -> int:
     from tqdm import tqdm
 
-    from ..compare import CompareConfig, markdown_table, run_compare
-    from ..data import BUILTIN_DATASETS, Template
+    from softprompt.data import BUILTIN_DATASETS, Template
+    from softprompt.training.compare import CompareConfig, markdown_table, run_compare
 
     config = from_args(CompareConfig, args)
     builtin = (

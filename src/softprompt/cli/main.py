@@ -6,20 +6,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import __version__
-from ..errors import SoftPromptError
-from ..options import add_arguments
-from ..prompts import PromptTuningConfig
-from .bank import cmd_bank, cmd_inspect
-from .common import _add_model, _add_task_data, _learning_rate, _setup_logging
-from .compare import cmd_compare
-from .model import cmd_eval, cmd_generate, cmd_info
-from .serve import cmd_keys, cmd_serve
-from .train import cmd_train
+from softprompt import __version__
+from softprompt.cli.bank import cmd_bank, cmd_inspect
+from softprompt.cli.common import (
+    add_model_flag,
+    add_task_data_flags,
+    parse_learning_rate,
+    setup_logging,
+)
+from softprompt.cli.compare import cmd_compare
+from softprompt.cli.model import cmd_eval, cmd_generate, cmd_info
+from softprompt.cli.serve import cmd_keys, cmd_serve
+from softprompt.cli.train import cmd_train
+from softprompt.errors import SoftPromptError
+from softprompt.options import add_arguments
+from softprompt.prompting.soft import PromptTuningConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..train import TrainConfig
+    from softprompt.training.trainer import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="softprompt", description="Prompt tuning for frozen causal LMs."
@@ -35,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train soft prompts; they land in --bank",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument(
         "--task", action="append", required=True, help="Task name (repeat to train several at once)"
     )
-    _add_task_data(p, many=True)
+    add_task_data_flags(p, many=True)
     p.add_argument("--eval-data", action="append", help="Validation data (per task)")
     p.add_argument(
         "--test-data", action="append", help="Test data: zero-shot vs tuned reported at the end"
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--learning-rate",
-        type=_learning_rate,
+        type=parse_learning_rate,
         default=None,
         help="Peak learning rate, or 'auto' (an LR range test picks it). Default: "
         "1e-2 for deep prompts, 3e-2 for soft prompts (bench/quality_sst2.py)",
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="Evaluate a saved prompt, or the zero-shot baseline")
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument("--bank", help="Prompt bank folder")
     p.add_argument("--task", help="Task in the bank to evaluate")
     p.add_argument("--zero-shot", action="store_true", help="No soft prompt: the template alone")
@@ -84,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"], help="bf16 autocast")
     p.add_argument("--json", action="store_true", help="Print metrics as JSON on the last line")
-    _add_task_data(p, many=False)
+    add_task_data_flags(p, many=False)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="Generate text with or without a soft prompt")
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument("--prompt", help="A saved prompt folder, or 'none' for the plain model")
     p.add_argument("--bank", help="Prompt bank folder (with --task)")
     p.add_argument("--task", help="Task in the bank")
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="Model parameters, hidden size, vocab, fingerprint, cache path")
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--source",
@@ -120,14 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bank", help="List, show, remove, import or export prompts in a bank")
     bank_sub = p.add_subparsers(dest="bank_command", required=True)
     for verb, text in (
-        ("list", "List tasks (broken entries flagged)"),
+        (
+            "list",
+            "List tasks, each 'ok', 'BROKEN: why' (its files) or 'UNUSABLE with model M: why' "
+            "(trained on another base model, another width or kind), as `serve --model` would "
+            "judge them with --model (default: the default model)",
+        ),
         ("show", "Shape, init, template, metrics"),
         ("rm", "Remove a task"),
         ("import", "Import a PEFT prompt-tuning adapter folder"),
         ("export", "Write a task as a plain PEFT-loadable folder"),
     ):
-        q = bank_sub.add_parser(verb, help=text)
+        q = bank_sub.add_parser(verb, help=text, description=text)
         q.add_argument("--bank", required=True, help="Prompt bank folder")
+        if verb == "list":
+            add_model_flag(q)  # the model the tasks are checked against
         if verb in ("show", "rm", "export"):
             q.add_argument("name", help="Task name")
         if verb == "import":
@@ -140,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", help="What prompts mean: nearest tokens, norms, similarity between tasks"
     )
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument("--bank", required=True, help="Prompt bank folder")
     p.add_argument("--task", action="append", help="Task(s) to inspect (default: all in the bank)")
     p.add_argument("--top-k", type=int, default=5, help="Nearest tokens per virtual token")
@@ -148,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a prompt bank")
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument("--bank", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -159,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="builtin: this process runs the model; vllm: a light gateway (tokenizer, "
         "embeddings, bank) in front of a vLLM server (default: %(default)s)",
     )
-    from ..scheduler import SchedulerConfig
+    from softprompt.serving.scheduler import SchedulerConfig
 
     p.add_argument(
         "--keys",
@@ -171,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where admin actions are appended as JSON lines (default with "
         "--keys: next to it, KEYS.audit.jsonl; else none)",
     )
-    from ..server import RequestLimits
-    from ..vllm_backend import VLLMConfig
+    from softprompt.api.app import ProxyConfig, RequestLimits
+    from softprompt.serving.vllm.backend import VLLMConfig
 
     add_arguments(p, SchedulerConfig)
     add_arguments(p, RequestLimits)
+    add_arguments(p, ProxyConfig)
     add_arguments(p, VLLMConfig)
     p.set_defaults(func=cmd_serve)
 
@@ -204,14 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keys)
 
-    from ..compare import CompareConfig
+    from softprompt.training.compare import CompareConfig
 
     p = sub.add_parser(
         "compare",
         help="Prompt tuning vs deep prompt vs LoRA vs full fine-tuning, measured "
         "on your data (writes compare.json, compare.md, compare.png)",
     )
-    _add_model(p)
+    add_model_flag(p)
     p.add_argument(
         "--data",
         required=True,
@@ -238,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except SoftPromptError as exc:

@@ -3,23 +3,23 @@ the zero-shot baseline), `generate`, `info`."""
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .common import _load_split, _print_json, _task_spec
+from softprompt.cli.common import load_split, print_json, task_from_flags
+from softprompt.errors import ConfigError
 
 
 def cmd_eval(args) -> int:
-    from ..bank import PromptBank
-    from ..data import Template
-    from ..evaluate import evaluate_task
-    from ..models import load_model
-    from ..prompted import PromptedModel, model_for_saved
-    from ..train import TrainConfig, autocast, use_bf16
+    from softprompt.bank import PromptBank
+    from softprompt.data import Template
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.prompted import PromptedModel, model_for_saved
+    from softprompt.training.evaluation import evaluate_task
+    from softprompt.training.trainer import TrainConfig, autocast, use_bf16
 
     loaded = load_model(args.model)
     prompted = PromptedModel(loaded)
     task_name = None
     if args.zero_shot:
-        task = _task_spec(args, 0, args.task or "zero-shot")
+        task = task_from_flags(args, 0, args.task or "zero-shot")
         if args.hard_prompt:  # the init text as a plain-text prompt, the other usual baseline
             task.template = Template(
                 args.hard_prompt.replace("{", "{{").replace("}", "}}") + " " + task.template.text
@@ -31,7 +31,7 @@ def cmd_eval(args) -> int:
         prompted = model_for_saved(loaded, saved, args.task)
         task = _task_from_saved(args, saved)
         task_name = args.task
-    examples = _load_split(args.data, task, loaded.tokenizer, 0 if task_name else -1, args)
+    examples = load_split(args.data, task, loaded.tokenizer, 0 if task_name else -1, args)
     device = prompted.model.get_input_embeddings().weight.device
     with autocast(device, use_bf16(TrainConfig(bf16=args.bf16), device)):
         metrics = evaluate_task(prompted, task, examples, task_name, batch_size=args.batch_size)
@@ -42,7 +42,7 @@ def cmd_eval(args) -> int:
         **metrics,
     }
     if args.json:
-        _print_json(metrics)
+        print_json(metrics)
     else:
         _print_eval(metrics)
     return 0
@@ -51,8 +51,8 @@ def cmd_eval(args) -> int:
 def _task_from_saved(args, saved):
     """The saved prompt's own template and verbalizer (read as the server reads them, by
     data.task_from_meta) unless flags override them."""
-    from ..data import Task, Template, task_from_meta
-    from ..errors import NoVerbalizerError
+    from softprompt.data import Task, Template, task_from_meta
+    from softprompt.errors import NoVerbalizerError
 
     meta = dict(saved.meta)
     if args.template:
@@ -98,9 +98,9 @@ def _print_eval(metrics: dict) -> None:
 
 
 def cmd_generate(args) -> int:
-    from ..bank import PromptBank, read_prompt_dir
-    from ..models import load_model
-    from ..prompted import PromptedModel, model_for_saved
+    from softprompt.bank import PromptBank, read_prompt_dir
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.prompted import PromptedModel, model_for_saved
 
     loaded = load_model(args.model)
     prompted, task = PromptedModel(loaded), None
@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
         seed=args.seed,
     )
     if args.json:
-        _print_json({"task": task, "outputs": outputs})
+        print_json({"task": task, "outputs": outputs})
     else:
         for text, out in zip(texts, outputs, strict=True):
             print(text + out)
@@ -128,14 +128,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ..models import describe, load_model, resolve_model_source
+    from softprompt.model.loading import describe, load_model, resolve_model_source
 
     if args.source:
         print(resolve_model_source(args.model)[0])
         return 0
     info = describe(load_model(args.model))
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         for key, value in info.items():
             print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")

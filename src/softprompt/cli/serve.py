@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import sys
 
-from ..options import from_args
-from .common import _print_json
+from softprompt.cli.common import print_json
+from softprompt.options import from_args
 
 
 def cmd_serve(args) -> int:
-    from ..scheduler import SchedulerConfig
-    from ..server import RequestLimits, serve
-    from ..tenants import read_keys
-    from ..vllm_backend import VLLMConfig
+    from softprompt.api.app import ProxyConfig, RequestLimits, serve
+    from softprompt.api.tenants import read_keys
+    from softprompt.serving.scheduler import SchedulerConfig
+    from softprompt.serving.vllm.backend import VLLMConfig
 
+    proxies = from_args(ProxyConfig, args)  # bad flags and keys fail now, not after the model loads
     if args.keys:
-        read_keys(args.keys)  # a bad keys file fails now, not after the model has loaded
+        read_keys(args.keys)
     serve(
         args.model,
         args.bank,
@@ -28,12 +29,13 @@ def cmd_serve(args) -> int:
         keys=args.keys,
         audit_log=args.audit_log,
         limits=from_args(RequestLimits, args),
+        proxies=proxies,
     )
     return 0
 
 
 def cmd_keys(args) -> int:
-    from ..tenants import add_tenant, read_keys, revoke_tenant
+    from softprompt.api.tenants import add_tenant, read_keys, revoke_tenant
 
     if args.keys_command == "add":
         key = add_tenant(args.file, args.tenant, args.tasks, upload=args.upload, delete=args.delete)
@@ -52,7 +54,7 @@ def cmd_keys(args) -> int:
     else:
         tenants = read_keys(args.file)
         if args.json:
-            _print_json(
+            print_json(
                 [{k: v for k, v in t.to_json().items() if k != "key_sha256"} for t in tenants]
             )
         for t in tenants if not args.json else ():

@@ -9,20 +9,20 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..atomic import write_file
-from ..errors import ConfigError
-from ..options import from_args
-from ..prompts import PromptTuningConfig
-from .common import _load_split, _nth, _print_json, _task_spec
+from softprompt.atomic import write_file
+from softprompt.cli.common import load_split, nth, print_json, task_from_flags
+from softprompt.errors import ConfigError
+from softprompt.options import from_args
+from softprompt.prompting.soft import PromptTuningConfig
 
 
 def cmd_train(args) -> int:
-    from ..bank import PromptBank
-    from ..deep_prompt import DeepPromptModel
-    from ..lr_find import find_learning_rate
-    from ..models import load_model
-    from ..prompted import PromptedModel
-    from ..train import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer
+    from softprompt.bank import PromptBank
+    from softprompt.model.loading import load_model
+    from softprompt.prompting.deep import DeepPromptModel
+    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.training.lr_find import find_learning_rate
+    from softprompt.training.trainer import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer
 
     names = args.task
     if len(args.data) not in (1, len(names)):
@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
         else args.learning_rate
     )
     config = from_args(TrainConfig, args, learning_rate=learning_rate)
-    tasks = [_task_spec(args, i, name) for i, name in enumerate(names)]
+    tasks = [task_from_flags(args, i, name) for i, name in enumerate(names)]
     loaded = load_model(args.model)
     inits = {task.name: _init_config(args, task) for task in tasks}
     prompted = (
@@ -46,14 +46,14 @@ def cmd_train(args) -> int:
     )
     train_examples, eval_sets, test_sets = [], {}, {}
     for i, (name, task) in enumerate(zip(names, tasks, strict=True)):
-        train_examples += _load_split(_nth(args.data, i), task, loaded.tokenizer, i, args)
+        train_examples += load_split(nth(args.data, i), task, loaded.tokenizer, i, args)
         if args.eval_data:
             eval_sets[name] = EvalSet(
-                task, _load_split(_nth(args.eval_data, i), task, loaded.tokenizer, i, args)
+                task, load_split(nth(args.eval_data, i), task, loaded.tokenizer, i, args)
             )
         if args.test_data:
             test_sets[name] = EvalSet(
-                task, _load_split(_nth(args.test_data, i), task, loaded.tokenizer, i, args)
+                task, load_split(nth(args.test_data, i), task, loaded.tokenizer, i, args)
             )
     output_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if auto_lr:
@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
     summary = _finish_training(
         args, prompted, trainer, result, tasks, tests, output_dir, PromptBank(args.bank)
     )
-    _print_json(summary) if args.json else _print_summary(summary)
+    print_json(summary) if args.json else _print_summary(summary)
     return 0
 
 
@@ -128,8 +128,8 @@ def _init_config(args, task) -> PromptTuningConfig:
 
 def _test_metrics(prompted, trainer, tasks, test_sets) -> dict[str, dict]:
     """Zero-shot and tuned test metrics per task that has test data."""
-    from ..evaluate import evaluate_task
-    from ..train import autocast
+    from softprompt.training.evaluation import evaluate_task
+    from softprompt.training.trainer import autocast
 
     out = {}
     for task in tasks:
@@ -182,7 +182,7 @@ def _finish_training(args, prompted, trainer, result, tasks, tests, output_dir: 
 def _draw_plots(output_dir: Path) -> list[Path]:
     """The run's PNG plots (drawn before the prompt is saved, to go with it); a plot that cannot be
     drawn must not cost the trained prompt, so a failure is reported and the prompt saved without."""
-    from ..plots import plot_training
+    from softprompt.training.plots import plot_training
 
     metrics_file = output_dir / "metrics.jsonl"
     if not metrics_file.is_file():

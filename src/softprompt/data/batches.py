@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from .tasks import Example
+from softprompt.data.tasks import Example
+from softprompt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

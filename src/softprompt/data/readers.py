@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError
+from softprompt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -44,27 +44,21 @@ def _raise(error: DataError) -> None:
     raise error
 
 
-def read_records(
+def read_file(
     path: str | Path, *, fmt: str | None = None, on_bad_line: OnBadLine | None = None
 ) -> Rows:
     """Read a data file into `(line number, record)` pairs.
 
-    `path` is a file, a `save_to_disk` folder, or `builtin:NAME:SPLIT`. Line numbers are physical
-    lines for JSONL, CSV and TSV (the first CSV data row is line 2) and row index + 1 for Arrow /
-    Parquet / folders. `fmt` overrides the format guessed from the extension (see `FORMATS`).
-    A line that cannot be read as a record (malformed JSON, not a JSON object, invalid UTF-8 or
-    Unicode, a wrong number of columns) raises DataError, or goes to `on_bad_line` and is left out.
+    `path` is a file or a `save_to_disk` folder (`builtin:NAME:SPLIT` paths are read by
+    `builtin.read_records`). Line numbers are physical lines for JSONL, CSV and TSV (the first CSV
+    data row is line 2) and row index + 1 for Arrow / Parquet / folders. `fmt` overrides the format
+    guessed from the extension (see `FORMATS`). A line that cannot be read as a record (malformed
+    JSON, not a JSON object, invalid UTF-8 or Unicode, a wrong number of columns) raises DataError,
+    or goes to `on_bad_line` and is left out.
     """
-    text = str(path)
-    if text.startswith(BUILTIN_PREFIX):
-        from .builtin import (
-            read_builtin_path,  # here, not at the top: built-in sets are read by these readers
-        )
-
-        return read_builtin_path(text)
     p = Path(path)
     if not p.exists():
-        raise DataError("file not found", path=text)
+        raise DataError("file not found", path=str(path))
     fmt = _resolve_format(p, fmt)
     logger.debug("reading %s as %s", p, fmt)
     return _READERS[fmt](p, on_bad_line or _raise)
@@ -183,12 +177,13 @@ def is_valid_unicode(text: str) -> bool:
     return True
 
 
-def _read_csv(p: Path, on_bad_line: OnBadLine = _raise) -> Rows:
+def read_csv(p: Path, on_bad_line: OnBadLine = _raise) -> Rows:
+    """Rows of a CSV file with a header row, keyed by its column names."""
     return _read_delimited(p, csv.reader(_lines(p)), "CSV", on_bad_line)
 
 
-def _read_tsv(p: Path, on_bad_line: OnBadLine = _raise) -> Rows:
-    """TSV has no quoting (IANA text/tab-separated-values): one physical line per row."""
+def read_tsv(p: Path, on_bad_line: OnBadLine = _raise) -> Rows:
+    """Rows of a TSV file with a header row. TSV has no quoting (IANA text/tab-separated-values): one physical line per row."""
     reader = csv.reader(_lines(p), delimiter="\t", quoting=csv.QUOTE_NONE)
     return _read_delimited(p, reader, "TSV", on_bad_line)
 
@@ -285,8 +280,8 @@ def _numbered(records: list[Record]) -> Rows:
 
 _READERS: dict[str, Callable[[Path, OnBadLine], Rows]] = {  # columnar formats have no bad lines
     "jsonl": _read_jsonl,
-    "csv": _read_csv,
-    "tsv": _read_tsv,
+    "csv": read_csv,
+    "tsv": read_tsv,
     "parquet": lambda p, _: _read_parquet(p),
     "arrow": lambda p, _: _read_arrow(p),
     "disk": lambda p, _: _read_disk(p),

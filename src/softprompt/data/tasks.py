@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, InvalidTaskNameError, NoVerbalizerError
-from .readers import Record, is_valid_unicode, read_records
-from .templates import Template, Verbalizer, _encode_plain, _is_empty
+from softprompt.data.builtin import BuiltinSpec, read_records
+from softprompt.data.readers import Record, is_valid_unicode
+from softprompt.data.templates import Template, Verbalizer, encode_plain, is_empty
+from softprompt.errors import ConfigError, DataError, InvalidTaskNameError, NoVerbalizerError
 
 logger = logging.getLogger(__name__)
 
 
 TASK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-"""Valid task names (DESIGN.md): also folder names in the prompt bank."""
+"""Valid task names (docs/architecture.md): also folder names in the prompt bank."""
 
 
 @dataclass
@@ -83,6 +84,11 @@ def make_classification_task(
     """A classification Task from a template string and label names (targets default ' label')."""
     tmpl = template if isinstance(template, Template) else Template(template)
     return Task(name=name, template=tmpl, verbalizer=Verbalizer(labels, targets))
+
+
+def builtin_task(spec: BuiltinSpec, name: str | None = None) -> Task:
+    """The classification task of a built-in set: its default template and labels."""
+    return make_classification_task(name or spec.name, spec.template, list(spec.labels))
 
 
 def task_from_meta(name: str, meta: Mapping[str, Any]) -> Task:
@@ -195,7 +201,7 @@ def _target(
             )
         return None, []
     value = record.get(column)
-    if _is_empty(value):
+    if is_empty(value):
         if not require_target and column not in record:
             return None, []
         raise DataError(
@@ -208,7 +214,7 @@ def _target(
         label = task.verbalizer.index_of(value, path, line, field=column)
         targets = class_targets or task.verbalizer.target_token_ids(tokenizer)
         return label, list(targets[label]) + _eos(tokenizer, task)
-    ids = _encode_plain(tokenizer, str(value))
+    ids = encode_plain(tokenizer, str(value))
     if not ids:
         raise DataError("target encodes to no tokens", path=path, line=line, field=column)
     return None, ids + _eos(tokenizer, task)

@@ -10,8 +10,8 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError, DataError
-from .readers import is_valid_unicode
+from softprompt.data.readers import is_valid_unicode
+from softprompt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Template:
             out.append(literal)
             if name:
                 value = record.get(name)
-                if _is_empty(value):
+                if is_empty(value):
                     what = "missing column" if name not in record else "empty value"
                     raise DataError(what, path=path, line=line, field=name)
                 out.append(str(value))
@@ -91,7 +91,8 @@ def _check_placeholder(text: str, name: str, spec: str | None, conversion: str |
         )
 
 
-def _is_empty(value: Any) -> bool:
+def is_empty(value: Any) -> bool:
+    """A missing field value: None, a blank string or NaN (how pandas and Arrow write a gap)."""
     if value is None:
         return True
     if isinstance(value, str):
@@ -133,7 +134,7 @@ class Verbalizer:
 
     def target_token_ids(self, tokenizer: Any) -> list[list[int]]:
         """Token ids of each target (no special tokens); a target that encodes to nothing -> error."""
-        ids = [_encode_plain(tokenizer, t) for t in self.targets]
+        ids = [encode_plain(tokenizer, t) for t in self.targets]
         for label, target, tok in zip(self.labels, self.targets, ids, strict=True):
             if not tok:
                 raise ConfigError(f"target {target!r} of label '{label}' encodes to no tokens")
@@ -173,5 +174,6 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` alone, without the special tokens the tokenizer would add."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,33 @@
+"""Model: the frozen causal LM, loaded once (embedded GGUF -> safetensors cache), and its fingerprint.
+
+loading.py      load_model, LoadedModel, freeze, fingerprint, describe, eos_token_ids
+small_batch.py  a Linear whose matmul stays exact and fast for a few rows (decode steps on CPU)
+"""
+
+from softprompt.model.loading import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    describe,
+    eos_token_ids,
+    fingerprint,
+    freeze,
+    load_model,
+    resolve_model_source,
+    softprompt_home,
+)
+from softprompt.model.small_batch import SMALL_ROWS, SmallBatchLinear, use_small_batch_matmul
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SMALL_ROWS",
+    "LoadedModel",
+    "SmallBatchLinear",
+    "describe",
+    "eos_token_ids",
+    "fingerprint",
+    "freeze",
+    "load_model",
+    "resolve_model_source",
+    "softprompt_home",
+    "use_small_batch_matmul",
+]

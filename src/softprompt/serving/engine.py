@@ -1,0 +1,748 @@
+"""Multi-task inference over one frozen model: mixed-task batches, a per-task KV prefix cache,
+generation / classification / scoring, one decoding step at a time (the server's scheduler,
+scheduler.py, joins and drops rows between steps).
+
+    engine = Engine(load_model("default"), PromptBank("bank/"))
+    engine.generate([GenerationRequest("Review: great film", task="sentiment")])
+    engine.classify("sentiment", ["great film", "boring plot"])
+
+The tasks are the engine's `registry` (registry.py): a request names one, and before it runs
+the registry checks the task's bank version, so a prompt saved, changed or deleted by any replica
+is seen on the very next request. Everything that touches the model goes
+through `prompting/inject.py`; all model calls run under one lock, so the engine is safe to share.
+The requests, results and prepared work are in requests.py (importable from here too);
+scoring is prompting/scorer.py's, with this engine's forward (`_last_logits`: prompt inputs, prefix cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from softprompt.bank import PromptBank
+from softprompt.data import Task, encode_example, is_valid_unicode, task_from_meta
+from softprompt.errors import (
+    ConfigError,
+    ContextLengthError,
+    DataError,
+    IncompatiblePromptError,
+    NoVerbalizerError,
+)
+from softprompt.model.loading import LoadedModel, eos_token_ids, fingerprint
+from softprompt.model.small_batch import use_small_batch_matmul
+from softprompt.prompting import inject
+from softprompt.prompting.deep import PrefixShape, prefix_shape, rows_to_prefix
+from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows, token_scores
+from softprompt.serving.registry import PROMPT_FILES, LoadedTask, TaskInfo, TaskRegistry
+from softprompt.serving.requests import (
+    SEED_RANGE,
+    Classification,
+    ClassifyRequest,
+    GenerationRequest,
+    GenerationResult,
+    PreparedGeneration,
+    PreparedPromptLogprobs,
+    PreparedScore,
+    PromptLogprobsRequest,
+    ScoreRequest,
+    TextPiece,
+    TokenLogprob,
+    check_sampling,
+    check_top_logprobs,
+    classify_inputs,
+    task_per_row,
+    template_fields,
+    text_list,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Engine:
+    """One frozen model serving many tasks, each a soft or deep prompt loaded from a bank (or
+    added); rows of both kinds and of the base model share a batch."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel | tuple,
+        bank: PromptBank | str | None = None,
+        *,
+        use_prefix_cache: bool = True,
+        max_new_tokens_cap: int = 512,
+        score_batch_size: int = 64,
+        kinds: tuple[str, ...] = ("soft", "deep"),
+        small_batch_matmul: bool = True,
+    ):
+        if isinstance(loaded, LoadedModel):
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            self.base_model_id, self.fingerprint = loaded.name, loaded.fingerprint
+        else:
+            self.model, self.tokenizer = loaded
+            self.base_model_id = self.model.config.name_or_path or "base"
+            self.fingerprint = fingerprint(self.model)
+        self.bank = PromptBank(bank) if isinstance(bank, str | Path) else bank
+        self.use_prefix_cache = use_prefix_cache
+        """Start requests from each task's cached KV prefix (off: inject the prompt each time)."""
+        self.max_new_tokens_cap = max_new_tokens_cap
+        self.score_batch_size = score_batch_size
+        self.prefix_computations = 0
+        """How many KV prefixes were computed (a cache that works keeps this low)."""
+        self.device = self.model.get_input_embeddings().weight.device
+        use_small_batch_matmul(
+            self.model, small_batch_matmul
+        )  # on CPU: decode steps shared at no extra cost
+        self.token_dim = self.model.get_input_embeddings().weight.shape[1]
+        self.context_length = _context_length(self.model, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model)
+        self.base_names = {self.base_model_id, self.model.config.name_or_path or self.base_model_id}
+        self.reserved_names = {"default", *self.base_names}
+        """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
+        self._model_lock = threading.RLock()
+        self._tokenizer_lock = threading.Lock()
+        self.registry = TaskRegistry(
+            self.bank,
+            kinds=kinds,
+            fingerprint=self.fingerprint,
+            reserved_names=self.reserved_names,
+            row_width=self._row_width,
+            context_length=self.context_length,
+            device=self.device,
+        )
+        """The tasks in memory (registry.py): load, check, install, remove, follow the bank."""
+        self.tasks, self.task_infos, self.task_info = (
+            self.registry.tasks,
+            self.registry.task_infos,
+            self.registry.task_info,
+        )
+        self.add_task, self.activate, self.deactivate = (
+            self.registry.add_task,
+            self.registry.activate,
+            self.registry.deactivate,
+        )
+        self.prompt_values = self.registry.prompt_values
+        self.refresh, self.install, self.remove = (
+            self.registry.refresh,
+            self.registry.install,
+            self.registry.remove,
+        )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The prompt kinds served (a deep prompt enters as each layer's KV prefix; the vLLM
+        gateway's engine has no layers and serves soft prompts only); the registry checks them."""
+        return self.registry.kinds
+
+    @kinds.setter
+    def kinds(self, kinds: tuple[str, ...]) -> None:
+        self.registry.kinds = kinds
+
+    @functools.cached_property
+    def prefix_shape(self) -> PrefixShape:
+        """The KV geometry of this model, which a deep prompt's rows must have (probed once)."""
+        with self._model_lock:
+            return prefix_shape(self.model)
+
+    def _row_width(self, kind: str) -> int:
+        """Width of one prompt row of `kind` (a kind not served is refused before width matters)."""
+        return (
+            self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
+        )
+
+    def _resolve(self, name: str | None, snapshot: dict[str, LoadedTask]) -> LoadedTask | None:
+        """The task entry for a request (None = the base model, no prompt).
+
+        Each name is resolved once per `snapshot` and then taken from it, so all the rows of one
+        request use the same prompt version even when a new one is saved meanwhile.
+        """
+        if name is None or name == "" or name in self.base_names:
+            return None
+        if name not in snapshot:
+            snapshot[name] = self.registry._activate(name)
+        return snapshot[name]
+
+    # ------------------------------------------------------------ public operations
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for a mixed-task batch (each row its own task, limits and sampling)."""
+        return self.run(self.prepare_all(requests))
+
+    def classify(
+        self, task: str | None | Sequence[str | None], texts: Sequence[str]
+    ) -> list[Classification]:
+        """Rank classification with the task's verbalizer: one result per text."""
+        return self.run([self.prepare(ClassifyRequest(task, texts))])[0]
+
+    def score(
+        self, task: str | None | Sequence[str | None], texts: Sequence[str], targets: Sequence[str]
+    ) -> list[float]:
+        """Summed log-probability of each target's tokens after its text."""
+        return self.run([self.prepare(ScoreRequest(task, texts, targets))])[0]
+
+    def score_tokens(
+        self,
+        task: str | None,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        top_k: int | None = None,
+    ) -> list:
+        """Log-likelihood of each (input ids, target ids) pair under `task`'s prompt, as
+        `score_pairs` gives it: the summed float, or with `top_k` the target tokens one by one
+        (`scorer.TokenScores`, with the k most likely tokens at each)."""
+        if top_k is not None:
+            check_top_logprobs(top_k, "top_k")
+        entry, rows = self._resolve(task, {}), []
+        for ids, target in pairs:
+            if not target:
+                raise ConfigError("every target needs at least one token")
+            ids, target = self._input_ids(list(ids)), self._input_ids(list(target))
+            self._check_context(len(ids), entry, len(target))
+            rows.append(ScoreRow(ids, target, entry, top_k))
+        return self.score_pairs(rows)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of chat messages through the tokenizer's chat template (or a plain join)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            with self._tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=True
+                )
+            return self._encode(text, special=False)  # the template writes its own BOS
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return self._encode(text)
+
+    # ------------------------------------------------------------ validation
+
+    def prepare(self, request, snapshot: dict[str, LoadedTask] | None = None):
+        """Validate and tokenise one request (raises here, before it can join a batch).
+
+        Each task is resolved once per request (once per `snapshot`, when one is shared), so all
+        the rows use one prompt version even if a new one is saved meanwhile.
+        """
+        snapshot = {} if snapshot is None else snapshot
+        if isinstance(request, GenerationRequest):
+            return self._prepare_generation(request, snapshot)
+        if isinstance(request, ClassifyRequest):
+            return self._prepare_classify(request, snapshot)
+        if isinstance(request, ScoreRequest):
+            return self._prepare_score(request, snapshot)
+        if isinstance(request, PromptLogprobsRequest):
+            return self._prepare_prompt_logprobs(request, snapshot)
+        raise TypeError(f"cannot run a {type(request).__name__}")
+
+    def prepare_all(self, requests: Sequence) -> list:
+        """Prepare the pieces of one request (e.g. a completion's prompts) with one snapshot."""
+        snapshot: dict[str, LoadedTask] = {}
+        return [self.prepare(request, snapshot) for request in requests]
+
+    def _prepare_generation(self, request: GenerationRequest, snapshot: dict) -> PreparedGeneration:
+        check_sampling(request)
+        task = self._resolve(request.task, snapshot)
+        ids = self._input_ids(request.prompt)
+        used = len(ids) + (task.length if task else 0)
+        wanted = request.max_new_tokens
+        if wanted is None:
+            wanted = max(1, min(self.max_new_tokens_cap, self.context_length - used))
+        if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, not {wanted!r}")
+        self._check_context(len(ids), task, wanted)
+        sampling = inject.Sampling(float(request.temperature), float(request.top_p), request.seed)
+        stops = tuple(
+            s for s in ([request.stop] if isinstance(request.stop, str) else request.stop) if s
+        )
+        return PreparedGeneration(request, task, ids, wanted, sampling, stops)
+
+    def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> PreparedScore:
+        inputs = classify_inputs(request.texts)
+        pairs, labels = [], []
+        for i, (name, value) in enumerate(
+            zip(task_per_row(request.task, len(inputs)), inputs, strict=True)
+        ):
+            task = self._resolve(name, snapshot)
+            spec, targets = self._classifier(task, name)
+            ids = self._classify_input_ids(spec, template_fields(spec, value, i), i)
+            prompt = None if request.zero_shot else task
+            self._check_context(len(ids), prompt, max(len(t) for t in targets))
+            pairs += [ScoreRow(ids, t, prompt) for t in targets]
+            labels.append(spec.verbalizer.labels)
+        return PreparedScore(request, pairs, labels)
+
+    def _classify_input_ids(self, spec: Task, record: dict[str, str], index: int) -> list[int]:
+        """The input tokens `softprompt eval` scores for this record (data.encode_example)."""
+        try:
+            with self._tokenizer_lock:
+                return encode_example(
+                    self.tokenizer, spec, record, 0, require_target=False
+                ).input_ids
+        except DataError as exc:  # a missing or empty field
+            what = "empty" if exc.field in record else "missing"
+            raise ConfigError(
+                f"input {index}: {what} field '{exc.field}' (the template of "
+                f"'{spec.name}' uses {', '.join(spec.template.fields)})"
+            ) from None
+
+    def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> PreparedScore:
+        texts, targets = text_list(request.texts, "texts"), text_list(request.targets, "targets")
+        if len(texts) != len(targets):
+            raise ConfigError(f"{len(texts)} texts but {len(targets)} targets")
+        pairs = []
+        for name, text, target in zip(
+            task_per_row(request.task, len(texts)), texts, targets, strict=True
+        ):
+            task, ids = self._resolve(name, snapshot), self._input_ids(text)
+            target_ids = self._encode(target, special=False)
+            if not target_ids:
+                raise ConfigError(f"target {target!r} encodes to no tokens")
+            self._check_context(len(ids), task, len(target_ids))
+            pairs.append(ScoreRow(ids, target_ids, task))
+        return PreparedScore(request, pairs, None)
+
+    def _prepare_prompt_logprobs(
+        self, request: PromptLogprobsRequest, snapshot: dict
+    ) -> PreparedPromptLogprobs:
+        top = request.top_logprobs
+        if top is not None:
+            check_top_logprobs(top, "logprobs")
+        task, ids = self._resolve(request.task, snapshot), self._input_ids(request.prompt)
+        self._check_context(len(ids), task, 0)
+        scored = len(ids) > 1 and top is not None
+        pairs = [ScoreRow(ids[:1], ids[1:], task, top)] if scored else []
+        return PreparedPromptLogprobs(request, pairs, None, token_ids=ids, task=task)
+
+    def _classifier(self, task: LoadedTask | None, name) -> tuple[Task, list[list[int]]]:
+        """(data.Task, target ids) from the task's meta, parsed once per loaded version."""
+        if task is None:
+            raise NoVerbalizerError(
+                f"task {name!r} has no verbalizer: it cannot classify (name a task whose "
+                "saved prompt has one)"
+            )
+        if task.classifier is None:
+            spec = task_from_meta(task.name, task.meta)
+            with self._tokenizer_lock:
+                task.classifier = (spec, spec.verbalizer.target_token_ids(self.tokenizer))
+        return task.classifier
+
+    def _check_context(self, n_input: int, task: LoadedTask | None, n_new: int) -> None:
+        n_virtual = task.length if task else 0
+        total = n_input + n_virtual + n_new
+        if total > self.context_length:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.context_length} tokens, but the "
+                f"request needs {total} ({n_input} input + {n_virtual} soft-prompt + {n_new} new); "
+                "shorten the input or lower max_tokens"
+            )
+
+    def _input_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self._encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            if any(not 0 <= i < vocab for i in ids):
+                raise ConfigError(f"token ids must be in 0..{vocab - 1}")
+        if not ids:  # the left-padded layout needs one real token to read the next one from
+            start = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
+            if start is None:
+                raise ConfigError(
+                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
+                )
+            ids = [start]
+        return ids
+
+    def _encode(self, text: str, *, special: bool = True) -> list[int]:
+        if not is_valid_unicode(text):  # tokenizers raise a TypeError on it
+            raise ConfigError(
+                "text holds a lone surrogate (a \\ud800-\\udfff escape), which is not valid Unicode"
+            )
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token alone as text, special tokens by name: how log-probabilities name tokens."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def text_pieces(self, ids: Sequence[int], start: int = 0) -> list[str]:
+        """The text each of `ids[start:]` adds to the decoded text of `ids` (special tokens add
+        none; a token ending inside a character adds nothing and the next one the character):
+        their lengths are the tokens' text offsets."""
+        pieces = []
+        with self._tokenizer_lock:
+            for i in range(start, len(ids)):
+                window = list(ids[max(0, i - 4) : i + 1])  # enough context for spaces and bytes
+                before = self.tokenizer.decode(window[:-1], skip_special_tokens=True)
+                text = self.tokenizer.decode(window, skip_special_tokens=True)
+                before = before.rstrip("\ufffd")
+                pieces.append("" if text.endswith("\ufffd") else text[len(before) :])
+        return pieces
+
+    # ------------------------------------------------------------ running prepared work
+
+    def run(self, prepared: Sequence) -> list:
+        """Results for prepared requests (any mix of kinds and tasks), in order."""
+        results: list = [None] * len(prepared)
+        for kind, runner in (("generate", self._run_generation), ("score", self._run_scores)):
+            index = [i for i, p in enumerate(prepared) if p.kind == kind]
+            if index:
+                for i, result in zip(index, runner([prepared[i] for i in index]), strict=True):
+                    results[i] = result
+        return results
+
+    def _run_generation(self, rows: list[PreparedGeneration]) -> list[GenerationResult]:
+        """Generate for `rows` together until the last one ends (how `run` and `generate` batch)."""
+        batch, results = self.start_generation(rows), {}
+        while batch.rows:
+            for row, result in self.step(batch):
+                if isinstance(result, Exception):
+                    raise result  # one call: a failing row fails it
+                results[id(row)] = result
+        return [results[id(row)] for row in rows]
+
+    # ------------------------------------------------------------ generation, one step at a time
+
+    def start_generation(self, rows: list[PreparedGeneration]) -> GenerationBatch:
+        """Prefill `rows` (any tasks and kinds): a batch ready to `step`, or to `join` another."""
+        ids, mask = self._left_pad([r.input_ids for r in rows])  # (B, L)
+        max_new = max(r.max_new_tokens for r in rows)
+        with self._model_lock:
+            prompt_inputs = self._prompt_inputs([r.task for r in rows], ids.shape[1] + max_new)
+            state = inject.prefill(self.model, ids, mask, max_new_tokens=max_new, **prompt_inputs)
+        states = [_RowState(r, self._decode, self.eos_token_ids) for r in rows]
+        return GenerationBatch(states, state, inject.TokenPicker([r.sampling for r in rows]))
+
+    @functools.cached_property
+    def can_join(self) -> bool:
+        """Whether rows can join a running batch (continuous batching); not for a sliding-window
+        model, whose cache cannot be merged exactly."""
+        return inject.can_merge(self.model)
+
+    def join(self, running: GenerationBatch, new: GenerationBatch) -> None:
+        """Add the prefilled rows of `new` to `running`, which keeps generating with them."""
+        if not self.can_join:
+            raise ConfigError(
+                "this model's rows cannot join a running batch (sliding-window attention)"
+            )
+        with self._model_lock:
+            self._catch_up(running)  # rows failing here go to `running.failed`
+            running.state = (
+                inject.merge_states(running.state, new.state) if running.rows else new.state
+            )
+        running.rows += new.rows
+        running.picker = running.picker + new.picker
+
+    def step(
+        self, batch: GenerationBatch
+    ) -> list[tuple[PreparedGeneration, GenerationResult | Exception]]:
+        """One new token for every row of `batch`; the rows that ended leave it at once (their
+        last text streamed) and are returned with their results. Cancelled rows end here.
+
+        A row that fails alone (its forward, its sampling, its text) leaves with its error in place
+        of a result, and the others go on exactly as alone (`_isolate`). This raises only when the
+        batch fails as a whole: no row fails alone (e.g. out of memory), or a sliding-window
+        model's forward failed (its cache cannot be restored, `inject.decode`).
+        """
+        with self._model_lock:
+            self._catch_up(batch)
+            next_ids = self._pick(batch) if batch.rows else None  # (B,)
+            if next_ids is not None:
+                _record_logprobs(batch, next_ids)
+        ended, batch.failed = batch.failed, []
+        if next_ids is None:
+            return [(row.row, error) for row, error in ended]
+        batch.pending, keep = next_ids, []
+        for i, (row, token) in enumerate(zip(batch.rows, next_ids.tolist(), strict=True)):
+            outcome = row.take(token)
+            if outcome is None:
+                keep.append(i)
+            else:
+                ended.append((row, outcome))
+        if len(keep) < len(batch.rows):
+            with self._model_lock:
+                self._keep_rows(batch, keep)
+        return [(row.row, outcome) for row, outcome in ended]
+
+    def _catch_up(self, batch: GenerationBatch) -> None:
+        """Feed the tokens picked at the last step (under the model lock): logits for every row.
+        Rows whose forward fails alone leave the batch (`_isolate`)."""
+        if batch.pending is None:
+            return
+        try:
+            self._feed(batch)
+            return
+        except Exception as exc:
+            if not self.can_join:  # a sliding-window cache: the failed forward changed it
+                raise
+            failure = exc
+        self._isolate(batch, failure, self._feed)  # out of the handler: no chained tracebacks
+        self._catch_up(batch)  # the rows left, together
+
+    def _feed(self, batch: GenerationBatch) -> None:
+        batch.state = inject.decode(self.model, batch.state, batch.pending)
+        batch.pending = None
+
+    def _pick(self, batch: GenerationBatch) -> torch.Tensor | None:
+        """The rows' next tokens (B,) (under the model lock); rows whose sampling fails alone
+        leave the batch first (`_isolate`). None when no row is left."""
+        generators = list(batch.picker.generators)
+        saved = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return batch.picker(batch.state.logits)
+        except Exception as exc:
+            failure = exc
+        _set_states(generators, saved)  # the rows sampled before the failure drew already
+        self._isolate(batch, failure, lambda alone: alone.picker(alone.state.logits))
+        _set_states(generators, saved)  # and so did each row tried alone
+        return self._pick(batch) if batch.rows else None
+
+    def _isolate(self, batch: GenerationBatch, exc: Exception, work) -> None:
+        """`work(batch)` raised `exc`: run it on each row alone (a copy of the row) to find the
+        rows that fail; they leave for `batch.failed`, each with its own error, and the others
+        stay as they were. Raises `exc` when no row fails alone: the batch's own failure."""
+        errors = [self._error_alone(batch, i, work) for i in range(len(batch.rows))]
+        if all(error is None for error in errors):
+            raise exc
+        batch.failed += [(r, e) for r, e in zip(batch.rows, errors, strict=True) if e is not None]
+        self._keep_rows(batch, [i for i, error in enumerate(errors) if error is None])
+
+    @staticmethod
+    def _error_alone(batch: GenerationBatch, i: int, work) -> Exception | None:
+        """What `work` raises on row `i` of `batch` alone (None if nothing); `batch` is untouched."""
+        pending = None if batch.pending is None else batch.pending[i : i + 1]
+        alone = GenerationBatch(
+            [batch.rows[i]], inject.copy_rows(batch.state, [i]), batch.picker.select([i]), pending
+        )
+        try:
+            work(alone)
+        except Exception as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _keep_rows(batch: GenerationBatch, keep: list[int]) -> None:
+        """Only the rows `keep` (indices) stay in `batch` (callers hold the model lock)."""
+        batch.state = inject.select_rows(batch.state, keep) if keep else None
+        batch.rows, batch.picker = [batch.rows[i] for i in keep], batch.picker.select(keep)
+        if batch.pending is not None:
+            batch.pending = batch.pending[keep] if keep else None
+
+    def _run_scores(self, items: list[PreparedScore]) -> list:
+        scores = self.score_pairs([pair for item in items for pair in item.pairs])
+        out, start = [], 0
+        for item in items:
+            out.append(item.finish(scores[start : start + len(item.pairs)]))
+            start += len(item.pairs)
+        return out
+
+    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list:
+        """Summed log-probability of each prepared pair's target (scorer.py, as `softprompt eval`
+        scores), `score_batch_size` model rows per forward; a pair asking for alternatives
+        (`top_k`, an echoed prompt) gets its tokens one by one (`scorer.TokenScores`)."""
+        if not pairs:
+            return []
+        pad = self.tokenizer.pad_token_id or 0
+        run = {"pad_id": pad, "device": self.device, "batch_size": self.score_batch_size}
+        if all(p.top_k is None for p in pairs):
+            return score_rows(pairs, self._last_logits, **run).tolist()
+        detail = token_scores(pairs, self._last_logits, **run)
+        return [d.total if p.top_k is None else d for p, d in zip(pairs, detail, strict=True)]
+
+    def _last_logits(self, tasks: list[LoadedTask | None], ids, mask, keep: int) -> torch.Tensor:
+        """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
+        with self._model_lock:
+            inputs = self._prompt_inputs(tasks, ids.shape[1])
+            if "prefixes" in inputs:
+                out, _, _ = inject.prefix_forward(
+                    self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep
+                )
+                return out.logits
+            prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
+            lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
+            batch = inject.inject(self.model, ids, mask, prompts, lengths)
+            return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
+
+    def _prompt_inputs(self, tasks: list[LoadedTask | None], width: int) -> dict:
+        """How the rows' prompts enter: KV prefixes for a batch with a deep prompt (its KV is all
+        there is) or when the cache is on and exact; else embeddings."""
+        if not any(tasks):
+            return {}
+        longest = max(t.length for t in tasks if t)
+        exact = inject.prefix_is_exact(self.model, longest + width)
+        deep = any(t is not None and t.kind == "deep" for t in tasks)
+        if deep and not exact:
+            raise IncompatiblePromptError(
+                f"a deep prompt over {longest + width} columns exceeds this model's "
+                "sliding window; shorten the input or max_tokens"
+            )
+        if deep or (self.use_prefix_cache and exact):
+            return {"prefixes": [self._prefix(t) if t else None for t in tasks]}
+        prompts = torch.zeros(len(tasks), longest, self.token_dim, device=self.device)  # (B, N, d)
+        for b, task in enumerate(tasks):
+            if task:
+                prompts[b, : task.length] = task.prompt
+        lengths = torch.tensor([t.length if t else 0 for t in tasks], device=self.device)
+        return {"prompts": prompts, "prompt_lengths": lengths}
+
+    def _prefix(self, task: LoadedTask) -> inject.PromptPrefix:
+        """The task's KV prefix, computed once per loaded version (callers hold the model lock)."""
+        if task.prefix is None and task.kind == "deep":  # the rows are the keys and values
+            dtype = self.model.get_input_embeddings().weight.dtype
+            task.prefix = rows_to_prefix(task.prompt, self.prefix_shape, dtype)
+        elif task.prefix is None:
+            task.prefix = inject.prompt_prefix(self.model, task.prompt)
+            self.prefix_computations += 1
+        return task.prefix
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return left_pad(rows, self.tokenizer.pad_token_id or 0, self.device)
+
+
+# ---------------------------------------------------------------- per-row generation state
+
+
+@dataclass(eq=False)
+class GenerationBatch:
+    """Rows generating together, between two steps: each row's state, the model's decode state
+    (cache, mask, positions, logits) and the rows' token pickers, all in the same row order."""
+
+    rows: list[_RowState]
+    state: inject.DecodeState | None
+    picker: inject.TokenPicker
+    pending: torch.Tensor | None = None  # (B,) tokens picked but not yet fed to the model
+    failed: list[tuple[_RowState, Exception]] = field(default_factory=list)
+    """Rows that failed alone and left, with their errors: the next `Engine.step` returns them."""
+
+
+class _RowState:
+    """Stop strings, per-row token limit, tokens and streamed text of one generating row."""
+
+    def __init__(self, row: PreparedGeneration, decode, eos_ids: tuple[int, ...]):
+        self.row, self.decode, self.eos_ids = row, decode, eos_ids
+        self.tokens: list[int] = []
+        self.holdback = max((len(s) for s in row.stops), default=1) - 1
+        self.watch = bool(row.stops or row.request.on_text)
+        self.top_logprobs = row.request.logprobs  # None: no log-probabilities wanted
+        self.logprobs: list[TokenLogprob] = []
+        self.streamed = 0  # log-probability entries already sent with a streamed piece
+
+    def take(self, token: int) -> GenerationResult | Exception | None:
+        """Add the row's new token: its result when that ends it, None while it goes on, or the
+        error its own work raised (decoding, stop strings), which ends this row alone."""
+        try:
+            self.tokens.append(token)
+            if self.ends_at(token) or self.step(self.tokens):
+                return self.finish(self.tokens)
+        except Exception as exc:
+            return exc
+        return None
+
+    def ends_at(self, token: int) -> bool:
+        """An end-of-sequence token ends the row, unless the request ignores them."""
+        return token in self.eos_ids and not self.row.request.ignore_eos
+
+    def step(self, tokens: list[int]) -> bool:
+        """Called after each new token of this row; True ends the row."""
+        if self.row.cancelled:
+            return True
+        if self.watch:
+            text = self.decode(tokens)
+            cut = _find_stop(text, self.row.stops)
+            if cut is not None:
+                return True  # finish() cuts and flushes
+            self._emit(text[: max(0, len(text) - self.holdback)].rstrip("\ufffd"))
+        return len(tokens) >= self.row.max_new_tokens
+
+    def finish(self, tokens: list[int]) -> GenerationResult:
+        text = self.decode(tokens)
+        cut = _find_stop(text, self.row.stops)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        else:
+            reason = "stop" if tokens and self.ends_at(tokens[-1]) else "length"
+        self._emit(text)
+        logprobs = None if self.top_logprobs is None else list(self.logprobs)
+        return GenerationResult(
+            text, list(tokens), reason, len(self.row.input_ids), len(tokens), logprobs
+        )
+
+    def _emit(self, text: str) -> None:
+        callback, sent = self.row.request.on_text, self.row.emitted
+        if callback is None or len(text) <= len(sent) or not text.startswith(sent):
+            return
+        self.row.emitted = text
+        entries = None
+        if self.top_logprobs is not None:
+            entries, self.streamed = self.logprobs[self.streamed :], len(self.logprobs)
+        try:
+            callback(TextPiece(text[len(sent) :], entries))
+        except Exception:  # a broken listener must not break the batch
+            log.exception("streaming callback failed")
+            self.row.cancelled = True
+
+
+def _record_logprobs(batch: GenerationBatch, next_ids: torch.Tensor) -> None:
+    """Each picked token's log-probability (the model's log-softmax of the step's logits) and the
+    most likely alternatives, for the rows that asked for them."""
+    wanted = [i for i, row in enumerate(batch.rows) if row.top_logprobs is not None]
+    if not wanted:
+        return
+    index = torch.tensor(wanted, device=next_ids.device)
+    logprobs = batch.state.logits[index].float().log_softmax(-1)  # (W, V)
+    picked = logprobs.gather(1, next_ids[index][:, None])[:, 0].tolist()  # (W,)
+    k = max(batch.rows[i].top_logprobs for i in wanted)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (W, k)
+    values, ids = values.tolist(), ids.tolist()
+    for w, i in enumerate(wanted):
+        row = batch.rows[i]
+        top = list(zip(ids[w][: row.top_logprobs], values[w][: row.top_logprobs], strict=True))
+        row.logprobs.append(TokenLogprob(int(next_ids[i]), picked[w], top))
+
+
+def _set_states(generators: list, states: list) -> None:
+    """Rewind the rows' own random generators (None: a row without one) to `states`."""
+    for generator, state in zip(generators, states, strict=True):
+        if generator is not None:
+            generator.set_state(state)
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _context_length(model, tokenizer) -> int:
+    config = model.config.get_text_config()
+    length = getattr(config, "max_position_embeddings", None)
+    if not length:
+        length = getattr(tokenizer, "model_max_length", None) or 2048
+    return int(min(length, 1 << 20))
+
+
+__all__ = [
+    "PROMPT_FILES",
+    "SEED_RANGE",
+    "Classification",
+    "ClassifyRequest",
+    "ContextLengthError",
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "NoVerbalizerError",
+    "ScoreRequest",
+    "TaskInfo",
+]

@@ -1,0 +1,661 @@
+"""The vLLM backend: softprompt as a light gateway in front of a vLLM server.
+
+vLLM does the model work (continuous batching, paged KV cache, tensor parallelism); the gateway
+holds only the tokenizer, the input-embedding matrix and the bank. For each request it renders the
+template or chat, resolves the task exactly like the built-in engine (`Engine.prepare`: the same
+tasks, limits and errors), builds the embeddings [soft prompt ; token embeddings of the input]
+and sends them as `prompt_embeds` (base64 of `torch.save` of an (n, d) tensor) to vLLM's
+`/v1/completions`. Rows without a task are sent as token ids. Every request carries its own
+embeddings, so mixed tasks need nothing special, and gateways are stateless over a shared bank.
+
+Classification scores the verbalizer's targets from log-probabilities: one request per distinct
+target prefix asks vLLM (`logprob_token_ids`) for the log-probability of each next target token.
+Single-token labels take one request per row; a multi-token target t adds one request per extra
+token (the prefix t[:j] is appended as embeddings), so the scores are the same summed
+log-likelihoods the built-in scorer computes.
+
+Log-probabilities: a generation's `logprobs` (each new token's, with k alternatives) pass through
+to vLLM for every row. `echo` (the prompt's own log-probabilities) passes through for rows
+without a task (token ids); vLLM refuses echo and prompt logprobs with prompt embeddings, so for
+a task's row the gateway answers 422 naming `echo` and this backend, never a silent null.
+
+Prompt kinds: soft prompts only. A deep prompt is keys and values inside every layer, which
+input embeddings cannot carry, so a request for one is refused like the built-in engine refuses it
+(422, naming the task and the reason), never approximated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import safetensors
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from softprompt.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigError,
+    ContextLengthError,
+    ModelLoadError,
+    UnsupportedPromptKindError,
+)
+from softprompt.model.loading import LoadedModel, fingerprint, resolve_model_source
+from softprompt.options import opt
+from softprompt.serving.engine import Engine, GenerationResult
+from softprompt.serving.requests import (
+    PreparedPromptLogprobs,
+    PromptLogprobs,
+    TextPiece,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's limit per request
+_SAME_MODEL_TOLERANCE = 0.05  # nats: token ids vs our embeddings of them, through vLLM
+
+
+@dataclass
+class VLLMConfig:
+    """How `softprompt serve --backend vllm` reaches (or starts) vLLM."""
+
+    vllm_url: str | None = opt(
+        None,
+        "URL of a running vLLM server started with --enable-prompt-embeds; "
+        "none: start one from the project's vLLM environment.",
+    )
+    vllm_python: str | None = opt(
+        None, "Python of the vLLM environment; none: .venv-vllm/ from `make vllm`."
+    )
+    vllm_dtype: str = opt(
+        "bfloat16",
+        "dtype vLLM runs the model in: float32, bfloat16 or float16; the "
+        "gateway sends embeddings in it.",
+    )
+    vllm_max_model_len: int = opt(
+        2048, "Context length of a vLLM the gateway starts (--max-model-len)."
+    )
+    vllm_startup_timeout_s: float = opt(900, "Seconds to wait for a started vLLM to answer.")
+
+    def __post_init__(self):
+        if self.vllm_dtype not in _DTYPES:
+            raise ConfigError(
+                f"vllm_dtype must be one of {', '.join(_DTYPES)}, not {self.vllm_dtype!r}"
+            )
+        if self.vllm_max_model_len < 1:
+            raise ConfigError("vllm_max_model_len must be >= 1")
+
+
+def open_vllm_backend(
+    model_name: str, bank, config: VLLMConfig, *, timeout_s: float = 300
+) -> VLLMBackend:
+    """The gateway for `model_name` over `bank`: to `config.vllm_url`, or to a vLLM it starts;
+    a request waits `timeout_s` for vLLM at most (the server's --request-timeout-s)."""
+    from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python
+
+    loaded = load_gateway_model(model_name)
+    engine = Engine(loaded, bank)
+    process, url = None, config.vllm_url
+    if url is None:
+        process = VLLMProcess(
+            find_vllm_python(config.vllm_python),
+            loaded.source,
+            loaded.model.config.name_or_path,
+            dtype=config.vllm_dtype,
+            max_model_len=config.vllm_max_model_len,
+        )
+        url = process.start(config.vllm_startup_timeout_s)
+    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s, process=process)
+
+
+# ---------------------------------------------------------------- the light model
+
+
+class EmbeddingOnlyModel(torch.nn.Module):
+    """What the gateway keeps of a model: its config and input embeddings, no layers."""
+
+    def __init__(self, config, generation_config, weight: torch.Tensor):
+        super().__init__()
+        self.config, self.generation_config = config, generation_config
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(weight, freeze=True)
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed_tokens
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("the gateway holds only the embedding table; vLLM runs the model")
+
+
+def load_gateway_model(name: str) -> LoadedModel:
+    """Tokenizer, config and input embeddings of `name` (read from its safetensors), not the model.
+
+    Returns the same `LoadedModel` (name, source, fingerprint) that `load_model` would, so saved
+    prompts are checked against the same base-model fingerprint.
+    """
+    source, base_name = resolve_model_source(name)
+    if not Path(source).is_dir():
+        raise ModelLoadError(
+            f"the vLLM gateway needs a local model folder; {name!r} resolved to {source!r}"
+        )
+    config = AutoConfig.from_pretrained(source)
+    config.name_or_path = base_name
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation_config = None
+    model = EmbeddingOnlyModel(config, generation_config, _read_input_embeddings(source, config))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, source, fingerprint(model))
+
+
+def _read_input_embeddings(folder: str, config) -> torch.Tensor:
+    """The input-embedding matrix (V, d), found by building the model on the meta device."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    weight = skeleton.get_input_embeddings().weight
+    names = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for file in files:
+        with safetensors.safe_open(str(file), framework="pt") as fh:
+            keys = set(fh.keys())
+            key = next((n for n in names if n in keys), None)
+            if key is not None:
+                return fh.get_tensor(key)
+    raise ModelLoadError(
+        f"no input-embedding tensor ({', '.join(names)}) in the safetensors files of {folder}"
+    )
+
+
+# ---------------------------------------------------------------- talking to vLLM
+
+
+def encode_embeds(embeds: torch.Tensor) -> str:
+    """base64 of `torch.save` of an (n, d) tensor, what vLLM's `prompt_embeds` takes.
+
+    The tensor is copied first: torch.save writes a view's whole storage (a whole matrix).
+    """
+    buffer = io.BytesIO()
+    torch.save(embeds.detach().cpu().contiguous().clone(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VLLMClient:
+    """vLLM's OpenAI API over HTTP, with its failures mapped to softprompt's error types."""
+
+    def __init__(self, url: str, *, timeout_s: float):
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5)
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def alive(self) -> bool:
+        try:
+            return (await self._http.get("/health", timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def get(self, path: str) -> dict:
+        return await self._call(self._http.get(path))
+
+    async def complete(self, payload: dict) -> dict:
+        return await self._call(self._http.post("/v1/completions", json=payload))
+
+    async def stream(self, payload: dict) -> AsyncIterator[dict]:
+        """Open a streaming completion (errors raise here), then yield its chunks."""
+        request = self._http.build_request(
+            "POST", "/v1/completions", json={**payload, "stream": True}
+        )
+        response = await self._call(self._http.send(request, stream=True), raw=True)
+        return self._chunks(response)
+
+    async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict]:
+        try:
+            async for line in self._guard(response.aiter_lines()):
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise _error_from(500, chunk, self.url)
+                yield chunk
+        finally:
+            with anyio.CancelScope(
+                shield=True
+            ):  # closing the connection is how vLLM hears "cancel"
+                await response.aclose()
+
+    async def _guard(self, lines: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for line in lines:
+                yield line
+        except httpx.TimeoutException as exc:
+            raise BackendTimeoutError(
+                f"vLLM at {self.url} sent nothing for too long: {exc!r}"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailableError(
+                f"vLLM at {self.url} dropped the stream: {exc!r}"
+            ) from exc
+
+    async def _call(self, pending, *, raw: bool = False):
+        try:
+            response = await pending
+        except httpx.TimeoutException as exc:
+            raise BackendTimeoutError(
+                f"vLLM at {self.url} did not answer in time ({exc!r})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailableError(f"vLLM at {self.url} is not reachable ({exc!r})") from exc
+        if response.status_code != 200:
+            body = await response.aread()
+            await response.aclose()
+            raise _error_from(response.status_code, _json_or_text(body), self.url)
+        return response if raw else response.json()
+
+
+def _json_or_text(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {"message": body.decode(errors="replace")[:500]}
+    return value if isinstance(value, dict) else {"message": str(value)[:500]}
+
+
+def _error_from(status: int, body: dict, url: str) -> Exception:
+    """vLLM's error answer -> the error the built-in engine raises for the same cause."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = str(error.get("message") or body)
+    if status in (400, 422) and "maximum context length" in message:
+        return ContextLengthError(message)
+    if status in (400, 422):
+        return ConfigError(f"vLLM refused the request: {message}")
+    return BackendUnavailableError(f"vLLM at {url} failed the request (HTTP {status}): {message}")
+
+
+# ---------------------------------------------------------------- the backend
+
+
+@dataclass
+class _Served:
+    """What the gateway learned from vLLM: the model id to name in requests, its context."""
+
+    model: str
+    max_model_len: int | None
+
+
+class VLLMBackend:
+    """Serve an engine's tasks through vLLM; see the module docstring."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        engine: Engine,
+        url: str,
+        *,
+        dtype: str = "bfloat16",
+        timeout_s: float = 300,
+        process=None,
+    ):
+        self.engine = engine
+        engine.kinds = (
+            "soft",
+        )  # prompt embeddings enter at the input: a deep prompt cannot ride them
+        self.client = VLLMClient(url, timeout_s=timeout_s)
+        self.dtype = _DTYPES[dtype]
+        self.process = process
+        """A VLLMProcess this gateway started (stopped on close), or None."""
+        self._served: _Served | None = None
+        self._discovering = asyncio.Lock()
+        self._model_context = engine.context_length  # the model's own; vLLM's may be shorter
+
+    # ------------------------------------------------------------ lifecycle and health
+
+    async def start(self) -> None:
+        errors = await asyncio.to_thread(self.engine.refresh)
+        if errors:
+            log.warning("skipped unusable tasks: %s", sorted(errors))
+        try:
+            await self._ensure_served()
+        except (
+            BackendUnavailableError
+        ) as exc:  # keep serving /health; requests get 503 until it is up
+            log.warning("vLLM is not usable yet: %s", exc)
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
+
+    async def health(self) -> dict:
+        up = await self.client.alive()
+        if not up:
+            self._served = None  # find out again (and check the model) once it is back
+        return {
+            "name": self.name,
+            "status": "up" if up else "down",
+            "url": self.client.url,
+            "prompt_kinds": list(self.engine.kinds),
+        }
+
+    # ------------------------------------------------------------ requests
+
+    async def prepare_all(self, requests: Sequence) -> list:
+        """Validate like the built-in engine (same tasks, snapshot and errors), then make sure vLLM
+        is there."""
+        try:
+            prepared = await asyncio.to_thread(self.engine.prepare_all, requests)
+        except UnsupportedPromptKindError as exc:  # a deep prompt in the bank: say why vLLM cannot
+            raise _cannot_serve(exc) from None
+        for piece in prepared:
+            scored = isinstance(piece, PreparedPromptLogprobs) and piece.pairs
+            if scored and piece.task is not None:
+                raise _no_echo(piece.task.name)
+        await self._ensure_served()
+        return prepared
+
+    async def run(self, prepared: list) -> list:
+        """Per piece: a GenerationResult, or the scores / classifications of a score request.
+
+        Cancelling the call cancels its HTTP requests, and vLLM aborts a request whose connection
+        closes.
+        """
+        return await asyncio.gather(*(self._run_one(piece) for piece in prepared))
+
+    async def _run_one(self, prepared):
+        if isinstance(prepared, PreparedPromptLogprobs):
+            return await self._failing_over(self._echo(prepared))
+        if prepared.kind == "generate":
+            return await self._failing_over(self._generate(prepared))
+        return await self._failing_over(self._score(prepared))
+
+    async def stream(self, prepared) -> AsyncIterator[str | GenerationResult]:
+        """Start streaming (errors raise here); yields text pieces, then the GenerationResult."""
+        chunks = await self._failing_over(
+            self.client.stream(self._generation_payload(prepared, stream=True))
+        )
+        return self._pieces(prepared, chunks)
+
+    async def _pieces(
+        self, prepared, chunks: AsyncIterator[dict]
+    ) -> AsyncIterator[str | GenerationResult]:
+        text, token_ids, finish, usage, logprobs = [], [], None, None, []
+        top = prepared.request.logprobs
+        try:
+            async for chunk in chunks:
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    token_ids += choice.get("token_ids") or []
+                    finish = choice.get("finish_reason") or finish
+                    shaped = choice.get("logprobs") if top is not None else None
+                    entries = _entries(shaped, top) if shaped else None  # none on the last chunk
+                    logprobs += entries or []
+                    if choice.get("text") or entries:
+                        text.append(choice.get("text") or "")
+                        yield TextPiece(choice.get("text") or "", entries)
+        except BackendUnavailableError:
+            self._served = None
+            raise
+        finally:
+            await chunks.aclose()
+        completion = (usage or {}).get("completion_tokens", len(token_ids))
+        yield GenerationResult(
+            "".join(text),
+            token_ids,
+            finish or "stop",
+            len(prepared.input_ids),
+            completion,
+            logprobs if top is not None else None,
+        )
+
+    async def _failing_over(self, work):
+        """Await `work`; on a backend failure forget what we knew, so recovery re-checks vLLM."""
+        try:
+            return await work
+        except BackendUnavailableError:
+            self._served = None
+            raise
+
+    async def _generate(self, prepared) -> GenerationResult:
+        answer = await self.client.complete(self._generation_payload(prepared, stream=False))
+        choice, top = answer["choices"][0], prepared.request.logprobs
+        return GenerationResult(
+            choice["text"],
+            list(choice.get("token_ids") or []),
+            choice.get("finish_reason") or "stop",
+            len(prepared.input_ids),
+            answer.get("usage", {}).get("completion_tokens", 0),
+            _entries(choice.get("logprobs"), top) if top is not None else None,
+        )
+
+    async def _echo(self, prepared: PreparedPromptLogprobs) -> PromptLogprobs:
+        """A plain row's prompt log-probabilities from vLLM's own echo (token ids; a task's row
+        was refused in `prepare_all`)."""
+        ids = list(prepared.token_ids)
+        if not prepared.pairs:  # one token, or only the tokens asked for
+            return prepared.finish([])
+        answer = await self.client.complete(
+            {
+                **self._prompt_fields(None, ids),
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": prepared.request.top_logprobs,
+                "return_tokens_as_token_ids": True,
+            }
+        )
+        entries = _entries(answer["choices"][0].get("logprobs"), prepared.request.top_logprobs)
+        return PromptLogprobs(ids, [None, *entries[1 : len(ids)]])
+
+    def _generation_payload(self, prepared, *, stream: bool) -> dict:
+        sampling = prepared.sampling
+        payload = {
+            "max_tokens": prepared.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+            "stop": list(prepared.stops),
+            "ignore_eos": prepared.request.ignore_eos,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        if prepared.request.logprobs is not None:
+            payload["logprobs"] = prepared.request.logprobs
+            payload["return_tokens_as_token_ids"] = True
+        return {**payload, **self._prompt_fields(prepared.task, prepared.input_ids)}
+
+    def _prompt_fields(self, task, ids: list[int]) -> dict:
+        """The request's input: token ids alone (no task), else embeddings [prompt ; tokens]."""
+        fields = {"model": self._served.model}
+        if task is None:
+            return {**fields, "prompt": list(ids)}
+        weight = self.engine.model.get_input_embeddings().weight
+        embeds = torch.cat([task.prompt.to(self.dtype), weight[ids].to(self.dtype)])  # (n + L, d)
+        return {**fields, "prompt_embeds": encode_embeds(embeds)}
+
+    # ------------------------------------------------------------ scoring (classification)
+
+    async def _score(self, prepared):
+        """Summed target log-probabilities per pair, from one request per distinct prefix."""
+        wanted: dict[tuple, set[int]] = {}
+        for pair in prepared.pairs:
+            for j, token in enumerate(pair.target_ids):
+                wanted.setdefault(_prefix_key(pair, j), set()).add(token)
+        keys = list(wanted)
+        found = await asyncio.gather(
+            *(self._next_token_logprobs(key, sorted(wanted[key])) for key in keys)
+        )
+        logprobs = dict(zip(keys, found, strict=True))
+        scores = [
+            sum(logprobs[_prefix_key(pair, j)][token] for j, token in enumerate(pair.target_ids))
+            for pair in prepared.pairs
+        ]
+        return prepared.finish(scores)
+
+    async def _next_token_logprobs(self, key: tuple, tokens: list[int]) -> dict[int, float]:
+        task, ids = key
+        out: dict[int, float] = {}
+        for start in range(0, len(tokens), _MAX_LOGPROB_TOKEN_IDS):
+            chunk = tokens[start : start + _MAX_LOGPROB_TOKEN_IDS]
+            answer = await self.client.complete(
+                {
+                    **self._prompt_fields(task, list(ids)),
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "logprobs": 1,
+                    "logprob_token_ids": chunk,
+                    "return_tokens_as_token_ids": True,
+                }
+            )
+            out.update(_token_logprobs(answer, chunk))
+        return out
+
+    # ------------------------------------------------------------ discovery
+
+    async def _ensure_served(self) -> _Served:
+        """Ask vLLM (once, and again after a failure) what it serves, and check it is our model."""
+        async with self._discovering:
+            if self._served is None:
+                listing = await self.client.get("/v1/models")
+                entry = (listing.get("data") or [{}])[0]
+                if "id" not in entry:
+                    raise BackendUnavailableError(f"vLLM at {self.client.url} lists no model")
+                served = _Served(entry["id"], entry.get("max_model_len"))
+                await self._check_same_model(served)
+                self.engine.context_length = min(
+                    self._model_context, int(served.max_model_len or self._model_context)
+                )
+                self._served = served
+                log.info(
+                    "vLLM at %s serves %s (context %s)",
+                    self.client.url,
+                    served.model,
+                    served.max_model_len,
+                )
+            return self._served
+
+    async def _check_same_model(self, served: _Served) -> None:
+        """Token ids and our embeddings of them must give vLLM the same next-token log-probs.
+
+        A vLLM serving another model than the gateway's embedding table would otherwise answer
+        every soft-prompt request with garbage.
+        """
+        ids = self.engine.tokenizer("The capital of France is", add_special_tokens=True)[
+            "input_ids"
+        ]
+        weight = self.engine.model.get_input_embeddings().weight
+        base = {
+            "model": served.model,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": 5,
+            "return_tokens_as_token_ids": True,
+        }
+        by_ids = await self.client.complete({**base, "prompt": ids})
+        by_embeds = await self.client.complete(
+            {**base, "prompt_embeds": encode_embeds(weight[ids].to(self.dtype))}
+        )
+        a, b = _top_logprobs(by_ids), _top_logprobs(by_embeds)
+        shared = a.keys() & b.keys()
+        if not shared or max(abs(a[k] - b[k]) for k in shared) > _SAME_MODEL_TOLERANCE:
+            raise BackendUnavailableError(
+                f"vLLM at {self.client.url} ({served.model}) does not serve the gateway's model "
+                f"{self.engine.base_model_id!r}: the same tokens as ids and as our embeddings give "
+                f"different next tokens ({a} vs {b}); start vLLM on the same weights"
+            )
+
+
+def _cannot_serve(exc: UnsupportedPromptKindError) -> UnsupportedPromptKindError:
+    """The engine's refusal (same type, so the same 422), saying why vLLM cannot serve the kind."""
+    why = {
+        "deep": ": it is keys and values inside every layer, and vLLM's prompt embeddings enter "
+        "at the input only"
+    }.get(exc.kind, "")
+    return UnsupportedPromptKindError(
+        f"task '{exc.task}' is a {exc.kind} prompt, which the vLLM backend cannot serve{why} "
+        "(it serves soft prompts only)",
+        task=exc.task,
+        kind=exc.kind,
+    )
+
+
+def _no_echo(task: str) -> ConfigError:
+    error = ConfigError(
+        f"echo (the prompt's log-probabilities) is not available on the vllm backend for task "
+        f"'{task}': vLLM refuses echo and prompt logprobs with prompt embeddings, which carry its "
+        "soft prompt (serve with --backend builtin for them; logprobs of new tokens work)"
+    )
+    error.param = "echo"
+    return error
+
+
+def _token_id(name: str) -> int:
+    """The id in vLLM's 'token_id:N' (what `return_tokens_as_token_ids` makes of a token)."""
+    return int(name.rsplit(":", 1)[1])
+
+
+def _entries(logprobs: dict | None, top: int) -> list[TokenLogprob | None]:
+    """vLLM's completions `logprobs` object as entries (None where it has none: an echoed
+    prompt's first token), each with its `top` best alternatives."""
+    if not logprobs or logprobs.get("tokens") is None:
+        raise BackendUnavailableError(f"vLLM answered without log-probabilities: {logprobs!r:.300}")
+    entries: list[TokenLogprob | None] = []
+    for token, value, alternatives in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        if value is None:
+            entries.append(None)
+            continue
+        best = sorted(((_token_id(k), v) for k, v in (alternatives or {}).items()), key=_by_value)
+        entries.append(TokenLogprob(_token_id(token), float(value), best[:top]))
+    return entries
+
+
+def _by_value(item: tuple[int, float]) -> tuple[float, int]:
+    return -item[1], item[0]
+
+
+def _prefix_key(pair, j: int) -> tuple:
+    return pair.task, tuple(pair.input_ids + pair.target_ids[:j])
+
+
+def _top_logprobs(answer: dict) -> dict[int, float]:
+    """{token id: log-prob} of the first generated position (tokens as 'token_id:N')."""
+    try:
+        top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
+        return {int(key.rsplit(":", 1)[1]): float(value) for key, value in top.items()}
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise BackendUnavailableError(
+            f"vLLM answered without log-probabilities: {answer!r:.300}"
+        ) from exc
+
+
+def _token_logprobs(answer: dict, tokens: list[int]) -> dict[int, float]:
+    found = _top_logprobs(answer)
+    missing = [t for t in tokens if t not in found]
+    if missing:
+        raise BackendUnavailableError(
+            f"vLLM returned no log-probability for token ids {missing} "
+            "(it needs `logprob_token_ids`, vLLM >= 0.32)"
+        )
+    return {t: found[t] for t in tokens}
