@@ -278,6 +278,37 @@ def test_streaming_through_the_gateway_joins_to_the_engines_text(gateway, engine
     )
 
 
+def test_logprobs_through_real_vllm_equal_the_engines_and_echo_of_a_task_is_refused(
+    gateway, engine
+):
+    from softprompt.serving.requests import PromptLogprobsRequest
+
+    for task in ("sentiment", None):
+        body = {"model": task or engine.base_model_id, "prompt": TEXTS[1], "max_tokens": 4}
+        r = gateway.http.post("/v1/completions", json={**body, "temperature": 0, "logprobs": 3})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        ref = engine.generate(
+            [GenerationRequest(TEXTS[1], task=task, max_new_tokens=4, logprobs=3)]
+        )[0]
+        same = lp["tokens"] == engine.token_texts(ref.token_ids)
+        n = len(ref.token_ids) if same else 1  # past a near tie the paths part
+        assert lp["token_logprobs"][:n] == pytest.approx(
+            [e.logprob for e in ref.logprobs[:n]], abs=LOGPROB_TOLERANCE
+        )
+        assert all(len(top) in (3, 4) for top in lp["top_logprobs"])
+    echo = {"prompt": TEXTS[1], "max_tokens": 0, "echo": True, "logprobs": 1}
+    refused = gateway.http.post("/v1/completions", json={"model": "sentiment", **echo})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "echo", refused.text
+    plain = gateway.http.post("/v1/completions", json={"model": engine.base_model_id, **echo})
+    assert plain.status_code == 200, plain.text
+    [expected] = engine.run(engine.prepare_all([PromptLogprobsRequest(TEXTS[1], None, 1)]))
+    got = plain.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert got[0] is None and got[1:] == pytest.approx(
+        [e.logprob for e in expected.logprobs[1:]], abs=LOGPROB_TOLERANCE
+    )
+
+
 def test_unknown_task_is_404_and_health_names_the_backend(gateway):
     r = gateway.http.post("/v1/completions", json={"model": "no-such-task", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -2,7 +2,8 @@
 
 It answers `/health`, `/v1/models` and `/v1/completions` the way vLLM does (prompt ids or
 `prompt_embeds` = base64 of `torch.save`, greedy or seeded sampling, stop strings, streaming,
-`logprob_token_ids`, `return_tokens_as_token_ids`, OpenAI-shaped errors), with a tiny HF model doing
+`logprobs` in vLLM's completions shape, `echo` for token ids (refused with prompt embeds, as
+vLLM refuses it), `logprob_token_ids`, `return_tokens_as_token_ids`, OpenAI-shaped errors), with a tiny HF model doing
 the work by plain full forwards over the embeddings. It records every body it receives and every
 request whose client went away, and can be told to fail, to be slow, or to go down and come back.
 """
@@ -101,6 +102,8 @@ class FakeVLLM:
                     f"This model's maximum context length is {self.max_model_len} tokens. "
                     f"However, your request has {embeds.shape[0]} input tokens.",
                 )
+            if body.get("echo") and "prompt_embeds" in body:
+                return _error(400, "Echo is unsupported with prompt embeds.")
             if body.get("stream"):
                 return StreamingResponse(
                     self._stream(body, embeds, index), media_type="text/event-stream"
@@ -127,12 +130,22 @@ class FakeVLLM:
                 self.cancelled.append(index)  # vLLM aborts a request whose client went away
                 return JSONResponse({}, status_code=499)
         text, finish = self._finish(body, tokens)
+        shaped = None
+        if body.get("logprobs") is not None:
+            names = [f"token_id:{t}" for t in tokens]
+            shaped = {
+                "tokens": names,
+                "token_logprobs": [top[n] for n, top in zip(names, logprobs, strict=True)],
+            }
+            shaped |= {"top_logprobs": logprobs, "text_offset": [0] * len(tokens)}
+            if body.get("echo"):
+                shaped = _joined(self._prompt_logprobs(body, embeds), shaped)
         choice = {
             "index": 0,
             "text": text,
             "token_ids": tokens,
             "finish_reason": finish,
-            "logprobs": {"top_logprobs": logprobs} if body.get("logprobs") is not None else None,
+            "logprobs": shaped,
         }
         return {
             "id": "cmpl-fake",
@@ -145,11 +158,13 @@ class FakeVLLM:
     async def _stream(self, body: dict, embeds: torch.Tensor, index: int):
         tokens, sent = [], ""
         try:
-            async for token, _, _ in self._tokens(body, embeds):
+            async for token, _, top in self._tokens(body, embeds):
                 tokens.append(token)
                 text, finish = self._finish(body, tokens)
                 if finish == "stop" and self.tokenizer.eos_token_id not in tokens:
                     break  # a stop string: the text is already cut before it
+                name = f"token_id:{token}"
+                shaped = {"tokens": [name], "token_logprobs": [top[name]], "top_logprobs": [top]}
                 yield _sse(
                     {
                         "choices": [
@@ -158,6 +173,7 @@ class FakeVLLM:
                                 "text": text[len(sent) :],
                                 "token_ids": [token],
                                 "finish_reason": None,
+                                "logprobs": shaped if body.get("logprobs") is not None else None,
                             }
                         ]
                     }
@@ -217,6 +233,21 @@ class FakeVLLM:
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
 
+    def _prompt_logprobs(self, body: dict, embeds: torch.Tensor) -> dict:
+        """vLLM's echo: each prompt token's log-probability after the ones before it (none for
+        the first), with the `logprobs` best alternatives."""
+        ids = list(body["prompt"])
+        with torch.no_grad():
+            logprobs = self.model(inputs_embeds=embeds[None]).logits[0].float().log_softmax(-1)
+        names, values, tops = [f"token_id:{ids[0]}"], [None], [None]
+        for j in range(1, len(ids)):
+            row = logprobs[j - 1]  # (V,)
+            best = row.topk(body.get("logprobs") or 1).indices.tolist()
+            names.append(f"token_id:{ids[j]}")
+            values.append(float(row[ids[j]]))
+            tops.append({f"token_id:{t}": float(row[t]) for t in [ids[j], *best]})
+        return {"tokens": names, "token_logprobs": values, "top_logprobs": tops}
+
     def _finish(self, body: dict, tokens: list[int]) -> tuple[str, str]:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in body.get("stop") or []) if i >= 0]
@@ -225,6 +256,12 @@ class FakeVLLM:
         if tokens and tokens[-1] == self.tokenizer.eos_token_id:
             return text, "stop"
         return text, "length"
+
+
+def _joined(prompt: dict, generated: dict) -> dict:
+    return {
+        key: prompt[key] + generated[key] for key in ("tokens", "token_logprobs", "top_logprobs")
+    }
 
 
 def _sse(payload: dict) -> str:

@@ -671,25 +671,33 @@ def test_bad_input_a_json_int_is_a_float_and_null_is_the_default(server):
 
 
 @pytest.mark.parametrize(
-    "route, field, value",
+    "route, fields",
     [
-        ("/v1/completions", "logprobs", 1),
-        ("/v1/completions", "logprobs", True),
-        ("/v1/completions", "echo", True),
-        ("/v1/chat/completions", "logprobs", True),
-        ("/v1/chat/completions", "top_logprobs", 2),
+        ("/v1/completions", {"logprobs": 1}),
+        ("/v1/completions", {"echo": True}),
+        ("/v1/completions", {"echo": True, "logprobs": 0}),
+        ("/v1/chat/completions", {"logprobs": True}),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}),
     ],
 )
-def test_bad_input_logprobs_and_echo_are_refused_naming_the_field_until_implemented(
-    server, route, field, value
+def test_logprobs_and_echo_are_answered_streamed_or_not_and_null_is_the_default(
+    server, route, fields
 ):
+    """Asked for, they are honoured, never refused nor silently dropped (their values:
+    test_logprobs.py; their bad values: 422 naming the field, there too); null means the default."""
     for stream in (False, True):
-        response = server.http.post(route, json={**ROUTES[route], field: value, "stream": stream})
-        assert_error(response, 422, "not supported yet", "invalid_value")
-        assert response.json()["error"]["param"] == field
-    for unasked in (None, 0, False):
-        response = server.http.post(route, json={**ROUTES[route], field: unasked})
-        assert response.status_code == 200, (field, unasked, response.text)
+        response = server.http.post(route, json={**ROUTES[route], **fields, "stream": stream})
+        assert response.status_code == 200, (fields, stream, response.text)
+        assert '"error"' not in response.text, response.text
+        if not stream:
+            choice = response.json()["choices"][0]
+            assert (choice["logprobs"] is not None) == ("logprobs" in fields), choice
+            if fields.get("echo"):
+                assert choice["text"].startswith(ROUTES[route]["prompt"]), choice
+    nulls = {field: None for field in fields}
+    response = server.http.post(route, json={**ROUTES[route], **nulls})
+    assert response.status_code == 200, (nulls, response.text)
+    assert response.json()["choices"][0]["logprobs"] is None
 
 
 UPLOAD_CASES = {

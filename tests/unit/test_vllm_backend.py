@@ -521,3 +521,53 @@ def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
         )
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
         assert len(setup.fake.bodies) == sent  # neither reached vLLM
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def test_logprobs_pass_through_vllm_and_equal_the_engines(setup):
+    for model in ("t1", setup.reference.base_model_id):
+        body = {"model": model, "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
+        got = setup.http.post("/v1/completions", json={**body, "logprobs": 2}).json()
+        lp = got["choices"][0]["logprobs"]
+        task = None if model == setup.reference.base_model_id else model
+        alone = greedy_alone(setup, TEXTS[0], task, 4, logprobs=2)
+        assert lp["token_logprobs"] == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-4)
+        assert lp["tokens"] == setup.reference.token_texts(alone.token_ids)
+        assert all(len(top) in (2, 3) for top in lp["top_logprobs"])
+    assert setup.fake.bodies[-1]["logprobs"] == 2
+    assert "prompt_embeds" in setup.fake.bodies[-2]  # the task's row rode prompt embeddings
+    stream = setup.client.completions.create(
+        model="t1", prompt=TEXTS[0], max_tokens=4, temperature=0, logprobs=2, stream=True
+    )
+    streamed = [
+        v for c in stream for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs
+    ]
+    alone = greedy_alone(setup, TEXTS[0], "t1", 4, logprobs=2)
+    assert streamed == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-4)
+
+
+def test_echo_of_a_task_is_refused_naming_the_field_and_backend_and_plain_rows_echo(setup):
+    sent = len(setup.fake.bodies)
+    body = {"prompt": TEXTS[1], "max_tokens": 0, "echo": True, "logprobs": 1}
+    refused = setup.http.post("/v1/completions", json={"model": "t2", **body})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "echo"
+    assert "vllm backend" in refused.json()["error"]["message"]
+    assert len(setup.fake.bodies) == sent  # never reached vLLM
+    text_only = setup.http.post("/v1/completions", json={"model": "t2", **body, "logprobs": None})
+    assert text_only.status_code == 200 and text_only.json()["choices"][0]["text"] == TEXTS[1]
+    base = setup.reference.base_model_id
+    answer = setup.http.post("/v1/completions", json={"model": base, **body})
+    assert answer.status_code == 200, answer.text
+    lp = answer.json()["choices"][0]["logprobs"]
+    from softprompt.serving.requests import PromptLogprobsRequest
+
+    [echo] = setup.reference.run(
+        setup.reference.prepare_all([PromptLogprobsRequest(TEXTS[1], None, 1)])
+    )
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(
+        [e.logprob for e in echo.logprobs[1:]], abs=1e-4
+    )
+    assert answer.json()["choices"][0]["text"] == TEXTS[1]

@@ -39,6 +39,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from softprompt.api.console import add_console_routes
 from softprompt.api.errors import CLIENT_CLOSED, BodyLimit, classify_error, install_error_handlers
+from softprompt.api.logprobs import (
+    CompletionLogprobStream,
+    chat_logprobs,
+    completion_logprobs,
+    merge_completion_logprobs,
+)
 from softprompt.api.schemas import (
     ChatBody,
     ClassifyBody,
@@ -57,6 +63,7 @@ from softprompt.serving.engine import (
     GenerationRequest,
     GenerationResult,
 )
+from softprompt.serving.requests import PromptLogprobs, PromptLogprobsRequest
 from softprompt.serving.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -183,24 +190,46 @@ def _add_generation_routes(
         if not prompts:
             raise ConfigError("prompt must not be empty")
         limits.check_count("max_prompts_per_request", len(prompts), "prompts", "prompt")
-        requests = [_generation_request(body, p, body.max_tokens) for p in prompts]
+        if body.max_tokens == 0 and not body.echo:
+            raise _invalid(
+                "max_tokens 0 needs echo: true (it scores the prompt alone)", "max_tokens"
+            )
+        echoes = [_echo_request(body, p) for p in prompts] if body.echo else []
+        generations = (
+            [_generation_request(body, p, body.max_tokens, body.logprobs) for p in prompts]
+            if body.max_tokens != 0
+            else []
+        )
         if body.stream:
-            if len(requests) != 1:
+            if len(prompts) != 1:
                 raise ConfigError("stream supports one prompt per request")
-            return await _stream(backend, (await prepare(requests))[0], body, "text_completion")
-        results = await _run(backend, http, await prepare(requests))
-        choices = [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-            for i, r in enumerate(results)
+            prepared = await prepare(echoes + generations)
+            return await _stream_completion(backend, http, prepared, body, prompts[0])
+        results = await _run(backend, http, await prepare(echoes + generations))
+        echoed, generated = results[: len(echoes)], results[len(echoes) :]
+        usage = [
+            generated[i] if generated else _nothing_generated(echoed[i])
+            for i in range(len(prompts))
         ]
-        return _response("cmpl", "text_completion", body.model, choices, results)
+        choices = await asyncio.to_thread(  # token texts and offsets: tokenizer work, off the loop
+            lambda: [
+                _completion_choice(
+                    engine, i, p, echoed[i] if echoed else None, usage[i], body.logprobs
+                )
+                for i, p in enumerate(prompts)
+            ]
+        )
+        return _response("cmpl", "text_completion", body.model, choices, usage)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: Request):
         access.check_use(http, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if body.top_logprobs is not None and not body.logprobs:
+            raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
         ids = await asyncio.to_thread(engine.chat_prompt, messages)
-        request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens, top)
         prepared = await prepare([request])
         if body.stream:
             return await _stream(backend, prepared[0], body, "chat.completion.chunk")
@@ -208,7 +237,7 @@ def _add_generation_routes(
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": result.text},
-            "logprobs": None,
+            "logprobs": None if top is None else chat_logprobs(engine, result.logprobs),
             "finish_reason": result.finish_reason,
         }
         return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
@@ -259,7 +288,9 @@ def _is_token_list(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(x, int) for x in prompt)
 
 
-def _generation_request(body: SamplingFields, prompt, max_tokens: int | None) -> GenerationRequest:
+def _generation_request(
+    body: SamplingFields, prompt, max_tokens: int | None, logprobs: int | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         prompt=prompt,
         task=body.model,
@@ -269,7 +300,52 @@ def _generation_request(body: SamplingFields, prompt, max_tokens: int | None) ->
         seed=body.seed,
         stop=tuple(body.stop or ()),
         ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
     )
+
+
+def _echo_request(body: CompletionBody, prompt) -> PromptLogprobsRequest:
+    return PromptLogprobsRequest(prompt, body.model, body.logprobs)
+
+
+def _invalid(message: str, param: str) -> ConfigError:
+    error = ConfigError(message)
+    error.param = param
+    return error
+
+
+def _nothing_generated(echo: PromptLogprobs) -> GenerationResult:
+    """The result of `max_tokens: 0`: the prompt scored, nothing generated."""
+    return GenerationResult("", [], "length", len(echo.token_ids), 0, [])
+
+
+def _echo_text(engine: Engine, prompt, echo: PromptLogprobs) -> str:
+    """The prompt as the client sent it; token ids as their text."""
+    return prompt if isinstance(prompt, str) else "".join(engine.text_pieces(echo.token_ids))
+
+
+def _completion_choice(
+    engine: Engine,
+    index: int,
+    prompt,
+    echo: PromptLogprobs | None,
+    result: GenerationResult,
+    logprobs: int | None,
+) -> dict:
+    """One choice of /v1/completions: the echoed prompt (if asked) and the completion, with
+    their tokens' log-probabilities (if asked)."""
+    head = _echo_text(engine, prompt, echo) if echo else ""
+    rendered = None
+    if logprobs is not None:
+        first = completion_logprobs(engine, echo.logprobs, echo.token_ids) if echo else None
+        new = completion_logprobs(engine, result.logprobs, result.token_ids, offset=len(head))
+        rendered = merge_completion_logprobs(first, new)
+    return {
+        "index": index,
+        "text": head + result.text,
+        "logprobs": rendered,
+        "finish_reason": result.finish_reason,
+    }
 
 
 def _usage(results: list[GenerationResult]) -> dict:
@@ -330,12 +406,35 @@ async def _disconnect(http: Request) -> None:
         pass
 
 
-async def _stream(backend: Backend, prepared, body: SamplingFields, obj: str) -> StreamingResponse:
+async def _stream_completion(
+    backend: Backend, http: Request, prepared: list, body: CompletionBody, prompt
+) -> StreamingResponse:
+    """Stream a completion; with echo, the prompt (and its tokens' log-probabilities) is scored
+    first and sent as the first chunk."""
+    engine, head = backend.engine, None
+    if body.echo:
+        [echo] = await _run(backend, http, prepared[:1])
+        prepared = prepared[1:]
+        text = _echo_text(engine, prompt, echo)
+        rendered = None
+        if body.logprobs is not None:
+            rendered = completion_logprobs(engine, echo.logprobs, echo.token_ids)
+        head = (text, rendered, _nothing_generated(echo))
+    return await _stream(backend, prepared[0] if prepared else None, body, "text_completion", head)
+
+
+async def _stream(
+    backend: Backend, prepared, body: SamplingFields, obj: str, head: tuple | None = None
+) -> StreamingResponse:
     """Start a validated request now (errors keep their status), then stream OpenAI chunks ending
-    in [DONE]."""
-    pieces = await backend.stream(prepared)
+    in [DONE]. `head` = (text, logprobs, result) of an echoed prompt, sent first; without
+    `prepared` (max_tokens 0) it is all there is."""
+    pieces = await backend.stream(prepared) if prepared is not None else _only(head[2])
     chat = obj == "chat.completion.chunk"
-    head = {
+    wants = prepared is not None and prepared.request.logprobs is not None
+    wants = wants or (head is not None and head[1] is not None)
+    stream_logprobs = CompletionLogprobStream(backend.engine, len(head[0]) if head else 0)
+    head_info = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": obj,
         "created": int(time.time()),
@@ -343,29 +442,42 @@ async def _stream(backend: Backend, prepared, body: SamplingFields, obj: str) ->
         "system_fingerprint": None,
     }
 
-    def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
+    def rendered(entries) -> dict | None:
+        if not wants or entries is None:
+            return None
+        if chat:
+            return chat_logprobs(backend.engine, entries)
+        return stream_logprobs.render(entries)
+
+    def chunk(text: str | None, finish: str | None = None, first=False, logprobs=None) -> str:
         if chat:
             delta = (
                 {"role": "assistant", "content": ""}
                 if first
                 else ({} if text is None else {"content": text})
             )
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({**head, "choices": [choice]})
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        return _sse({**head_info, "choices": [choice]})
 
     async def events():
+        sent = 0  # log-probability entries streamed so far
         try:
             if chat:
                 yield chunk(None, first=True)
+            if head is not None:
+                yield chunk(head[0], logprobs=head[1])
             async for piece in pieces:
                 if isinstance(piece, str):
-                    yield chunk(piece)
+                    entries = getattr(piece, "logprobs", None)
+                    sent += len(entries or ())
+                    yield chunk(piece, logprobs=rendered(entries))
                 else:
-                    yield chunk(None, piece.finish_reason)
+                    rest = (piece.logprobs or [])[sent:] if wants else None
+                    yield chunk(None, piece.finish_reason, logprobs=rendered(rest))
                     if (body.stream_options or {}).get("include_usage"):
-                        yield _sse({**head, "choices": [], "usage": _usage([piece])})
+                        yield _sse({**head_info, "choices": [], "usage": _usage([piece])})
         except Exception as exc:  # the request failed after the stream began
             yield _sse(classify_error(exc)[1])
         finally:
@@ -377,6 +489,11 @@ async def _stream(backend: Backend, prepared, body: SamplingFields, obj: str) ->
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _only(result: GenerationResult):
+    """A stream of nothing generated: just its result."""
+    yield result
 
 
 def _sse(payload: dict) -> str:

@@ -1,7 +1,7 @@
 """What an HTTP request may carry: the JSON bodies of the OpenAI-compatible routes (pydantic
 schemas, strict: no string-to-number or bool-to-int coercion; an explicit null is the field's
-default; unknown OpenAI options are accepted and ignored, lone surrogates refused, options not
-implemented refused when they ask for something) and the work one request may ask for
+default; unknown OpenAI options are accepted and ignored, lone surrogates refused) and the work
+one request may ask for
 (`RequestLimits`: over a limit is a 413 naming it). app.py uses them.
 """
 
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from softprompt.data import is_valid_unicode
 from softprompt.errors import ConfigError, RequestLimitError
 from softprompt.options import flag, opt
 from softprompt.serving.engine import SEED_RANGE, Engine
+from softprompt.serving.requests import MAX_TOP_LOGPROBS
 
 # ---------------------------------------------------------------- limits
 
@@ -158,24 +159,22 @@ class SamplingFields(_Request):
         return stops
 
 
-def _nothing_asked(value):
-    """Refuse an option that is not implemented yet when it asks for something (rather than
-    answer as if it had been honoured); its null, 0 or false stays accepted."""
-    if value:
-        raise ValueError("not supported yet; send null, 0 or false, or leave it out")
-    return value
-
-
-UnsupportedOption = Annotated[bool | int | None, AfterValidator(_nothing_asked)]
-
-
 class CompletionBody(SamplingFields):
-    prompt: str | list[str] | list[int] = Field(
-        description="Text, a list of texts, or one list of token ids."
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a list of texts, one list of token ids, or a list of them."
     )
-    max_tokens: int = Field(16, ge=1, description="New tokens at most (default 16).")
-    logprobs: UnsupportedOption = Field(None, description="Not supported yet: null or 0.")
-    echo: UnsupportedOption = Field(None, description="Not supported yet: null or false.")
+    max_tokens: int = Field(
+        16, ge=0, description="New tokens at most (default 16); 0 with echo scores the prompt."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Return each token's log-probability and this many most likely alternatives.",
+    )
+    echo: bool = Field(
+        False, description="Return the prompt before the completion (with logprobs: its tokens')."
+    )
 
 
 class ChatMessage(_Request):
@@ -200,8 +199,15 @@ class ChatBody(SamplingFields):
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Same as max_tokens (newer name)."
     )
-    logprobs: UnsupportedOption = Field(None, description="Not supported yet: null or false.")
-    top_logprobs: UnsupportedOption = Field(None, description="Not supported yet: null or 0.")
+    logprobs: bool = Field(
+        False, description="Return each new token's log-probability (choices[].logprobs.content)."
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many most likely alternatives at each token.",
+    )
 
 
 class ClassifyBody(_Request):

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="Model parameters, hidden size, vocab, fingerprint, cache path")
     add_model_flag(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--source",
+        action="store_true",
+        help="Print only the model's local folder (config, weights, tokenizer; an embedded model's "
+        "is its converted copy), e.g. lm-eval's tokenizer=; the model is not loaded",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bank", help="List, show, remove, import or export prompts in a bank")

@@ -128,8 +128,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from softprompt.model.loading import describe, load_model
+    from softprompt.model.loading import describe, load_model, resolve_model_source
 
+    if args.source:
+        print(resolve_model_source(args.model)[0])
+        return 0
     info = describe(load_model(args.model))
     if args.json:
         print_json(info)

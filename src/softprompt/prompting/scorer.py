@@ -10,6 +10,9 @@ One-token fast path: rows with the same task (prompt) and input whose targets ar
 (the K labels of one example, usually) share one forward and read every target from its next-token
 distribution, instead of one forward per target. A one-token target's log-likelihood is that
 token's log-probability there, so the numbers are the same.
+
+Token detail (`token_scores`): the same forwards, read per target token, optionally with the k most
+likely tokens at each position: the log-probabilities that `/v1/completions` returns for `echo`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ class ScoreRow:
     task: Hashable = None
     """The row's prompt reference, as the caller's `LastLogits` understands it (a task id, an
     engine task, None for no prompt); equal tasks and inputs let one-token targets share a forward."""
+    top_k: int | None = None
+    """None: the row's summed score is wanted; a number: its tokens one by one, with the `top_k`
+    most likely tokens at each target position (`token_scores`; the engine's echo)."""
+
+
+@dataclass
+class TokenScores:
+    """One row's target tokens read one by one (`token_scores`)."""
+
+    logprobs: list[float]
+    """Log-probability of each target token after the tokens before it."""
+    top: list[list[tuple[int, float]]]
+    """Per target token, the row's `top_k` most likely (token id, log-probability), best first."""
+    total: float
+    """Their sum, computed exactly as `score_rows` computes it."""
 
 
 @dataclass(eq=False)
@@ -71,18 +89,54 @@ def score_rows(
     Forwards run `batch_size` model rows at a time, grouped by length (less padding); `progress`
     is called with the number of rows scored after each forward.
     """
-    forwards = _plan(rows)
     scores = torch.zeros(len(rows))
+    if not rows:
+        return scores
+    for row_index, picked, _ in _batches(rows, last_logits, pad_id, device, batch_size, progress):
+        scores[row_index] = picked.sum(1).cpu()
+    return scores
+
+
+@torch.no_grad()
+def token_scores(
+    rows: Sequence[ScoreRow],
+    last_logits: LastLogits,
+    *,
+    pad_id: int,
+    device,
+    batch_size: int,
+) -> list[TokenScores]:
+    """Each row's target tokens one by one, with its `top_k` alternatives: the same forwards and
+    log-softmax as `score_rows` (whose sums are the `total`s)."""
+    out: list[TokenScores | None] = [None] * len(rows)
+    if not rows:
+        return []
+    for row_index, picked, top in _batches(rows, last_logits, pad_id, device, batch_size, None):
+        totals = picked.sum(1).cpu()
+        for r, i in enumerate(row_index.tolist()):
+            n, k = len(rows[i].target_ids), rows[i].top_k or 0
+            values, ids = top
+            best = [
+                list(zip(ids[r, j, :k].tolist(), values[r, j, :k].tolist(), strict=True))
+                for j in range(n)
+            ]
+            out[i] = TokenScores(picked[r, :n].tolist(), best, float(totals[r]))
+    return out
+
+
+def _batches(rows, last_logits, pad_id, device, batch_size, progress):
+    """(row indices (R,), per-token target log-probabilities (R, n) with 0 past a row's end,
+    top-k (values, ids) each (R, n, k) on the CPU) of each model batch."""
+    forwards = _plan(rows)
     order = length_grouped_batches(
         [len(f.ids) for f in forwards], batch_size, seed=0, shuffle=False
     )
     for batch_index in order:
         batch = [forwards[i] for i in batch_index]
-        row_index, values = _score_batch(batch, last_logits, pad_id, device)
-        scores[row_index] = values.cpu()
+        row_index, picked, top = _score_batch(batch, rows, last_logits, pad_id, device)
         if progress:
             progress(len(row_index))
-    return scores
+        yield row_index, picked, top
 
 
 def _plan(rows: Sequence[ScoreRow]) -> list[_Forward]:
@@ -111,9 +165,10 @@ def _plan(rows: Sequence[ScoreRow]) -> list[_Forward]:
 
 
 def _score_batch(
-    batch: list[_Forward], last_logits: LastLogits, pad_id: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row indices (R,), summed target log-probabilities (R,)) of one model batch."""
+    batch: list[_Forward], rows: Sequence[ScoreRow], last_logits: LastLogits, pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices (R,), target log-probabilities (R, n) (0 past a row's end), top-k (values,
+    ids) each (R, n, k) on the CPU, k = the batch's largest `top_k`) of one model batch."""
     ids, mask = left_pad([f.ids for f in batch], pad_id, device)  # (B, L)
     keep = max(fed for f in batch for _, _, fed in f.reads) + 1  # columns whose logits are read
     logprobs = (
@@ -134,9 +189,19 @@ def _score_batch(
         batch_rows[r], real[r, :n] = b, True
         columns[r, :n] = torch.arange(start, start + n)
         tokens[r, :n] = torch.tensor(targets)
-    picked = logprobs[batch_rows.to(device), columns.to(device), tokens.to(device)]  # (R, n)
-    values = picked.masked_fill(~real.to(device), 0.0).sum(1)  # (R,)
-    return torch.tensor([row for _, (row, _, _) in reads]), values
+    batch_rows, columns = batch_rows.to(device), columns.to(device)
+    picked = logprobs[batch_rows, columns, tokens.to(device)]  # (R, n)
+    picked = picked.masked_fill(~real.to(device), 0.0)
+    k = min(max(rows[row].top_k or 0 for _, (row, _, _) in reads), logprobs.shape[-1])
+    if k:
+        values, top_ids = logprobs[batch_rows, columns].topk(k, dim=-1)  # (R, n, k)
+        top = (values.cpu(), top_ids.cpu())
+    else:
+        top = (
+            torch.zeros(len(reads), width, 0),
+            torch.zeros(len(reads), width, 0, dtype=torch.long),
+        )
+    return torch.tensor([row for _, (row, _, _) in reads]), picked, top
 
 
-__all__ = ["LastLogits", "ScoreRow", "left_pad", "score_rows"]
+__all__ = ["LastLogits", "ScoreRow", "TokenScores", "left_pad", "score_rows", "token_scores"]

@@ -38,7 +38,7 @@ from softprompt.model.loading import LoadedModel, eos_token_ids, fingerprint
 from softprompt.model.small_batch import use_small_batch_matmul
 from softprompt.prompting import inject
 from softprompt.prompting.deep import PrefixShape, prefix_shape, rows_to_prefix
-from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows
+from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows, token_scores
 from softprompt.serving.registry import PROMPT_FILES, LoadedTask, TaskInfo, TaskRegistry
 from softprompt.serving.requests import (
     SEED_RANGE,
@@ -47,9 +47,14 @@ from softprompt.serving.requests import (
     GenerationRequest,
     GenerationResult,
     PreparedGeneration,
+    PreparedPromptLogprobs,
     PreparedScore,
+    PromptLogprobsRequest,
     ScoreRequest,
+    TextPiece,
+    TokenLogprob,
     check_sampling,
+    check_top_logprobs,
     classify_inputs,
     task_per_row,
     template_fields,
@@ -182,6 +187,27 @@ class Engine:
         """Summed log-probability of each target's tokens after its text."""
         return self.run([self.prepare(ScoreRequest(task, texts, targets))])[0]
 
+    def score_tokens(
+        self,
+        task: str | None,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        top_k: int | None = None,
+    ) -> list:
+        """Log-likelihood of each (input ids, target ids) pair under `task`'s prompt, as
+        `score_pairs` gives it: the summed float, or with `top_k` the target tokens one by one
+        (`scorer.TokenScores`, with the k most likely tokens at each)."""
+        if top_k is not None:
+            check_top_logprobs(top_k, "top_k")
+        entry, rows = self._resolve(task, {}), []
+        for ids, target in pairs:
+            if not target:
+                raise ConfigError("every target needs at least one token")
+            ids, target = self._input_ids(list(ids)), self._input_ids(list(target))
+            self._check_context(len(ids), entry, len(target))
+            rows.append(ScoreRow(ids, target, entry, top_k))
+        return self.score_pairs(rows)
+
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of chat messages through the tokenizer's chat template (or a plain join)."""
         if getattr(self.tokenizer, "chat_template", None):
@@ -208,6 +234,8 @@ class Engine:
             return self._prepare_classify(request, snapshot)
         if isinstance(request, ScoreRequest):
             return self._prepare_score(request, snapshot)
+        if isinstance(request, PromptLogprobsRequest):
+            return self._prepare_prompt_logprobs(request, snapshot)
         raise TypeError(f"cannot run a {type(request).__name__}")
 
     def prepare_all(self, requests: Sequence) -> list:
@@ -277,6 +305,18 @@ class Engine:
             pairs.append(ScoreRow(ids, target_ids, task))
         return PreparedScore(request, pairs, None)
 
+    def _prepare_prompt_logprobs(
+        self, request: PromptLogprobsRequest, snapshot: dict
+    ) -> PreparedPromptLogprobs:
+        top = request.top_logprobs
+        if top is not None:
+            check_top_logprobs(top, "logprobs")
+        task, ids = self._resolve(request.task, snapshot), self._input_ids(request.prompt)
+        self._check_context(len(ids), task, 0)
+        scored = len(ids) > 1 and top is not None
+        pairs = [ScoreRow(ids[:1], ids[1:], task, top)] if scored else []
+        return PreparedPromptLogprobs(request, pairs, None, token_ids=ids, task=task)
+
     def _classifier(self, task: LoadedTask | None, name) -> tuple[Task, list[list[int]]]:
         """(data.Task, target ids) from the task's meta, parsed once per loaded version."""
         if task is None:
@@ -332,6 +372,25 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token alone as text, special tokens by name: how log-probabilities name tokens."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def text_pieces(self, ids: Sequence[int], start: int = 0) -> list[str]:
+        """The text each of `ids[start:]` adds to the decoded text of `ids` (special tokens add
+        none; a token ending inside a character adds nothing and the next one the character):
+        their lengths are the tokens' text offsets."""
+        pieces = []
+        with self._tokenizer_lock:
+            for i in range(start, len(ids)):
+                window = list(ids[max(0, i - 4) : i + 1])  # enough context for spaces and bytes
+                before = self.tokenizer.decode(window[:-1], skip_special_tokens=True)
+                text = self.tokenizer.decode(window, skip_special_tokens=True)
+                before = before.rstrip("\ufffd")
+                pieces.append("" if text.endswith("\ufffd") else text[len(before) :])
+        return pieces
 
     # ------------------------------------------------------------ running prepared work
 
@@ -401,6 +460,8 @@ class Engine:
         with self._model_lock:
             self._catch_up(batch)
             next_ids = self._pick(batch) if batch.rows else None  # (B,)
+            if next_ids is not None:
+                _record_logprobs(batch, next_ids)
         ended, batch.failed = batch.failed, []
         if next_ids is None:
             return [(row.row, error) for row, error in ended]
@@ -488,17 +549,18 @@ class Engine:
             start += len(item.pairs)
         return out
 
-    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list[float]:
+    def score_pairs(self, pairs: Sequence[ScoreRow]) -> list:
         """Summed log-probability of each prepared pair's target (scorer.py, as `softprompt eval`
-        scores), `score_batch_size` model rows per forward."""
+        scores), `score_batch_size` model rows per forward; a pair asking for alternatives
+        (`top_k`, an echoed prompt) gets its tokens one by one (`scorer.TokenScores`)."""
+        if not pairs:
+            return []
         pad = self.tokenizer.pad_token_id or 0
-        return score_rows(
-            pairs,
-            self._last_logits,
-            pad_id=pad,
-            device=self.device,
-            batch_size=self.score_batch_size,
-        ).tolist()
+        run = {"pad_id": pad, "device": self.device, "batch_size": self.score_batch_size}
+        if all(p.top_k is None for p in pairs):
+            return score_rows(pairs, self._last_logits, **run).tolist()
+        detail = token_scores(pairs, self._last_logits, **run)
+        return [d.total if p.top_k is None else d for p, d in zip(pairs, detail, strict=True)]
 
     def _last_logits(self, tasks: list[LoadedTask | None], ids, mask, keep: int) -> torch.Tensor:
         """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
@@ -574,6 +636,9 @@ class _RowState:
         self.tokens: list[int] = []
         self.holdback = max((len(s) for s in row.stops), default=1) - 1
         self.watch = bool(row.stops or row.request.on_text)
+        self.top_logprobs = row.request.logprobs  # None: no log-probabilities wanted
+        self.logprobs: list[TokenLogprob] = []
+        self.streamed = 0  # log-probability entries already sent with a streamed piece
 
     def take(self, token: int) -> GenerationResult | Exception | None:
         """Add the row's new token: its result when that ends it, None while it goes on, or the
@@ -610,18 +675,42 @@ class _RowState:
         else:
             reason = "stop" if tokens and self.ends_at(tokens[-1]) else "length"
         self._emit(text)
-        return GenerationResult(text, list(tokens), reason, len(self.row.input_ids), len(tokens))
+        logprobs = None if self.top_logprobs is None else list(self.logprobs)
+        return GenerationResult(
+            text, list(tokens), reason, len(self.row.input_ids), len(tokens), logprobs
+        )
 
     def _emit(self, text: str) -> None:
         callback, sent = self.row.request.on_text, self.row.emitted
         if callback is None or len(text) <= len(sent) or not text.startswith(sent):
             return
         self.row.emitted = text
+        entries = None
+        if self.top_logprobs is not None:
+            entries, self.streamed = self.logprobs[self.streamed :], len(self.logprobs)
         try:
-            callback(text[len(sent) :])
+            callback(TextPiece(text[len(sent) :], entries))
         except Exception:  # a broken listener must not break the batch
             log.exception("streaming callback failed")
             self.row.cancelled = True
+
+
+def _record_logprobs(batch: GenerationBatch, next_ids: torch.Tensor) -> None:
+    """Each picked token's log-probability (the model's log-softmax of the step's logits) and the
+    most likely alternatives, for the rows that asked for them."""
+    wanted = [i for i, row in enumerate(batch.rows) if row.top_logprobs is not None]
+    if not wanted:
+        return
+    index = torch.tensor(wanted, device=next_ids.device)
+    logprobs = batch.state.logits[index].float().log_softmax(-1)  # (W, V)
+    picked = logprobs.gather(1, next_ids[index][:, None])[:, 0].tolist()  # (W,)
+    k = max(batch.rows[i].top_logprobs for i in wanted)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (W, k)
+    values, ids = values.tolist(), ids.tolist()
+    for w, i in enumerate(wanted):
+        row = batch.rows[i]
+        top = list(zip(ids[w][: row.top_logprobs], values[w][: row.top_logprobs], strict=True))
+        row.logprobs.append(TokenLogprob(int(next_ids[i]), picked[w], top))
 
 
 def _set_states(generators: list, states: list) -> None:

@@ -43,7 +43,38 @@ class GenerationRequest:
     """Keep generating past an end-of-sequence token, up to max_new_tokens (vLLM's option of the
     same name; for load tests that need a known length)."""
     on_text: Callable[[str], None] | None = None
-    """Streaming: called (from the engine's thread) with each new piece of final text."""
+    """Streaming: called (from the engine's thread) with each new piece of final text (a
+    `TextPiece`: with `logprobs`, it carries the entries of the tokens since the last piece)."""
+    logprobs: int | None = None
+    """Return each new token's log-probability and its `logprobs` most likely alternatives
+    (0..MAX_TOP_LOGPROBS); None = none."""
+
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (OpenAI's bound)."""
+
+
+@dataclass
+class TokenLogprob:
+    """One token and its log-probability under the model (its own log-softmax, before any
+    temperature or nucleus cut), with the most likely alternatives at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """(token id, log-probability) of the k most likely tokens there, best first."""
+
+
+class TextPiece(str):
+    """A piece of streamed text; `logprobs` holds the entries of the tokens generated since the
+    previous piece (None when the request asked for none)."""
+
+    logprobs: list[TokenLogprob] | None = None
+
+    def __new__(cls, text: str, logprobs: list[TokenLogprob] | None = None):
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
 
 
 @dataclass
@@ -58,6 +89,8 @@ class GenerationResult:
     """Real input tokens (the soft prompt's virtual tokens not counted)."""
     completion_tokens: int
     """Generated tokens."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per generated token (as `token_ids`), when the request asked for them."""
 
 
 @dataclass
@@ -92,6 +125,27 @@ class ScoreRequest:
     targets: Sequence[str]
 
 
+@dataclass
+class PromptLogprobsRequest:
+    """The log-probability of each prompt token after the ones before it, under the task's prompt
+    (OpenAI's `echo`): the first token has none. The virtual tokens are not part of the prompt."""
+
+    prompt: str | list[int]
+    """Text (tokenised with the tokenizer's special tokens) or token ids used as they are."""
+    task: str | None = None
+    top_logprobs: int | None = 0
+    """The most likely alternatives to return at each position (0..MAX_TOP_LOGPROBS); None =
+    the prompt's tokens only, nothing scored (an echo without logprobs)."""
+
+
+@dataclass
+class PromptLogprobs:
+    token_ids: list[int]
+    """The prompt's tokens."""
+    logprobs: list[TokenLogprob | None]
+    """One per token; None for the first (nothing before it is scored)."""
+
+
 # ---------------------------------------------------------------- prepared work
 
 
@@ -111,8 +165,9 @@ class PreparedGeneration:
 
     @property
     def tokens(self) -> int:
-        """The work asked for: input tokens plus new tokens at most."""
-        return len(self.input_ids) + self.max_new_tokens
+        """The work asked for: input tokens plus new tokens at most (and their alternatives)."""
+        top = self.request.logprobs or 0
+        return len(self.input_ids) + self.max_new_tokens * (1 + top)
 
 
 @dataclass(eq=False)
@@ -127,8 +182,9 @@ class PreparedScore:
 
     @property
     def tokens(self) -> int:
-        """The work asked for: input plus target tokens of every pair (each label's, to classify)."""
-        return sum(len(p.input_ids) + len(p.target_ids) for p in self.pairs)
+        """The work asked for: input plus target tokens of every pair (each label's, to classify),
+        and the alternatives returned for each target token."""
+        return sum(len(p.input_ids) + len(p.target_ids) * (1 + (p.top_k or 0)) for p in self.pairs)
 
     def finish(self, scores: list[float]) -> list:
         if self.labels is None:
@@ -139,6 +195,26 @@ class PreparedScore:
             start += len(labels)
             out.append(_classification(labels, row))
         return out
+
+
+@dataclass(eq=False)
+class PreparedPromptLogprobs(PreparedScore):
+    """A prompt scored token by token (`PromptLogprobsRequest`): one pair, none for a one-token
+    prompt; its scores are `scorer.TokenScores`."""
+
+    token_ids: list[int] = ()
+    task: LoadedTask | None = None  # the prompt it is read under (None: the plain model)
+
+    def finish(self, scores: list) -> PromptLogprobs:
+        entries: list[TokenLogprob | None] = [None]
+        for detail in scores:
+            entries += [
+                TokenLogprob(token, value, top)
+                for token, value, top in zip(
+                    self.pairs[0].target_ids, detail.logprobs, detail.top, strict=True
+                )
+            ]
+        return PromptLogprobs(list(self.token_ids), entries)
 
 
 def _classification(labels: list[str], scores: list[float]) -> Classification:
@@ -168,6 +244,16 @@ def check_sampling(request: GenerationRequest) -> None:
     stops = [request.stop] if isinstance(request.stop, str) else request.stop
     if not all(isinstance(s, str) for s in stops):
         raise ConfigError("stop must be a string or a list of strings")
+    if request.logprobs is not None:
+        check_top_logprobs(request.logprobs, "logprobs")
+
+
+def check_top_logprobs(value, what: str) -> int:
+    """`value` as a count of alternatives per token (0..MAX_TOP_LOGPROBS); ConfigError naming
+    `what` otherwise."""
+    if not (_is_number(value, int) and 0 <= value <= MAX_TOP_LOGPROBS):
+        raise ConfigError(f"{what} must be an integer in 0..{MAX_TOP_LOGPROBS}, not {value!r}")
+    return value
 
 
 def _is_number(value, kind: type | tuple = (int, float)) -> bool:
@@ -230,7 +316,12 @@ def task_per_row(task, rows: int) -> list[str | None]:
 
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "SEED_RANGE",
+    "PromptLogprobs",
+    "PromptLogprobsRequest",
+    "TextPiece",
+    "TokenLogprob",
     "Classification",
     "ClassifyRequest",
     "GenerationRequest",

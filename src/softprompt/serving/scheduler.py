@@ -265,6 +265,10 @@ class BatchScheduler:
     def _admit(self, item) -> None:
         if item is _STOP:
             self._stopping = True
+        elif item.prepared.kind == "score" and not item.prepared.pairs:
+            self._mark_started(item)  # nothing to run (a one-token prompt's echo): done now
+            if item.future.set_running_or_notify_cancel():
+                self._resolve(item, item.prepared.finish([]))
         else:
             self._waiting[item.prepared.kind].setdefault(item.owner, collections.deque()).append(
                 item

@@ -14,6 +14,11 @@ Single-token labels take one request per row; a multi-token target t adds one re
 token (the prefix t[:j] is appended as embeddings), so the scores are the same summed
 log-likelihoods the built-in scorer computes.
 
+Log-probabilities: a generation's `logprobs` (each new token's, with k alternatives) pass through
+to vLLM for every row. `echo` (the prompt's own log-probabilities) passes through for rows
+without a task (token ids); vLLM refuses echo and prompt logprobs with prompt embeddings, so for
+a task's row the gateway answers 422 naming `echo` and this backend, never a silent null.
+
 Prompt kinds: soft prompts only. A deep prompt is keys and values inside every layer, which
 input embeddings cannot carry, so a request for one is refused like the built-in engine refuses it
 (422, naming the task and the reason), never approximated.
@@ -47,6 +52,12 @@ from softprompt.errors import (
 from softprompt.model.loading import LoadedModel, fingerprint, resolve_model_source
 from softprompt.options import opt
 from softprompt.serving.engine import Engine, GenerationResult
+from softprompt.serving.requests import (
+    PreparedPromptLogprobs,
+    PromptLogprobs,
+    TextPiece,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +365,10 @@ class VLLMBackend:
             prepared = await asyncio.to_thread(self.engine.prepare_all, requests)
         except UnsupportedPromptKindError as exc:  # a deep prompt in the bank: say why vLLM cannot
             raise _cannot_serve(exc) from None
+        for piece in prepared:
+            scored = isinstance(piece, PreparedPromptLogprobs) and piece.pairs
+            if scored and piece.task is not None:
+                raise _no_echo(piece.task.name)
         await self._ensure_served()
         return prepared
 
@@ -366,6 +381,8 @@ class VLLMBackend:
         return await asyncio.gather(*(self._run_one(piece) for piece in prepared))
 
     async def _run_one(self, prepared):
+        if isinstance(prepared, PreparedPromptLogprobs):
+            return await self._failing_over(self._echo(prepared))
         if prepared.kind == "generate":
             return await self._failing_over(self._generate(prepared))
         return await self._failing_over(self._score(prepared))
@@ -380,16 +397,20 @@ class VLLMBackend:
     async def _pieces(
         self, prepared, chunks: AsyncIterator[dict]
     ) -> AsyncIterator[str | GenerationResult]:
-        text, token_ids, finish, usage = [], [], None, None
+        text, token_ids, finish, usage, logprobs = [], [], None, None, []
+        top = prepared.request.logprobs
         try:
             async for chunk in chunks:
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or ():
                     token_ids += choice.get("token_ids") or []
                     finish = choice.get("finish_reason") or finish
-                    if choice.get("text"):
-                        text.append(choice["text"])
-                        yield choice["text"]
+                    shaped = choice.get("logprobs") if top is not None else None
+                    entries = _entries(shaped, top) if shaped else None  # none on the last chunk
+                    logprobs += entries or []
+                    if choice.get("text") or entries:
+                        text.append(choice.get("text") or "")
+                        yield TextPiece(choice.get("text") or "", entries)
         except BackendUnavailableError:
             self._served = None
             raise
@@ -397,7 +418,12 @@ class VLLMBackend:
             await chunks.aclose()
         completion = (usage or {}).get("completion_tokens", len(token_ids))
         yield GenerationResult(
-            "".join(text), token_ids, finish or "stop", len(prepared.input_ids), completion
+            "".join(text),
+            token_ids,
+            finish or "stop",
+            len(prepared.input_ids),
+            completion,
+            logprobs if top is not None else None,
         )
 
     async def _failing_over(self, work):
@@ -410,14 +436,34 @@ class VLLMBackend:
 
     async def _generate(self, prepared) -> GenerationResult:
         answer = await self.client.complete(self._generation_payload(prepared, stream=False))
-        choice = answer["choices"][0]
+        choice, top = answer["choices"][0], prepared.request.logprobs
         return GenerationResult(
             choice["text"],
             list(choice.get("token_ids") or []),
             choice.get("finish_reason") or "stop",
             len(prepared.input_ids),
             answer.get("usage", {}).get("completion_tokens", 0),
+            _entries(choice.get("logprobs"), top) if top is not None else None,
         )
+
+    async def _echo(self, prepared: PreparedPromptLogprobs) -> PromptLogprobs:
+        """A plain row's prompt log-probabilities from vLLM's own echo (token ids; a task's row
+        was refused in `prepare_all`)."""
+        ids = list(prepared.token_ids)
+        if not prepared.pairs:  # one token, or only the tokens asked for
+            return prepared.finish([])
+        answer = await self.client.complete(
+            {
+                **self._prompt_fields(None, ids),
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": prepared.request.top_logprobs,
+                "return_tokens_as_token_ids": True,
+            }
+        )
+        entries = _entries(answer["choices"][0].get("logprobs"), prepared.request.top_logprobs)
+        return PromptLogprobs(ids, [None, *entries[1 : len(ids)]])
 
     def _generation_payload(self, prepared, *, stream: bool) -> dict:
         sampling = prepared.sampling
@@ -433,6 +479,9 @@ class VLLMBackend:
         }
         if stream:
             payload["stream_options"] = {"include_usage": True}
+        if prepared.request.logprobs is not None:
+            payload["logprobs"] = prepared.request.logprobs
+            payload["return_tokens_as_token_ids"] = True
         return {**payload, **self._prompt_fields(prepared.task, prepared.input_ids)}
 
     def _prompt_fields(self, task, ids: list[int]) -> dict:
@@ -548,6 +597,42 @@ def _cannot_serve(exc: UnsupportedPromptKindError) -> UnsupportedPromptKindError
         task=exc.task,
         kind=exc.kind,
     )
+
+
+def _no_echo(task: str) -> ConfigError:
+    error = ConfigError(
+        f"echo (the prompt's log-probabilities) is not available on the vllm backend for task "
+        f"'{task}': vLLM refuses echo and prompt logprobs with prompt embeddings, which carry its "
+        "soft prompt (serve with --backend builtin for them; logprobs of new tokens work)"
+    )
+    error.param = "echo"
+    return error
+
+
+def _token_id(name: str) -> int:
+    """The id in vLLM's 'token_id:N' (what `return_tokens_as_token_ids` makes of a token)."""
+    return int(name.rsplit(":", 1)[1])
+
+
+def _entries(logprobs: dict | None, top: int) -> list[TokenLogprob | None]:
+    """vLLM's completions `logprobs` object as entries (None where it has none: an echoed
+    prompt's first token), each with its `top` best alternatives."""
+    if not logprobs or logprobs.get("tokens") is None:
+        raise BackendUnavailableError(f"vLLM answered without log-probabilities: {logprobs!r:.300}")
+    entries: list[TokenLogprob | None] = []
+    for token, value, alternatives in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        if value is None:
+            entries.append(None)
+            continue
+        best = sorted(((_token_id(k), v) for k, v in (alternatives or {}).items()), key=_by_value)
+        entries.append(TokenLogprob(_token_id(token), float(value), best[:top]))
+    return entries
+
+
+def _by_value(item: tuple[int, float]) -> tuple[float, int]:
+    return -item[1], item[0]
 
 
 def _prefix_key(pair, j: int) -> tuple:
