@@ -733,15 +733,23 @@ UPLOAD_CASES = {
 }
 
 
-def test_bad_input_fuzz_uploaded_files_never_5xx(server):
+def test_bad_input_fuzz_uploaded_files_are_422_naming_the_file_and_store_nothing(server):
     files = upload_files(
         random_prompt(2, 1),
         meta={"verbalizer": VERBALIZER, "template": TEMPLATE},
         model=server.model,
     )
+    # Every case is malformed: each must be refused, naming the prompt file (or the fingerprint
+    # field, for a prompt made for another model), and nothing may be stored.
+    names = (*UPLOAD_CASES, "fingerprint")
     for file_name, contents in UPLOAD_CASES.items():
         for content in contents:
             response = upload(server, "fuzzed", with_file(files, file_name, content))
             assert_clean(response)
-            assert response.status_code in (200, 422), (file_name, content[:40], response.text)
+            case = (file_name, content[:40], response.text)
+            assert response.status_code == 422, case
+            assert any(name in response.json()["error"]["message"] for name in names), case
+    served = [m["id"] for m in server.http.get("/v1/models").json()["data"]]
+    assert "fuzzed" not in served
+    assert upload(server, "fuzzed", files).status_code == 200  # the files unfuzzed are good
     server.http.delete("/v1/prompts/fuzzed", headers=ADMIN)
