@@ -24,16 +24,16 @@ from softprompt.serving.engine import ClassifyRequest, Engine
 from softprompt.training.plots import plot_training
 
 from ..conftest import build_tiny_model
-from .test_engine import (
+from .serving_fixtures import (
     TEMPLATE,
     VERBALIZER,
     build_full_tokenizer,
     fill_bank,
     peft_config,
     random_prompt,
+    running,
 )
-from .test_engine import save_task as save_soft_task
-from .test_server import running
+from .serving_fixtures import save_task as save_soft_task
 
 API_KEY = "console-admin-key"
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
@@ -440,7 +440,7 @@ def gateway(tmp_path_factory):
     from softprompt.serving.vllm.backend import VLLMBackend, load_gateway_model
 
     from .fake_vllm import FakeVLLM
-    from .test_server import free_port
+    from .serving_fixtures import free_port
 
     folder = tmp_path_factory.mktemp("tiny-model")
     model, tokenizer = build_tiny_model("llama"), build_full_tokenizer()

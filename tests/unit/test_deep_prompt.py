@@ -14,6 +14,7 @@ from softprompt.training.compare import model_digest
 from softprompt.training.trainer import TrainConfig, Trainer
 
 from ..conftest import build_tiny_model, build_tiny_tokenizer
+from .serving_fixtures import DEEP_TEXTS, served_bank
 
 ATOL = 1e-5
 # Gemma 3's tiny config has an 8-column sliding window: prompt + tokens stay within it.
@@ -249,21 +250,6 @@ def test_deep_prompt_in_the_bank_is_refused_by_soft_prompt_paths_with_a_clear_er
 
 
 VERBALIZER = {"labels": ["positive", "negative"], "targets": [" good", " bad film"]}
-TEXTS = ["the movie was", "a boring plot and", "i love this film"]
-
-
-def _served_bank(model, tokenizer, path):
-    """A bank with a deep prompt (trained a little away from its soft init) and a soft prompt."""
-    from softprompt.bank import PromptBank
-
-    deep = DeepPromptModel(model, {"deep-task": _prompt(3, seed=4)}, tokenizer=tokenizer)
-    with torch.no_grad():
-        deep.table.get("deep-task").add_(0.3 * torch.randn_like(deep.table.get("deep-task")))
-    meta = {"template": "review : {text} sentiment :", "verbalizer": VERBALIZER}
-    deep.save_task("deep-task", path, meta=meta)
-    soft = PromptedModel(model, {"soft-task": _prompt(2, seed=5)}, tokenizer=tokenizer)
-    soft.save_task("soft-task", path, meta=meta)
-    return deep, PromptBank(path)
 
 
 def test_builtin_engine_serves_a_deep_prompt_exactly_as_deep_prompt_model(tiny_llama, tmp_path):
@@ -272,21 +258,21 @@ def test_builtin_engine_serves_a_deep_prompt_exactly_as_deep_prompt_model(tiny_l
     from softprompt.training.evaluation import label_log_likelihoods
 
     tokenizer = build_tiny_tokenizer()
-    deep, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
+    deep, bank = served_bank(tiny_llama, tokenizer, tmp_path / "bank")
     engine = Engine((tiny_llama, tokenizer), bank)
     assert (
         engine.activate("deep-task").kind == "deep" and engine.activate("soft-task").kind == "soft"
     )
     served = engine.generate(
-        [GenerationRequest(t, task="deep-task", max_new_tokens=5) for t in TEXTS]
+        [GenerationRequest(t, task="deep-task", max_new_tokens=5) for t in DEEP_TEXTS]
     )
-    assert [r.text for r in served] == deep.generate(TEXTS, "deep-task", max_new_tokens=5)
+    assert [r.text for r in served] == deep.generate(DEEP_TEXTS, "deep-task", max_new_tokens=5)
     task = task_from_meta("deep-task", bank.load("deep-task").meta)
     examples = [
-        encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in TEXTS
+        encode_example(tokenizer, task, {"text": t}, 0, require_target=False) for t in DEEP_TEXTS
     ]
     expected = label_log_likelihoods(deep, examples, task.verbalizer.target_token_ids(tokenizer), 0)
-    for result, scores in zip(engine.classify("deep-task", TEXTS), expected, strict=True):
+    for result, scores in zip(engine.classify("deep-task", DEEP_TEXTS), expected, strict=True):
         assert [result.log_likelihoods[label] for label in VERBALIZER["labels"]] == pytest.approx(
             scores.tolist(), abs=1e-4
         )
@@ -299,18 +285,18 @@ def test_builtin_engine_mixes_deep_soft_and_base_rows_in_one_batch(
     from softprompt.serving.engine import Engine, GenerationRequest
 
     tokenizer = build_tiny_tokenizer()
-    _, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
+    _, bank = served_bank(tiny_llama, tokenizer, tmp_path / "bank")
     engine = Engine((tiny_llama, tokenizer), bank, use_prefix_cache=use_prefix_cache)
     requests = [
-        GenerationRequest(TEXTS[i], task=name, max_new_tokens=5)
+        GenerationRequest(DEEP_TEXTS[i], task=name, max_new_tokens=5)
         for i, name in enumerate(["deep-task", "soft-task", None])
     ]
     mixed = engine.generate(requests)
     alone = [engine.generate([r])[0] for r in requests]
     assert [r.token_ids for r in mixed] == [r.token_ids for r in alone]
-    classified = engine.classify(["deep-task", "soft-task"], TEXTS[:2])
+    classified = engine.classify(["deep-task", "soft-task"], DEEP_TEXTS[:2])
     assert classified[0].probabilities == pytest.approx(
-        engine.classify("deep-task", TEXTS[:1])[0].probabilities, abs=1e-5
+        engine.classify("deep-task", DEEP_TEXTS[:1])[0].probabilities, abs=1e-5
     )
 
 
@@ -323,7 +309,7 @@ def test_builtin_engine_refuses_a_deep_prompt_past_a_sliding_window_instead_of_a
         build_tiny_model("gemma3"),
         build_tiny_tokenizer(),
     )  # sliding window: 8 columns
-    _, bank = _served_bank(gemma, tokenizer, tmp_path / "bank")
+    _, bank = served_bank(gemma, tokenizer, tmp_path / "bank")
     engine = Engine((gemma, tokenizer), bank)
     assert engine.generate([GenerationRequest("fun", task="deep-task", max_new_tokens=2)])[
         0

@@ -24,64 +24,21 @@ from softprompt.serving.engine import (
 )
 from softprompt.training.evaluation import label_log_likelihoods
 
-from ..conftest import WORDS, build_tiny_model
-
-D = 32
-TASKS = {"t0": 2, "t1": 3, "t2": 4, "t3": 6}  # name -> virtual tokens
-VERBALIZER = {"labels": ["positive", "negative"], "targets": [" good", " bad film"]}
-TEMPLATE = "review : {text} sentiment :"
-TEXTS = ["the movie was", "a boring plot and", "i love this film", "fun", "the actor is not"]
-
-
-def build_full_tokenizer():
-    """Word-level tokenizer covering all 128 ids of the tiny model, so every token decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in [*WORDS, "i"]:
-        vocab.setdefault(word, len(vocab))
-    for i in range(len(vocab), 128):
-        vocab[f"w{i}"] = i
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-
-
-def peft_config(n: int, d: int = D) -> dict:
-    return {
-        "peft_type": "PROMPT_TUNING",
-        "task_type": "CAUSAL_LM",
-        "num_virtual_tokens": n,
-        "token_dim": d,
-        "num_transformer_submodules": 1,
-    }
-
-
-def random_prompt(n: int, seed: int, d: int = D) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=generator) * 3.0
-
-
-def save_task(bank: PromptBank, name: str, values: torch.Tensor, model, **meta) -> None:
-    meta = {
-        "fingerprint": fingerprint(model),
-        "verbalizer": VERBALIZER,
-        "template": TEMPLATE,
-        **meta,
-    }
-    bank.save(SavedPrompt(name, values, peft_config(values.shape[0], values.shape[1]), meta))
-
-
-def fill_bank(bank: PromptBank, model) -> None:
-    for seed, (name, n) in enumerate(TASKS.items()):
-        save_task(bank, name, random_prompt(n, seed), model)
+from ..conftest import build_tiny_model
+from .serving_fixtures import (
+    TASKS,
+    TEMPLATE,
+    TEXTS,
+    VERBALIZER,
+    D,
+    build_full_tokenizer,
+    fill_bank,
+    greedy,
+    outputs,
+    peft_config,
+    random_prompt,
+    save_task,
+)
 
 
 @pytest.fixture
@@ -98,14 +55,6 @@ def bank(tmp_path):
 def engine(tiny_llama, tokenizer, bank):
     fill_bank(bank, tiny_llama)
     return Engine((tiny_llama, tokenizer), bank)
-
-
-def greedy(text, task, n=8):
-    return GenerationRequest(text, task=task, max_new_tokens=n)
-
-
-def outputs(results):
-    return [(r.text, r.token_ids) for r in results]
 
 
 # ---------------------------------------------------------------- mixed batches

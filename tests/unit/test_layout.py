@@ -242,3 +242,28 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     assert stray_modules(package) == ["softprompt.engine"]
     assert stage_of("softprompt.serving.vllm.backend") > stage_of("softprompt.prompting.inject")
     assert stage_of("softprompt.engine") is None
+
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+
+
+def cross_test_imports(tests_dir: Path = TESTS_DIR) -> list[str]:
+    """Test files that import from another test file (`test_*.py`): shared helpers belong in a
+    fixtures module (e.g. tests/unit/serving_fixtures.py) or conftest.py."""
+    found = []
+    for path in sorted(tests_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.rsplit(".", 1)[-1].startswith("test_"):
+                    found.append(
+                        f"{path.relative_to(tests_dir)}:{node.lineno} imports {node.module}"
+                    )
+    return found
+
+
+def test_no_test_file_imports_from_another_test_file(tmp_path):
+    assert cross_test_imports() == []
+    (tmp_path / "test_a.py").write_text("def helper():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("def t():\n    from .test_a import helper\n")
+    (tmp_path / "fixtures.py").write_text("from .conftest import thing\n")
+    assert cross_test_imports(tmp_path) == ["test_b.py:2 imports test_a"]

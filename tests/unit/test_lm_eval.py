@@ -25,7 +25,7 @@ from softprompt.prompting.prompted import PromptedModel
 from softprompt.serving.engine import Engine, GenerationRequest
 
 from ..conftest import NEGATIVE, POSITIVE
-from .test_server import free_port
+from .serving_fixtures import free_port
 
 pytest.importorskip("lm_eval")
 

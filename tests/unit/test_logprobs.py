@@ -16,9 +16,15 @@ from softprompt.serving.engine import Engine, GenerationRequest
 from softprompt.serving.requests import MAX_TOP_LOGPROBS, PromptLogprobsRequest
 
 from ..conftest import build_tiny_tokenizer
-from .test_deep_prompt import TEXTS, _served_bank
-from .test_engine import build_full_tokenizer, fill_bank
-from .test_server import API_KEY, CHAT_TEMPLATE, running
+from .serving_fixtures import (
+    API_KEY,
+    CHAT_TEMPLATE,
+    DEEP_TEXTS,
+    build_full_tokenizer,
+    fill_bank,
+    running,
+    served_bank,
+)
 
 ATOL = 1e-5
 TASKS = ["deep-task", "soft-task", None]
@@ -26,7 +32,7 @@ TASKS = ["deep-task", "soft-task", None]
 
 @pytest.fixture
 def engine(tiny_llama, tmp_path):
-    _, bank = _served_bank(tiny_llama, build_tiny_tokenizer(), tmp_path / "bank")
+    _, bank = served_bank(tiny_llama, build_tiny_tokenizer(), tmp_path / "bank")
     return Engine((tiny_llama, build_tiny_tokenizer()), bank)
 
 
@@ -37,10 +43,10 @@ def reference(engine, task, ids, token):
 
 
 def test_echo_and_generated_logprobs_equal_the_scorer_soft_deep_and_none_in_one_batch(engine):
-    echoes = [PromptLogprobsRequest(t, task, 3) for t, task in zip(TEXTS, TASKS, strict=True)]
+    echoes = [PromptLogprobsRequest(t, task, 3) for t, task in zip(DEEP_TEXTS, TASKS, strict=True)]
     gens = [
         GenerationRequest(t, task=task, max_new_tokens=4, logprobs=3)
-        for t, task in zip(TEXTS, TASKS, strict=True)
+        for t, task in zip(DEEP_TEXTS, TASKS, strict=True)
     ]
     results = engine.run(engine.prepare_all(echoes + gens))  # one batch of each kind, mixed tasks
     for task, echo, gen in zip(TASKS, results[:3], results[3:], strict=True):
@@ -71,16 +77,18 @@ def test_echo_and_generated_logprobs_equal_the_scorer_soft_deep_and_none_in_one_
 
 
 def test_logprobs_do_not_change_the_generated_tokens_and_sampling_keeps_raw_values(engine):
-    plain = engine.generate([GenerationRequest(TEXTS[0], task="soft-task", max_new_tokens=5)])[0]
+    plain = engine.generate([GenerationRequest(DEEP_TEXTS[0], task="soft-task", max_new_tokens=5)])[
+        0
+    ]
     with_lp = engine.generate(
-        [GenerationRequest(TEXTS[0], task="soft-task", max_new_tokens=5, logprobs=0)]
+        [GenerationRequest(DEEP_TEXTS[0], task="soft-task", max_new_tokens=5, logprobs=0)]
     )[0]
     assert with_lp.token_ids == plain.token_ids and plain.logprobs is None
     assert all(e.top == [] for e in with_lp.logprobs)
     sampled = engine.generate(
-        [GenerationRequest(TEXTS[0], "soft-task", 5, temperature=1.5, seed=3, logprobs=1)]
+        [GenerationRequest(DEEP_TEXTS[0], "soft-task", 5, temperature=1.5, seed=3, logprobs=1)]
     )[0]
-    ids = engine.prepare(PromptLogprobsRequest(TEXTS[0], "soft-task")).token_ids
+    ids = engine.prepare(PromptLogprobsRequest(DEEP_TEXTS[0], "soft-task")).token_ids
     for j, entry in enumerate(sampled.logprobs):  # the model's own log-softmax, not the sampler's
         expected = reference(engine, "soft-task", ids + sampled.token_ids[:j], entry.token)
         assert entry.logprob == pytest.approx(expected, abs=ATOL)
@@ -89,10 +97,13 @@ def test_logprobs_do_not_change_the_generated_tokens_and_sampling_keeps_raw_valu
 def test_classification_sharing_a_scoring_batch_with_an_echo_keeps_its_scores(engine):
     from softprompt.serving.engine import ClassifyRequest
 
-    alone = engine.classify("soft-task", TEXTS)
+    alone = engine.classify("soft-task", DEEP_TEXTS)
     mixed = engine.run(
         engine.prepare_all(
-            [ClassifyRequest("soft-task", TEXTS), PromptLogprobsRequest(TEXTS[0], "deep-task", 4)]
+            [
+                ClassifyRequest("soft-task", DEEP_TEXTS),
+                PromptLogprobsRequest(DEEP_TEXTS[0], "deep-task", 4),
+            ]
         )
     )[0]
     for a, m in zip(alone, mixed, strict=True):
@@ -110,16 +121,16 @@ def test_one_token_prompt_echo_has_one_null_entry(engine):
 @pytest.mark.parametrize("bad", [-1, MAX_TOP_LOGPROBS + 1, True, "3", 2.0])
 def test_engine_refuses_a_bad_number_of_alternatives(engine, bad):
     with pytest.raises(ConfigError, match="logprobs must be an integer in 0..20"):
-        engine.prepare(GenerationRequest(TEXTS[0], logprobs=bad))
+        engine.prepare(GenerationRequest(DEEP_TEXTS[0], logprobs=bad))
     with pytest.raises(ConfigError, match="logprobs must be an integer in 0..20"):
-        engine.prepare(PromptLogprobsRequest(TEXTS[0], None, bad))
+        engine.prepare(PromptLogprobsRequest(DEEP_TEXTS[0], None, bad))
 
 
 def test_alternatives_count_in_the_token_budget(engine):
-    plain = engine.prepare(GenerationRequest(TEXTS[0], max_new_tokens=4))
-    top = engine.prepare(GenerationRequest(TEXTS[0], max_new_tokens=4, logprobs=5))
+    plain = engine.prepare(GenerationRequest(DEEP_TEXTS[0], max_new_tokens=4))
+    top = engine.prepare(GenerationRequest(DEEP_TEXTS[0], max_new_tokens=4, logprobs=5))
     assert top.tokens == plain.tokens + 4 * 5
-    echo = engine.prepare(PromptLogprobsRequest(TEXTS[0], None, 5))
+    echo = engine.prepare(PromptLogprobsRequest(DEEP_TEXTS[0], None, 5))
     n = len(echo.token_ids)
     assert echo.tokens == 1 + (n - 1) * 6
 

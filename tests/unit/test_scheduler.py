@@ -19,8 +19,16 @@ from softprompt.serving.engine import ClassifyRequest, Engine, GenerationRequest
 from softprompt.serving.scheduler import BatchScheduler, SchedulerConfig
 
 from ..conftest import build_tiny_model
-from .test_deep_prompt import _served_bank
-from .test_engine import TASKS, TEXTS, VERBALIZER, build_full_tokenizer, fill_bank, greedy, outputs
+from .serving_fixtures import (
+    TASKS,
+    TEXTS,
+    VERBALIZER,
+    build_full_tokenizer,
+    fill_bank,
+    greedy,
+    outputs,
+    served_bank,
+)
 
 KINDS = ["deep-task", "soft-task", *TASKS, None]  # a deep prompt, soft prompts and the base model
 
@@ -28,7 +36,7 @@ KINDS = ["deep-task", "soft-task", *TASKS, None]  # a deep prompt, soft prompts 
 @pytest.fixture
 def engine(tiny_llama, tmp_path, request):
     tokenizer = build_full_tokenizer()
-    _, bank = _served_bank(tiny_llama, tokenizer, tmp_path / "bank")
+    _, bank = served_bank(tiny_llama, tokenizer, tmp_path / "bank")
     fill_bank(bank, tiny_llama)
     return Engine((tiny_llama, tokenizer), bank, use_prefix_cache=getattr(request, "param", True))
 
@@ -396,7 +404,7 @@ def test_over_http_a_tenant_whose_request_fails_never_fails_another_tenants_requ
     the 500, B gets its texts as each alone."""
     from softprompt.api.app import create_app
 
-    from .test_server import running
+    from .serving_fixtures import running
 
     tenants = {"a": "t1", "b": "t0"}  # each tenant's own task
     keys = {name: add_tenant(tmp_path / "keys.json", name, [t]) for name, t in tenants.items()}

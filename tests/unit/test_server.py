@@ -3,73 +3,41 @@ the official `openai` client unchanged and by plain httpx. Loopback only."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import safetensors.torch
 import torch
 
 from softprompt.bank import PromptBank
-from softprompt.model.loading import fingerprint
 from softprompt.serving.engine import Engine, GenerationRequest
 from softprompt.serving.scheduler import SchedulerConfig
 
 from ..conftest import build_tiny_model
-from .test_engine import (
+from .serving_fixtures import (
+    ADMIN,
+    API_KEY,
+    CHAT_TEMPLATE,
     TASKS,
     TEMPLATE,
     TEXTS,
     VERBALIZER,
+    assert_error,
     build_full_tokenizer,
     fill_bank,
-    peft_config,
     random_prompt,
+    running,
     save_task,
+    upload_files,
 )
 
 openai = pytest.importorskip("openai")
 
-API_KEY = "test-admin-key"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
-    "{% if add_generation_prompt %}review :{% endif %}"
-)
 MAX_BODY = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """`app` served by uvicorn on a free loopback port for the block; yields its base URL."""
-    import uvicorn
-
-    uv = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "server did not start"
-    try:
-        yield f"http://127.0.0.1:{uv.config.port}"
-    finally:
-        uv.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -105,34 +73,6 @@ def alone(server, prompt, task, n=8, **kwargs):
     return server.engine.generate(
         [GenerationRequest(prompt, task=task, max_new_tokens=n, **kwargs)]
     )[0]
-
-
-def assert_error(response, status, message, code=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert message in error["message"], error
-    if code is not None:
-        assert error["code"] == code
-
-
-def upload_files(values, *, n=None, meta=None, model=None):
-    weights = safetensors.torch.save({"prompt_embeddings": values.contiguous()})
-    config = peft_config(n if n is not None else values.shape[0], values.shape[1])
-    files = {
-        "adapter_model.safetensors": ("adapter_model.safetensors", io.BytesIO(weights)),
-        "adapter_config.json": ("adapter_config.json", io.BytesIO(json.dumps(config).encode())),
-    }
-    if meta is not None or model is not None:
-        full = {"fingerprint": fingerprint(model)} if model is not None else {}
-        files["softprompt.json"] = (
-            "softprompt.json",
-            io.BytesIO(json.dumps({**full, **(meta or {})}).encode()),
-        )
-    return files
-
-
-ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # ---------------------------------------------------------------- the official client

@@ -25,16 +25,20 @@ from softprompt.serving.engine import Engine
 from softprompt.serving.scheduler import SchedulerConfig
 
 from ..conftest import build_tiny_model
-from .test_engine import (
+from .serving_fixtures import (
+    ADMIN,
+    API_KEY,
     TEMPLATE,
     VERBALIZER,
+    assert_error,
     build_full_tokenizer,
     fill_bank,
     peft_config,
     random_prompt,
+    running,
     save_task,
+    upload_files,
 )
-from .test_server import ADMIN, API_KEY, assert_error, running, upload_files
 
 LIMITS = RequestLimits(
     max_inputs_per_request=40,

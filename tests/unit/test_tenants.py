@@ -39,8 +39,17 @@ from softprompt.options import from_args
 from softprompt.serving.engine import Engine, GenerationRequest
 
 from ..conftest import build_tiny_model
-from .test_engine import TEXTS, VERBALIZER, build_full_tokenizer, random_prompt, save_task
-from .test_server import API_KEY, free_port, running, upload_files
+from .serving_fixtures import (
+    API_KEY,
+    TEXTS,
+    VERBALIZER,
+    build_full_tokenizer,
+    free_port,
+    random_prompt,
+    running,
+    save_task,
+    upload_files,
+)
 
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 TASK_NAMES = {"acme-a": 2, "acme-b": 3, "beta-a": 4}

@@ -19,7 +19,7 @@ from softprompt.training import trackers
 from softprompt.training.trainer import TrainConfig
 
 from ..conftest import write_sentiment_jsonl
-from .test_train import _die_at, _Killed, _train_cmd, _trainer
+from .training_fixtures import Killed, die_at, make_trainer, train_cmd
 
 
 def _metrics(out) -> dict[int, dict]:
@@ -135,13 +135,13 @@ def test_tensorboard_and_mlflow_hold_every_step_once_across_a_kill_and_resume(
         "save_steps": 2,
         "report_to": ["tensorboard", "mlflow"],
     }
-    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config)
-    first.on_step = _die_at(6)  # killed after step 5 was logged; the last checkpoint is at step 4
-    with pytest.raises(_Killed):
+    first = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config)
+    first.on_step = die_at(6)  # killed after step 5 was logged; the last checkpoint is at step 4
+    with pytest.raises(Killed):
         first.train()
     assert max(_metrics(out)) == 5
     assert set(_tensorboard(out)["train/loss"]) == {1, 2, 3, 4}  # 5: no checkpoint covers it
-    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config)
+    second = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config)
     assert second.load_checkpoint() and second.step == 4
     second.train()
 
@@ -207,7 +207,7 @@ def test_cli_report_to_trackio_and_wandb_offline(tiny_model_dir, tmp_path):
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
     env.pop("WANDB_MODE", None)
     done = subprocess.run(
-        _train_cmd(
+        train_cmd(
             tiny_model_dir,
             data,
             tmp_path / "bank",

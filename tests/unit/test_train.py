@@ -14,35 +14,16 @@ import pytest
 import torch
 
 from softprompt.bank import PromptBank
-from softprompt.data import load_examples, make_classification_task
 from softprompt.errors import ConfigError
-from softprompt.prompting.prompted import PromptedModel
-from softprompt.prompting.soft import PromptTuningConfig
 from softprompt.training.evaluation import evaluate_loss
 from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
 from ..conftest import write_sentiment_jsonl
-
-TEMPLATE = "review : {text} sentiment :"
-
-
-def _setup(tiny_model, tiny_tokenizer, tmp_path):
-    task = make_classification_task("sentiment", TEMPLATE, ["negative", "positive"])
-    examples, _ = load_examples(
-        write_sentiment_jsonl(tmp_path / "train.jsonl"), task, tiny_tokenizer
-    )
-    config = PromptTuningConfig(
-        num_virtual_tokens=4, prompt_tuning_init="text", prompt_tuning_init_text="classify"
-    )
-    return (
-        PromptedModel(tiny_model, {"sentiment": config}, tokenizer=tiny_tokenizer),
-        task,
-        examples,
-    )
+from .training_fixtures import TEMPLATE, Killed, die_at, make_trainer, train_cmd, train_setup
 
 
 def test_frozen_base_bit_identical_after_training(tiny_model, tiny_tokenizer, tmp_path):
-    prompted, task, examples = _setup(tiny_model, tiny_tokenizer, tmp_path)
+    prompted, task, examples = train_setup(tiny_model, tiny_tokenizer, tmp_path)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     trainer = Trainer(
         prompted,
@@ -56,7 +37,7 @@ def test_frozen_base_bit_identical_after_training(tiny_model, tiny_tokenizer, tm
 
 
 def test_training_lowers_loss_and_logs_monitoring(tiny_model, tiny_tokenizer, tmp_path):
-    prompted, task, examples = _setup(tiny_model, tiny_tokenizer, tmp_path)
+    prompted, task, examples = train_setup(tiny_model, tiny_tokenizer, tmp_path)
     start = evaluate_loss(prompted, examples, "sentiment")
     config = TrainConfig(
         max_steps=30, per_device_train_batch_size=8, learning_rate=0.1, eval_steps=10, bf16="no"
@@ -76,50 +57,13 @@ def test_training_lowers_loss_and_logs_monitoring(tiny_model, tiny_tokenizer, tm
 
 
 def test_exploding_gradient_is_warned(tiny_model, tiny_tokenizer, tmp_path, caplog):
-    prompted, _, examples = _setup(tiny_model, tiny_tokenizer, tmp_path)
+    prompted, _, examples = train_setup(tiny_model, tiny_tokenizer, tmp_path)
     config = TrainConfig(
         max_steps=2, per_device_train_batch_size=4, exploding_grad_norm=1e-9, bf16="no"
     )
     with caplog.at_level("WARNING"):
         Trainer(prompted, examples, config).train()
     assert "exploding gradient" in caplog.text
-
-
-def _train_cmd(model_dir, data, bank, out, steps, *extra, launcher=None):
-    cmd = (launcher or [sys.executable, "-m"]) + [
-        "softprompt",
-        "train",
-        "--model",
-        model_dir,
-        "--task",
-        "sentiment",
-        "--data",
-        data,
-        "--eval-data",
-        data,
-        "--template",
-        TEMPLATE,
-        "--labels",
-        "negative,positive",
-        "--num-virtual-tokens",
-        "4",
-        "--prompt-tuning-init-text",
-        "classify",
-        "--max-steps",
-        str(steps),
-        "--eval-steps",
-        "5",
-        "--learning-rate",
-        "0.05",
-        "--bf16",
-        "no",
-        "--bank",
-        str(bank),
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
-    return cmd
 
 
 def _final_prompt(bank):
@@ -130,7 +74,7 @@ def _final_prompt(bank):
 def test_distributed_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     data = write_sentiment_jsonl(tmp_path / "train.jsonl")
     one = subprocess.run(
-        _train_cmd(
+        train_cmd(
             tiny_model_dir,
             data,
             tmp_path / "bank-1",
@@ -162,7 +106,7 @@ def test_distributed_two_processes_equal_one_process(tiny_model_dir, tmp_path):
         "-m",
     ]
     two = subprocess.run(
-        _train_cmd(
+        train_cmd(
             tiny_model_dir,
             data,
             tmp_path / "bank-2",
@@ -189,7 +133,7 @@ def test_fsdp_two_processes_shard_the_frozen_base_and_equal_one_process(tiny_mod
     replicated; the trained prompt equals one whole-model process on the same global batches."""
     data = write_sentiment_jsonl(tmp_path / "train.jsonl")
     one = subprocess.run(
-        _train_cmd(
+        train_cmd(
             tiny_model_dir,
             data,
             tmp_path / "bank-1",
@@ -224,7 +168,7 @@ def test_fsdp_two_processes_shard_the_frozen_base_and_equal_one_process(tiny_mod
         "-m",
     ]
     two = subprocess.run(
-        _train_cmd(
+        train_cmd(
             tiny_model_dir,
             data,
             tmp_path / "bank-2",
@@ -266,7 +210,7 @@ def test_sharding_splits_each_decoder_layer_and_refuses_a_trainable_base(tiny_ll
 def test_train_prompts_api_remembers_template_for_save(tiny_model, tiny_tokenizer, tmp_path):
     from softprompt import train_prompts
 
-    prompted, _, _ = _setup(tiny_model, tiny_tokenizer, tmp_path)
+    prompted, _, _ = train_setup(tiny_model, tiny_tokenizer, tmp_path)
     data = write_sentiment_jsonl(tmp_path / "api.jsonl")
     result = train_prompts(
         prompted,
@@ -291,7 +235,7 @@ def test_train_prompts_api_remembers_template_for_save(tiny_model, tiny_tokenize
 def test_non_finite_gradient_step_is_skipped_and_counted(
     tiny_llama, tiny_tokenizer, tmp_path, caplog
 ):
-    prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    prompted, _, examples = train_setup(tiny_llama, tiny_tokenizer, tmp_path)
     start = prompted.table.get("sentiment").detach().clone()
     poison = tiny_llama.get_input_embeddings().register_forward_hook(
         lambda m, i, out: out * float("nan")
@@ -317,7 +261,7 @@ def test_lr_finder_returns_a_finite_rate_from_a_real_loss_curve_and_restores_the
 ):
     from softprompt.training.lr_find import find_learning_rate
 
-    prompted, _, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    prompted, _, examples = train_setup(tiny_llama, tiny_tokenizer, tmp_path)
     start = prompted.table.get("sentiment").detach().clone()
     search = find_learning_rate(
         prompted,
@@ -341,7 +285,7 @@ def test_lr_finder_returns_a_finite_rate_from_a_real_loss_curve_and_restores_the
 def _trained_prompt(tiny_tokenizer, tmp_path, seed: int) -> torch.Tensor:
     from ..conftest import build_tiny_model
 
-    prompted, _, examples = _setup(build_tiny_model("llama"), tiny_tokenizer, tmp_path)
+    prompted, _, examples = train_setup(build_tiny_model("llama"), tiny_tokenizer, tmp_path)
     Trainer(
         prompted,
         examples,
@@ -367,7 +311,7 @@ def test_step_zero_validation_is_logged_with_the_zero_shot_reference(
 ):
     from softprompt.training.plots import plot_training
 
-    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    prompted, task, examples = train_setup(tiny_llama, tiny_tokenizer, tmp_path)
     trainer = Trainer(
         prompted,
         examples,
@@ -387,7 +331,7 @@ def test_step_zero_validation_is_logged_with_the_zero_shot_reference(
 def test_max_eval_examples_validates_on_one_random_sample_not_the_head_of_a_sorted_file(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    prompted, task, examples = train_setup(tiny_llama, tiny_tokenizer, tmp_path)
     by_label = sorted(
         examples, key=lambda ex: -ex.label
     )  # all positives first, as the built-in sets are
@@ -430,12 +374,12 @@ def test_resume_after_kill_9_before_the_first_evaluation_matches_uninterrupted_r
         ("--eval-steps", "40", "--save-steps", "5", "--save-minutes", "0"),
     )  # evaluations at 40, 60
     subprocess.run(
-        _train_cmd(tiny_model_dir, data, tmp_path / "bank-a", tmp_path / "run-a", steps, *flags),
+        train_cmd(tiny_model_dir, data, tmp_path / "bank-a", tmp_path / "run-a", steps, *flags),
         check=True,
         capture_output=True,
     )
     proc = subprocess.Popen(
-        _train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps, *flags),
+        train_cmd(tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps, *flags),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -450,7 +394,7 @@ def test_resume_after_kill_9_before_the_first_evaluation_matches_uninterrupted_r
     killed_at = len(metrics.read_text().splitlines())
     assert killed_at < 40, "killed after the first evaluation: nothing was tested"
     resumed = subprocess.run(
-        _train_cmd(
+        train_cmd(
             tiny_model_dir, data, tmp_path / "bank-b", tmp_path / "run-b", steps, *flags, "--resume"
         ),
         capture_output=True,
@@ -466,48 +410,19 @@ def test_resume_after_kill_9_before_the_first_evaluation_matches_uninterrupted_r
     assert steps_logged == list(range(0, steps + 1))  # step 0: the untrained validation
 
 
-class _Killed(Exception):
-    """Stands for kill -9 in the middle of a step."""
-
-
-def _trainer(tiny_llama, tiny_tokenizer, tmp_path, out, **config):
-    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
-    config = TrainConfig(
-        **{
-            "max_steps": 8,
-            "per_device_train_batch_size": 4,
-            "eval_steps": 100,
-            "save_steps": 3,
-            "bf16": "no",
-            **config,
-        }
-    )
-    return Trainer(
-        prompted, examples, config, eval_sets={"sentiment": EvalSet(task, examples)}, output_dir=out
-    )
-
-
-def _die_at(step):
-    def on_step(record):
-        if record["step"] == step:
-            raise _Killed
-
-    return on_step
-
-
 def test_resume_tolerates_a_torn_last_line_and_rewrites_the_log_to_the_checkpoint(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    uninterrupted = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "whole")
+    uninterrupted = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "whole")
     uninterrupted.train()
-    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
-    first.on_step = _die_at(5)
-    with pytest.raises(_Killed):
+    first = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
+    first.on_step = die_at(5)
+    with pytest.raises(Killed):
         first.train()
     metrics = tmp_path / "run" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 5, "loss": 0.6')  # the write that power loss cut short
-    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
+    second = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run")
     assert second.load_checkpoint() and second.step == 3
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [
         0,
@@ -523,16 +438,16 @@ def test_resume_tolerates_a_torn_last_line_and_rewrites_the_log_to_the_checkpoin
 def test_resume_without_any_checkpoint_starts_over_with_a_clean_log(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    first = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
-    first.on_step = _die_at(3)
-    with pytest.raises(_Killed):
+    first = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    first.on_step = die_at(3)
+    with pytest.raises(Killed):
         first.train()
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert (
         len(metrics.read_text().splitlines()) == 3
         and not (tmp_path / "run" / "checkpoint.pt").exists()
     )
-    second = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    second = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
     assert not second.load_checkpoint() and metrics.read_text() == ""
     second.train()
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(0, 9))
@@ -541,10 +456,12 @@ def test_resume_without_any_checkpoint_starts_over_with_a_clean_log(
 def test_resume_a_fresh_run_in_a_used_folder_never_picks_up_the_old_checkpoint(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run").train()  # an old, finished run
-    fresh = _trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
-    fresh.on_step = _die_at(2)
-    with pytest.raises(_Killed):
+    make_trainer(
+        tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run"
+    ).train()  # an old, finished run
+    fresh = make_trainer(tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0)
+    fresh.on_step = die_at(2)
+    with pytest.raises(Killed):
         fresh.train()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert [
@@ -557,7 +474,7 @@ def test_resume_checkpoints_on_the_wall_clock_too(
 ):
     clock = iter(range(0, 10_000, 20))  # each look at the clock is 20 s later
     monkeypatch.setattr("softprompt.training.trainer.time.monotonic", lambda: next(clock))
-    trainer = _trainer(
+    trainer = make_trainer(
         tiny_llama, tiny_tokenizer, tmp_path, tmp_path / "run", save_steps=0, save_minutes=0.5
     )
     saved, save = [], trainer.save_checkpoint

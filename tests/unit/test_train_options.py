@@ -22,11 +22,11 @@ from softprompt.training.evaluation import (
 from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
 from ..conftest import write_sentiment_jsonl
-from .test_train import TEMPLATE, _setup
+from .training_fixtures import TEMPLATE, train_setup
 
 
 def _train(model, tokenizer, tmp_path, **config):
-    prompted, task, examples = _setup(model, tokenizer, tmp_path)
+    prompted, task, examples = train_setup(model, tokenizer, tmp_path)
     config = TrainConfig(
         **{
             "max_steps": 6,
@@ -119,7 +119,10 @@ def test_bf16_autocast_trains_and_evaluates_close_to_fp32(tiny_llama, tiny_token
     assert (
         trainer.prompted.table.get("sentiment").dtype == torch.float32
     )  # the prompt itself stays fp32
-    prompted, task, examples = trainer.prompted, *_setup(tiny_llama, tiny_tokenizer, tmp_path)[1:]
+    prompted, task, examples = (
+        trainer.prompted,
+        *train_setup(tiny_llama, tiny_tokenizer, tmp_path)[1:],
+    )
     from softprompt.training.trainer import autocast
 
     with autocast(trainer.device, True):
@@ -173,7 +176,7 @@ def test_free_form_task_trains_and_reports_exact_match_and_token_f1(
 def test_resume_with_changed_training_settings_is_refused_naming_them(
     tiny_llama, tiny_tokenizer, tmp_path
 ):
-    prompted, task, examples = _setup(tiny_llama, tiny_tokenizer, tmp_path)
+    prompted, task, examples = train_setup(tiny_llama, tiny_tokenizer, tmp_path)
     config = TrainConfig(
         max_steps=4, per_device_train_batch_size=4, eval_steps=2, bf16="no", learning_rate=0.1
     )

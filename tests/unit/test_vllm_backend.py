@@ -25,8 +25,7 @@ from softprompt.serving.vllm.backend import VLLMBackend, encode_embeds, load_gat
 
 from ..conftest import build_tiny_model
 from .fake_vllm import FakeVLLM, decode_embeds
-from .test_engine import TASKS, TEXTS, build_full_tokenizer, fill_bank
-from .test_server import free_port, running
+from .serving_fixtures import TASKS, TEXTS, build_full_tokenizer, fill_bank, free_port, running
 
 openai = pytest.importorskip("openai")
 

@@ -23,7 +23,7 @@ from softprompt.errors import ConfigError
 from softprompt.serving.vllm.process import find_vllm_python, free_port
 
 from ..conftest import build_tiny_model
-from .test_engine import build_full_tokenizer, fill_bank
+from .serving_fixtures import build_full_tokenizer, fill_bank
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_API_SERVER = """
