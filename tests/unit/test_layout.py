@@ -253,11 +253,20 @@ def cross_test_imports(tests_dir: Path = TESTS_DIR) -> list[str]:
     found = []
     for path in sorted(tests_dir.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module.rsplit(".", 1)[-1].startswith("test_"):
-                    found.append(
-                        f"{path.relative_to(tests_dir)}:{node.lineno} imports {node.module}"
-                    )
+            if isinstance(node, ast.ImportFrom):
+                # `from .test_a import x`, and `from . import test_a` (a module named as a name)
+                module = "." * node.level + (node.module or "")
+                modules = [module] if node.module else []
+                prefix = module if module.endswith(".") else module + "."
+                modules += [prefix + alias.name for alias in node.names]
+                modules = [m for m in modules if m.rsplit(".", 1)[-1].startswith("test_")][:1]
+            elif isinstance(node, ast.Import):
+                modules = [
+                    a.name for a in node.names if a.name.rsplit(".", 1)[-1].startswith("test_")
+                ]
+            else:
+                continue
+            found += [f"{path.relative_to(tests_dir)}:{node.lineno} imports {m}" for m in modules]
     return found
 
 
@@ -266,4 +275,9 @@ def test_no_test_file_imports_from_another_test_file(tmp_path):
     (tmp_path / "test_a.py").write_text("def helper():\n    pass\n")
     (tmp_path / "test_b.py").write_text("def t():\n    from .test_a import helper\n")
     (tmp_path / "fixtures.py").write_text("from .conftest import thing\n")
-    assert cross_test_imports(tmp_path) == ["test_b.py:2 imports test_a"]
+    (tmp_path / "test_c.py").write_text("from . import test_a\nimport tests.unit.test_a\n")
+    assert cross_test_imports(tmp_path) == [
+        "test_b.py:2 imports .test_a",
+        "test_c.py:1 imports .test_a",
+        "test_c.py:2 imports tests.unit.test_a",
+    ]
