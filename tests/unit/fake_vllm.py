@@ -3,8 +3,11 @@
 It answers `/health`, `/v1/models` and `/v1/completions` the way vLLM does (prompt ids or
 `prompt_embeds` = base64 of `torch.save`, greedy or seeded sampling, stop strings, streaming,
 `logprobs` in vLLM's completions shape, `echo` for token ids (refused with prompt embeds, as
-vLLM refuses it), `logprob_token_ids`, `return_tokens_as_token_ids`, OpenAI-shaped errors), with a tiny HF model doing
-the work by plain full forwards over the embeddings. It records every body it receives and every
+vLLM refuses it), `logprob_token_ids`, `return_tokens_as_token_ids`, OpenAI-shaped errors), with a
+tiny HF model doing the work by plain full forwards over the embeddings. Given `prefix_dir`, it
+also plays softprompt's deep-prompt connector: a body whose `kv_transfer_params` name a prefix
+file there runs its real tokens after that per-layer K/V (placeholders skipped), and a missing
+prefix, a wrong salt or missing placeholders fail with a 500, as the connector makes vLLM fail. It records every body it receives and every
 request whose client went away, and can be told to fail, to be slow, or to go down and come back.
 """
 
@@ -21,11 +24,23 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from safetensors.torch import load_file
+from transformers import DynamicCache
 
 
 class FakeVLLM:
-    def __init__(self, model, tokenizer, *, served: str = "tiny", max_model_len: int = 200):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        served: str = "tiny",
+        max_model_len: int = 200,
+        prefix_dir=None,
+    ):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_dir = prefix_dir
+        """The deep-prompt connector's folder; None: no connector (placeholders run as text)."""
         self.served, self.max_model_len = served, max_model_len
         self.bodies: list[dict] = []
         """Every /v1/completions body received, in order."""
@@ -96,6 +111,10 @@ class FakeVLLM:
             if body.get("model") != self.served:
                 return _error(404, f"The model `{body.get('model')}` does not exist.")
             embeds = self._embeds(body)
+            try:
+                prefix = self._deep_prefix(body)
+            except ValueError as exc:  # what the connector's refusal looks like from outside
+                return _error(500, f"Internal server error ({exc})")
             if embeds.shape[0] + body.get("max_tokens", 16) > self.max_model_len:
                 return _error(
                     400,
@@ -106,9 +125,9 @@ class FakeVLLM:
                 return _error(400, "Echo is unsupported with prompt embeds.")
             if body.get("stream"):
                 return StreamingResponse(
-                    self._stream(body, embeds, index), media_type="text/event-stream"
+                    self._stream(body, embeds, index, prefix), media_type="text/event-stream"
                 )
-            return await self._complete(request, body, embeds, index)
+            return await self._complete(request, body, embeds, index, prefix)
 
         return app
 
@@ -120,9 +139,45 @@ class FakeVLLM:
             ).float()
         return table[torch.tensor(body["prompt"])].detach()
 
-    async def _complete(self, request: Request, body: dict, embeds: torch.Tensor, index: int):
+    def _deep_prefix(self, body: dict) -> torch.Tensor | None:
+        """The K/V [layers, 2, H, N, hd] a body's kv_transfer_params name (None: no deep prompt)."""
+        spec = (body.get("kv_transfer_params") or {}).get("softprompt_deep")
+        if not spec or self.prefix_dir is None:
+            return None
+        path = self.prefix_dir / f"{spec['sha']}.safetensors"
+        if not path.exists():
+            raise ValueError(f"no prefix {spec['sha']}")
+        kv = load_file(str(path))["kv"]
+        n = kv.shape[3]
+        if body.get("cache_salt") != f"softprompt-deep-{spec['sha']}":
+            raise ValueError("wrong cache_salt")
+        if len(body["prompt"]) <= n or any(t != 0 for t in body["prompt"][:n]):
+            raise ValueError("placeholders missing")
+        return kv
+
+    def _last_logits(self, embeds: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """(L, V) logits of embeds (L, d); after a deep prompt's K/V when given (embeds then
+        still start with its N placeholders, which the prefix replaces)."""
+        with torch.no_grad():
+            if prefix is None:
+                return self.model(inputs_embeds=embeds[None]).logits[0].float()
+            n, cache = prefix.shape[3], DynamicCache()
+            for layer in range(prefix.shape[0]):
+                cache.update(prefix[layer, 0][None], prefix[layer, 1][None], layer)
+            real = embeds[n:]
+            out = self.model(
+                inputs_embeds=real[None],
+                cache=cache,
+                attention_mask=torch.ones(1, n + len(real), dtype=torch.long),
+                position_ids=torch.arange(n, n + len(real))[None],
+            )
+            return torch.cat([torch.zeros(n, out.logits.shape[-1]), out.logits[0].float()])
+
+    async def _complete(
+        self, request: Request, body: dict, embeds: torch.Tensor, index: int, prefix=None
+    ):
         tokens, pieces, logprobs = [], [], []
-        async for token, piece, top in self._tokens(body, embeds):
+        async for token, piece, top in self._tokens(body, embeds, prefix):
             tokens.append(token)
             pieces.append(piece)
             logprobs.append(top)
@@ -155,10 +210,10 @@ class FakeVLLM:
             "usage": {"prompt_tokens": embeds.shape[0], "completion_tokens": len(tokens)},
         }
 
-    async def _stream(self, body: dict, embeds: torch.Tensor, index: int):
+    async def _stream(self, body: dict, embeds: torch.Tensor, index: int, prefix=None):
         tokens, sent = [], ""
         try:
-            async for token, _, top in self._tokens(body, embeds):
+            async for token, _, top in self._tokens(body, embeds, prefix):
                 tokens.append(token)
                 text, finish = self._finish(body, tokens)
                 if finish == "stop" and self.tokenizer.eos_token_id not in tokens:
@@ -203,15 +258,14 @@ class FakeVLLM:
             self.cancelled.append(index)
             raise
 
-    async def _tokens(self, body: dict, embeds: torch.Tensor):
+    async def _tokens(self, body: dict, embeds: torch.Tensor, prefix=None):
         """(token id, its text, {'token_id:N': logprob} of the asked ids) per generated token."""
         table = self.model.get_input_embeddings().weight
         generator = (
             torch.Generator().manual_seed(body["seed"]) if body.get("seed") is not None else None
         )
         for _ in range(body.get("max_tokens", 16)):
-            with torch.no_grad():
-                logits = self.model(inputs_embeds=embeds[None]).logits[0, -1].float()  # (V,)
+            logits = self._last_logits(embeds, prefix)[-1]  # (V,)
             logprobs = logits.log_softmax(-1)
             if body.get("temperature", 1.0) == 0:
                 token = int(logits.argmax())

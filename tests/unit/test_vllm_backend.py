@@ -8,24 +8,37 @@ bytes, and can fail, stall or go down to check error mapping, timeouts, cancella
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from softprompt.bank import PromptBank
-from softprompt.errors import BackendTimeoutError
+from softprompt.errors import BackendTimeoutError, BackendUnavailableError
 from softprompt.model.loading import load_model
-from softprompt.prompting.deep import DeepPromptModel
+from softprompt.prompting.deep import DeepPromptModel, rows_to_kv
 from softprompt.serving.backends import BuiltinBackend
 from softprompt.serving.engine import Engine, GenerationRequest
 from softprompt.serving.vllm.backend import VLLMBackend, encode_embeds, load_gateway_model
+from softprompt.serving.vllm.spool import PrefixSpool
 
 from ..conftest import build_tiny_model
 from .fake_vllm import FakeVLLM, decode_embeds
-from .serving_fixtures import TASKS, TEXTS, build_full_tokenizer, fill_bank, free_port, running
+from .serving_fixtures import (
+    TASKS,
+    TEMPLATE,
+    TEXTS,
+    VERBALIZER,
+    build_full_tokenizer,
+    fill_bank,
+    free_port,
+    running,
+    seeded_prompt,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -304,8 +317,9 @@ def test_vllm_errors_map_to_the_engines_errors(setup, status, message, http, cod
 def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_the_builtin_engine(
     setup,
 ):
-    """vLLM's prompt embeddings carry a soft prompt only: a deep prompt in the bank gets a 422 naming
-    the task and why, reaches no vLLM, and is not listed; the built-in engine serves the same task."""
+    """A gateway before a vLLM it knows nothing of (--vllm-url, no --vllm-prefix-dir) cannot serve
+    a deep prompt: it gets a 422 naming the task and why, reaches no vLLM, and is not listed; the
+    built-in engine serves the same task."""
     from softprompt.api.app import create_app
 
     DeepPromptModel(setup.model, {"deep": torch.zeros(2, 32)}).save_task("deep", setup.bank)
@@ -333,6 +347,150 @@ def test_deep_prompt_is_refused_clearly_by_the_gateway_never_sent_and_served_by_
         )  # /v1/models lists what is served
     finally:
         setup.bank.delete("deep")
+
+
+# ---------------------------------------------------------------- deep prompts through the connector
+
+
+@pytest.fixture(scope="module")
+def deep(setup, tmp_path_factory):
+    """A gateway with a prefix folder, before a fake vLLM playing the deep-prompt connector over
+    it, over a bank with soft tasks and a deep one (trained away from its soft init)."""
+    from softprompt.api.app import create_app
+
+    bank = PromptBank(tmp_path_factory.mktemp("deep-bank"))
+    fill_bank(bank, setup.model)
+    deep_model = DeepPromptModel(setup.model, {"deep": seeded_prompt(3, seed=4)})
+    with torch.no_grad():
+        rows = deep_model.table.get("deep")
+        rows.add_(0.3 * torch.randn_like(rows))
+    deep_model.save_task("deep", bank, meta={"template": TEMPLATE, "verbalizer": VERBALIZER})
+    spool = PrefixSpool(tmp_path_factory.mktemp("prefixes"))
+    fake = FakeVLLM(setup.model, build_full_tokenizer(), prefix_dir=spool.folder)
+    fake.start(free_port())
+    engine = Engine(load_gateway_model(str(setup.folder)), bank)
+    backend = VLLMBackend(engine, fake.url, dtype="float32", timeout_s=60, spool=spool)
+    with running(create_app(backend)) as url:
+        yield SimpleNamespace(
+            fake=fake,
+            spool=spool,
+            bank=bank,
+            backend=backend,
+            reference=Engine(load_model(str(setup.folder)), bank),
+            http=httpx.Client(base_url=url, timeout=30),
+        )
+    fake.stop()
+
+
+def test_deep_prompt_rides_placeholders_and_its_published_prefix_and_equals_the_engine(deep):
+    before = len(deep.fake.bodies)
+    body = {"model": "deep", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0}
+    answer = deep.http.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    [expected] = deep.reference.generate(
+        [GenerationRequest(TEXTS[0], task="deep", max_new_tokens=6)]
+    )
+    assert answer.json()["choices"][0]["text"] == expected.text
+    assert answer.json()["usage"]["prompt_tokens"] == expected.prompt_tokens  # no placeholders
+    [sent] = deep.fake.bodies[before:]
+    [published] = list(deep.spool.folder.glob("*.safetensors"))
+    sha = published.stem
+    ids = deep.reference.tokenizer(TEXTS[0])["input_ids"]
+    assert sent["prompt"] == [0, 0, 0, *ids] and "prompt_embeds" not in sent
+    assert sent["kv_transfer_params"] == {"softprompt_deep": {"sha": sha, "task": "deep"}}
+    assert sent["cache_salt"] == f"softprompt-deep-{sha}"
+    kv = load_file(str(published))["kv"]  # [layers, 2, kv_heads, N, head_dim]
+    rows = deep.bank.load("deep").embeddings
+    assert torch.equal(kv, rows_to_kv(rows, deep.backend.prefix_shape))
+    assert deep.backend.prefix_shape == deep.reference.prefix_shape  # config == probed geometry
+
+
+def test_deep_soft_and_plain_rows_mixed_concurrently_each_equal_the_engine_alone(deep):
+    jobs = [(TEXTS[i % len(TEXTS)], ("deep", "t1", None)[i % 3]) for i in range(9)]
+
+    def call(job):
+        text, task = job
+        body = {"model": task or deep.reference.base_model_id, "prompt": text, "max_tokens": 5}
+        return deep.http.post("/v1/completions", json={**body, "temperature": 0}).json()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(9) as pool:
+        got = [a["choices"][0]["text"] for a in pool.map(call, jobs)]
+    alone = [
+        deep.reference.generate([GenerationRequest(t, task=task, max_new_tokens=5)])[0].text
+        for t, task in jobs
+    ]
+    assert got == alone
+
+
+def test_deep_prompt_classifies_and_streams_like_the_engine_and_echo_is_refused(deep):
+    got = deep.http.post("/v1/classify", json={"model": "deep", "input": TEXTS[:3]}).json()["data"]
+    expected = deep.reference.classify("deep", TEXTS[:3])
+    for row, ref in zip(got, expected, strict=True):
+        assert row["label"] == ref.label
+        assert row["probabilities"] == pytest.approx(ref.probabilities, abs=1e-5)
+    body = {"model": "deep", "prompt": TEXTS[2], "max_tokens": 5, "temperature": 0}
+    with deep.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines)
+    [alone] = deep.reference.generate([GenerationRequest(TEXTS[2], task="deep", max_new_tokens=5)])
+    assert streamed == alone.text
+    sent = len(deep.fake.bodies)
+    echo = deep.http.post("/v1/completions", json={**body, "echo": True, "logprobs": 1})
+    assert echo.status_code == 422 and echo.json()["error"]["param"] == "echo"
+    assert len(deep.fake.bodies) == sent
+
+
+def test_a_new_deep_version_is_published_as_a_new_file_and_served_at_once(deep):
+    body = {"model": "deep2", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0}
+    for seed in (7, 8):
+        model = DeepPromptModel(deep.reference.model, {"deep2": seeded_prompt(2, seed=seed)})
+        model.save_task("deep2", deep.bank)
+        answer = deep.http.post("/v1/completions", json=body)
+        [alone] = deep.reference.generate(
+            [GenerationRequest(TEXTS[1], task="deep2", max_new_tokens=4)]
+        )
+        assert answer.json()["choices"][0]["text"] == alone.text
+    names = {p.stem for p in deep.spool.folder.glob("*.safetensors")}
+    assert len(names) >= 3 and not list(deep.spool.folder.glob(".*tmp*"))  # deep + 2 versions
+    deep.bank.delete("deep2")
+
+
+def test_a_vllm_without_the_connector_is_refused_at_discovery_naming_the_fix(setup, tmp_path):
+    """A fake vLLM with no connector answers a request naming a missing prefix: the gateway
+    must not serve deep prompts through it (they would run their placeholders as text)."""
+    spool = PrefixSpool(tmp_path)
+    backend = VLLMBackend(
+        setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=5, spool=spool
+    )
+    with pytest.raises(BackendUnavailableError, match="does not run softprompt's deep-prompt"):
+        asyncio.run(backend._ensure_served())
+
+
+def test_prefix_spool_and_connector_agree_on_the_protocol():
+    """The connector runs in vLLM's environment and cannot import softprompt: its constants are
+    read from its source and must equal the gateway's."""
+    import ast
+
+    from softprompt.serving.vllm import spool
+
+    source = (spool.PLUGIN_DIR / f"{spool.CONNECTOR_MODULE}.py").read_text()
+    constants = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+    }
+    assert (constants["PARAMS_KEY"], constants["SALT_PREFIX"]) == (
+        spool.PARAMS_KEY,
+        spool.SALT_PREFIX,
+    )
+    assert f"class {spool.CONNECTOR}(" in source
+    config = spool.kv_transfer_config("/some/dir")
+    assert config["kv_connector_extra_config"] == {
+        "prefix_dir": "/some/dir",
+        "placeholder_id": spool.PLACEHOLDER_ID,
+    }
 
 
 def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
@@ -462,6 +620,7 @@ def test_vllm_down_is_503_health_says_so_and_service_recovers(setup):
         "status": "up",
         "url": setup.fake.url,
         "prompt_kinds": ["soft"],
+        "prefix_dir": None,
     }
     r = setup.http.post(
         "/v1/completions", json={"model": "t0", "prompt": "fun", "max_tokens": 2, "temperature": 0}

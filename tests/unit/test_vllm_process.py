@@ -20,14 +20,15 @@ import pytest
 
 from softprompt.bank import PromptBank
 from softprompt.errors import ConfigError
+from softprompt.prompting.deep import DeepPromptModel
 from softprompt.serving.vllm.process import find_vllm_python, free_port
 
 from ..conftest import build_tiny_model
-from .serving_fixtures import build_full_tokenizer, fill_bank
+from .serving_fixtures import build_full_tokenizer, fill_bank, seeded_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_API_SERVER = """
-import argparse, threading
+import argparse, json, pathlib, threading
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.unit.fake_vllm import FakeVLLM
 
@@ -35,10 +36,20 @@ p = argparse.ArgumentParser()
 for flag in ("--model", "--served-model-name", "--max-model-len", "--dtype", "--host", "--port"):
     p.add_argument(flag)
 p.add_argument("--enable-prompt-embeds", action="store_true")
+p.add_argument("--kv-transfer-config")
 args = p.parse_args()
 assert args.enable_prompt_embeds and args.host == "127.0.0.1"
+connector = json.loads(args.kv_transfer_config)
+assert connector["kv_connector_module_path"] in {
+    path.stem for folder in __import__("os").environ["PYTHONPATH"].split(":") if folder
+    for path in pathlib.Path(folder).glob("*.py")
+}  # the connector's module is importable by its name
+prefix_dir = pathlib.Path(connector["kv_connector_extra_config"]["prefix_dir"])
 model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-FakeVLLM(model, AutoTokenizer.from_pretrained(args.model), served=args.served_model_name).start(int(args.port))
+FakeVLLM(
+    model, AutoTokenizer.from_pretrained(args.model), served=args.served_model_name,
+    prefix_dir=prefix_dir,
+).start(int(args.port))
 threading.Event().wait()
 """
 
@@ -52,7 +63,7 @@ def fake_vllm_python(tmp_path) -> Path:
     (package / "api_server.py").write_text(FAKE_API_SERVER)
     python = tmp_path / "python"
     path = os.pathsep.join([str(tmp_path / "fake"), str(REPO), str(REPO / "src")])
-    python.write_text(f'#!/bin/sh\nPYTHONPATH="{path}" exec "{sys.executable}" "$@"\n')
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="$PYTHONPATH:{path}" exec "{sys.executable}" "$@"\n')
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     return python
 
@@ -64,6 +75,7 @@ def test_serve_starts_vllm_serves_through_it_and_stops_it_on_exit(fake_vllm_pyth
     build_full_tokenizer().save_pretrained(folder)
     bank = PromptBank(tmp_path / "bank")
     fill_bank(bank, model)
+    DeepPromptModel(model, {"deep": seeded_prompt(2, seed=3)}).save_task("deep", bank)
     port = free_port()
     gateway = subprocess.Popen(
         [
@@ -101,12 +113,21 @@ def test_serve_starts_vllm_serves_through_it_and_stops_it_on_exit(fake_vllm_pyth
             timeout=60,
         )  # greedy: sampling could draw EOS first
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        deep = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "deep", "prompt": "fun", "max_tokens": 2, "temperature": 0},
+            timeout=60,
+        )
+        assert deep.status_code == 200, deep.text  # through the connector's folder
+        prefix_dir = Path(health["backend"]["prefix_dir"])
+        assert len(list(prefix_dir.glob("*.safetensors"))) == 1
     finally:
         gateway.send_signal(signal.SIGINT)  # Ctrl-C
         output = gateway.communicate(timeout=60)[0]
     assert gateway.returncode is not None, output[-2000:]
     with pytest.raises(httpx.TransportError):  # the vLLM it started is gone with it
         httpx.get(f"{vllm_url}/health", timeout=2)
+    assert not prefix_dir.exists()  # the temporary prefix folder too
 
 
 def _wait_healthy(url: str, process: subprocess.Popen) -> dict:

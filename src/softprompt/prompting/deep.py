@@ -67,6 +67,19 @@ def prefix_shape(model) -> PrefixShape:
     return PrefixShape(len(probe.keys), heads, dim)
 
 
+def config_prefix_shape(config) -> PrefixShape | None:
+    """The KV geometry a model's config declares, for code that has the config but not the layers
+    (the vLLM gateway); None where one shape does not hold for every layer or a sliding window
+    could drop the prefix (Gemma 3), which `prefix_shape` probes the layers to handle."""
+    if inject.sliding_window(config) is not None:
+        return None
+    config = config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return PrefixShape(config.num_hidden_layers, kv_heads, head_dim)
+
+
 # ---------------------------------------------------------------- layouts
 
 

@@ -199,10 +199,17 @@ def prefix_is_exact(model, width: int) -> bool:
     columns, but a sliding window (Gemma 3's local layers) counts columns, so the gap could push
     prompt keys out of the window; then callers must inject the prompt instead.
     """
-    config = model.config.get_text_config()
+    window = sliding_window(model.config)
+    return window is None or width <= window
+
+
+def sliding_window(config) -> int | None:
+    """The window of the model's sliding-window layers (Gemma 3's local ones); None without any.
+    The one place that decides it: exactness, merging and the vLLM gateway all ask here."""
+    config = config.get_text_config()
     window = getattr(config, "sliding_window", None)
     has_sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    return not (window and has_sliding) or width <= window
+    return window if window and has_sliding else None
 
 
 def batch_cache(model, prefixes: list[PromptPrefix | None]) -> tuple[DynamicCache, torch.Tensor]:
@@ -469,11 +476,7 @@ def _cut_columns(cache: DynamicCache, width: int) -> None:
 def can_merge(model) -> bool:
     """Whether batches of this model can join between steps. A sliding-window cache keeps only
     its last columns per layer (and counts columns for the window), so its rows are never merged."""
-    config = model.config.get_text_config()
-    return not (
-        getattr(config, "sliding_window", None)
-        and "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    )
+    return sliding_window(model.config) is None
 
 
 def select_rows(state: DecodeState, rows: list[int]) -> DecodeState:

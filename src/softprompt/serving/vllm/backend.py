@@ -14,14 +14,20 @@ Single-token labels take one request per row; a multi-token target t adds one re
 token (the prefix t[:j] is appended as embeddings), so the scores are the same summed
 log-likelihoods the built-in scorer computes.
 
+Deep prompts (a key/value prefix in every layer) cannot ride input embeddings. They reach vLLM
+through softprompt's KV connector (`plugin/softprompt_deep_connector.py`, loaded into the vLLM the
+gateway starts): the gateway publishes the task's prefix once to a folder vLLM reads
+(`spool.py`) and sends N placeholder ids + the input's ids naming it; the connector writes the
+prefix's keys and values into those N cache slots, so vLLM computes exactly what the built-in
+engine computes. Without the connector (a vLLM started elsewhere and no `--vllm-prefix-dir`), or
+on a model with sliding-window layers, a deep prompt is refused like the built-in engine refuses a
+kind it cannot serve (422, naming the task and the reason), never approximated.
+
 Log-probabilities: a generation's `logprobs` (each new token's, with k alternatives) pass through
 to vLLM for every row. `echo` (the prompt's own log-probabilities) passes through for rows
-without a task (token ids); vLLM refuses echo and prompt logprobs with prompt embeddings, so for
-a task's row the gateway answers 422 naming `echo` and this backend, never a silent null.
-
-Prompt kinds: soft prompts only. A deep prompt is keys and values inside every layer, which
-input embeddings cannot carry, so a request for one is refused like the built-in engine refuses it
-(422, naming the task and the reason), never approximated.
+without a task (token ids); vLLM refuses echo and prompt logprobs with prompt embeddings, and for
+a deep prompt it would score the placeholders, so for a task's row the gateway answers 422 naming
+`echo` and this backend, never a silent null.
 """
 
 from __future__ import annotations
@@ -51,12 +57,20 @@ from softprompt.errors import (
 )
 from softprompt.model.loading import LoadedModel, fingerprint, resolve_model_source
 from softprompt.options import opt
+from softprompt.prompting.deep import config_prefix_shape
 from softprompt.serving.engine import Engine, GenerationResult
 from softprompt.serving.requests import (
     PreparedPromptLogprobs,
     PromptLogprobs,
     TextPiece,
     TokenLogprob,
+)
+from softprompt.serving.vllm.spool import (
+    PARAMS_KEY,
+    PLACEHOLDER_ID,
+    SALT_PREFIX,
+    PrefixSpool,
+    kv_transfer_config,
 )
 
 log = logging.getLogger(__name__)
@@ -87,6 +101,12 @@ class VLLMConfig:
         2048, "Context length of a vLLM the gateway starts (--max-model-len)."
     )
     vllm_startup_timeout_s: float = opt(900, "Seconds to wait for a started vLLM to answer.")
+    vllm_prefix_dir: str | None = opt(
+        None,
+        "Folder shared with vLLM's deep-prompt connector (deep prompts are published there); "
+        "none: a temporary one when the gateway starts vLLM. With --vllm-url, deep prompts "
+        "are served only when that vLLM runs the connector over this folder.",
+    )
 
     def __post_init__(self):
         if self.vllm_dtype not in _DTYPES:
@@ -107,6 +127,9 @@ def open_vllm_backend(
     loaded = load_gateway_model(model_name)
     engine = Engine(loaded, bank)
     process, url = None, config.vllm_url
+    spool = None
+    if url is None or config.vllm_prefix_dir:
+        spool = PrefixSpool(config.vllm_prefix_dir)
     if url is None:
         process = VLLMProcess(
             find_vllm_python(config.vllm_python),
@@ -114,9 +137,16 @@ def open_vllm_backend(
             loaded.model.config.name_or_path,
             dtype=config.vllm_dtype,
             max_model_len=config.vllm_max_model_len,
+            deep_prompt_folder=spool.folder,
         )
-        url = process.start(config.vllm_startup_timeout_s)
-    return VLLMBackend(engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s, process=process)
+        try:
+            url = process.start(config.vllm_startup_timeout_s)
+        except BaseException:
+            spool.close()
+            raise
+    return VLLMBackend(
+        engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s, process=process, spool=spool
+    )
 
 
 # ---------------------------------------------------------------- the light model
@@ -314,11 +344,16 @@ class VLLMBackend:
         dtype: str = "bfloat16",
         timeout_s: float = 300,
         process=None,
+        spool: PrefixSpool | None = None,
     ):
         self.engine = engine
-        engine.kinds = (
-            "soft",
-        )  # prompt embeddings enter at the input: a deep prompt cannot ride them
+        self.spool = spool
+        """Where deep prompts are published for vLLM's connector; None: deep prompts refused."""
+        self.prefix_shape = config_prefix_shape(engine.model.config)
+        self._deep_refusal = _deep_refusal(spool, self.prefix_shape)
+        if self._deep_refusal is None:
+            engine.prefix_shape = self.prefix_shape  # no layers to probe: the config's geometry
+        engine.kinds = ("soft",) if self._deep_refusal else ("soft", "deep")
         self.client = VLLMClient(url, timeout_s=timeout_s)
         self.dtype = _DTYPES[dtype]
         self.process = process
@@ -344,6 +379,8 @@ class VLLMBackend:
         await self.client.close()
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
+        if self.spool is not None:
+            self.spool.close()
 
     async def health(self) -> dict:
         up = await self.client.alive()
@@ -354,6 +391,7 @@ class VLLMBackend:
             "status": "up" if up else "down",
             "url": self.client.url,
             "prompt_kinds": list(self.engine.kinds),
+            "prefix_dir": str(self.spool.folder) if self.spool else None,
         }
 
     # ------------------------------------------------------------ requests
@@ -363,8 +401,8 @@ class VLLMBackend:
         is there."""
         try:
             prepared = await asyncio.to_thread(self.engine.prepare_all, requests)
-        except UnsupportedPromptKindError as exc:  # a deep prompt in the bank: say why vLLM cannot
-            raise _cannot_serve(exc) from None
+        except UnsupportedPromptKindError as exc:  # a kind vLLM cannot take here: say why
+            raise _cannot_serve(exc, self._deep_refusal) from None
         for piece in prepared:
             scored = isinstance(piece, PreparedPromptLogprobs) and piece.pairs
             if scored and piece.task is not None:
@@ -485,10 +523,13 @@ class VLLMBackend:
         return {**payload, **self._prompt_fields(prepared.task, prepared.input_ids)}
 
     def _prompt_fields(self, task, ids: list[int]) -> dict:
-        """The request's input: token ids alone (no task), else embeddings [prompt ; tokens]."""
+        """The request's input: token ids alone (no task); a deep prompt's placeholders, then the
+        ids, naming its published prefix; else embeddings [soft prompt ; tokens]."""
         fields = {"model": self._served.model}
         if task is None:
             return {**fields, "prompt": list(ids)}
+        if task.kind == "deep":
+            return {**fields, **self.spool.request_fields(task, self.prefix_shape, ids)}
         weight = self.engine.model.get_input_embeddings().weight
         embeds = torch.cat([task.prompt.to(self.dtype), weight[ids].to(self.dtype)])  # (n + L, d)
         return {**fields, "prompt_embeds": encode_embeds(embeds)}
@@ -542,6 +583,8 @@ class VLLMBackend:
                     raise BackendUnavailableError(f"vLLM at {self.client.url} lists no model")
                 served = _Served(entry["id"], entry.get("max_model_len"))
                 await self._check_same_model(served)
+                if self.spool is not None:
+                    await self._check_connector(served)
                 self.engine.context_length = min(
                     self._model_context, int(served.max_model_len or self._model_context)
                 )
@@ -584,16 +627,53 @@ class VLLMBackend:
                 f"different next tokens ({a} vs {b}); start vLLM on the same weights"
             )
 
+    async def _check_connector(self, served: _Served) -> None:
+        """vLLM must refuse a request naming a prefix that does not exist: one without the
+        connector would run the placeholders as text, and serve every deep prompt wrongly."""
+        missing = "0" * 32
+        probe = {
+            "model": served.model,
+            "prompt": [PLACEHOLDER_ID, PLACEHOLDER_ID],
+            "max_tokens": 1,
+            "temperature": 0,
+            "kv_transfer_params": {PARAMS_KEY: {"sha": missing, "task": "connector-check"}},
+            "cache_salt": SALT_PREFIX + missing,
+        }
+        try:
+            await self.client.complete(probe)
+        except (BackendUnavailableError, ConfigError):
+            return  # refused: the connector is there
+        raise BackendUnavailableError(
+            f"vLLM at {self.client.url} does not run softprompt's deep-prompt connector over "
+            f"{self.spool.folder} (a request naming a missing prefix was answered): start it with "
+            f"--kv-transfer-config '{json.dumps(kv_transfer_config(self.spool.folder))}' and "
+            "the connector's folder on PYTHONPATH (docs/serving.md), or drop --vllm-prefix-dir"
+        )
 
-def _cannot_serve(exc: UnsupportedPromptKindError) -> UnsupportedPromptKindError:
+
+def _deep_refusal(spool: PrefixSpool | None, shape) -> str | None:
+    """Why this gateway cannot serve deep prompts, or None when it can."""
+    if shape is None:
+        return (
+            "this model has sliding-window layers, whose cache the deep-prompt connector does "
+            "not fill (serve it with --backend builtin)"
+        )
+    if spool is None:
+        return (
+            "the vLLM at --vllm-url runs without softprompt's deep-prompt connector as far as the "
+            "gateway knows: let the gateway start vLLM (no --vllm-url), or start vLLM with the "
+            "connector (docs/serving.md) and pass --vllm-prefix-dir"
+        )
+    return None
+
+
+def _cannot_serve(
+    exc: UnsupportedPromptKindError, reason: str | None
+) -> UnsupportedPromptKindError:
     """The engine's refusal (same type, so the same 422), saying why vLLM cannot serve the kind."""
-    why = {
-        "deep": ": it is keys and values inside every layer, and vLLM's prompt embeddings enter "
-        "at the input only"
-    }.get(exc.kind, "")
+    why = f": {reason}" if exc.kind == "deep" and reason else ""
     return UnsupportedPromptKindError(
-        f"task '{exc.task}' is a {exc.kind} prompt, which the vLLM backend cannot serve{why} "
-        "(it serves soft prompts only)",
+        f"task '{exc.task}' is a {exc.kind} prompt, which the vLLM backend cannot serve{why}",
         task=exc.task,
         kind=exc.kind,
     )
@@ -602,8 +682,9 @@ def _cannot_serve(exc: UnsupportedPromptKindError) -> UnsupportedPromptKindError
 def _no_echo(task: str) -> ConfigError:
     error = ConfigError(
         f"echo (the prompt's log-probabilities) is not available on the vllm backend for task "
-        f"'{task}': vLLM refuses echo and prompt logprobs with prompt embeddings, which carry its "
-        "soft prompt (serve with --backend builtin for them; logprobs of new tokens work)"
+        f"'{task}': vLLM refuses echo and prompt logprobs with prompt embeddings, which carry a "
+        "soft prompt, and would score a deep prompt's placeholders (serve with --backend builtin "
+        "for them; logprobs of new tokens work)"
     )
     error.param = "echo"
     return error

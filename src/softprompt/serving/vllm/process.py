@@ -2,12 +2,14 @@
 
 vLLM pins its own torch and transformers, so it lives in its own virtual environment
 (`.venv-vllm/` in the checkout) and runs as a child process; softprompt talks to it over HTTP
-only. The server is started with `--enable-prompt-embeds` (how soft prompts reach it) on a
-loopback port, and stopped (its whole process group) when the gateway exits.
+only. The server is started with `--enable-prompt-embeds` (how soft prompts reach it) and, given
+a folder for deep prompts, softprompt's KV connector over it (how deep prompts reach it; see
+spool.py), on a loopback port, and stopped (its whole process group) when the gateway exits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from softprompt.errors import BackendUnavailableError, ConfigError
+from softprompt.serving.vllm.spool import PLUGIN_DIR, kv_transfer_config
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class VLLMProcess:
     max_model_len: int = 2048
     port: int = field(default_factory=free_port)
     extra_args: tuple[str, ...] = ()
+    deep_prompt_folder: Path | None = None
+    """Load softprompt's deep-prompt connector over this folder (None: no connector)."""
     _process: subprocess.Popen | None = None
     _log_path: Path | None = None
 
@@ -89,15 +94,28 @@ class VLLMProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
+            *self._connector_args(),
             *self.extra_args,
         ]
 
+    def _connector_args(self) -> list[str]:
+        if self.deep_prompt_folder is None:
+            return []
+        return ["--kv-transfer-config", json.dumps(kv_transfer_config(self.deep_prompt_folder))]
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours, a 1 GiB CPU KV cache unless set (vLLM's default is 4),
+        and the connector's folder on PYTHONPATH (vLLM imports it by module name)."""
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if self.deep_prompt_folder is not None:
+            paths = [str(PLUGIN_DIR), env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        return env
+
     def start(self, timeout_s: float = 900) -> str:
         """Start the server and wait until it answers /health; returns its URL."""
-        env = dict(os.environ)
-        env.setdefault(
-            "VLLM_CPU_KVCACHE_SPACE", "1"
-        )  # GiB of KV cache on CPU; vLLM's default is 4x
+        env = self.environment()
         handle, name = tempfile.mkstemp(prefix="softprompt-vllm-", suffix=".log")
         self._log_path = Path(name)
         log.info("starting vLLM (%s) on %s; its log: %s", self.model_dir, self.url, name)
