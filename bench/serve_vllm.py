@@ -1,23 +1,31 @@
 """Serving over HTTP: the built-in engine vs the gateway + vLLM vs vLLM with no prompt.
 
-Three servers on 127.0.0.1 get the same requests (short review-like texts, each naming one of T
-tasks, interleaved), sent by C concurrent clients through the OpenAI completions API:
+The systems get the same requests (short review-like texts, each naming one of T tasks,
+interleaved), sent by C concurrent clients through the OpenAI completions API:
 
-  builtin   `softprompt serve` (the engine's own mixed-task batching, float32)
-  gateway   `softprompt serve --backend vllm --vllm-url ...`: prompt embeddings to vLLM
-  embeds    the same vLLM, sent the very embeddings the gateway builds, directly (what the
-            gateway's hop costs = gateway vs embeds)
-  vllm      the same vLLM, sent the same texts as token ids with no soft prompt: the limit
+  builtin        `softprompt serve` (the engine's own mixed-task batching, float32), soft prompts
+  builtin_deep   the same, deep prompts
+  vllm           vLLM (started with no connector), the same texts as token ids, no prompt: the limit
+  embeds         that vLLM, sent directly the very embeddings the gateway builds for a soft prompt
+                 (what the gateway's hop costs = gateway vs embeds)
+  gateway        `softprompt serve --backend vllm --vllm-url ... --vllm-prefix-dir ...` before a
+                 vLLM with softprompt's deep-prompt connector: soft prompts as prompt embeddings
+  gateway_deep   the same gateway, deep prompts (placeholders + the connector writing their K/V)
 
-Greedy, at most --new-tokens tokens each (all stop at the end-of-sequence token; the completion
-tokens each system produced are reported, so rates are comparable). Soft prompts are random
-draws of real token embeddings (init "sampled_vocab"); their values do not change the cost. Each
-setting is warmed up, then timed --repeats times round-robin; the best round is kept.
+vLLM busy-shares the cores, so each system is measured with only its own servers alive: the
+built-in server alone; then a plain vLLM alone (vllm, embeds); then vLLM with the connector and
+the gateway (gateway, gateway_deep; the idle one waits). Greedy, at most --new-tokens tokens each
+(the completion tokens each system produced are reported, so rates are comparable). Prompts are
+random draws of real token embeddings (init "sampled_vocab"; a deep prompt is the KV such a soft
+prompt puts in each layer, made independent by per-layer noise); their values do not change the
+cost. Each setting is warmed up (every task once), then timed --repeats times; the best round is
+kept.
 
     python bench/serve_vllm.py                       # vLLM from .venv-vllm (`make vllm`), float32
-    python bench/serve_vllm.py --requests 64 --new-tokens 32 --repeats 2 --vllm-dtype bfloat16
+    python bench/serve_vllm.py --systems gateway_deep gateway vllm --tasks 16 --requests 32 \
+        --new-tokens 32 --concurrency 16 --repeats 2 --out bench/results/serve_vllm_deep.json
 
-Writes bench/results/serve_vllm.json.
+Writes bench/results/serve_vllm.json (or --out).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,11 +52,18 @@ from common import machine  # noqa: E402
 
 from softprompt.bank import PromptBank, SavedPrompt  # noqa: E402
 from softprompt.model.loading import load_model  # noqa: E402
+from softprompt.prompting.deep import DeepPromptModel  # noqa: E402
 from softprompt.prompting.soft import PromptTuningConfig, init_prompt  # noqa: E402
 from softprompt.serving.vllm.backend import encode_embeds  # noqa: E402
 from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python, free_port  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PHASES = {  # what runs alone together -> the systems measured then
+    "builtin": ("builtin", "builtin_deep"),
+    "vllm": ("vllm", "embeds"),
+    "gateway": ("gateway", "gateway_deep"),
+}
+SYSTEMS = tuple(system for systems in PHASES.values() for system in systems)
 
 WORDS = (
     "the film was great boring fun awful lovely slow the plot acting music story ending "
@@ -90,6 +106,15 @@ def parse_args(argv=None):
         default=1,
         help="Timed rounds per setting; best kept (default: %(default)s).",
     )
+    parser.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="Systems to measure."
+    )
+    parser.add_argument(
+        "--vllm-block-size",
+        type=int,
+        default=0,
+        help="vLLM --block-size (0: its default, 128 on CPU); prefix caching reuses full blocks.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_vllm.json"))
     return parser.parse_args(argv)
@@ -124,6 +149,13 @@ def fill_bank(loaded, root: str, count: int, n_virtual: int, seed: int) -> list:
         }
         bank.save(SavedPrompt(f"task-{i}", values, peft, {"fingerprint": loaded.fingerprint}))
         prompts.append(values)
+    deep, noise = DeepPromptModel(loaded), torch.Generator().manual_seed(seed)
+    for i, values in enumerate(prompts):
+        deep.add_task(f"deep-{i}", values)  # the KV this soft prompt puts in each layer
+        kv = deep.kv(f"deep-{i}").detach()
+        std = kv.std(dim=(2, 3, 4), keepdim=True)  # per layer, keys and values apart
+        deep.add_task(f"deep-{i}", kv + 0.5 * std * torch.randn(kv.shape, generator=noise))
+        deep.save_task(f"deep-{i}", bank)
     return prompts
 
 
@@ -207,44 +239,129 @@ def bodies_for(
                 DTYPES[args.vllm_dtype]
             )  # (n + L, d)
             body.update(model=served_model, prompt_embeds=encode_embeds(embeds))
+        elif system.endswith("_deep"):
+            body.update(model=f"deep-{i % tasks}", prompt=text)
         else:
             body.update(model=f"task-{i % tasks}", prompt=text)
         out.append(body)
     return out
 
 
-def measure(urls: dict, texts: list[str], tasks: int, served: str, loaded, prompts, args) -> dict:
+def measure(urls: dict, texts, tasks: int, served: str, loaded, prompts, args, vllm) -> dict:
+    """The best of --repeats timed rounds per system in `urls` (each warmed up first), with
+    vLLM's prefix-cache tokens queried and hit over each system's timed rounds."""
     best: dict[str, dict] = {}
+    cache: dict[str, list[dict]] = {system: [] for system in urls}
     for system, url in urls.items():  # warm-up: every task once
-        asyncio.run(
-            run_load(
-                url,
-                bodies_for(system, texts[:tasks], tasks, served, loaded, prompts, args),
-                args.concurrency,
-            )
-        )
+        warm = bodies_for(system, texts[:tasks], tasks, served, loaded, prompts, args)
+        asyncio.run(run_load(url, warm, args.concurrency))
     for _ in range(args.repeats):
         for system, url in urls.items():
-            row = asyncio.run(
-                run_load(
-                    url,
-                    bodies_for(system, texts, tasks, served, loaded, prompts, args),
-                    args.concurrency,
-                )
-            )
+            bodies = bodies_for(system, texts, tasks, served, loaded, prompts, args)
+            before = prefix_cache_counters(vllm)
+            row = asyncio.run(run_load(url, bodies, args.concurrency))
+            cache[system].append(cache_delta(before, prefix_cache_counters(vllm)))
             print(f"{tasks} tasks, {system}: {row}", file=sys.stderr, flush=True)
             if system not in best or row["requests_per_s"] > best[system]["requests_per_s"]:
                 best[system] = row
-    best["gateway_vs_vllm_requests_per_s"] = round(
-        best["gateway"]["requests_per_s"] / best["vllm"]["requests_per_s"], 3
-    )
-    best["embeds_vs_vllm_requests_per_s"] = round(
-        best["embeds"]["requests_per_s"] / best["vllm"]["requests_per_s"], 3
-    )
-    best["gateway_vs_builtin_requests_per_s"] = round(
-        best["gateway"]["requests_per_s"] / best["builtin"]["requests_per_s"], 3
-    )
+    if vllm is not None:
+        for system, deltas in cache.items():
+            best[system]["vllm_prefix_cache"] = summed(deltas)
     return best
+
+
+def run_phase(phase: str, bank: str, systems: list[str], loaded, texts, prompts, args) -> dict:
+    """Start what `phase` needs (and nothing else), measure its systems, stop it all."""
+    served, vllm, servers, urls = loaded.model.config.name_or_path, None, [], {}
+    prefix_dir = tempfile.mkdtemp(prefix="serve-vllm-prefixes-")
+    info: dict = {}
+    try:
+        if phase == "builtin":
+            process, url = start_gateway(bank, ["--model", args.model])
+            servers.append(process)
+        else:
+            vllm = VLLMProcess(
+                find_vllm_python(),
+                loaded.source,
+                served,
+                dtype=args.vllm_dtype,
+                max_model_len=2048,
+                deep_prompt_folder=Path(prefix_dir) if phase == "gateway" else None,
+                extra_args=("--block-size", str(args.vllm_block_size))
+                if args.vllm_block_size
+                else (),
+            )
+            started = time.perf_counter()
+            url = vllm.start()
+            info["vllm_startup_s"] = round(time.perf_counter() - started, 1)
+            info["vllm_connector"] = phase == "gateway"
+        if phase == "gateway":
+            gateway_args = ["--model", args.model, "--backend", "vllm", "--vllm-url", url]
+            gateway_args += ["--vllm-dtype", args.vllm_dtype, "--vllm-prefix-dir", prefix_dir]
+            process, url = start_gateway(bank, gateway_args)
+            servers.append(process)
+        urls = {system: url for system in systems}
+        info["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+        results = {
+            f"{t}_tasks": measure(urls, texts, t, served, loaded, prompts, args, vllm)
+            for t in args.tasks
+        }
+        info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        for process in servers:
+            process.terminate()
+            process.wait(30)
+        if vllm is not None:
+            vllm.stop()
+        shutil.rmtree(prefix_dir, ignore_errors=True)
+    return {"phase": info, "results": results}
+
+
+def prefix_cache_counters(vllm: VLLMProcess | None) -> dict[str, float]:
+    """vLLM's prefix-cache counters (tokens queried, tokens hit) from its /metrics."""
+    if vllm is None:
+        return {}
+    counters = {}
+    for line in httpx.get(f"{vllm.url}/metrics", timeout=10).text.splitlines():
+        for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
+            if line.startswith(name + "_total") or line.startswith(name + "{"):
+                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def cache_delta(before: dict, after: dict) -> dict:
+    """Prefix-cache tokens queried and hit between two scrapes."""
+    queries = after.get("vllm:prefix_cache_queries", 0) - before.get("vllm:prefix_cache_queries", 0)
+    hits = after.get("vllm:prefix_cache_hits", 0) - before.get("vllm:prefix_cache_hits", 0)
+    return {"queried_tokens": int(queries), "hit_tokens": int(hits)}
+
+
+def summed(deltas: list[dict]) -> dict:
+    queried = sum(d["queried_tokens"] for d in deltas)
+    hit = sum(d["hit_tokens"] for d in deltas)
+    rate = round(hit / queried, 3) if queried else None
+    return {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": rate}
+
+
+def ratios(rows: dict) -> dict:
+    """Throughput ratios between the systems measured (requests per second)."""
+    pairs = [
+        ("gateway", "vllm"),
+        ("gateway_deep", "vllm"),
+        ("embeds", "vllm"),
+        ("gateway_deep", "gateway"),
+        ("builtin", "vllm"),
+        ("builtin_deep", "builtin"),
+        ("gateway", "builtin"),
+        ("gateway_deep", "builtin_deep"),
+    ]
+    return {
+        f"{a}_vs_{b}_requests_per_s": round(
+            rows[a]["requests_per_s"] / rows[b]["requests_per_s"], 3
+        )
+        for a, b in pairs
+        if a in rows and b in rows
+    }
 
 
 def main(argv=None) -> dict:
@@ -254,49 +371,18 @@ def main(argv=None) -> dict:
     texts = make_texts(args.requests, args.seed)
     bank = tempfile.mkdtemp(prefix="serve-vllm-bank-")
     prompts = fill_bank(loaded, bank, max(args.tasks), args.num_virtual_tokens, args.seed)
-    vllm = VLLMProcess(
-        find_vllm_python(),
-        loaded.source,
-        loaded.model.config.name_or_path,
-        dtype=args.vllm_dtype,
-        max_model_len=2048,
-    )
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-    vllm.start()
-    startup_s = time.perf_counter() - started
-    servers = []
-    try:
-        builtin, builtin_url = start_gateway(bank, ["--model", args.model])
-        gateway, gateway_url = start_gateway(
-            bank,
-            [
-                "--model",
-                args.model,
-                "--backend",
-                "vllm",
-                "--vllm-url",
-                vllm.url,
-                "--vllm-dtype",
-                args.vllm_dtype,
-            ],
-        )
-        servers = [builtin, gateway]
-        urls = {
-            "builtin": builtin_url,
-            "gateway": gateway_url,
-            "embeds": vllm.url,
-            "vllm": vllm.url,
-        }
-        served = loaded.model.config.name_or_path
-        results = {
-            f"{t}_tasks": measure(urls, texts, t, served, loaded, prompts, args) for t in args.tasks
-        }
-    finally:
-        for process in servers:
-            process.terminate()
-            process.wait(30)
-        vllm.stop()
+    phases, results = {}, {f"{t}_tasks": {} for t in args.tasks}
+    for phase, members in PHASES.items():
+        systems = [s for s in members if s in args.systems]
+        if not systems:
+            continue
+        measured = run_phase(phase, bank, systems, loaded, texts, prompts, args)
+        phases[phase] = measured["phase"]
+        for key, rows in measured["results"].items():
+            results[key].update(rows)
+    for rows in results.values():
+        rows.update(ratios(rows))
+    shutil.rmtree(bank, ignore_errors=True)
     summary = {
         "benchmark": "serve_vllm",
         "machine": machine(),
@@ -306,16 +392,13 @@ def main(argv=None) -> dict:
         "vllm": {
             "package": _vllm_version(),
             "dtype": args.vllm_dtype,
-            "startup_s": round(startup_s, 1),
             "device": "cpu",
             "kv_cache_gib": 1,
         },
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "load_average_1_5_15": {
-            "before": [round(x, 2) for x in load_before],
-            "after": [round(x, 2) for x in os.getloadavg()],
-            "note": "the machine's cores are shared; a load above its core count slows every system",
-        },
+        "measured_alone": "each phase starts only its own servers: "
+        + "; ".join(f"{p}: {', '.join(m)}" for p, m in PHASES.items()),
+        "phases": phases,
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
-"""The vLLM backend end to end: a real vLLM (from `make vllm`, float32) behind the real
-`softprompt serve --backend vllm` gateway, against the built-in engine on the same SmolLM2.
+"""The vLLM backend end to end: a real vLLM (from `make vllm`, float32, with softprompt's
+deep-prompt connector) behind the real `softprompt serve --backend vllm` gateway, against the
+built-in engine on the same SmolLM2; the bank holds four soft prompts and the default a user gets
+from `softprompt train` (a deep prompt, trained 3 steps here).
 
 vLLM starts once for the module (about two minutes on 2 CPU cores) and once more in the last test,
 which kills it mid-run and restarts it. Skipped when the vLLM environment is absent, unless
@@ -59,9 +61,29 @@ def _vllm_python() -> Path:
         pytest.skip(str(exc))
 
 
+DEEP = "movie-deep"
+
+
 @pytest.fixture(scope="module")
 def bank(smollm2, tmp_path_factory):
     bank = PromptBank(tmp_path_factory.mktemp("vllm-bank"))
+    trained = _cli(
+        "train",
+        "--task",
+        DEEP,
+        "--data",
+        "builtin:movie_sentiment:train",
+        "--max-steps",
+        "3",
+        "--per-device-train-batch-size",
+        "4",
+        "--bank",
+        str(bank.root),
+        "--output-dir",
+        str(tmp_path_factory.mktemp("deep-run")),
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert bank.load(DEEP).kind == "deep"  # what a user gets by default
     meta = {
         "fingerprint": smollm2.fingerprint,
         "template": TEMPLATE,
@@ -79,14 +101,25 @@ def bank(smollm2, tmp_path_factory):
     return bank
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "softprompt", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
-def vllm(smollm2):
+def prefix_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("deep-prefixes")
+
+
+@pytest.fixture(scope="module")
+def vllm(smollm2, prefix_dir):
     process = VLLMProcess(
         _vllm_python(),
         smollm2.source,
         smollm2.model.config.name_or_path,
         dtype="float32",
         max_model_len=2048,
+        deep_prompt_folder=prefix_dir,
     )
     process.start()
     yield process
@@ -94,7 +127,7 @@ def vllm(smollm2):
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm, bank, smollm2):
+def gateway(vllm, bank, smollm2, prefix_dir):
     """`softprompt serve --backend vllm` (a subprocess, like a user runs it) over the bank."""
     port = free_port()
     command = [
@@ -108,6 +141,8 @@ def gateway(vllm, bank, smollm2):
         vllm.url,
         "--vllm-dtype",
         "float32",
+        "--vllm-prefix-dir",
+        str(prefix_dir),
         "--bank",
         str(bank.root),
         "--port",
@@ -149,14 +184,13 @@ def _equal_or_near_tie(
     if ours == theirs:
         return True
     k = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
-    from softprompt.prompting.prompted import PromptedModel
+    from softprompt.prompting.prompted import PromptedModel, model_for_saved
 
-    prompted = PromptedModel(smollm2)
-    if task is not None:
-        prompted.add_task(task, bank.load(task))
+    prompted = PromptedModel(smollm2) if task is None else model_for_saved(smollm2, bank.load(task))
     ids = torch.tensor([smollm2.tokenizer(prompt)["input_ids"] + ours[:k]])
     with torch.no_grad():
-        logprobs = prompted(ids, tasks=task).logits[0, -1].float().log_softmax(-1)
+        logits = prompted.last_logits(ids, torch.ones_like(ids), tasks=task)
+    logprobs = logits[0, -1].float().log_softmax(-1)
     return abs(float(logprobs[ours[k]] - logprobs[theirs[k]])) < LOGPROB_TOLERANCE
 
 
@@ -313,7 +347,75 @@ def test_unknown_task_is_404_and_health_names_the_backend(gateway):
     r = gateway.http.post("/v1/completions", json={"model": "no-such-task", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     health = gateway.http.get("/health").json()
-    assert health["backend"]["name"] == "vllm" and health["backend"]["prompt_kinds"] == ["soft"]
+    assert health["backend"]["name"] == "vllm"
+    assert health["backend"]["prompt_kinds"] == ["soft", "deep"]
+
+
+# ---------------------------------------------------------------- the default prompt (deep)
+
+
+def test_default_trained_prompt_through_vllm_equals_softprompt_generate(gateway, bank):
+    """Issue 25, item 1: `softprompt train` with only data, then `serve --backend vllm`: greedy
+    text equal to `softprompt generate` (the connector writes the deep prompt's K/V exactly)."""
+    texts = [TEXTS[0], TEXTS[2]]
+    generated = _cli(
+        "generate",
+        "--bank",
+        str(bank.root),
+        "--task",
+        DEEP,
+        "--max-new-tokens",
+        "16",
+        "--json",
+        *texts,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    expected = json.loads(generated.stdout.strip().splitlines()[-1])["outputs"]
+    for text, want in zip(texts, expected, strict=True):
+        body = {"model": DEEP, "prompt": text, "max_tokens": 16, "temperature": 0}
+        r = gateway.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want, text
+        assert r.json()["usage"]["prompt_tokens"] == len(gateway_ids(text))  # no placeholders
+
+
+def gateway_ids(text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from softprompt.model.loading import resolve_model_source
+
+    return AutoTokenizer.from_pretrained(resolve_model_source("default")[0])(text)["input_ids"]
+
+
+def test_deep_label_scores_through_vllm_equal_the_engines(gateway, engine):
+    rows = [row["text"] for _, row in load_builtin("movie_sentiment", "test")][:12]
+    r = gateway.http.post("/v1/classify", json={"model": DEEP, "input": rows})
+    assert r.status_code == 200, r.text
+    for got, ref in zip(r.json()["data"], engine.classify(DEEP, rows), strict=True):
+        assert got["label"] == ref.label
+        assert got["probabilities"] == pytest.approx(ref.probabilities, abs=1e-4)
+
+
+def test_deep_soft_and_plain_rows_at_once_each_equal_the_engine_alone(
+    gateway, engine, smollm2, bank
+):
+    jobs = [(TEXTS[i % len(TEXTS)], (DEEP, "pirate", None)[i % 3]) for i in range(12)]
+
+    def call(job):
+        text, task = job
+        body = {"model": task or engine.base_model_id, "prompt": text, "max_tokens": MAX_TOKENS}
+        r = gateway.http.post("/v1/completions", json={**body, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(call, jobs))
+    for (text, task), ours in zip(jobs, got, strict=True):
+        [ref] = engine.generate([GenerationRequest(text, task=task, max_new_tokens=MAX_TOKENS)])
+        theirs = smollm2.tokenizer(ours, add_special_tokens=False)["input_ids"]
+        assert ours == ref.text or _equal_or_near_tie(
+            smollm2, bank, text, task, ref.token_ids, theirs
+        ), (task, text)
 
 
 # ---------------------------------------------------------------- faults (last: restarts vLLM)
