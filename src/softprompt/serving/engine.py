@@ -39,7 +39,14 @@ from softprompt.model.small_batch import use_small_batch_matmul
 from softprompt.prompting import inject
 from softprompt.prompting.deep import PrefixShape, prefix_shape, rows_to_prefix
 from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows, token_scores
-from softprompt.serving.registry import PROMPT_FILES, LoadedTask, TaskInfo, TaskRegistry
+from softprompt.serving.registry import (
+    PROMPT_FILES,
+    LoadedTask,
+    TaskInfo,
+    TaskRegistry,
+    TaskSnapshot,
+    TierConfig,
+)
 from softprompt.serving.requests import (
     SEED_RANGE,
     Classification,
@@ -81,6 +88,7 @@ class Engine:
         score_batch_size: int = 64,
         kinds: tuple[str, ...] = ("soft", "deep"),
         small_batch_matmul: bool = True,
+        tiers: TierConfig | None = None,
     ):
         if isinstance(loaded, LoadedModel):
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -116,8 +124,11 @@ class Engine:
             row_width=self._row_width,
             context_length=self.context_length,
             device=self.device,
+            tiers=tiers,
         )
-        """The tasks in memory (registry.py): load, check, install, remove, follow the bank."""
+        """The tasks in memory (registry.py): load, check, install, remove, follow the bank,
+        within the memory tiers' bounds (`tiers`; pinned tasks are loaded now)."""
+        self.registry.load_pinned()
         self.tasks, self.task_infos, self.task_info = (
             self.registry.tasks,
             self.registry.task_infos,
@@ -157,16 +168,17 @@ class Engine:
             self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
         )
 
-    def _resolve(self, name: str | None, snapshot: dict[str, LoadedTask]) -> LoadedTask | None:
+    def _resolve(self, name: str | None, snapshot: TaskSnapshot) -> LoadedTask | None:
         """The task entry for a request (None = the base model, no prompt).
 
         Each name is resolved once per `snapshot` and then taken from it, so all the rows of one
-        request use the same prompt version even when a new one is saved meanwhile.
+        request use the same prompt version even when a new one is saved meanwhile; the task
+        stays in use (never evicted) while the snapshot lives.
         """
         if name is None or name == "" or name in self.base_names:
             return None
         if name not in snapshot:
-            snapshot[name] = self.registry._activate(name)
+            self.registry.acquire(name, snapshot)
         return snapshot[name]
 
     # ------------------------------------------------------------ public operations
@@ -199,7 +211,8 @@ class Engine:
         (`scorer.TokenScores`, with the k most likely tokens at each)."""
         if top_k is not None:
             check_top_logprobs(top_k, "top_k")
-        entry, rows = self._resolve(task, {}), []
+        snapshot = TaskSnapshot()  # holds the task until the scores are back
+        entry, rows = self._resolve(task, snapshot), []
         for ids, target in pairs:
             if not target:
                 raise ConfigError("every target needs at least one token")
@@ -221,29 +234,35 @@ class Engine:
 
     # ------------------------------------------------------------ validation
 
-    def prepare(self, request, snapshot: dict[str, LoadedTask] | None = None):
+    def prepare(self, request, snapshot: TaskSnapshot | None = None):
         """Validate and tokenise one request (raises here, before it can join a batch).
 
         Each task is resolved once per request (once per `snapshot`, when one is shared), so all
-        the rows use one prompt version even if a new one is saved meanwhile.
+        the rows use one prompt version even if a new one is saved meanwhile. The prepared piece
+        keeps the snapshot: its tasks stay in use (never evicted) until the piece is gone.
         """
-        snapshot = {} if snapshot is None else snapshot
+        snapshot = TaskSnapshot() if snapshot is None else snapshot
         if isinstance(request, GenerationRequest):
-            return self._prepare_generation(request, snapshot)
-        if isinstance(request, ClassifyRequest):
-            return self._prepare_classify(request, snapshot)
-        if isinstance(request, ScoreRequest):
-            return self._prepare_score(request, snapshot)
-        if isinstance(request, PromptLogprobsRequest):
-            return self._prepare_prompt_logprobs(request, snapshot)
-        raise TypeError(f"cannot run a {type(request).__name__}")
+            prepared = self._prepare_generation(request, snapshot)
+        elif isinstance(request, ClassifyRequest):
+            prepared = self._prepare_classify(request, snapshot)
+        elif isinstance(request, ScoreRequest):
+            prepared = self._prepare_score(request, snapshot)
+        elif isinstance(request, PromptLogprobsRequest):
+            prepared = self._prepare_prompt_logprobs(request, snapshot)
+        else:
+            raise TypeError(f"cannot run a {type(request).__name__}")
+        prepared.held = snapshot
+        return prepared
 
     def prepare_all(self, requests: Sequence) -> list:
         """Prepare the pieces of one request (e.g. a completion's prompts) with one snapshot."""
-        snapshot: dict[str, LoadedTask] = {}
+        snapshot = TaskSnapshot()
         return [self.prepare(request, snapshot) for request in requests]
 
-    def _prepare_generation(self, request: GenerationRequest, snapshot: dict) -> PreparedGeneration:
+    def _prepare_generation(
+        self, request: GenerationRequest, snapshot: TaskSnapshot
+    ) -> PreparedGeneration:
         check_sampling(request)
         task = self._resolve(request.task, snapshot)
         ids = self._input_ids(request.prompt)
@@ -260,7 +279,7 @@ class Engine:
         )
         return PreparedGeneration(request, task, ids, wanted, sampling, stops)
 
-    def _prepare_classify(self, request: ClassifyRequest, snapshot: dict) -> PreparedScore:
+    def _prepare_classify(self, request: ClassifyRequest, snapshot: TaskSnapshot) -> PreparedScore:
         inputs = classify_inputs(request.texts)
         pairs, labels = [], []
         for i, (name, value) in enumerate(
@@ -289,7 +308,7 @@ class Engine:
                 f"'{spec.name}' uses {', '.join(spec.template.fields)})"
             ) from None
 
-    def _prepare_score(self, request: ScoreRequest, snapshot: dict) -> PreparedScore:
+    def _prepare_score(self, request: ScoreRequest, snapshot: TaskSnapshot) -> PreparedScore:
         texts, targets = text_list(request.texts, "texts"), text_list(request.targets, "targets")
         if len(texts) != len(targets):
             raise ConfigError(f"{len(texts)} texts but {len(targets)} targets")
@@ -306,7 +325,7 @@ class Engine:
         return PreparedScore(request, pairs, None)
 
     def _prepare_prompt_logprobs(
-        self, request: PromptLogprobsRequest, snapshot: dict
+        self, request: PromptLogprobsRequest, snapshot: TaskSnapshot
     ) -> PreparedPromptLogprobs:
         top = request.top_logprobs
         if top is not None:
@@ -599,14 +618,16 @@ class Engine:
         return {"prompts": prompts, "prompt_lengths": lengths}
 
     def _prefix(self, task: LoadedTask) -> inject.PromptPrefix:
-        """The task's KV prefix, computed once per loaded version (callers hold the model lock)."""
-        if task.prefix is None and task.kind == "deep":  # the rows are the keys and values
+        """The task's KV prefix, computed once per loaded version while it stays resident (the
+        registry's resident tier; callers hold the model lock)."""
+        return self.registry.resident_prefix(task, self._compute_prefix)
+
+    def _compute_prefix(self, task: LoadedTask) -> inject.PromptPrefix:
+        if task.kind == "deep":  # the rows are the keys and values
             dtype = self.model.get_input_embeddings().weight.dtype
-            task.prefix = rows_to_prefix(task.prompt, self.prefix_shape, dtype)
-        elif task.prefix is None:
-            task.prefix = inject.prompt_prefix(self.model, task.prompt)
-            self.prefix_computations += 1
-        return task.prefix
+            return rows_to_prefix(task.prompt, self.prefix_shape, dtype)
+        self.prefix_computations += 1
+        return inject.prompt_prefix(self.model, task.prompt)
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return left_pad(rows, self.tokenizer.pad_token_id or 0, self.device)

@@ -5,6 +5,23 @@ version, its metadata and, once used, its KV prefix). Before a request runs, the
 bank for its task's version (one `readlink`), so a prompt saved, changed or deleted by any replica
 is seen on the very next request. One load path (bank read -> compatibility check -> tensor
 check) and one save path (the bank's atomic save), for uploads too.
+
+Memory tiers (`TierConfig`; docs/architecture.md, invariant 11). The bank on disk holds every
+task. The *loaded* tier is the `LoadedTask` entries: at most `max_loaded_tasks`, least recently
+used dropped first, read again from the bank (the one load path) when next asked for. The
+*resident* tier is the entries whose KV prefix is computed: at most `max_resident_tasks`, least
+recently used prefix dropped first, computed again on next use. Why this split: a prompt's rows
+are small ([n, d]: 37 KB for 16 tokens on SmolLM2) while a soft prompt's KV prefix is ~20x that
+(0.74 MB), so the prefix is the per-task cost worth bounding separately; the rows stay where the
+model is (on CPU host and device are one memory) so a batch injects them without a copy. A
+deep prompt's rows are its KV already, so for it both tiers bound the same order of memory.
+
+Pinned tasks (and tasks added in memory, which the bank cannot give back) are never evicted. A
+task in use is never evicted either: each request's prepared pieces keep a `TaskSnapshot`, and
+while one is alive its tasks count as in use. Released when the pieces are garbage, not by an
+explicit call, so no path (a failed limit check, a cancelled stream, the vLLM gateway) can leak a
+use. When every entry over a bound is pinned or in use, the tier holds more until a request ends
+(at most the tasks of the running and queued requests, which `--max-queue` bounds).
 """
 
 from __future__ import annotations
@@ -12,6 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,11 +57,70 @@ from softprompt.errors import (
     SoftPromptError,
     UnknownTaskError,
 )
+from softprompt.options import flag, opt
 from softprompt.prompting import inject
 
 log = logging.getLogger(__name__)
 
 PROMPT_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
+
+
+@dataclass
+class TierConfig:
+    """How many tasks the engine keeps in memory (the bank keeps them all)."""
+
+    max_loaded_tasks: int | None = opt(
+        None,
+        "builtin: tasks held in memory (prompt rows, metadata) at most; the least recently used "
+        "is dropped first and read again from the bank when asked for. Unset: no bound.",
+    )
+    max_resident_tasks: int | None = opt(
+        None,
+        "builtin: tasks whose KV prefix is kept on the model's device at most (least recently "
+        "used dropped first, computed again on next use); at most --max-loaded-tasks. Unset: "
+        "no bound.",
+    )
+    pin: list[str] = opt(
+        [],
+        "builtin: tasks loaded at start-up and never evicted from either tier (each must be in "
+        "the bank).",
+    )
+
+    def __post_init__(self):
+        for name in ("max_loaded_tasks", "max_resident_tasks"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(
+                    f"{flag(name)} must be an integer >= 1 (or unset: no bound), not {value!r}"
+                )
+        loaded, resident = self.max_loaded_tasks, self.max_resident_tasks
+        if loaded is not None and resident is not None and resident > loaded:
+            raise ConfigError(
+                f"--max-resident-tasks ({resident}) exceeds --max-loaded-tasks ({loaded}): a KV "
+                "prefix belongs to a loaded task, so at most the loaded ones can be resident"
+            )
+        for name in self.pin:
+            try:
+                validate_task_name(name)
+            except InvalidTaskNameError as exc:
+                raise ConfigError(f"--pin: {exc}") from None
+        self.pin = list(dict.fromkeys(self.pin))  # a task named twice is pinned once
+        for name in ("max_loaded_tasks", "max_resident_tasks"):
+            bound = getattr(self, name)
+            if bound is not None and len(self.pin) > bound:
+                raise ConfigError(
+                    f"--pin names {len(self.pin)} tasks but {flag(name)} is {bound}: pinned "
+                    "tasks are never evicted, so the bound must hold them all"
+                )
+
+
+class TaskSnapshot(dict):
+    """name -> LoadedTask as one request resolved it (all its rows use one prompt version).
+
+    Every task in it is in use, never evicted, while the snapshot is alive: the request's prepared
+    pieces keep it, so its tasks are released when the last piece is gone."""
 
 
 @dataclass
@@ -73,6 +151,7 @@ class LoadedTask:
     prefix: inject.PromptPrefix | None = None  # computed on first use, under the model lock
     classifier: tuple | None = None  # (data.Task, target ids), parsed on first use
     kind: str = "soft"  # 'deep': `prompt` holds KV rows [n, layers * 2 * kv_heads * head_dim]
+    users: int = 0  # live TaskSnapshots holding it (registry lock): in use, not evictable
 
     @property
     def length(self) -> int:
@@ -104,13 +183,50 @@ class TaskRegistry:
         row_width: Callable[[str], int],
         context_length: int,
         device: torch.device,
+        tiers: TierConfig | None = None,
     ):
         self.bank, self.kinds, self.fingerprint = bank, kinds, fingerprint
         self.reserved_names, self._row_width = reserved_names, row_width
         self.context_length, self.device = context_length, device
-        self._tasks: dict[str, LoadedTask] = {}
+        self.tiers = tiers or TierConfig()
+        self._tasks: OrderedDict[str, LoadedTask] = OrderedDict()  # least recently used first
+        self._resident: OrderedDict[str, LoadedTask] = OrderedDict()  # entries with a KV prefix
         self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
         self._tasks_lock = threading.RLock()
+        self._counts = {"hits": 0, "misses": 0, "evictions": 0, "prefix_evictions": 0, "loads": 0}
+        self._load_seconds = 0.0
+
+    def load_pinned(self) -> None:
+        """Load the pinned tasks (start-up): each must be in the bank and usable, else a
+        ConfigError naming --pin."""
+        if self.tiers.pin and self.bank is None:
+            raise ConfigError("--pin needs a bank to load the pinned tasks from")
+        for name in self.tiers.pin:
+            try:
+                self._activate(name)
+            except UnknownTaskError:
+                raise ConfigError(
+                    f"--pin: task '{name}' is not in the bank {self.bank.root}"
+                ) from None
+            except SoftPromptError as exc:
+                raise ConfigError(f"--pin: task '{name}' cannot be served: {exc}") from None
+
+    def stats(self) -> dict:
+        """The tiers' counters (for /health): tasks loaded and resident now, their bounds, and
+        since start: hits and misses of requests, evictions of each tier, bank loads and time."""
+        with self._tasks_lock:
+            loads, seconds = self._counts["loads"], self._load_seconds
+            return {
+                "loaded": len(self._tasks),
+                "resident": len(self._resident),
+                "in_use": sum(1 for t in self._tasks.values() if t.users),
+                "pinned": len(self.tiers.pin),
+                "max_loaded_tasks": self.tiers.max_loaded_tasks,
+                "max_resident_tasks": self.tiers.max_resident_tasks,
+                **self._counts,
+                "load_seconds_total": round(seconds, 6),
+                "load_seconds_mean": round(seconds / loads, 6) if loads else None,
+            }
 
     def tasks(self) -> list[str]:
         """Names of the tasks in memory."""
@@ -150,10 +266,38 @@ class TaskRegistry:
         """Have `name` in memory at the bank's current version (microseconds if it already is)."""
         return self._activate(name).info()
 
+    def acquire(self, name: str, snapshot: TaskSnapshot) -> LoadedTask:
+        """`name` at the bank's current version, in use (not evictable) while `snapshot` lives.
+
+        Counts a hit when it is in memory, a miss when it had to be read from the bank."""
+        entry = self._activate(name, holder=snapshot)
+        snapshot[name] = entry
+        return entry
+
+    def resident_prefix(
+        self, task: LoadedTask, compute: Callable[[LoadedTask], inject.PromptPrefix]
+    ) -> inject.PromptPrefix:
+        """The task's KV prefix: kept one (now most recently used), or `compute(task)` kept in the
+        resident tier, dropping the least recently used other prefixes over the bound."""
+        with self._tasks_lock:
+            if task.prefix is not None:
+                if self._resident.get(task.name) is task:
+                    self._resident.move_to_end(task.name)
+                return task.prefix
+        prefix = compute(task)  # outside the registry lock: model work (the caller's model lock)
+        with self._tasks_lock:
+            task.prefix = prefix
+            if self._tasks.get(task.name) is task:  # else: dropped meanwhile; it dies with its rows
+                self._resident[task.name] = task
+                self._resident.move_to_end(task.name)
+                self._evict_prefixes()
+        return prefix
+
     def deactivate(self, name: str) -> None:
         """Drop a task (and its KV prefix) from memory; the bank is untouched."""
         with self._tasks_lock:
             self._tasks.pop(name, None)
+            self._resident.pop(name, None)
             self._bad.pop(name, None)
 
     def refresh(self) -> dict[str, str]:
@@ -172,6 +316,8 @@ class TaskRegistry:
             self.deactivate(name)
         errors = {}
         for name in sorted(names):
+            if self._full() and name not in self._tasks:
+                continue  # following the bank never evicts a task in use by requests
             try:
                 self._activate(name)  # refuses a bank task named like the base model
             except UnknownTaskError:
@@ -185,28 +331,37 @@ class TaskRegistry:
         if name in self.reserved_names:
             raise InvalidTaskNameError(f"task name '{name}' is reserved: it names a base model")
 
-    def _activate(self, name: str) -> LoadedTask:
+    def _activate(self, name: str, holder: TaskSnapshot | None = None) -> LoadedTask:
+        """`name` in memory at the bank's current version (most recently used now); with a
+        `holder`, in use until it is gone, and counted as a hit or a miss."""
         self._check_name(name)
         with self._tasks_lock:
             entry = self._tasks.get(name)
         if entry is not None and (entry.version is None or self.bank is None):
-            return entry  # added in memory: pinned
+            return self._use(entry, holder)  # added in memory: pinned
         if self.bank is None:
             raise unknown_task(name)
         try:
             version = self.bank.version(name)
         except UnknownTaskError:
-            self.deactivate(name)
+            self.deactivate(name)  # another replica deleted it: a 404 for this request alone
             raise unknown_task(name) from None
         if entry is not None and entry.version == version:
-            return entry
-        return self._load(name, version)
+            return self._use(entry, holder)
+        if holder is not None:
+            self._count("misses")
+        try:
+            return self._load(name, version, holder)
+        except UnknownTaskError:
+            self.deactivate(name)  # deleted between the version read and the load
+            raise unknown_task(name) from None
 
-    def _load(self, name: str, version: str) -> LoadedTask:
+    def _load(self, name: str, version: str, holder: TaskSnapshot | None) -> LoadedTask:
         """Read `name` from the bank (version read first: a racing save only causes a reload)."""
         bad = self._bad.get(name)
         if bad is not None and bad[0] == version:
             raise bad[1]  # same broken version as before: do not read it again
+        started = time.perf_counter()
         try:
             saved = self.bank.load(name)
             self._check(saved)
@@ -218,9 +373,20 @@ class TaskRegistry:
             with self._tasks_lock:
                 self._bad[name] = (version, exc)
                 self._tasks.pop(name, None)
+                self._resident.pop(name, None)
             raise
-        log.info("loaded task '%s' (version %s, %d virtual tokens)", name, version, entry.length)
-        return self._store(entry)
+        seconds = time.perf_counter() - started
+        with self._tasks_lock:
+            self._counts["loads"] += 1
+            self._load_seconds += seconds
+        log.info(
+            "loaded task '%s' (version %s, %d virtual tokens) in %.1f ms",
+            name,
+            version,
+            entry.length,
+            seconds * 1e3,
+        )
+        return self._store(entry, holder)
 
     def _check(self, saved: SavedPrompt) -> None:
         check_prompt_rows(saved.embeddings, f"prompt '{saved.name}'")
@@ -243,11 +409,87 @@ class TaskRegistry:
             name, values.detach().float().to(self.device).clone(), version, dict(meta), kind=kind
         )
 
-    def _store(self, entry: LoadedTask) -> LoadedTask:
+    def _store(self, entry: LoadedTask, holder: TaskSnapshot | None = None) -> LoadedTask:
+        """Keep `entry` (most recently used), then evict down to the bound. A concurrent load of
+        the same version may have stored one first: that one is kept (it may be in use)."""
         with self._tasks_lock:
-            self._tasks[entry.name] = entry
+            current = self._tasks.get(entry.name)
+            if current is None or entry.version is None or current.version != entry.version:
+                self._tasks[entry.name] = entry
+                if self._resident.get(entry.name) is not entry:
+                    self._resident.pop(entry.name, None)  # the old version's prefix
+                current = entry
+            self._tasks.move_to_end(entry.name)
             self._bad.pop(entry.name, None)
+            self._hold(current, holder)
+            self._evict_loaded()
+        return current
+
+    def _use(self, entry: LoadedTask, holder: TaskSnapshot | None) -> LoadedTask:
+        """A task found in memory: most recently used now; held (a hit) for a request."""
+        with self._tasks_lock:
+            if self._tasks.get(entry.name) is entry:
+                self._tasks.move_to_end(entry.name)
+            if holder is not None:
+                self._counts["hits"] += 1
+                self._hold(entry, holder)
         return entry
+
+    def _hold(self, entry: LoadedTask, holder: TaskSnapshot | None) -> None:
+        """`entry` in use until `holder` is garbage (callers hold the registry lock)."""
+        if holder is not None:
+            entry.users += 1
+            weakref.finalize(holder, self._release, entry)
+
+    def _release(self, entry: LoadedTask) -> None:
+        with self._tasks_lock:
+            entry.users -= 1
+            if not entry.users:  # the tiers may have held more while it was in use
+                self._evict_loaded()
+                self._evict_prefixes()
+
+    def _count(self, counter: str) -> None:
+        with self._tasks_lock:
+            self._counts[counter] += 1
+
+    def _full(self) -> bool:
+        bound = self.tiers.max_loaded_tasks
+        with self._tasks_lock:
+            return bound is not None and len(self._tasks) >= bound
+
+    def _evictable(self, entry: LoadedTask) -> bool:
+        """Its KV prefix may go: neither pinned nor in use (callers hold the lock)."""
+        return entry.name not in self.tiers.pin and not entry.users
+
+    def _evict_loaded(self) -> None:
+        """Drop least recently used entries over --max-loaded-tasks (callers hold the lock)."""
+        bound = self.tiers.max_loaded_tasks
+        if bound is None or len(self._tasks) <= bound:
+            return
+        # a task added in memory stays too: the bank cannot give it back
+        for entry in [e for e in self._tasks.values() if e.version and self._evictable(e)]:
+            if len(self._tasks) <= bound:
+                break
+            if self._tasks.get(entry.name) is not entry:
+                continue  # gone meanwhile (a release run by the garbage collector evicted it)
+            del self._tasks[entry.name]
+            self._resident.pop(entry.name, None)
+            self._counts["evictions"] += 1
+            log.debug("evicted task '%s' (over --max-loaded-tasks %d)", entry.name, bound)
+
+    def _evict_prefixes(self) -> None:
+        """Drop least recently used KV prefixes over --max-resident-tasks (callers hold the lock)."""
+        bound = self.tiers.max_resident_tasks
+        if bound is None or len(self._resident) <= bound:
+            return
+        for entry in [e for e in self._resident.values() if self._evictable(e)]:
+            if len(self._resident) <= bound:
+                break
+            if self._resident.get(entry.name) is not entry:
+                continue  # gone meanwhile (a release run by the garbage collector evicted it)
+            del self._resident[entry.name]
+            entry.prefix = None
+            self._counts["prefix_evictions"] += 1
 
     # ------------------------------------------------------------ admin (upload / delete)
 

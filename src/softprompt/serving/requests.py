@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,7 +16,7 @@ from softprompt.data import Task, is_valid_unicode
 from softprompt.errors import ConfigError
 from softprompt.prompting import inject
 from softprompt.prompting.scorer import ScoreRow
-from softprompt.serving.registry import LoadedTask
+from softprompt.serving.registry import LoadedTask, TaskSnapshot
 
 # ---------------------------------------------------------------- requests and results
 
@@ -161,6 +161,8 @@ class PreparedGeneration:
     stops: tuple[str, ...]
     emitted: str = ""  # text already streamed (kept across a one-by-one retry)
     cancelled: bool = False  # set when the client went away: the row stops at its next token
+    held: TaskSnapshot | None = field(default=None, repr=False)
+    """The request's tasks, in use (never evicted) while this piece lives."""
     kind = "generate"
 
     @property
@@ -178,6 +180,8 @@ class PreparedScore:
     pairs: list[ScoreRow]  # task = the row's LoadedTask (None: no prompt)
     labels: list[list[str]] | None  # per row, for classification
     cancelled: bool = False  # set when the client went away: dropped before the next batch
+    held: TaskSnapshot | None = field(default=None, repr=False)
+    """The request's tasks, in use (never evicted) while this piece lives."""
     kind = "score"
 
     @property
