@@ -627,9 +627,11 @@ def test_health_without_keys_is_unchanged_open_and_complete(server):
         "status": "ok",
         "model": server.engine.base_model_id,
         "tasks": len(server.engine.tasks()),
+        "task_memory": server.engine.registry.stats(),
         "backend": health.json()["backend"],
     }
     assert health.json()["backend"]["status"] == "up"
+    assert health.json()["task_memory"]["loaded"] == len(server.engine.tasks())
 
 
 # ---------------------------------------------------------------- a client gone mid-upload

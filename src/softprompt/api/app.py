@@ -63,6 +63,7 @@ from softprompt.serving.engine import (
     GenerationRequest,
     GenerationResult,
 )
+from softprompt.serving.registry import TierConfig
 from softprompt.serving.requests import PromptLogprobs, PromptLogprobsRequest
 from softprompt.serving.scheduler import SchedulerConfig
 
@@ -142,6 +143,7 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
             body |= {
                 "model": engine.base_model_id,
                 "tasks": sum(1 for task in engine.tasks() if viewer.may_use(task)),
+                "task_memory": engine.registry.stats(),  # counts only: no task names
                 "backend": state,
             }
         return JSONResponse(body, status_code=200 if up else 503)
@@ -550,6 +552,7 @@ def serve(
     backend: Literal["builtin", "vllm"] = "builtin",
     vllm=None,
     scheduling: SchedulerConfig | None = None,
+    tiers: TierConfig | None = None,
     api_key: str | None = None,
     keys: str | None = None,
     audit_log: str | None = None,
@@ -563,6 +566,7 @@ def serve(
     The admin key is `api_key`, else the environment variable SOFTPROMPT_API_KEY (else none).
     `keys` is a tenants' keys file (tenants.py), re-read on SIGHUP and when it changes.
     `proxies` says which reverse proxies may name the client (none by default).
+    `tiers` bounds the tasks the built-in engine keeps in memory and pins some (registry.py).
     """
     import uvicorn
 
@@ -570,7 +574,7 @@ def serve(
 
     limits = limits or RequestLimits()
     served = _open_backend(
-        backend, model_name, PromptBank(bank_dir), vllm, limits.request_timeout_s
+        backend, model_name, PromptBank(bank_dir), vllm, limits.request_timeout_s, tiers
     )
     try:
         app = create_app(
@@ -598,12 +602,18 @@ def uvicorn_options(host: str, port: int, log_level: str) -> dict:
     return {"host": host, "port": port, "log_level": log_level, "proxy_headers": False}
 
 
-def _open_backend(backend: str, model_name: str, bank, vllm, timeout_s: float) -> Backend | Engine:
+def _open_backend(
+    backend: str, model_name: str, bank, vllm, timeout_s: float, tiers: TierConfig | None = None
+) -> Backend | Engine:
     if backend == "builtin":
         from softprompt.model.loading import load_model
 
-        return Engine(load_model(model_name), bank)
+        return Engine(load_model(model_name), bank, tiers=tiers)
     if backend == "vllm":
+        if tiers is not None and tiers != TierConfig():
+            raise ConfigError(
+                "--max-loaded-tasks, --max-resident-tasks and --pin apply to --backend builtin only"
+            )
         from softprompt.serving.vllm.backend import VLLMConfig, open_vllm_backend
 
         return open_vllm_backend(model_name, bank, vllm or VLLMConfig(), timeout_s=timeout_s)

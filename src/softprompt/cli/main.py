@@ -184,9 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--keys: next to it, KEYS.audit.jsonl; else none)",
     )
     from softprompt.api.app import ProxyConfig, RequestLimits
+    from softprompt.serving.registry import TierConfig
     from softprompt.serving.vllm.backend import VLLMConfig
 
     add_arguments(p, SchedulerConfig)
+    add_arguments(p, TierConfig)
     add_arguments(p, RequestLimits)
     add_arguments(p, ProxyConfig)
     add_arguments(p, VLLMConfig)

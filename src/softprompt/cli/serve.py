@@ -12,10 +12,12 @@ from softprompt.options import from_args
 def cmd_serve(args) -> int:
     from softprompt.api.app import ProxyConfig, RequestLimits, serve
     from softprompt.api.tenants import read_keys
+    from softprompt.serving.registry import TierConfig
     from softprompt.serving.scheduler import SchedulerConfig
     from softprompt.serving.vllm.backend import VLLMConfig
 
     proxies = from_args(ProxyConfig, args)  # bad flags and keys fail now, not after the model loads
+    tiers = from_args(TierConfig, args)
     if args.keys:
         read_keys(args.keys)
     serve(
@@ -26,6 +28,7 @@ def cmd_serve(args) -> int:
         backend=args.backend,
         vllm=from_args(VLLMConfig, args),
         scheduling=from_args(SchedulerConfig, args),
+        tiers=tiers,
         keys=args.keys,
         audit_log=args.audit_log,
         limits=from_args(RequestLimits, args),

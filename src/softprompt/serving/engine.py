@@ -241,7 +241,8 @@ class Engine:
         the rows use one prompt version even if a new one is saved meanwhile. The prepared piece
         keeps the snapshot: its tasks stay in use (never evicted) until the piece is gone.
         """
-        snapshot = TaskSnapshot() if snapshot is None else snapshot
+        if snapshot is None:
+            return self.prepare_all([request])[0]
         if isinstance(request, GenerationRequest):
             prepared = self._prepare_generation(request, snapshot)
         elif isinstance(request, ClassifyRequest):
@@ -258,7 +259,11 @@ class Engine:
     def prepare_all(self, requests: Sequence) -> list:
         """Prepare the pieces of one request (e.g. a completion's prompts) with one snapshot."""
         snapshot = TaskSnapshot()
-        return [self.prepare(request, snapshot) for request in requests]
+        try:
+            return [self.prepare(request, snapshot) for request in requests]
+        except BaseException:
+            snapshot.release()  # the request failed: its tasks are free now, not at garbage time
+            raise
 
     def _prepare_generation(
         self, request: GenerationRequest, snapshot: TaskSnapshot

@@ -120,7 +120,16 @@ class TaskSnapshot(dict):
     """name -> LoadedTask as one request resolved it (all its rows use one prompt version).
 
     Every task in it is in use, never evicted, while the snapshot is alive: the request's prepared
-    pieces keep it, so its tasks are released when the last piece is gone."""
+    pieces keep it, so its tasks are released when the last piece is gone, or at once by
+    `release()` (a request that failed while being prepared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.releases: list[weakref.finalize] = []  # one per task held; each runs once
+
+    def release(self) -> None:
+        for release in self.releases:
+            release()
 
 
 @dataclass
@@ -439,7 +448,7 @@ class TaskRegistry:
         """`entry` in use until `holder` is garbage (callers hold the registry lock)."""
         if holder is not None:
             entry.users += 1
-            weakref.finalize(holder, self._release, entry)
+            holder.releases.append(weakref.finalize(holder, self._release, entry))
 
     def _release(self, entry: LoadedTask) -> None:
         with self._tasks_lock:
