@@ -17,7 +17,9 @@ from softprompt.options import from_args
 from softprompt.serving.engine import ClassifyRequest, Engine
 from softprompt.serving.registry import TierConfig
 
+from ..conftest import build_tiny_tokenizer
 from .serving_fixtures import (
+    DEEP_TEXTS,
     TASKS,
     TEXTS,
     build_full_tokenizer,
@@ -25,6 +27,7 @@ from .serving_fixtures import (
     greedy,
     outputs,
     running,
+    served_bank,
 )
 
 NAMES = list(TASKS)  # t0 .. t3
@@ -180,6 +183,21 @@ def test_tiers_reload_after_eviction_gives_the_results_of_an_unbounded_registry(
     stats = bounded.registry.stats()
     assert stats["misses"] == stats["loads"] == 8 and stats["evictions"] == 7
     assert stats["hits"] == 8  # each generation right after its classify
+
+
+def test_tiers_reload_of_deep_and_soft_prompts_gives_the_same_results(tiny_llama, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    _, bank = served_bank(tiny_llama, tokenizer, tmp_path / "deep-bank")
+    unbounded = Engine((tiny_llama, tokenizer), bank)
+    bounded = tiered(tiny_llama, tokenizer, bank, max_loaded_tasks=1, max_resident_tasks=1)
+    for name in ["deep-task", "soft-task"] * 2:
+        want, got = unbounded.classify(name, DEEP_TEXTS), bounded.classify(name, DEEP_TEXTS)
+        for a, b in zip(want, got, strict=True):
+            for label, p in a.probabilities.items():
+                assert b.probabilities[label] == pytest.approx(p, abs=1e-6)
+        requests = [greedy(text, name, 5) for text in DEEP_TEXTS]
+        assert outputs(bounded.generate(requests)) == outputs(unbounded.generate(requests))
+    assert bounded.registry.stats()["evictions"] == 3
 
 
 def test_tiers_counters_count_loads_and_their_time(tiny_llama, tokenizer, bank):

@@ -18,10 +18,11 @@ deep prompt's rows are its KV already, so for it both tiers bound the same order
 
 Pinned tasks (and tasks added in memory, which the bank cannot give back) are never evicted. A
 task in use is never evicted either: each request's prepared pieces keep a `TaskSnapshot`, and
-while one is alive its tasks count as in use. Released when the pieces are garbage, not by an
-explicit call, so no path (a failed limit check, a cancelled stream, the vLLM gateway) can leak a
-use. When every entry over a bound is pinned or in use, the tier holds more until a request ends
-(at most the tasks of the running and queued requests, which `--max-queue` bounds).
+while one is alive its tasks count as in use. The use ends when the pieces are garbage (a weakref
+finalizer), so no path that drops a request (a failed limit check, a cancelled stream, the vLLM
+gateway) has to remember to release it and none can leak it; a request failing while it is
+prepared releases at once. When every entry over a bound is pinned or in use, the tier holds more
+until a request ends (at most the tasks of the requests in flight, which `--max-queue` bounds).
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ class TaskRegistry:
         errors = {}
         for name in sorted(names):
             if self._full() and name not in self._tasks:
-                continue  # following the bank never evicts a task in use by requests
+                continue  # following the bank (a listing) never pushes out tasks requests use
             try:
                 self._activate(name)  # refuses a bank task named like the base model
             except UnknownTaskError:
