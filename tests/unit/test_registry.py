@@ -184,6 +184,22 @@ def test_tiers_reload_after_eviction_gives_the_results_of_an_unbounded_registry(
     assert stats["hits"] == 8  # each generation right after its classify
 
 
+def test_tiers_concurrent_requests_over_more_tasks_than_the_bounds(tiny_llama, tokenizer, bank):
+    unbounded = Engine((tiny_llama, tokenizer), bank)
+    want = {name: unbounded.classify(name, TEXTS[:2]) for name in NAMES}
+    bounded = tiered(tiny_llama, tokenizer, bank, max_loaded_tasks=2, max_resident_tasks=1)
+    order = [NAMES[(i * 7) % 4] for i in range(32)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda name: bounded.classify(name, TEXTS[:2]), order))
+    for name, results in zip(order, got, strict=True):
+        for a, b in zip(want[name], results, strict=True):
+            for label, p in a.probabilities.items():
+                assert b.probabilities[label] == pytest.approx(p, abs=1e-6)
+    stats = bounded.registry.stats()
+    assert stats["loaded"] <= 2 and stats["resident"] <= 1 and stats["in_use"] == 0
+    assert stats["hits"] + stats["misses"] == 32 and stats["evictions"] >= 2
+
+
 def test_tiers_reload_of_deep_and_soft_prompts_gives_the_same_results(tiny_llama, tmp_path):
     tokenizer = build_tiny_tokenizer()
     _, bank = served_bank(tiny_llama, tokenizer, tmp_path / "deep-bank")
