@@ -37,8 +37,9 @@ for flag in ("--model", "--served-model-name", "--max-model-len", "--dtype", "--
     p.add_argument(flag)
 p.add_argument("--enable-prompt-embeds", action="store_true")
 p.add_argument("--kv-transfer-config")
+p.add_argument("--block-size")
 args = p.parse_args()
-assert args.enable_prompt_embeds and args.host == "127.0.0.1"
+assert args.enable_prompt_embeds and args.host == "127.0.0.1" and args.block_size == "32"
 connector = json.loads(args.kv_transfer_config)
 assert connector["kv_connector_module_path"] in {
     path.stem for folder in __import__("os").environ["PYTHONPATH"].split(":") if folder
@@ -97,6 +98,8 @@ def test_serve_starts_vllm_serves_through_it_and_stops_it_on_exit(fake_vllm_pyth
             "float32",
             "--vllm-startup-timeout-s",
             "120",
+            "--vllm-block-size",
+            "32",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -101,6 +101,12 @@ class VLLMConfig:
         2048, "Context length of a vLLM the gateway starts (--max-model-len)."
     )
     vllm_startup_timeout_s: float = opt(900, "Seconds to wait for a started vLLM to answer.")
+    vllm_block_size: int | None = opt(
+        None,
+        "KV block size of a vLLM the gateway starts (--block-size; none: vLLM's, 128 on CPU). "
+        "vLLM's prefix cache reuses whole blocks: a prompt as long as one block is computed "
+        "once per task and reused by every request naming it.",
+    )
     vllm_prefix_dir: str | None = opt(
         None,
         "Folder shared with vLLM's deep-prompt connector (deep prompts are published there); "
@@ -115,6 +121,8 @@ class VLLMConfig:
             )
         if self.vllm_max_model_len < 1:
             raise ConfigError("vllm_max_model_len must be >= 1")
+        if self.vllm_block_size is not None and self.vllm_block_size < 1:
+            raise ConfigError("vllm_block_size must be >= 1")
 
 
 def open_vllm_backend(
@@ -138,6 +146,9 @@ def open_vllm_backend(
             dtype=config.vllm_dtype,
             max_model_len=config.vllm_max_model_len,
             deep_prompt_folder=spool.folder,
+            extra_args=("--block-size", str(config.vllm_block_size))
+            if config.vllm_block_size
+            else (),
         )
         try:
             url = process.start(config.vllm_startup_timeout_s)
