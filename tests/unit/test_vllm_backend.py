@@ -138,6 +138,17 @@ def test_request_shape_and_base64_tensor_bytes_are_prompt_then_token_embeddings(
     assert torch.equal(sent, expected)
 
 
+def test_a_tasks_prompt_rows_reach_vllm_as_the_same_bytes_every_time(setup):
+    """vLLM's prefix cache hashes the bytes of each full block of prompt embeddings: a task's
+    rows must be byte-identical in every request, whatever follows them."""
+    before = len(setup.fake.bodies)
+    for text in (TEXTS[0], TEXTS[3], TEXTS[0]):
+        setup.http.post("/v1/completions", json={"model": "t3", "prompt": text, "max_tokens": 1})
+    sent = [decode_embeds(body)[: TASKS["t3"]] for body in setup.fake.bodies[before:]]
+    assert len(sent) == 3
+    assert len({rows.numpy().tobytes() for rows in sent}) == 1
+
+
 def test_encoded_embeddings_carry_only_their_rows_not_the_whole_matrix():
     table = torch.randn(5000, 32)
     view = table[10:12]  # a view: torch.save would write all 5000 rows of its storage
