@@ -29,6 +29,7 @@ from softprompt.bank.format import (
     check_compatible,
     check_prompt_rows,
     check_width,
+    peft_prefix_config,
     peft_prompt_config,
     validate_task_name,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "check_prompt_rows",
     "check_width",
     "parse_json_object",
+    "peft_prefix_config",
     "peft_prompt_config",
     "prompt_from_files",
     "read_prompt_dir",

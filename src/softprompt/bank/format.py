@@ -1,4 +1,4 @@
-"""What a saved prompt is: task names, `SavedPrompt`, the PEFT adapter config, and the checks of
+"""What a saved prompt is: task names, `SavedPrompt`, the PEFT adapter configs, and the checks of
 a config, its tensor, plots and base-model fingerprint (no disk access here).
 
 A prompt folder holds `adapter_config.json` (PEFT's keys), `adapter_model.safetensors` (the one
@@ -144,6 +144,34 @@ def peft_prompt_config(
         inference_mode=True,  # what PEFT's save_pretrained records
     )
     return _json_safe(config.to_dict())
+
+
+def peft_prefix_config(
+    *,
+    num_virtual_tokens: int,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """The adapter_config of a causal-LM prefix-tuning adapter (a deep prompt) holding the prefix
+    itself: the keys PEFT 0.21.2 reads to load it (`PeftModel.from_pretrained` gives the same
+    logits; tests/unit/test_deep_prompt.py). `token_dim` is one layer's key width, kv_heads x
+    head_dim, so a stored row is num_layers x (key, value) x token_dim."""
+    kv_width = kv_heads * head_dim
+    return {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": kv_width,
+        "num_layers": num_layers,
+        "num_attention_heads": kv_heads,
+        "num_transformer_submodules": 1,
+        "encoder_hidden_size": kv_width,
+        "prefix_projection": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
 
 
 def _peft_init_value(init: object, text: str | None, tokenizer: str | None) -> str:

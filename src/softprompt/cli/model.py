@@ -11,7 +11,8 @@ def cmd_eval(args) -> int:
     from softprompt.bank import PromptBank
     from softprompt.data import Template
     from softprompt.model.loading import load_model
-    from softprompt.prompting.prompted import PromptedModel, model_for_saved
+    from softprompt.prompting.kinds import model_for_saved
+    from softprompt.prompting.prompted import PromptedModel
     from softprompt.training.evaluation import evaluate_task
     from softprompt.training.trainer import TrainConfig, autocast, use_bf16
 
@@ -100,7 +101,8 @@ def _print_eval(metrics: dict) -> None:
 def cmd_generate(args) -> int:
     from softprompt.bank import PromptBank, read_prompt_dir
     from softprompt.model.loading import load_model
-    from softprompt.prompting.prompted import PromptedModel, model_for_saved
+    from softprompt.prompting.kinds import model_for_saved
+    from softprompt.prompting.prompted import PromptedModel
 
     loaded = load_model(args.model)
     prompted, task = PromptedModel(loaded), None

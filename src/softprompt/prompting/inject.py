@@ -239,17 +239,97 @@ def _stack_right_aligned(rows, width: int, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _prompts_from_prefixes(
-    prefixes: list[PromptPrefix | None],
+def pad_prompts(
+    prompts: list[torch.Tensor | None], width: int, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts behind `prefixes`, right-padded: (B, N, d) and lengths (B,)."""
+    """Each row's prompt [n_b, width] (None: no prompt) right-padded with zeros: values (B, N, width)
+    and lengths (B,). The one way prompts of different lengths become a batch."""
+    lengths = torch.tensor([0 if p is None else p.shape[0] for p in prompts], device=device)
+    n_max = int(lengths.max()) if len(prompts) else 0
+    if n_max == 0:
+        return torch.zeros(len(prompts), 0, width, device=device), lengths
+    return torch.stack([_pad_rows(p, n_max, width, device) for p in prompts]), lengths
+
+
+def _pad_rows(prompt: torch.Tensor | None, n: int, width: int, device) -> torch.Tensor:
+    if prompt is None:
+        return torch.zeros(n, width, device=device)
+    prompt = prompt.to(device)
+    if prompt.shape[0] == n:
+        return prompt
+    return torch.cat([prompt, prompt.new_zeros(n - prompt.shape[0], width)])  # (n, width)
+
+
+@dataclass
+class PromptInputs:
+    """How a batch's prompts enter the forward pass, as a prompt kind hands them over: input
+    embeddings (`prompts` (B, N, d) fp32 right-padded, `prompt_lengths` (B,)) or per-layer KV
+    prefixes (`prefixes`, one per row or None). Neither: no row has a prompt (the plain model)."""
+
+    prompts: torch.Tensor | None = None
+    prompt_lengths: torch.Tensor | None = None
+    prefixes: list[PromptPrefix | None] | None = None
+
+
+def exact_inputs(model, inputs: PromptInputs, columns: int, shorten: str) -> PromptInputs:
+    """`inputs` as they may enter a forward over `columns` columns after the prompt: the one
+    sliding-window check (`prefix_is_exact`). Past the window a soft prompt's cached prefix is
+    replaced by the prompt itself, injected as embeddings (never silently inexact); a deep
+    prompt, which has nothing to inject instead, is refused with what to `shorten`."""
+    prefixes = inputs.prefixes
+    if prefixes is None:
+        return inputs
+    if not any(p is not None and p.length for p in prefixes):
+        return PromptInputs()
+    width = max(p.length for p in prefixes if p is not None) + columns
+    if prefix_is_exact(model, width):
+        return inputs
+    if any(p is not None and p.prompt is None for p in prefixes):
+        raise IncompatiblePromptError(
+            f"a deep prompt over {width} columns exceeds this model's sliding window; "
+            f"shorten {shorten}"
+        )
     ref = next(p.prompt for p in prefixes if p is not None)
-    lengths = torch.tensor([p.length if p is not None else 0 for p in prefixes], device=ref.device)
-    out = ref.new_zeros(len(prefixes), int(lengths.max()), ref.shape[1])
-    for b, p in enumerate(prefixes):
-        if p is not None:
-            out[b, : p.length] = p.prompt
-    return out, lengths
+    prompts, lengths = pad_prompts(
+        [p.prompt if p is not None else None for p in prefixes], ref.shape[1], ref.device
+    )
+    return PromptInputs(prompts, lengths)
+
+
+def prompt_logits(
+    model, input_ids, attention_mask, inputs: PromptInputs, *, keep: int = 0
+) -> torch.Tensor:
+    """Logits with each row's prompt in place, however it enters: [B, L, V] in the caller's
+    layout (keep = 0), or [B, keep, V] for the last `keep` columns of left-padded rows (the LM
+    head runs on those only; what the scorer reads)."""
+    inputs = exact_inputs(model, inputs, input_ids.shape[1], "the inputs")
+    if inputs.prefixes is not None:
+        out, _, plain = prefix_forward(
+            model, input_ids, attention_mask, inputs.prefixes, use_cache=True, logits_to_keep=keep
+        )
+        return out.logits if keep else plain.real_logits(out.logits)
+    batch = _embedded(model, input_ids, attention_mask, inputs)
+    out = forward(model, batch, logits_to_keep=keep, use_cache=False)
+    return out.logits if keep else batch.real_logits(out.logits)
+
+
+def prompt_loss(
+    model, input_ids, attention_mask, labels, inputs: PromptInputs, *, reduction: str = "mean"
+) -> torch.Tensor:
+    """Training loss with each row's prompt in place, however it enters (`loss`, `prefix_loss`)."""
+    inputs = exact_inputs(model, inputs, input_ids.shape[1], "the inputs")
+    if inputs.prefixes is not None:
+        return prefix_loss(
+            model, input_ids, attention_mask, labels, inputs.prefixes, reduction=reduction
+        )
+    batch = _embedded(model, input_ids, attention_mask, inputs, labels)
+    return loss(model, batch, reduction=reduction)
+
+
+def _embedded(model, input_ids, attention_mask, inputs: PromptInputs, labels=None):
+    if inputs.prompts is None:
+        return _tokens_only(model, input_ids, attention_mask, labels)
+    return inject(model, input_ids, attention_mask, inputs.prompts, inputs.prompt_lengths, labels)
 
 
 def prefix_forward(model, input_ids, attention_mask, prefixes: list[PromptPrefix | None], **kwargs):
@@ -414,27 +494,19 @@ def prefill(
     `max_new_tokens` to come (a sliding window), the prompts are injected instead; a deep
     prompt, which has nothing to inject, is refused.
     """
-    rows = len(input_ids)
-    width = max((p.length for p in prefixes or [] if p is not None), default=0)
-    width += input_ids.shape[1] + max_new_tokens
-    if prefixes is not None and width > 0 and not prefix_is_exact(model, width):
-        if any(p is not None and p.prompt is None for p in prefixes):
-            raise IncompatiblePromptError(
-                f"a deep prompt over {width} columns exceeds this model's "
-                "sliding window; shorten the input or max_new_tokens"
-            )
-        prompts, prompt_lengths = _prompts_from_prefixes(prefixes)  # never silently inexact
-        prefixes = None
-    if prefixes is not None and any(p is not None and p.length for p in prefixes):
+    inputs = exact_inputs(
+        model,
+        PromptInputs(prompts, prompt_lengths, prefixes),
+        input_ids.shape[1] + max_new_tokens,
+        "the input or max_new_tokens",
+    )
+    if inputs.prefixes is not None:
         out, mask, plain = prefix_forward(
-            model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1
+            model, input_ids, attention_mask, inputs.prefixes, use_cache=True, logits_to_keep=1
         )
         positions = plain.position_ids[:, -1] + mask[:, : -plain.attention_mask.shape[1]].sum(1)
     else:
-        if prompts is None:
-            prompts = torch.zeros(rows, 0, 1, device=input_ids.device)
-            prompt_lengths = input_ids.new_zeros(rows)
-        batch = inject(model, input_ids, attention_mask, prompts, prompt_lengths)
+        batch = _embedded(model, input_ids, attention_mask, inputs)
         out = forward(model, batch, logits_to_keep=1, use_cache=True)
         mask, positions = batch.attention_mask, batch.position_ids[:, -1]
     return DecodeState(out.cache, mask, positions, out.logits[:, -1])
@@ -591,8 +663,8 @@ def generate_texts(
     top_p=1.0,
     seed=None,
 ) -> list[str]:
-    """Generated continuations of `texts` from a PromptedModel or DeepPromptModel (anything with
-    `.tokenizer`, `.model` and `.generate_ids`), each row with its task's prompt."""
+    """Generated continuations of `texts` from a PromptedModel (anything with `.tokenizer`,
+    `.model` and `.generate_ids`), each row with its task's prompt."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     enc = prompted.tokenizer(texts, return_tensors="pt", padding=True)
     device = prompted.model.get_input_embeddings().weight.device

@@ -1,4 +1,4 @@
-"""PromptedModel: a frozen causal LM plus one soft prompt per task, the notebook-sized API.
+"""PromptedModel: a frozen causal LM plus one prompt per task, of one kind; the notebook-sized API.
 
     model = load_model("default")
     prompted = PromptedModel(model, {"sentiment": PromptTuningConfig(
@@ -6,31 +6,34 @@
         prompt_tuning_init_text="Classify if this text is positive or negative:")})
     prompted.generate(["Review: great film\\nSentiment:"], tasks=["sentiment"])
 
-Everything that touches the model goes through `inject.py`; this class only keeps the pieces
-together (model, tokenizer, prompt table, fingerprint) and speaks in task names and strings.
+The prompt kind (soft by default; `kind=DeepPrompt()` for deep prompts) says how a prompt enters
+the model (kind.py); everything that touches the model goes through `inject.py`. This class keeps
+the pieces together (model, tokenizer, prompt table, kind, fingerprint) and speaks in task names
+and strings.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from softprompt.bank import (
-    PromptBank,
-    SavedPrompt,
-    check_compatible,
-    peft_prompt_config,
-    read_prompt_dir,
-)
+from softprompt.bank import PromptBank, SavedPrompt, check_compatible, read_prompt_dir
 from softprompt.errors import ConfigError
 from softprompt.model.loading import LoadedModel, eos_token_ids, fingerprint, freeze
 from softprompt.prompting import inject
-from softprompt.prompting.deep import DeepPromptModel
-from softprompt.prompting.soft import NO_TASK, PromptTable, PromptTuningConfig, init_prompt
+from softprompt.prompting.kind import PromptKind
+from softprompt.prompting.soft import (
+    NO_TASK,
+    PromptTable,
+    PromptTuningConfig,
+    SoftPrompt,
+    init_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,16 @@ TaskSpec = str | None | list[str | None] | torch.Tensor
 
 
 class PromptedModel(nn.Module):
-    """A frozen causal LM with a table of soft prompts; only the table is trainable."""
+    """A frozen causal LM with a table of prompts of one kind; only the prompts (and the kind's
+    own parameters, if any) are trainable."""
 
     def __init__(
-        self, model: LoadedModel | nn.Module, prompts: dict | None = None, *, tokenizer=None
+        self,
+        model: LoadedModel | nn.Module,
+        prompts: dict | None = None,
+        *,
+        tokenizer=None,
+        kind: PromptKind | None = None,
     ):
         super().__init__()
         if isinstance(model, LoadedModel):
@@ -54,6 +63,10 @@ class PromptedModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.table = PromptTable()
+        self.kind = SoftPrompt() if kind is None else kind  # registered after the table: the
+        # trainer's parameter order (table, then the kind's own) is what checkpoints hold
+        self.row_width = self.kind.bind(model)
+        """Values per virtual token as the bank stores them (soft: the hidden size)."""
         self.configs: dict[str, PromptTuningConfig | None] = {}
         self.meta: dict[str, dict] = {}  # per task: template, verbalizer... saved with the prompt
         for name, spec in (prompts or {}).items():
@@ -62,24 +75,31 @@ class PromptedModel(nn.Module):
     # ------------------------------------------------------------ tasks
 
     def add_task(self, name: str, spec: PromptTuningConfig | torch.Tensor | SavedPrompt) -> int:
-        """Add a task from a config (initialised here), a tensor [n, d], or a saved prompt."""
+        """Add a task from a config (initialised here), a tensor (a soft prompt [n, d], or values
+        in the kind's own layout), or a saved prompt of this kind."""
         if isinstance(spec, SavedPrompt):
-            check_compatible(spec, token_dim=self.token_dim, fingerprint=self.fingerprint)
-            values, config = spec.embeddings, None
-            self.meta[name] = {
-                k: v for k, v in spec.meta.items() if k in ("template", "verbalizer")
-            }
-        elif isinstance(spec, PromptTuningConfig):
-            if (
-                spec.prompt_tuning_init in ("text", "class_labels", "sampled_vocab")
-                and self.tokenizer is None
-            ):
-                raise ConfigError(f"init {spec.prompt_tuning_init!r} needs a tokenizer")
-            values, config = init_prompt(spec, self.model, self.tokenizer), spec
-        else:
-            values, config = spec, None
-        task_id = self.table.add(name, values)
+            return self._add_saved(name, spec)
+        config = spec if isinstance(spec, PromptTuningConfig) else None
+        values = spec if config is None else self._initial_values(config)
+        task_id = self.kind.add(self.model, self.table, name, values)
         self.configs[name] = config
+        return task_id
+
+    def _initial_values(self, config: PromptTuningConfig) -> torch.Tensor:
+        if (
+            config.prompt_tuning_init in ("text", "class_labels", "sampled_vocab")
+            and self.tokenizer is None
+        ):
+            raise ConfigError(f"init {config.prompt_tuning_init!r} needs a tokenizer")
+        return init_prompt(config, self.model, self.tokenizer)
+
+    def _add_saved(self, name: str, saved: SavedPrompt) -> int:
+        check_compatible(
+            saved, token_dim=self.row_width, fingerprint=self.fingerprint, kinds=(self.kind.name,)
+        )
+        self.meta[name] = {k: v for k, v in saved.meta.items() if k in ("template", "verbalizer")}
+        task_id = self.kind.add_stored(self.table, name, saved.embeddings)
+        self.configs[name] = None
         return task_id
 
     @property
@@ -106,49 +126,50 @@ class PromptedModel(nn.Module):
 
     # ------------------------------------------------------------ model calls
 
-    def inject(
-        self, input_ids, attention_mask, tasks: TaskSpec, labels=None
-    ) -> inject.InjectedBatch:
+    def prompt_inputs(self, input_ids, tasks: TaskSpec) -> inject.PromptInputs:
+        """How each row's prompt enters the forward pass (the kind decides)."""
         task_ids = self.task_ids(tasks, len(input_ids)).to(input_ids.device)
-        prompts, lengths = self.table.gather(task_ids, device=input_ids.device)
-        return inject.inject(self.model, input_ids, attention_mask, prompts, lengths, labels)
+        return self.kind.enter(self.model, self.table, task_ids)
 
     def forward(self, input_ids, attention_mask=None, tasks: TaskSpec = None, labels=None):
         """Logits in the caller's layout [B, L, V] (and the loss when labels are given)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch = self.inject(input_ids, attention_mask, tasks, labels)
-        out = inject.forward(self.model, batch, use_cache=False)
-        loss = None if labels is None else inject.loss(self.model, batch)
-        return CausalLMOutputWithPast(loss=loss, logits=batch.real_logits(out.logits))
+        inputs = self.prompt_inputs(input_ids, tasks)
+        logits = inject.prompt_logits(self.model, input_ids, attention_mask, inputs)
+        loss = None
+        if labels is not None:
+            loss = inject.prompt_loss(self.model, input_ids, attention_mask, labels, inputs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def last_logits(
         self, input_ids, attention_mask, tasks: TaskSpec = None, keep: int = 1
     ) -> torch.Tensor:
         """Logits [B, keep, V] of the last `keep` columns of left-padded rows (the LM head runs on
         those only): what scorer.py reads target log-probabilities from."""
-        out = inject.forward(
-            self.model,
-            self.inject(input_ids, attention_mask, tasks),
-            logits_to_keep=keep,
-            use_cache=False,
-        )
-        return out.logits
+        inputs = self.prompt_inputs(input_ids, tasks)
+        return inject.prompt_logits(self.model, input_ids, attention_mask, inputs, keep=keep)
 
     def loss(self, input_ids, attention_mask, tasks: TaskSpec, labels, reduction="mean"):
         """Training loss, with logits computed only where labels are."""
-        return inject.loss(
-            self.model, self.inject(input_ids, attention_mask, tasks, labels), reduction=reduction
+        inputs = self.prompt_inputs(input_ids, tasks)
+        return inject.prompt_loss(
+            self.model, input_ids, attention_mask, labels, inputs, reduction=reduction
         )
 
     def generate_ids(
         self, input_ids, attention_mask, tasks: TaskSpec = None, **kwargs
     ) -> list[list[int]]:
-        task_ids = self.task_ids(tasks, len(input_ids)).to(input_ids.device)
-        prompts, lengths = self.table.gather(task_ids, device=input_ids.device)
+        inputs = self.prompt_inputs(input_ids, tasks)
         kwargs.setdefault("eos_token_ids", eos_token_ids(self.tokenizer, self.model))
         return inject.generate(
-            self.model, input_ids, attention_mask, prompts=prompts, prompt_lengths=lengths, **kwargs
+            self.model,
+            input_ids,
+            attention_mask,
+            prompts=inputs.prompts,
+            prompt_lengths=inputs.prompt_lengths,
+            prefixes=inputs.prefixes,
+            **kwargs,
         )
 
     def generate(self, texts: str | list[str], tasks: TaskSpec = None, **kwargs) -> list[str]:
@@ -159,51 +180,33 @@ class PromptedModel(nn.Module):
 
     def saved_prompt(self, name: str, meta: dict | None = None) -> SavedPrompt:
         """The task's prompt with its PEFT config and our metadata, ready for a bank."""
-        values = self.table.get(name).detach().cpu().float().clone()
+        rows = self.kind.rows(self.table, self.table.index(name))
+        rows = rows.detach().cpu().float().clone()  # (n, row_width)
         config = self.configs.get(name)
-        cfg = self.model.config
-        peft_config = peft_prompt_config(
-            num_virtual_tokens=values.shape[0],
-            token_dim=values.shape[1],
-            num_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            prompt_tuning_init=config.prompt_tuning_init if config else "random",
-            prompt_tuning_init_text=config.prompt_tuning_init_text if config else None,
-            tokenizer_name_or_path=self.base_name,
-            base_model_name_or_path=self.base_name,
-        )
+        info = {"fingerprint": self.fingerprint, "base_model": self.base_name}
         info = {
-            "fingerprint": self.fingerprint,
-            "base_model": self.base_name,
-            "prompt_tuning_init": config.prompt_tuning_init if config else None,
+            **self.kind.saved_meta(info, config),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        meta = {**info, **self.meta.get(name, {}), **(meta or {})}
-        return SavedPrompt(name=name, embeddings=values, config=peft_config, meta=meta)
+        return SavedPrompt(
+            name=name,
+            embeddings=rows,
+            config=self.kind.peft_config(self.model, rows, config, self.base_name),
+            meta={**info, **self.meta.get(name, {}), **(meta or {})},
+        )
 
-    def save_task(self, name: str, bank: PromptBank | str, meta: dict | None = None):
+    def save_task(self, name: str, bank: PromptBank | str | os.PathLike, meta: dict | None = None):
         """Write one task into a bank folder (atomically); returns its path."""
         bank = bank if isinstance(bank, PromptBank) else PromptBank(bank)
         return bank.save(self.saved_prompt(name, meta))
 
-    def load_task(self, source: str, name: str | None = None) -> SavedPrompt:
-        """Add a task from a saved prompt folder (ours or PEFT's), refusing incompatible ones."""
+    def load_task(self, source: str | os.PathLike, name: str | None = None) -> SavedPrompt:
+        """Add a task from a saved prompt folder (a bank entry, or a PEFT adapter of this kind),
+        refusing incompatible ones; its metadata is kept, so a later save carries it on."""
         saved = read_prompt_dir(source, name=name)
         self.add_task(name or saved.name, saved)
         self.meta[name or saved.name] = saved.meta
         return saved
 
 
-def model_for_saved(loaded: LoadedModel, saved: SavedPrompt, name: str | None = None):
-    """A PromptedModel (soft prompt) or DeepPromptModel (deep prompt) on `loaded`, holding `saved`
-    under `name` (default: its own name): what eval, generate and inspect load a bank task into."""
-    if saved.kind == "deep":
-        model = DeepPromptModel(loaded)
-        model.add_saved(saved, name)
-        return model
-    model = PromptedModel(loaded)
-    model.add_task(name or saved.name, saved)
-    return model
-
-
-__all__ = ["PromptedModel", "NO_TASK", "model_for_saved"]
+__all__ = ["PromptedModel", "NO_TASK"]

@@ -1,4 +1,5 @@
-"""Soft prompts: their config, their initial values, and the table that holds one per task.
+"""Soft prompts: their config, their initial values, the table that holds one per task, and the
+soft prompt kind (input embeddings).
 
 A soft prompt lives in the model's *input-embedding space* (what `get_input_embeddings()(ids)`
 returns, so Gemma's internal embedding scale is already applied). Prompts are kept in float32
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from softprompt.bank.format import check_prompt_rows, check_width
+from softprompt.bank.format import check_prompt_rows, check_width, peft_prompt_config
 from softprompt.errors import ConfigError, UnknownTaskError
 from softprompt.options import opt
+from softprompt.prompting.inject import PromptInputs, pad_prompts
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,13 @@ class PromptTuningConfig:
         }.get(self.prompt_tuning_init)
         if required and not getattr(self, required):
             raise ConfigError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs {required}")
+
+
+def default_init_text(labels: list[str]) -> str:
+    """The init text when none is given: an instruction naming the task's labels ("Classify as
+    negative or positive:"), or "Answer:" for a free-form task. `softprompt train` and `compare`
+    both start from it."""
+    return ("Classify as " + " or ".join(labels) + ":") if labels else "Answer:"
 
 
 # ---------------------------------------------------------------- initial values
@@ -201,20 +210,55 @@ class PromptTable(nn.Module):
     def gather(self, task_ids: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts for each row, right-padded: values [B, N, d] fp32 and lengths [B]."""
         self.check_ids(task_ids)
-        used = sorted({int(t) for t in task_ids.tolist() if t != NO_TASK})
-        lengths_by_task = {t: self.prompts[t].shape[0] for t in used}
-        n_max = max(lengths_by_task.values(), default=0)
-        d = self.token_dim if self.names else 0
-        lengths = torch.tensor([lengths_by_task.get(int(t), 0) for t in task_ids.tolist()])
-        if n_max == 0:
-            return torch.zeros(len(task_ids), 0, d, device=device), lengths.to(device)
-        rows = [self._padded(int(t), n_max, d, device) for t in task_ids.tolist()]
-        return torch.stack(rows), lengths.to(device)  # (B, N, d), (B,)
+        rows = [None if t == NO_TASK else self.prompts[t] for t in task_ids.tolist()]
+        return pad_prompts(rows, self.token_dim if self.names else 0, device)  # (B, N, d), (B,)
 
-    def _padded(self, task_id: int, n_max: int, d: int, device) -> torch.Tensor:
-        if task_id == NO_TASK:
-            return torch.zeros(n_max, d, device=device)
-        prompt = self.prompts[task_id].to(device)
-        if prompt.shape[0] == n_max:
-            return prompt
-        return torch.cat([prompt, prompt.new_zeros(n_max - prompt.shape[0], d)])
+
+# ---------------------------------------------------------------- the kind
+
+
+class SoftPrompt(nn.Module):
+    """The soft prompt kind (Lester et al. 2021; PEFT's PROMPT_TUNING): n trainable vectors in the
+    input-embedding space, entering the forward pass as input embeddings just before the real
+    tokens. Its rows are what the bank stores, [n, d]. (Its keys and values do not depend on the
+    input, so the engine may also serve it from a cached KV prefix where that is exact.)
+
+    A `PromptKind` (prompting/kind.py); it has no parameters of its own: the prompts are the
+    `PromptTable`'s."""
+
+    name = "soft"
+    peft_type = "PROMPT_TUNING"
+    default_learning_rate = 3e-2
+    """The best of bench/quality_sst2.py's screen (SST-2, chosen on validation rows never reported)."""
+
+    def bind(self, model) -> int:
+        return model.get_input_embeddings().weight.shape[1]
+
+    def add(self, model, table: PromptTable, name: str, values: torch.Tensor) -> int:
+        return table.add(name, values)
+
+    def add_stored(self, table: PromptTable, name: str, rows: torch.Tensor) -> int:
+        return table.add(name, rows)
+
+    def rows(self, table: PromptTable, task_id: int) -> torch.Tensor:
+        return table.prompts[task_id]
+
+    def enter(self, model, table: PromptTable, task_ids: torch.Tensor) -> PromptInputs:
+        return PromptInputs(*table.gather(task_ids, device=task_ids.device))
+
+    def peft_config(
+        self, model, rows: torch.Tensor, config: PromptTuningConfig | None, base_name: str
+    ) -> dict:
+        return peft_prompt_config(
+            num_virtual_tokens=rows.shape[0],
+            token_dim=rows.shape[1],
+            num_layers=model.config.num_hidden_layers,
+            num_attention_heads=model.config.num_attention_heads,
+            prompt_tuning_init=config.prompt_tuning_init if config else "random",
+            prompt_tuning_init_text=config.prompt_tuning_init_text if config else None,
+            tokenizer_name_or_path=base_name,
+            base_model_name_or_path=base_name,
+        )
+
+    def saved_meta(self, info: dict, config: PromptTuningConfig | None) -> dict:
+        return {**info, "prompt_tuning_init": config.prompt_tuning_init if config else None}
