@@ -24,6 +24,7 @@ from softprompt.prompting.soft import PromptTuningConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from softprompt.prompting.kinds import KINDS
     from softprompt.training.trainer import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print the summary as JSON on the last line")
     p.add_argument(
         "--prompt-type",
-        choices=["deep", "soft"],
+        choices=sorted(KINDS),
         default="deep",
         help="deep: a key/value prefix in every layer (P-tuning v2; the most accurate in "
         "bench/quality_sst2.py; served by the built-in engine later, not by vLLM); soft: "
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_learning_rate,
         default=None,
         help="Peak learning rate, or 'auto' (an LR range test picks it). Default: "
-        "1e-2 for deep prompts, 3e-2 for soft prompts (bench/quality_sst2.py)",
+        + ", ".join(f"{k.default_learning_rate:g} for {name} prompts" for name, k in KINDS.items())
+        + " (bench/quality_sst2.py)",
     )
     add_arguments(p, PromptTuningConfig, skip=("seed",))  # one --seed for init and batches
     add_arguments(p, TrainConfig, skip=("max_length", "learning_rate"))

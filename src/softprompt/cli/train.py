@@ -13,16 +13,16 @@ from softprompt.atomic import write_file
 from softprompt.cli.common import load_split, nth, print_json, task_from_flags
 from softprompt.errors import ConfigError
 from softprompt.options import from_args
-from softprompt.prompting.soft import PromptTuningConfig
+from softprompt.prompting.soft import PromptTuningConfig, default_init_text
 
 
 def cmd_train(args) -> int:
     from softprompt.bank import PromptBank
     from softprompt.model.loading import load_model
-    from softprompt.prompting.deep import DeepPromptModel
+    from softprompt.prompting.kinds import default_learning_rate, kind_named
     from softprompt.prompting.prompted import PromptedModel
     from softprompt.training.lr_find import find_learning_rate
-    from softprompt.training.trainer import DEFAULT_LEARNING_RATE, EvalSet, TrainConfig, Trainer
+    from softprompt.training.trainer import EvalSet, TrainConfig, Trainer
 
     names = args.task
     if len(args.data) not in (1, len(names)):
@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
         )
     auto_lr = args.learning_rate == "auto"
     learning_rate = (
-        DEFAULT_LEARNING_RATE[args.prompt_type]
+        default_learning_rate(args.prompt_type)
         if args.learning_rate in (None, "auto")
         else args.learning_rate
     )
@@ -39,11 +39,7 @@ def cmd_train(args) -> int:
     tasks = [task_from_flags(args, i, name) for i, name in enumerate(names)]
     loaded = load_model(args.model)
     inits = {task.name: _init_config(args, task) for task in tasks}
-    prompted = (
-        DeepPromptModel(loaded, inits)
-        if args.prompt_type == "deep"
-        else PromptedModel(loaded, inits)
-    )
+    prompted = PromptedModel(loaded, inits, kind=kind_named(args.prompt_type))
     train_examples, eval_sets, test_sets = [], {}, {}
     for i, (name, task) in enumerate(zip(names, tasks, strict=True)):
         train_examples += load_split(nth(args.data, i), task, loaded.tokenizer, i, args)
@@ -120,9 +116,7 @@ def _init_config(args, task) -> PromptTuningConfig:
     if args.prompt_tuning_init == "class_labels" and not args.init_labels:
         overrides["init_labels"] = labels
     if args.prompt_tuning_init == "text" and not args.prompt_tuning_init_text:
-        overrides["prompt_tuning_init_text"] = (
-            ("Classify as " + " or ".join(labels) + ":") if labels else "Answer:"
-        )
+        overrides["prompt_tuning_init_text"] = default_init_text(labels)
     return from_args(PromptTuningConfig, args, **overrides)
 
 

@@ -33,6 +33,7 @@ from softprompt.atomic import write_file
 from softprompt.data import Example, Task, collate, length_grouped_batches, sample_rows
 from softprompt.errors import ConfigError
 from softprompt.options import opt
+from softprompt.prompting.kinds import KINDS, default_learning_rate
 from softprompt.training.evaluation import evaluate_task
 from softprompt.training.sharding import fsdp_requested, shard_frozen_base
 from softprompt.training.trackers import (
@@ -51,7 +52,14 @@ class TrainConfig:
 
     max_steps: int = opt(800, "Number of optimizer steps.")
     per_device_train_batch_size: int = opt(16, "Examples per step on each process.")
-    learning_rate: float = opt(1e-2, "Peak learning rate (deep prompts: 1e-2; soft prompts: 3e-2).")
+    learning_rate: float = opt(
+        default_learning_rate("deep"),
+        "Peak learning rate (each prompt kind's default: "
+        + "; ".join(
+            f"{name} prompts: {kind.default_learning_rate:g}" for name, kind in KINDS.items()
+        )
+        + ").",
+    )
     optimizer: str = opt("adamw", "adamw or adafactor (Lester et al. used Adafactor, lr 0.3).")
     weight_decay: float = opt(0.0, "Decoupled weight decay.")
     warmup_steps: int = opt(10, "Linear warmup steps.")
@@ -144,11 +152,6 @@ def _check_number(name: str, value: float, *, positive: bool = False) -> None:
         raise ConfigError(
             f"{name} must be a finite number {'>' if positive else '>='} 0, not {value!r}"
         )
-
-
-DEFAULT_LEARNING_RATE = {"deep": 1e-2, "soft": 3e-2}
-"""Peak learning rate per prompt type: the best of bench/quality_sst2.py's screen (SST-2, chosen
-on validation rows that are never reported)."""
 
 
 @dataclass

@@ -12,12 +12,15 @@ import torch
 from softprompt.data import Example, Task
 from softprompt.errors import ConfigError
 from softprompt.options import opt
-from softprompt.training.trainer import DEFAULT_LEARNING_RATE
+from softprompt.prompting.kinds import default_learning_rate
+from softprompt.prompting.soft import PromptTuningConfig
 
 log = logging.getLogger(__name__)
 
 
 METHODS = ("zero_shot", "prompt", "deep_prompt", "lora", "full")
+PROMPT_KINDS = {"prompt": "soft", "deep_prompt": "deep"}
+"""The methods that train a prompt, and its kind (prompting/kinds.py)."""
 TASK = "compare"
 Progress = Callable[[dict], None]
 
@@ -33,11 +36,11 @@ class CompareConfig:
     max_steps: int = opt(100, "Optimizer steps per method.")
     per_device_train_batch_size: int = opt(8, "Examples per step (the same for every method).")
     learning_rate_prompt: float = opt(
-        DEFAULT_LEARNING_RATE["soft"],
+        default_learning_rate(PROMPT_KINDS["prompt"]),
         "Peak learning rate of prompt tuning (softprompt's soft-prompt default).",
     )
     learning_rate_deep_prompt: float = opt(
-        DEFAULT_LEARNING_RATE["deep"],
+        default_learning_rate(PROMPT_KINDS["deep_prompt"]),
         "Peak learning rate of deep prompts (softprompt's default; P-tuning v2 uses 5e-3..1e-2).",
     )
     learning_rate_lora: float = opt(
@@ -48,12 +51,16 @@ class CompareConfig:
         "Peak learning rate of full fine-tuning (the best of 1e-5..1e-4 in bench/quality_sst2.py).",
     )
     warmup_steps: int = opt(10, "Linear warmup steps (every method).")
-    num_virtual_tokens: int = opt(16, "Virtual tokens of the prompt and of the deep prompt.")
+    num_virtual_tokens: int = opt(
+        PromptTuningConfig.num_virtual_tokens,
+        "Virtual tokens of the prompt and of the deep prompt.",
+    )
     prompt_tuning_init: str = opt(
-        "text", "Initial prompt (deep prompt: its KV): text, random, sampled_vocab, class_labels."
+        PromptTuningConfig.prompt_tuning_init,
+        "Initial prompt (deep prompt: its KV): text, random, sampled_vocab, class_labels.",
     )
     prompt_tuning_init_text: str | None = opt(
-        None, "Init text (default: 'Classify the text as A or B:' from the labels)."
+        None, "Init text (default: 'Classify as A or B:' from the labels, as `softprompt train`)."
     )
     lora_r: int = opt(8, "LoRA rank.")
     lora_alpha: int = opt(16, "LoRA scaling alpha.")

@@ -196,8 +196,8 @@ def _save_and_switch(run: MethodRun, folder: Path, repeats: int) -> dict:
 
 
 _SWITCH_HOW = {
-    "prompt": "read the bank folder + PromptedModel.add_task (from disk)",
-    "deep_prompt": "DeepPromptModel.load_task (from disk)",
+    "prompt": "PromptedModel.load_task (from disk)",
+    "deep_prompt": "PromptedModel.load_task (from disk)",
     "lora": "PeftModel.load_adapter + set_adapter (from disk)",
     "full": "AutoModelForCausalLM.from_pretrained (from disk)",
 }

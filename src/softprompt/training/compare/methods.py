@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from softprompt.model.loading import LoadedModel
-from softprompt.prompting.soft import PromptTuningConfig
-from softprompt.training.compare.config import TASK, CompareConfig, MethodRun
+from softprompt.prompting.soft import PromptTuningConfig, default_init_text
+from softprompt.training.compare.config import PROMPT_KINDS, TASK, CompareConfig, MethodRun
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,10 @@ def build_method(
 
 
 def _prompt_config(config: CompareConfig, labels: list[str]) -> PromptTuningConfig:
-    text = config.prompt_tuning_init_text or f"Classify the text as {' or '.join(labels)}:"
     return PromptTuningConfig(
         num_virtual_tokens=config.num_virtual_tokens,
         prompt_tuning_init=config.prompt_tuning_init,
-        prompt_tuning_init_text=text,
+        prompt_tuning_init_text=config.prompt_tuning_init_text or default_init_text(labels),
         init_labels=list(labels),
         seed=config.seed,
     )
@@ -39,33 +39,29 @@ def _build_zero_shot(loaded, config, labels) -> MethodRun:
     return MethodRun("zero_shot", PromptedModel(loaded), None, 0)
 
 
-def _build_prompt(loaded, config, labels) -> MethodRun:
-    from softprompt.bank import PromptBank, read_prompt_dir
-    from softprompt.prompting.prompted import PromptedModel
+def _prompt_builder(method: str) -> Callable[..., MethodRun]:
+    """The builder of a method that trains a prompt of one kind (`PROMPT_KINDS`): every kind is
+    built, counted, saved and switched to the same way."""
 
-    prompted = PromptedModel(loaded, {TASK: _prompt_config(config, labels)})
-    return MethodRun(
-        "prompt",
-        prompted,
-        TASK,
-        config.num_virtual_tokens * prompted.token_dim,
-        save=lambda folder: Path(os.path.realpath(prompted.save_task(TASK, PromptBank(folder)))),
-        load=lambda folder: prompted.add_task("switched", read_prompt_dir(folder)),
-    )
+    def build(loaded, config, labels) -> MethodRun:
+        from softprompt.bank import PromptBank
+        from softprompt.prompting.kinds import kind_named
+        from softprompt.prompting.prompted import PromptedModel
 
+        kind = kind_named(PROMPT_KINDS[method])
+        prompted = PromptedModel(loaded, {TASK: _prompt_config(config, labels)}, kind=kind)
+        return MethodRun(
+            method,
+            prompted,
+            TASK,
+            config.num_virtual_tokens * prompted.row_width,
+            save=lambda folder: Path(
+                os.path.realpath(prompted.save_task(TASK, PromptBank(folder)))
+            ),
+            load=lambda folder: prompted.load_task(folder, "switched"),
+        )
 
-def _build_deep_prompt(loaded, config, labels) -> MethodRun:
-    from softprompt.prompting.deep import DeepPromptModel
-
-    deep = DeepPromptModel(loaded, {TASK: _prompt_config(config, labels)})
-    return MethodRun(
-        "deep_prompt",
-        deep,
-        TASK,
-        deep.shape.numel(config.num_virtual_tokens),
-        save=lambda folder: Path(os.path.realpath(deep.save_task(TASK, folder))),
-        load=lambda folder: deep.load_task(folder, "switched"),
-    )
+    return build
 
 
 def _build_lora(loaded, config, labels) -> MethodRun:
@@ -142,8 +138,7 @@ def _save_pretrained(model, folder: Path) -> Path:
 
 _BUILDERS = {
     "zero_shot": _build_zero_shot,
-    "prompt": _build_prompt,
-    "deep_prompt": _build_deep_prompt,
+    **{method: _prompt_builder(method) for method in PROMPT_KINDS},
     "lora": _build_lora,
     "full": _build_full,
 }
