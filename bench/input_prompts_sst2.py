@@ -133,11 +133,38 @@ def _models():
     """The model classes (imported in the workers only: torch is heavy)."""
     import torch
     from torch import nn
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from softprompt.prompting import inject
     from softprompt.prompting.deep import DeepPromptModel, rows_to_kv
     from softprompt.prompting.prompted import PromptedModel
     from softprompt.prompting.soft import NO_TASK
+
+    class EmbeddingPrompted(PromptedModel):
+        """A soft-prompt model whose injected batch the variants below edit by overriding
+        `inject`: this study's own hook, which loss, last_logits and forward go through (the
+        library's PromptedModel takes a prompt kind instead, prompting/kind.py)."""
+
+        def inject(self, input_ids, attention_mask, tasks, labels=None):
+            task_ids = self.task_ids(tasks, len(input_ids)).to(input_ids.device)
+            prompts, lengths = self.table.gather(task_ids, device=input_ids.device)
+            return inject.inject(self.model, input_ids, attention_mask, prompts, lengths, labels)
+
+        def forward(self, input_ids, attention_mask=None, tasks=None, labels=None):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            batch = self.inject(input_ids, attention_mask, tasks, labels)
+            out = inject.forward(self.model, batch, use_cache=False)
+            loss = None if labels is None else inject.loss(self.model, batch)
+            return CausalLMOutputWithPast(loss=loss, logits=batch.real_logits(out.logits))
+
+        def last_logits(self, input_ids, attention_mask, tasks=None, keep=1):
+            batch = self.inject(input_ids, attention_mask, tasks)
+            return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
+
+        def loss(self, input_ids, attention_mask, tasks, labels, reduction="mean"):
+            batch = self.inject(input_ids, attention_mask, tasks, labels)
+            return inject.loss(self.model, batch, reduction=reduction)
 
     def to_columns(delta: torch.Tensor, batch) -> torch.Tensor:
         """Per-token vectors (B, L, d) in the caller's layout -> the injected layout (B, C, d)."""
@@ -146,7 +173,7 @@ def _models():
         canvas = delta.new_zeros(delta.shape[0], width + 1, delta.shape[2])
         return canvas.scatter(1, index, delta)[:, :width]
 
-    class OffsetPrompted(PromptedModel):
+    class OffsetPrompted(EmbeddingPrompted):
         """A soft prompt plus per-token offsets on the real tokens' input embeddings."""
 
         def token_offsets(self, input_ids, attention_mask) -> torch.Tensor:  # (B, L, d)
@@ -195,7 +222,7 @@ def _models():
         def token_offsets(self, input_ids, attention_mask):
             return self.tok_u[input_ids] @ self.tok_w  # (B, L, d)
 
-    class Residual(PromptedModel):
+    class Residual(EmbeddingPrompted):
         """Residual reparameterisation: each prompt row is row + MLP(row) (MLP output starts at 0)."""
 
         def __init__(self, loaded, prompts, *, hidden: int):
@@ -222,7 +249,7 @@ def _models():
                 nn.init.zeros_(self.res_mlp[2].weight)
                 nn.init.zeros_(self.res_mlp[2].bias)
 
-    class Distilled(PromptedModel):
+    class Distilled(EmbeddingPrompted):
         """A soft prompt trained on CE(label) + kd_answer * KL(teacher || student) at the
         label-predicting positions + kd_text * mean KL over the input's text positions; the
         teacher is a trained deep prompt on the same frozen base (not a submodule: it never trains)."""
