@@ -1,6 +1,6 @@
 """Prompt files and the prompt bank: one PEFT-compatible folder per task, saved atomically.
 
-format.py   task names, `SavedPrompt`, the PEFT adapter config, checks of a config, its tensor,
+format.py   `SavedPrompt`, the PEFT adapter configs, checks of a config, its tensor,
             plots and base-model fingerprint (`check_compatible`); no disk access
 files.py    one prompt folder: encoding and writing its files (each fsynced), parsing them back
             (`prompt_from_files` for folders and uploads alike, `read_prompt_dir`, `write_prompt_dir`)
@@ -22,7 +22,6 @@ from softprompt.bank.format import (
     PEFT_TYPES,
     PLOTS_DIR,
     PNG_SIGNATURE,
-    TASK_NAME_PATTERN,
     TENSOR_KEY,
     WEIGHTS_FILE,
     SavedPrompt,
@@ -31,9 +30,9 @@ from softprompt.bank.format import (
     check_width,
     peft_prefix_config,
     peft_prompt_config,
-    validate_task_name,
 )
 from softprompt.bank.store import PromptBank
+from softprompt.data.tasks import TASK_NAME_PATTERN, validate_task_name
 
 __all__ = [
     "CONFIG_FILE",

@@ -1,4 +1,4 @@
-"""What a saved prompt is: task names, `SavedPrompt`, the PEFT adapter configs, and the checks of
+"""What a saved prompt is: `SavedPrompt`, the PEFT adapter configs, and the checks of
 a config, its tensor, plots and base-model fingerprint (no disk access here).
 
 A prompt folder holds `adapter_config.json` (PEFT's keys), `adapter_model.safetensors` (the one
@@ -19,14 +19,12 @@ import torch
 from softprompt.errors import (
     ConfigError,
     IncompatiblePromptError,
-    InvalidTaskNameError,
     PromptFileError,
     UnsupportedPromptKindError,
 )
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "softprompt.json"
@@ -35,8 +33,6 @@ PLOTS_DIR = "plots"
 """Sub-folder of a saved version holding the training run's PNG plots (loss, validation, ...)."""
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
-"""A valid task name (whole string, with `fullmatch`): also its folder name in the bank."""
 PLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
 """A valid plot name: the PNG files a task keeps beside its prompt."""
 
@@ -54,19 +50,6 @@ _PEFT_INIT = {
 
 
 # ----------------------------------------------------------------------------- names and data
-
-
-def validate_task_name(name: object) -> str:
-    """Return `name` if it is a valid task name; raise InvalidTaskNameError otherwise.
-
-    Runs before any disk access, so a name like `../x` can never reach a path.
-    """
-    if not isinstance(name, str) or TASK_NAME_RE.fullmatch(name) is None:
-        raise InvalidTaskNameError(
-            f"invalid task name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 @dataclass

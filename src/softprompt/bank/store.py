@@ -60,13 +60,12 @@ from softprompt.bank.format import (
     META_FILE,
     PLOT_NAME_RE,
     PLOTS_DIR,
-    TASK_NAME_RE,
     WEIGHTS_FILE,
     SavedPrompt,
     check_compatible,
     check_fingerprint,
-    validate_task_name,
 )
+from softprompt.data.tasks import TASK_NAME_RE, validate_task_name
 from softprompt.errors import IncompatiblePromptError, PromptFileError, UnknownTaskError
 
 try:

@@ -20,6 +20,7 @@ from softprompt.data.builtin import (
 )
 from softprompt.data.readers import FORMATS, is_valid_unicode, read_file
 from softprompt.data.tasks import (
+    TASK_NAME_PATTERN,
     TASK_NAME_RE,
     Example,
     Task,
@@ -29,6 +30,7 @@ from softprompt.data.tasks import (
     make_classification_task,
     task_from_meta,
     template_from_meta,
+    validate_task_name,
 )
 from softprompt.data.templates import Template, Verbalizer
 
@@ -37,6 +39,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "SPLITS",
+    "TASK_NAME_PATTERN",
     "TASK_NAME_RE",
     "BuiltinSpec",
     "Example",
@@ -58,4 +61,5 @@ __all__ = [
     "split_of",
     "task_from_meta",
     "template_from_meta",
+    "validate_task_name",
 ]

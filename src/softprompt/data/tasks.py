@@ -21,8 +21,24 @@ from softprompt.errors import ConfigError, DataError, InvalidTaskNameError, NoVe
 logger = logging.getLogger(__name__)
 
 
-TASK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-"""Valid task names (docs/architecture.md): also folder names in the prompt bank."""
+TASK_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+"""The one task-name rule (docs/architecture.md): a task name is also its folder name in the prompt
+bank, a request's `model` value and a pattern target for tenants' keys."""
+TASK_NAME_RE = re.compile(TASK_NAME_PATTERN)
+"""A valid task name (whole string, with `fullmatch`)."""
+
+
+def validate_task_name(name: object) -> str:
+    """Return `name` if it is a valid task name; raise InvalidTaskNameError otherwise.
+
+    Runs before any disk access, so a name like `../x` can never reach a path.
+    """
+    if not isinstance(name, str) or TASK_NAME_RE.fullmatch(name) is None:
+        raise InvalidTaskNameError(
+            f"invalid task name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 @dataclass
@@ -43,11 +59,7 @@ class Task:
     """Append the tokenizer's EOS to each target (so generation learns to stop)."""
 
     def __post_init__(self) -> None:
-        if not TASK_NAME_RE.fullmatch(self.name or ""):
-            raise InvalidTaskNameError(
-                f"invalid task name {self.name!r}: use lower-case letters, "
-                f"digits, '.', '_', '-' (max 64, starting alphanumeric)"
-            )
+        validate_task_name(self.name)
         if isinstance(self.template, str):
             self.template = Template(self.template)
 
