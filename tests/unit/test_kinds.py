@@ -175,3 +175,18 @@ def test_a_new_kind_trains_and_evaluates_with_nothing_else_changed(tiny_llama):
     task = Task("t", Template("{text}"), Verbalizer(["a", "b"], [" fun", " bad"]))
     metrics = evaluate_task(scaled, task, examples, "t")
     assert metrics["n"] == len(examples) and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_compare_builds_every_prompt_method_from_its_kind_with_the_shared_defaults(tiny_llama):
+    from softprompt.training.compare.config import PROMPT_KINDS, TASK, CompareConfig
+    from softprompt.training.compare.methods import build_method
+
+    tokenizer = build_tiny_tokenizer()
+    config, labels = CompareConfig(), ["negative", "positive"]
+    for method, kind in PROMPT_KINDS.items():
+        loaded = LoadedModel(tiny_llama, tokenizer, "tiny", "tiny", fingerprint(tiny_llama))
+        run = build_method(method, loaded, config, labels)
+        assert run.model.kind.name == kind and run.task_name == TASK
+        assert run.expected_trainable == run.model.trainable_parameter_count()
+        assert run.model.configs[TASK].prompt_tuning_init_text == default_init_text(labels)
+        assert config.learning_rate(method) == default_learning_rate(kind)

@@ -42,7 +42,8 @@ TaskSpec = str | None | list[str | None] | torch.Tensor
 
 class PromptedModel(nn.Module):
     """A frozen causal LM with a table of prompts of one kind; only the prompts (and the kind's
-    own parameters, if any) are trainable."""
+    own parameters, if any) are trainable. `kind` defaults to `SoftPrompt()`; a kind instance
+    belongs to one PromptedModel (it holds per-task state, such as a deep prompt's MLPs)."""
 
     def __init__(
         self,
