@@ -607,9 +607,9 @@ def test_health_with_a_key_shows_the_details_counting_only_the_tasks_the_key_may
     everything = server.http.get("/health", headers=ADMIN).json()
     assert everything["status"] == "ok" and everything["backend"]["status"] == "up"
     assert everything["model"] == server.engine.base_model_id
-    assert everything["tasks"] == len(server.engine.tasks()) >= len(TASK_NAMES)
-    acme = [t for t in server.engine.tasks() if t.startswith("acme-")]
-    beta = [t for t in server.engine.tasks() if t.startswith("beta-")]
+    assert everything["tasks"] == len(server.engine.task_names()) >= len(TASK_NAMES)
+    acme = [t for t in server.engine.task_names() if t.startswith("acme-")]
+    beta = [t for t in server.engine.task_names() if t.startswith("beta-")]
     assert server.http.get("/health", headers=as_(server, "acme")).json() == {
         **everything,
         "tasks": len(acme),
@@ -626,7 +626,7 @@ def test_health_without_keys_is_unchanged_open_and_complete(server):
     assert health.json() == {
         "status": "ok",
         "model": server.engine.base_model_id,
-        "tasks": len(server.engine.tasks()),
+        "tasks": len(server.engine.task_names()),
         "task_memory": server.engine.registry.stats(),
         "backend": health.json()["backend"],
     }
