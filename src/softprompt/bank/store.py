@@ -261,6 +261,8 @@ class PromptBank:
         listing a task needs. Its version is read first, so a save racing this read at worst
         pairs the older version id with the newer files, and the next read (a new id) corrects it."""
         version = self.version(name)
+        if not self._resolve(name).is_dir():
+            raise PromptFileError(f"task '{name}': its folder does not exist (a dangling link?)")
         return self._read_current(
             name, lambda folder: read_header(folder, name, version, f"{name}/")
         )
