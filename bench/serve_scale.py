@@ -5,8 +5,9 @@ save API (random rows of real token embeddings for soft prompts, random key/valu
 trained deep prompt's scale for deep ones; each with a template and a verbalizer), then the real
 `softprompt serve` runs on it, alone, in its own process:
 
-  startup_s          from starting the process to /health answering 200 (after one unmeasured
-                     start, so that every start finds the model's files in the page cache)
+  startup_s          from starting the process to /health answering 200, the median of
+                     --startup-repeats starts (after one unmeasured start, so that every start
+                     finds the model's files in the page cache)
   rss_mb             the server's resident memory after start-up, after the load, and the peak
   models_*_s         GET /v1/models (its first page): the first call, and the median of the next
   classify, generate /v1/classify (one text) and /v1/completions (32 tokens, greedy, no early
@@ -94,6 +95,12 @@ def parse_args(argv=None):
         help="Extra flags for `softprompt serve`, one string (e.g. tier bounds).",
     )
     parser.add_argument("--models-repeats", type=int, default=10, help="Timed GET /v1/models.")
+    parser.add_argument(
+        "--startup-repeats",
+        type=int,
+        default=3,
+        help="Server starts per bank; the median is reported (default: %(default)s).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of banks, texts and popularity.")
     parser.add_argument(
         "--bank-dir",
@@ -107,7 +114,14 @@ def parse_args(argv=None):
         "--out", default=str(Path(__file__).parent / "results" / "serve_scale.json")
     )
     args = parser.parse_args(argv)
-    for name in ("requests", "concurrency", "new_tokens", "num_virtual_tokens", "models_repeats"):
+    for name in (
+        "requests",
+        "concurrency",
+        "new_tokens",
+        "num_virtual_tokens",
+        "models_repeats",
+        "startup_repeats",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.sizes) < 1:
@@ -347,9 +361,18 @@ def time_models(url: str, repeats: int) -> dict:
 
 
 def measure(args, bank: Path, kind: str, size: int, log: Path) -> dict:
+    starts = []
+    for _ in range(args.startup_repeats - 1):  # extra starts for the median; the last one serves
+        extra = Server(args.model, bank, shlex.split(args.server_args), log)
+        try:
+            starts.append(extra.wait_healthy())
+        finally:
+            extra.stop()
     server = Server(args.model, bank, shlex.split(args.server_args), log)
     try:
-        row = {"kind": kind, "tasks": size, "startup_s": round(server.wait_healthy(), 3)}
+        starts.append(server.wait_healthy())
+        row = {"kind": kind, "tasks": size, "startup_s": round(statistics.median(starts), 3)}
+        row["startup_runs_s"] = [round(s, 3) for s in starts]
         row["rss_mb_start"] = server.rss_mb()
         row |= time_models(server.url, args.models_repeats)
         texts = make_texts(args.requests, args.seed + 1)
@@ -440,7 +463,11 @@ def main(argv=None) -> int:
         "machine": {**machine(), "avx512_bf16": avx512_bf16()},
         "model": args.model,
         "precision": precision,
-        "n": {"requests_per_load": args.requests, "models_repeats": args.models_repeats},
+        "n": {
+            "requests_per_load": args.requests,
+            "models_repeats": args.models_repeats,
+            "startup_repeats": args.startup_repeats,
+        },
         "seeds": {
             "banks": args.seed,
             "texts": args.seed + 1,
