@@ -159,6 +159,22 @@ def test_tenant_lists_only_its_tasks_plus_the_base_model(server):
     assert set(listed("admin")) >= {base, *TASK_NAMES}
 
 
+def test_tenant_pages_hold_only_its_tasks_and_the_cursor_reveals_no_other(server):
+    """Pages are filled from the tenant's own tasks; a cursor naming another tenant's task is only
+    a place in name order (the same page as for a name that does not exist)."""
+    acme = as_(server, "acme")
+    first = server.http.get("/v1/models", params={"limit": 2}, headers=acme).json()
+    assert [m["id"] for m in first["data"]] == [server.engine.base_model_id, "acme-a"]
+    assert first["has_more"] and first["last_id"] == "acme-a"
+    rest = server.http.get("/v1/models", params={"limit": 2, "after": "acme-a"}, headers=acme)
+    assert [m["id"] for m in rest.json()["data"]] == ["acme-b"] and not rest.json()["has_more"]
+    hidden, missing = (
+        server.http.get("/v1/tasks", params={"after": after}, headers=acme).json()
+        for after in ("beta-a", "beta-0")
+    )
+    assert hidden["data"] == missing["data"] == [] and hidden["unavailable"] == []
+
+
 def test_tenant_uses_its_own_tasks_and_the_base_model(server):
     for task in ("acme-a", server.engine.base_model_id):
         response = completion(server, task, "reader")
