@@ -615,6 +615,48 @@ def test_bad_input_broken_task_fails_on_load_and_is_skipped_by_load_all(tmp_path
     assert "skipping task 'b'" in caplog.text
 
 
+def test_read_header_is_the_config_and_meta_a_load_gives_without_reading_the_tensor(
+    tmp_path, monkeypatch
+):
+    bank = PromptBank(tmp_path / "bank")
+    saved = _prompt(n=4, d=8)
+    bank.save(saved)
+    reads, read_bytes = [], Path.read_bytes
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda path: reads.append(path.name) or read_bytes(path)
+    )
+    header = bank.read_header("sentiment")
+    assert sorted(reads) == [CONFIG_FILE, META_FILE]
+    assert (header.config, header.meta) == (saved.config, saved.meta)
+    assert header.version == bank.version("sentiment") and header.saved_at > 0
+    assert (header.kind, header.num_virtual_tokens, header.num_rows, header.token_dim) == (
+        "soft",
+        4,
+        saved.num_rows,
+        saved.token_dim,
+    )
+    check_compatible(header, token_dim=8, fingerprint=FINGERPRINT)  # checked like the prompt
+    with pytest.raises(IncompatiblePromptError, match="hidden size 8 but the model has 16"):
+        check_compatible(header, token_dim=16, fingerprint=FINGERPRINT)
+
+
+def test_bad_input_read_header_names_the_problem(tmp_path):
+    bank = PromptBank(tmp_path / "bank")
+    (bank.root / "empty").mkdir()
+    broken = bank.root / "broken"
+    broken.mkdir()
+    (broken / CONFIG_FILE).write_text("{}")
+    os.symlink(".versions/gone/v1", bank.root / "dangling")
+    with pytest.raises(PromptFileError, match="empty/adapter_config.json is missing"):
+        bank.read_header("empty")
+    with pytest.raises(PromptFileError, match="broken/adapter_config.json: peft_type is None"):
+        bank.read_header("broken")
+    with pytest.raises(PromptFileError, match="does not exist"):
+        bank.read_header("dangling")
+    with pytest.raises(UnknownTaskError):
+        bank.read_header("absent")
+
+
 def test_bad_input_load_all_checks_the_model(tmp_path):
     bank = PromptBank(tmp_path / "bank")
     bank.save(_prompt("a"))

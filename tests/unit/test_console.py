@@ -427,6 +427,44 @@ def test_console_in_a_real_browser(page_server, tmp_path):
         driver.quit()
 
 
+def test_console_pages_the_task_list_in_a_real_browser(console):
+    """With two tasks a page the table starts with the first two, "Load more tasks" appends the
+    next page until the bank is shown whole, in the listing's order, each task once."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    everything = [t["id"] for t in console.http.get("/v1/tasks").json()["data"]]
+    assert len(everything) > 4
+    driver = _chromium()
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(console.url + "/?page_size=2")
+
+        def shown(d) -> list[str]:  # read in one script: the table is re-rendered per page
+            return d.execute_script(
+                "return [...document.querySelectorAll('#task-table tbody tr')]"
+                ".map((row) => row.dataset.task);"
+            )
+
+        wait.until(lambda d: len(shown(d)) == 2)
+        assert shown(driver) == everything[:2]
+        assert "shown, more in the bank" in driver.find_element(By.ID, "served").text
+        more = driver.find_element(By.ID, "more-tasks")
+        for pages in range(2, 10):
+            if not more.is_displayed():
+                break
+            expected = everything[: 2 * pages]
+            more.click()
+            wait.until(lambda d, expected=expected: shown(d) == expected)
+        assert shown(driver) == everything and not more.is_displayed()
+        assert driver.find_element(By.ID, "served").text.endswith(f"{len(everything)} task(s)")
+        options = driver.find_elements(By.CSS_SELECTOR, "#compare-a option")
+        assert [o.get_attribute("value") for o in options] == everything
+        assert _severe(driver) == []
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------- the same routes through the vLLM gateway
 
 

@@ -375,28 +375,37 @@ def test_bad_bank_entries_skipped_while_others_serve(engine, bank, tiny_llama):
     other = {**fingerprint(tiny_llama), "embedding_sha256": "0" * 16}
     save_task(bank, "other-model", random_prompt(3, 1), tiny_llama, fingerprint=other)
     write_plain_folder(bank.root, "has-nan", torch.full((2, D), float("nan")), tiny_llama)
-    errors = engine.refresh()
-    assert set(errors) == {"wrong-dim", "other-model", "has-nan"}
-    assert "hidden size 16" in errors["wrong-dim"] and "another base model" in errors["other-model"]
-    assert "NaN" in errors["has-nan"]
-    assert engine.tasks() == sorted(TASKS)
+    page = engine.listing(100)  # from the metadata: a NaN tensor is not seen before it is read
+    assert [i.name for i in page.infos] == ["has-nan", *sorted(TASKS)]
+    assert set(page.unavailable) == {"wrong-dim", "other-model"}
+    assert "hidden size 16" in page.unavailable["wrong-dim"]
+    assert "another base model" in page.unavailable["other-model"]
+    with pytest.raises(IncompatiblePromptError, match="NaN"):
+        engine.activate("has-nan")
+    page = engine.listing(100)  # refused once read: unavailable from now on
+    assert [i.name for i in page.infos] == sorted(TASKS) and "NaN" in page.unavailable["has-nan"]
     with pytest.raises(IncompatiblePromptError, match="hidden size 16"):
         engine.activate("wrong-dim")
     assert len(engine.generate([greedy(TEXTS[0], t) for t in TASKS])) == 4
+    assert engine.tasks() == sorted(TASKS)
 
 
-def test_refresh_follows_bank_new_changed_and_deleted_tasks(engine, bank, tiny_llama):
-    engine.refresh()
+def test_refresh_follows_bank_for_tasks_in_memory_and_reads_no_other(engine, bank, tiny_llama):
+    assert engine.refresh() == {} and engine.tasks() == []  # nothing is read before it is used
+    engine.activate("t1")
+    engine.activate("t2")
     old_version = engine.task_info("t1").version
     save_task(bank, "new-task", random_prompt(2, 11), tiny_llama)
     save_task(bank, "t1", random_prompt(4, 12), tiny_llama)
     bank.delete("t2")
     engine.refresh()
-    assert engine.tasks() == ["new-task", "t0", "t1", "t3"]
+    assert engine.tasks() == ["t1"]  # changed: reloaded; deleted: dropped; new: not read yet
     assert (
         engine.task_info("t1").version != old_version
         and engine.task_info("t1").num_virtual_tokens == 4
     )
+    assert "new-task" in [i.name for i in engine.listing(100).infos]
+    engine.activate("t3")
     bank.delete("t3")  # gone on the very next request, even before a refresh
     with pytest.raises(UnknownTaskError):
         engine.generate([greedy(TEXTS[0], "t3")])

@@ -105,12 +105,18 @@ def test_tiers_pinned_tasks_load_at_start_and_are_never_evicted(tiny_llama, toke
     assert engine.registry.stats()["pinned"] == 1
 
 
-def test_tiers_following_the_bank_never_evicts_to_load_more(tiny_llama, tokenizer, bank):
+def test_tiers_following_the_bank_loads_nothing_and_keeps_the_lru_order(
+    tiny_llama, tokenizer, bank
+):
+    """refresh only follows the tasks in memory (tasks load on first use): it never evicts to
+    load more, and touching them in LRU order leaves the next eviction to the least recent."""
     engine = tiered(tiny_llama, tokenizer, bank, max_loaded_tasks=2)
     engine.classify("t3", TEXTS[:1])
+    engine.classify("t0", TEXTS[:1])
     assert engine.refresh() == {}
-    assert "t3" in loaded(engine) and len(loaded(engine)) == 2
-    assert engine.registry.stats()["evictions"] == 0
+    assert loaded(engine) == ["t0", "t3"] and engine.registry.stats()["evictions"] == 0
+    engine.classify("t1", TEXTS[:1])  # t3, the least recently used, goes (not t0 by name order)
+    assert loaded(engine) == ["t0", "t1"] and engine.registry.stats()["evictions"] == 1
 
 
 # ---------------------------------------------------------------- in use: never evicted

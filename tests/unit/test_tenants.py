@@ -159,6 +159,22 @@ def test_tenant_lists_only_its_tasks_plus_the_base_model(server):
     assert set(listed("admin")) >= {base, *TASK_NAMES}
 
 
+def test_tenant_pages_hold_only_its_tasks_and_the_cursor_reveals_no_other(server):
+    """Pages are filled from the tenant's own tasks; a cursor naming another tenant's task is only
+    a place in name order (the same page as for a name that does not exist)."""
+    acme = as_(server, "acme")
+    first = server.http.get("/v1/models", params={"limit": 2}, headers=acme).json()
+    assert [m["id"] for m in first["data"]] == [server.engine.base_model_id, "acme-a"]
+    assert first["has_more"] and first["last_id"] == "acme-a"
+    rest = server.http.get("/v1/models", params={"limit": 2, "after": "acme-a"}, headers=acme)
+    assert [m["id"] for m in rest.json()["data"]] == ["acme-b"] and not rest.json()["has_more"]
+    hidden, missing = (
+        server.http.get("/v1/tasks", params={"after": after}, headers=acme).json()
+        for after in ("beta-a", "beta-0")
+    )
+    assert hidden["data"] == missing["data"] == [] and hidden["unavailable"] == []
+
+
 def test_tenant_uses_its_own_tasks_and_the_base_model(server):
     for task in ("acme-a", server.engine.base_model_id):
         response = completion(server, task, "reader")
@@ -607,9 +623,9 @@ def test_health_with_a_key_shows_the_details_counting_only_the_tasks_the_key_may
     everything = server.http.get("/health", headers=ADMIN).json()
     assert everything["status"] == "ok" and everything["backend"]["status"] == "up"
     assert everything["model"] == server.engine.base_model_id
-    assert everything["tasks"] == len(server.engine.tasks()) >= len(TASK_NAMES)
-    acme = [t for t in server.engine.tasks() if t.startswith("acme-")]
-    beta = [t for t in server.engine.tasks() if t.startswith("beta-")]
+    assert everything["tasks"] == len(server.engine.task_names()) >= len(TASK_NAMES)
+    acme = [t for t in server.engine.task_names() if t.startswith("acme-")]
+    beta = [t for t in server.engine.task_names() if t.startswith("beta-")]
     assert server.http.get("/health", headers=as_(server, "acme")).json() == {
         **everything,
         "tasks": len(acme),
@@ -626,7 +642,7 @@ def test_health_without_keys_is_unchanged_open_and_complete(server):
     assert health.json() == {
         "status": "ok",
         "model": server.engine.base_model_id,
-        "tasks": len(server.engine.tasks()),
+        "tasks": len(server.engine.task_names()),
         "task_memory": server.engine.registry.stats(),
         "backend": health.json()["backend"],
     }

@@ -3,7 +3,7 @@
     app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
     app = create_app(VLLMBackend(gateway_engine, "http://127.0.0.1:8001"))   # vLLM does the model work
 
-Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
+Routes: `GET /health`, `GET /v1/models` (paginated: `limit`, `after`), `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` names a task or the base model; `stream: true` sends server-sent events),
 `POST /v1/classify`, the web console at `/` with its JSON routes (`console.py`), and the admin routes `PUT /v1/prompts/{task}` (multipart upload of a prompt
 folder) and `DELETE /v1/prompts/{task}`, which need `Authorization: Bearer <api key>` when a key
@@ -24,13 +24,14 @@ Replicas are stateless over a shared bank folder: every request checks its task'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -49,8 +50,10 @@ from softprompt.api.schemas import (
     ChatBody,
     ClassifyBody,
     CompletionBody,
+    ListPage,
     RequestLimits,
     SamplingFields,
+    list_page,
 )
 from softprompt.api.tenants import Access, ProxyConfig, build_access, reload_on_sighup
 from softprompt.bank import validate_task_name
@@ -134,27 +137,39 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
     async def health(http: Request):
         """200 while the backend can serve; 503 (same body) while it is down, e.g. vLLM restarting.
         With a keys file, only a valid key sees more than the status, and a tenant counts only the
-        tasks it may use."""
+        tasks it may use. `tasks` counts the bank's entries (a folder scan; none is read)."""
         state = await backend.health()
         up = state["status"] == "up"
         body: dict = {"status": "ok" if up else "unavailable"}
         viewer = access.health_viewer(http)
         if viewer is not None:
+            names = await asyncio.to_thread(engine.task_names)
             body |= {
                 "model": engine.base_model_id,
-                "tasks": sum(1 for task in engine.tasks() if viewer.may_use(task)),
+                "tasks": sum(1 for task in names if viewer.may_use(task)),
                 "task_memory": engine.registry.stats(),  # counts only: no task names
                 "backend": state,
             }
         return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/v1/models")
-    async def models(http: Request):
-        await asyncio.to_thread(engine.refresh)
-        data = [
-            {"id": engine.base_model_id, "object": "model", "created": 0, "owned_by": "softprompt"}
-        ]
-        for info in (i for i in engine.task_infos() if access.may_use(http, i.name)):
+    async def models(http: Request, page: Annotated[ListPage, Depends(list_page)]):
+        """The base model first, then the tasks by name, a page at a time (no prompt is read)."""
+        data = []
+        if page.after is None:
+            data.append(
+                {
+                    "id": engine.base_model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "softprompt",
+                }
+            )
+            page = dataclasses.replace(page, limit=page.limit - 1)
+        elif page.after in engine.base_names:  # the first page ended on the base model
+            page = dataclasses.replace(page, after=None)
+        listed = await asyncio.to_thread(page.read, engine, lambda name: access.may_use(http, name))
+        for info in listed.infos:
             data.append(
                 {
                     "id": info.name,
@@ -167,7 +182,7 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
                     "classify": info.has_verbalizer,
                 }
             )
-        return {"object": "list", "data": data}
+        return ListPage.body(data, listed.has_more)
 
 
 def _add_generation_routes(

@@ -2,7 +2,8 @@
 JSON routes it reads besides the OpenAI ones.
 
     GET /                                   the page (assets under /console/)
-    GET /v1/tasks                           every served task with what the bank knows of it
+    GET /v1/tasks?limit=&after=             the served tasks with what the bank knows of them, a page
+                                            at a time (OpenAI's list style: has_more, last_id)
     GET /v1/tasks/{task}                    one task
     GET /v1/tasks/{task}/plots/{plot}.png   a training plot saved with the prompt (loss, validation, ...)
     GET /v1/compare?a=T1&b=T2&k=5           two prompts side by side (`inspect`: similarity, nearest tokens)
@@ -17,10 +18,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from importlib import resources
+from typing import Annotated
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from starlette.exceptions import HTTPException
 
+from softprompt.api.schemas import ListPage, list_page
 from softprompt.data import task_from_meta, template_from_meta
 from softprompt.errors import ConfigError, SoftPromptError, UnknownTaskError
 from softprompt.prompting.inspection import embedding_norm_stats, nearest_tokens, task_similarity
@@ -63,22 +66,24 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         return _asset(name)
 
     @app.get("/v1/tasks")
-    async def tasks(request: Request):
-        errors = await asyncio.to_thread(engine.refresh)
-        infos = [info for info in engine.task_infos() if visible(request, info.name)]
-        data = await asyncio.to_thread(lambda: [task_details(engine, info) for info in infos])
-        unavailable = [
-            {"id": name, "reason": reason}
-            for name, reason in sorted(errors.items())
-            if visible(request, name)
-        ]
+    async def tasks(request: Request, page: Annotated[ListPage, Depends(list_page)]):
+        """A page of tasks by name, from their metadata (no prompt is read); `unavailable` names
+        the bank's tasks on this page that cannot be served, and why."""
+
+        def read() -> tuple[list[dict], dict[str, str], bool]:
+            listed = page.read(engine, lambda name: visible(request, name))
+            data = [task_details(engine, info) for info in listed.infos]
+            return data, listed.unavailable, listed.has_more
+
+        data, errors, has_more = await asyncio.to_thread(read)
         return {
-            "object": "list",
+            **ListPage.body(data, has_more),
             "model": engine.base_model_id,
             "backend": backend.name,
             "prompt_kinds": list(engine.kinds),
-            "data": data,
-            "unavailable": unavailable,
+            "unavailable": [
+                {"id": name, "reason": reason} for name, reason in sorted(errors.items())
+            ],
         }
 
     @app.get("/v1/tasks/{task}")

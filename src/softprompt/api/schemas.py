@@ -1,23 +1,78 @@
 """What an HTTP request may carry: the JSON bodies of the OpenAI-compatible routes (pydantic
 schemas, strict: no string-to-number or bool-to-int coercion; an explicit null is the field's
-default; unknown OpenAI options are accepted and ignored, lone surrogates refused) and the work
+default; unknown OpenAI options are accepted and ignored, lone surrogates refused), the work
 one request may ask for
-(`RequestLimits`: over a limit is a 413 naming it). app.py uses them.
+(`RequestLimits`: over a limit is a 413 naming it) and a listing's page (`ListPage`: `limit`,
+`after`). app.py and console.py use them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from softprompt.data import is_valid_unicode
-from softprompt.errors import ConfigError, RequestLimitError
+from softprompt.errors import ConfigError, InvalidTaskNameError, RequestLimitError
 from softprompt.options import flag, opt
-from softprompt.serving.engine import SEED_RANGE, Engine
+from softprompt.serving.engine import SEED_RANGE, Engine, TaskPage
 from softprompt.serving.requests import MAX_TOP_LOGPROBS
+
+# ---------------------------------------------------------------- a listing's page
+
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+
+
+@dataclass
+class ListPage:
+    """Which page of a task listing (/v1/models, /v1/tasks) a client asks for, in OpenAI's list
+    style: up to `limit` entries after the id `after` (the previous page's `last_id`)."""
+
+    limit: int = DEFAULT_LIST_LIMIT
+    after: str | None = None
+
+    def read(self, engine: Engine, visible: Callable[[str], bool]) -> TaskPage:
+        """This page of the engine's tasks that `visible` lets the caller see (no prompt read)."""
+        try:
+            return engine.listing(self.limit, self.after, visible)
+        except InvalidTaskNameError as exc:
+            error = ConfigError(f"after must be an id from a listing: {exc}")
+            error.param = "after"
+            raise error from None
+
+    @staticmethod
+    def body(entries: list[dict], has_more: bool) -> dict:
+        """The list fields of a page: its entries and where it ends."""
+        return {
+            "object": "list",
+            "data": entries,
+            "first_id": entries[0]["id"] if entries else None,
+            "last_id": entries[-1]["id"] if entries else None,
+            "has_more": has_more,
+        }
+
+
+def list_page(
+    limit: int = Query(
+        DEFAULT_LIST_LIMIT,
+        ge=1,
+        le=MAX_LIST_LIMIT,
+        description=f"Entries on the page, 1 to {MAX_LIST_LIMIT}.",
+    ),
+    after: str | None = Query(
+        None,
+        description="Start after this id (the previous page's last_id); entries are in id order, "
+        "so an id deleted since still marks the place.",
+    ),
+) -> ListPage:
+    """The `limit` and `after` query parameters of a listing route (a FastAPI dependency)."""
+    return ListPage(limit, after)
+
 
 # ---------------------------------------------------------------- limits
 

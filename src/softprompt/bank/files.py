@@ -21,6 +21,7 @@ from softprompt.bank.format import (
     PLOTS_DIR,
     TENSOR_KEY,
     WEIGHTS_FILE,
+    PromptHeader,
     SavedPrompt,
     check_config,
     check_plots,
@@ -182,6 +183,28 @@ def read_files(folder: Path, where: str) -> dict[str, bytes]:
         except OSError as exc:
             raise PromptFileError(f"{where}{file_name} cannot be read: {exc.strerror}") from None
     return files
+
+
+def read_header(folder: Path, name: str, version: str, where: str) -> PromptHeader:
+    """The config and softprompt.json of the prompt in `folder`, checked as a load checks them,
+    without reading its tensor. A FileNotFoundError means `folder` itself vanished (a writer
+    retired it): the caller reads the task's current folder again."""
+    files, saved_at = {}, 0.0
+    for file_name in (CONFIG_FILE, META_FILE):
+        path = folder / file_name
+        try:
+            files[file_name] = path.read_bytes()
+            if file_name == CONFIG_FILE:
+                saved_at = path.stat().st_mtime
+        except FileNotFoundError:
+            if not folder.is_dir():
+                raise
+        except OSError as exc:
+            raise PromptFileError(f"{where}{file_name} cannot be read: {exc.strerror}") from None
+    config = parse_json_object(_required(files, CONFIG_FILE, where), where + CONFIG_FILE)
+    check_config(config, where + CONFIG_FILE)
+    meta = parse_json_object(files[META_FILE], where + META_FILE) if META_FILE in files else {}
+    return PromptHeader(name, version, config, meta, saved_at)
 
 
 def read_prompt_dir(path: str | os.PathLike[str], name: str | None = None) -> SavedPrompt:

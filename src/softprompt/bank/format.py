@@ -90,6 +90,47 @@ class SavedPrompt:
         keys and values in every layer, rows [n, num_layers * 2 * token_dim])."""
         return PEFT_TYPES[self.config.get("peft_type")]
 
+    @property
+    def num_rows(self) -> int:
+        """Rows of the stored tensor (num_virtual_tokens x num_transformer_submodules)."""
+        return int(self.embeddings.shape[0])
+
+
+@dataclass
+class PromptHeader:
+    """What a saved prompt says about itself without its tensor: its checked PEFT config and its
+    softprompt.json, read from one bank version. Enough to list a task and to check it against a
+    model (`check_compatible` takes it like a `SavedPrompt`), at the cost of two small files."""
+
+    name: str
+    version: str
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    saved_at: float = 0.0
+    """When this version was saved (its config file's modification time, seconds since the epoch)."""
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.config["num_virtual_tokens"])
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the stored tensor has (what `SavedPrompt.num_rows` will be once read)."""
+        return self.num_virtual_tokens * _submodules(self.config, self.name)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of one stored row (deep prompts: num_layers x 2 x token_dim), as in `SavedPrompt`."""
+        return _row_width(self.config)
+
+    @property
+    def fingerprint(self) -> Any:
+        return self.meta.get("fingerprint")
+
+    @property
+    def kind(self) -> str:
+        return PEFT_TYPES[self.config.get("peft_type")]
+
 
 # ----------------------------------------------------------------------------- PEFT config
 
@@ -277,7 +318,7 @@ def check_tensor(tensor: object, config: dict[str, Any], where: str) -> None:
 
 
 def check_compatible(
-    saved: SavedPrompt,
+    saved: SavedPrompt | PromptHeader,
     *,
     token_dim: int,
     fingerprint: Any = None,
@@ -300,7 +341,7 @@ def check_compatible(
     check_fingerprint(saved, fingerprint)
 
 
-def check_fingerprint(saved: SavedPrompt, fingerprint: Any) -> None:
+def check_fingerprint(saved: SavedPrompt | PromptHeader, fingerprint: Any) -> None:
     """Raise IncompatiblePromptError if `saved` was made for another base model than `fingerprint`
     (warn when the prompt has no fingerprint; None for `fingerprint` checks nothing)."""
     if saved.fingerprint is None:

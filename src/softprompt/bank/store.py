@@ -51,6 +51,7 @@ from softprompt.bank.files import (
     encode_saved,
     prompt_from_files,
     read_files,
+    read_header,
     read_prompt_dir,
     write_files,
     write_prompt_dir,
@@ -61,6 +62,7 @@ from softprompt.bank.format import (
     PLOT_NAME_RE,
     PLOTS_DIR,
     WEIGHTS_FILE,
+    PromptHeader,
     SavedPrompt,
     check_compatible,
     check_fingerprint,
@@ -252,6 +254,17 @@ class PromptBank:
         except FileNotFoundError:
             pass  # deleted while we looked
         raise UnknownTaskError(self._unknown_message(name))
+
+    def read_header(self, name: str) -> PromptHeader:
+        """Task `name`'s config and softprompt.json without its tensor (two small files): what
+        listing a task needs. Its version is read first, so a save racing this read at worst
+        pairs the older version id with the newer files, and the next read (a new id) corrects it."""
+        version = self.version(name)
+        if not self._resolve(name).is_dir():
+            raise PromptFileError(f"task '{name}': its folder does not exist (a dangling link?)")
+        return self._read_current(
+            name, lambda folder: read_header(folder, name, version, f"{name}/")
+        )
 
     def stored_files(self, name: str) -> dict[str, int]:
         """Size in bytes of each file of the task's current version, by path relative to it

@@ -67,11 +67,12 @@ class BuiltinBackend:
         self.scheduler = BatchScheduler.from_config(engine, scheduling or SchedulerConfig())
 
     async def start(self) -> None:
-        errors = await asyncio.to_thread(self.engine.refresh)
+        """Reads no prompt: each task is loaded on its first request."""
+        errors = await asyncio.to_thread(self.engine.refresh)  # what is already in memory
         log.info(
-            "serving %s with %d task(s)%s",
+            "serving %s over a bank of %d task(s)%s",
             self.engine.base_model_id,
-            len(self.engine.tasks()),
+            len(await asyncio.to_thread(self.engine.task_names)),
             f"; skipped {sorted(errors)}" if errors else "",
         )
 

@@ -43,6 +43,7 @@ from softprompt.serving.registry import (
     PROMPT_FILES,
     LoadedTask,
     TaskInfo,
+    TaskPage,
     TaskRegistry,
     TaskSnapshot,
     TierConfig,
@@ -140,6 +141,7 @@ class Engine:
             self.registry.deactivate,
         )
         self.prompt_values = self.registry.prompt_values
+        self.task_names, self.listing = self.registry.names, self.registry.listing
         self.refresh, self.install, self.remove = (
             self.registry.refresh,
             self.registry.install,
@@ -771,4 +773,5 @@ __all__ = [
     "NoVerbalizerError",
     "ScoreRequest",
     "TaskInfo",
+    "TaskPage",
 ]

@@ -1,10 +1,12 @@
 """The engine's tasks: name -> validated prompt (soft or deep) in memory, following a bank.
 
 Tasks live in memory as `LoadedTask` entries (prompt [n, d] fp32 on the model's device, its bank
-version, its metadata and, once used, its KV prefix). Before a request runs, the engine asks the
-bank for its task's version (one `readlink`), so a prompt saved, changed or deleted by any replica
-is seen on the very next request. One load path (bank read -> compatibility check -> tensor
-check) and one save path (the bank's atomic save), for uploads too.
+version, its metadata and, once used, its KV prefix). A task is read from the bank on its first
+request, never before: starting the server reads no prompt, and listing tasks (`listing`, a page
+at a time) reads only their two small metadata files, cached by bank version. Before a request
+runs, the engine asks the bank for its task's version (one `readlink`), so a prompt saved,
+changed or deleted by any replica is seen on the very next request. One load path (bank read ->
+compatibility check -> tensor check) and one save path (the bank's atomic save), for uploads too.
 
 Memory tiers (`TierConfig`; docs/architecture.md, invariant 11). The bank on disk holds every
 task. The *loaded* tier is the `LoadedTask` entries: at most `max_loaded_tasks`, least recently
@@ -27,6 +29,8 @@ until a request ends (at most the tasks of the requests in flight, which `--max-
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import logging
 import threading
 import time
@@ -42,6 +46,7 @@ from softprompt.bank import (
     META_FILE,
     WEIGHTS_FILE,
     PromptBank,
+    PromptHeader,
     SavedPrompt,
     check_compatible,
     check_prompt_rows,
@@ -149,6 +154,18 @@ class TaskInfo:
     """Its softprompt.json (template, verbalizer, metrics, ...), as loaded."""
 
 
+@dataclass
+class TaskPage:
+    """One page of a task listing, in name order."""
+
+    infos: list[TaskInfo]
+    """The servable tasks of the page; for a bank task `loaded_at` is when it was saved."""
+    unavailable: dict[str, str]
+    """Tasks met on this page that cannot be served: name -> why."""
+    has_more: bool
+    """Whether a servable task follows the last of `infos`."""
+
+
 @dataclass(eq=False)
 class LoadedTask:
     """A task the engine can run: its prompt on the model's device, bank version and metadata."""
@@ -202,6 +219,8 @@ class TaskRegistry:
         self._tasks: OrderedDict[str, LoadedTask] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, LoadedTask] = OrderedDict()  # entries with a KV prefix
         self._bad: dict[str, tuple[str, SoftPromptError]] = {}  # name -> (version, error)
+        # What listing read of each bank task (metadata only): name -> (version, info or error).
+        self._listed: dict[str, tuple[str, TaskInfo | SoftPromptError]] = {}
         self._tasks_lock = threading.RLock()
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "prefix_evictions": 0, "loads": 0}
         self._load_seconds = 0.0
@@ -253,6 +272,79 @@ class TaskRegistry:
             if name not in self._tasks:
                 raise UnknownTaskError(f"task '{name}' is not active")
             return self._tasks[name].info()
+
+    def names(self) -> list[str]:
+        """Every task name there is, served or not: the bank's entries (a folder scan, no file
+        read) and the tasks added in memory; sorted."""
+        with self._tasks_lock:
+            found = {name for name, task in self._tasks.items() if task.version is None}
+        return sorted(found.union(self.bank.names() if self.bank is not None else ()))
+
+    def listing(
+        self, limit: int, after: str | None = None, visible: Callable[[str], bool] | None = None
+    ) -> TaskPage:
+        """Up to `limit` servable tasks whose names sort after `after`, in name order, with their
+        bank metadata: no prompt tensor is read, so a page costs the same in a bank of ten
+        thousand tasks as in one of ten. `after` is a position, not a lookup: it need not name a
+        task (one deleted between two pages leaves the paging intact). `visible` filters the
+        names first (a tenant's tasks), so every page is full."""
+        if after is not None:
+            validate_task_name(after)
+        names = self.names()
+        infos: list[TaskInfo] = []
+        unavailable: dict[str, str] = {}
+        for name in names[bisect.bisect_right(names, after) if after is not None else 0 :]:
+            if visible is not None and not visible(name):
+                continue
+            try:
+                info = self._listed_info(name)
+            except UnknownTaskError:
+                continue  # deleted since the folder scan
+            except SoftPromptError as exc:
+                unavailable[name] = str(exc)
+                continue
+            if len(infos) == limit:  # one more servable task exists: the next page starts here
+                unavailable = {n: why for n, why in unavailable.items() if n < infos[-1].name}
+                return TaskPage(infos, unavailable, True)
+            infos.append(info)
+        return TaskPage(infos, unavailable, False)
+
+    def _listed_info(self, name: str) -> TaskInfo:
+        """A task as listing shows it: from memory if added there, else from its bank metadata at
+        the current version (read once per version); raises why it cannot be served."""
+        self._check_name(name)
+        with self._tasks_lock:
+            entry = self._tasks.get(name)
+        if entry is not None and entry.version is None:
+            return entry.info()
+        if self.bank is None:
+            raise unknown_task(name)
+        version = self.bank.version(name)
+        with self._tasks_lock:
+            bad, listed = self._bad.get(name), self._listed.get(name)
+        if bad is not None and bad[0] == version:
+            raise bad[1]  # its tensor was read and refused
+        if listed is None or listed[0] != version:
+            listed = self._read_listed(name)
+        if isinstance(listed[1], SoftPromptError):
+            raise listed[1]
+        return dataclasses.replace(listed[1], meta=dict(listed[1].meta))
+
+    def _read_listed(self, name: str) -> tuple[str, TaskInfo | SoftPromptError]:
+        try:
+            header = self.bank.read_header(name)
+        except UnknownTaskError:
+            raise
+        except SoftPromptError as exc:
+            return self.bank.version(name), exc  # not cached: the version may be gone already
+        try:
+            self._check(header)
+            listed = (header.version, _header_info(header))
+        except SoftPromptError as exc:
+            listed = (header.version, exc)
+        with self._tasks_lock:
+            self._listed[name] = listed
+        return listed
 
     def add_task(
         self, name: str, prompt: SavedPrompt | torch.Tensor, meta: dict | None = None
@@ -311,23 +403,25 @@ class TaskRegistry:
             self._bad.pop(name, None)
 
     def refresh(self) -> dict[str, str]:
-        """Follow the bank: load new tasks, reload changed ones, drop deleted ones.
+        """Follow the bank for the tasks in memory: reload changed ones, drop deleted ones. A task
+        not in memory is not read: it is loaded on its first request.
 
-        Cheap when nothing changed (a folder scan and one `readlink` per task). Bad entries are
-        logged and skipped; returns {name: error message} for them.
+        Cheap when nothing changed (a folder scan and one `readlink` per task in memory). Bad
+        entries are logged and skipped; returns {name: error message} for them.
         """
         if self.bank is None:
             return {}
         names = set(self.bank.names())
         with self._tasks_lock:
             gone = [n for n, t in self._tasks.items() if t.version is not None and n not in names]
+            loaded = [n for n, t in self._tasks.items() if t.version is not None and n in names]
+            for name in set(self._listed) - names:
+                del self._listed[name]
         for name in gone:
             log.info("task '%s' left the bank; dropping it", name)
             self.deactivate(name)
         errors = {}
-        for name in sorted(names):
-            if self._full() and name not in self._tasks:
-                continue  # following the bank (a listing) never pushes out tasks requests use
+        for name in loaded:  # least recently used first: touching each in turn keeps the order
             try:
                 self._activate(name)  # refuses a bank task named like the base model
             except UnknownTaskError:
@@ -398,17 +492,20 @@ class TaskRegistry:
         )
         return self._store(entry, holder)
 
-    def _check(self, saved: SavedPrompt) -> None:
-        check_prompt_rows(saved.embeddings, f"prompt '{saved.name}'")
+    def _check(self, saved: SavedPrompt | PromptHeader) -> None:
+        """Whether the engine can serve `saved`: a header (no tensor) is checked as far as its
+        config and metadata go, a loaded prompt's values too."""
+        if isinstance(saved, SavedPrompt):
+            check_prompt_rows(saved.embeddings, f"prompt '{saved.name}'")
         check_compatible(
             saved,
             token_dim=self._row_width(saved.kind),
             fingerprint=self.fingerprint,
             kinds=self.kinds,
         )
-        if saved.embeddings.shape[0] >= self.context_length:
+        if saved.num_rows >= self.context_length:
             raise IncompatiblePromptError(
-                f"prompt '{saved.name}' has {saved.embeddings.shape[0]} "
+                f"prompt '{saved.name}' has {saved.num_rows} "
                 f"virtual tokens; the model's context is {self.context_length}"
             )
 
@@ -461,11 +558,6 @@ class TaskRegistry:
     def _count(self, counter: str) -> None:
         with self._tasks_lock:
             self._counts[counter] += 1
-
-    def _full(self) -> bool:
-        bound = self.tiers.max_loaded_tasks
-        with self._tasks_lock:
-            return bound is not None and len(self._tasks) >= bound
 
     def _evictable(self, entry: LoadedTask) -> bool:
         """Its KV prefix may go: neither pinned nor in use (callers hold the lock)."""
@@ -547,6 +639,19 @@ def unknown_task(name: str) -> UnknownTaskError:
     tasks is /v1/models' job (which per-tenant keys will filter), the bank's path nobody's. Every
     404 for a task (tenants' hidden tasks, the console) is this one, so they cannot differ."""
     return UnknownTaskError(f"unknown task '{name}'")
+
+
+def _header_info(header: PromptHeader) -> TaskInfo:
+    """A bank task as listed: from its metadata, `loaded_at` being when it was saved."""
+    return TaskInfo(
+        header.name,
+        header.num_rows,
+        header.version,
+        header.saved_at,
+        isinstance(header.meta.get("verbalizer"), dict),
+        header.kind,
+        dict(header.meta),
+    )
 
 
 def _check_meta(saved: SavedPrompt) -> None:

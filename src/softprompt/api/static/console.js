@@ -3,7 +3,12 @@
 "use strict";
 
 const KEY_STORAGE = "softprompt.apiKey";
-const state = { tasks: [], base: null, selected: null, mode: "classify", plotUrls: new Map(), deleteArmed: false };
+const state = {
+  tasks: [], unavailable: [], nextAfter: null, base: null, backend: null, selected: null, mode: "classify",
+  plotUrls: new Map(), deleteArmed: false,
+};
+// Tasks per page of /v1/tasks (1 to 1000); `/?page_size=N` sets it, e.g. to see paging at work.
+const PAGE_SIZE = Math.min(1000, Math.max(1, parseInt(new URLSearchParams(location.search).get("page_size"), 10) || 100));
 const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {
@@ -71,17 +76,68 @@ function renderTemplate(template, values) {
 
 // ------------------------------------------------------------------ tasks
 
-async function loadTasks() {
-  const listing = await (await api("/v1/tasks")).json();
-  state.base = listing.model;
-  state.tasks = listing.data;
+// The task list comes a page at a time (name order); "Load more tasks" appends the next one.
+async function fetchPage(after) {
+  const query = new URLSearchParams({ limit: PAGE_SIZE });
+  if (after) query.set("after", after);
+  return (await api(`/v1/tasks?${query}`)).json();
+}
+
+function addPage(listing) {
+  const known = new Set(state.tasks.map((t) => t.id));
+  state.tasks = state.tasks.concat(listing.data.filter((t) => !known.has(t.id)))
+    .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  state.unavailable = state.unavailable.concat(listing.unavailable);
+  state.nextAfter = listing.has_more ? listing.last_id : null;
   $("served").textContent = `model ${listing.model} - backend ${listing.backend} - ` +
-    `${listing.data.length} task(s)`;
+    `${state.tasks.length} task(s)${state.nextAfter ? " shown, more in the bank" : ""}`;
+  $("more-tasks").hidden = !state.nextAfter;
   renderTaskTable();
-  renderUnavailable(listing.unavailable);
+  renderUnavailable(state.unavailable);
   renderCompareChoices();
-  const keep = state.tasks.find((t) => state.selected && t.id === state.selected.id);
+}
+
+async function loadTasks() {
+  const listing = await fetchPage(null);
+  const previous = state.selected ? state.selected.id : null;
+  state.base = listing.model;
+  state.backend = listing.backend;
+  state.tasks = [];
+  state.unavailable = [];
+  addPage(listing);
+  if (previous && !state.tasks.some((t) => t.id === previous)) await ensureTask(previous);
+  const keep = state.tasks.find((t) => t.id === previous);
   selectTask(keep ? keep.id : (state.tasks[0] ? state.tasks[0].id : null));
+}
+
+async function loadMoreTasks() {
+  if (!state.nextAfter) return;
+  const button = $("more-tasks");
+  button.disabled = true;
+  try {
+    addPage(await fetchPage(state.nextAfter));
+    for (const row of $("task-table").querySelectorAll("tbody tr")) {
+      row.classList.toggle("selected", !!state.selected && row.dataset.task === state.selected.id);
+    }
+  } catch (error) {
+    showError($("unavailable"), error);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// A task not on the pages shown yet (e.g. just uploaded) joins the table on its own.
+async function ensureTask(name) {
+  if (state.tasks.some((t) => t.id === name)) return;
+  try {
+    const task = await (await api(`/v1/tasks/${encodeURIComponent(name)}`)).json();
+    addPage({
+      model: state.base, backend: state.backend, data: [task], unavailable: [],
+      has_more: !!state.nextAfter, last_id: state.nextAfter,
+    });
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 404)) throw error;
+  }
 }
 
 function bestValidation(task) {
@@ -352,6 +408,7 @@ async function upload(event) {
     const answer = await (await api(`/v1/prompts/${encodeURIComponent(name)}`, { method: "PUT", body: form })).json();
     adminMessage(`Uploaded '${answer.id}' (${answer.num_virtual_tokens} virtual tokens).`, false);
     await loadTasks();
+    await ensureTask(answer.id);
     selectTask(answer.id);
   } catch (error) {
     adminMessage(`Upload refused: ${error.message}`, true);
@@ -407,6 +464,7 @@ function start() {
   $("compare-form").addEventListener("submit", runCompare);
   $("upload-form").addEventListener("submit", upload);
   $("delete-task").addEventListener("click", deleteSelected);
+  $("more-tasks").addEventListener("click", loadMoreTasks);
   showKeyState();
   refresh();
 }
