@@ -184,7 +184,8 @@ def _equal_or_near_tie(
     if ours == theirs:
         return True
     k = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
-    from softprompt.prompting.prompted import PromptedModel, model_for_saved
+    from softprompt.prompting.kinds import model_for_saved
+    from softprompt.prompting.prompted import PromptedModel
 
     prompted = PromptedModel(smollm2) if task is None else model_for_saved(smollm2, bank.load(task))
     ids = torch.tensor([smollm2.tokenizer(prompt)["input_ids"] + ours[:k]])
