@@ -31,7 +31,6 @@ from softprompt.errors import (
     ConfigError,
     ContextLengthError,
     DataError,
-    IncompatiblePromptError,
     NoVerbalizerError,
 )
 from softprompt.model.loading import LoadedModel, eos_token_ids, fingerprint
@@ -447,8 +446,16 @@ class Engine:
         ids, mask = self._left_pad([r.input_ids for r in rows])  # (B, L)
         max_new = max(r.max_new_tokens for r in rows)
         with self._model_lock:
-            prompt_inputs = self._prompt_inputs([r.task for r in rows], ids.shape[1] + max_new)
-            state = inject.prefill(self.model, ids, mask, max_new_tokens=max_new, **prompt_inputs)
+            inputs = self._prompt_inputs([r.task for r in rows], ids.shape[1] + max_new)
+            state = inject.prefill(
+                self.model,
+                ids,
+                mask,
+                max_new_tokens=max_new,
+                prompts=inputs.prompts,
+                prompt_lengths=inputs.prompt_lengths,
+                prefixes=inputs.prefixes,
+            )
         states = [_RowState(r, self._decode, self.eos_token_ids) for r in rows]
         return GenerationBatch(states, state, inject.TokenPicker([r.sampling for r in rows]))
 
@@ -589,40 +596,27 @@ class Engine:
         return [d.total if p.top_k is None else d for p, d in zip(pairs, detail, strict=True)]
 
     def _last_logits(self, tasks: list[LoadedTask | None], ids, mask, keep: int) -> torch.Tensor:
-        """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt."""
+        """Logits (B, keep, V) of the last `keep` columns, each row under its task's prompt (the
+        one forward of prompted rows, `inject.prompt_logits`)."""
         with self._model_lock:
             inputs = self._prompt_inputs(tasks, ids.shape[1])
-            if "prefixes" in inputs:
-                out, _, _ = inject.prefix_forward(
-                    self.model, ids, mask, inputs["prefixes"], logits_to_keep=keep
-                )
-                return out.logits
-            prompts = inputs.get("prompts", torch.zeros(len(ids), 0, 1, device=self.device))
-            lengths = inputs.get("prompt_lengths", ids.new_zeros(len(ids)))
-            batch = inject.inject(self.model, ids, mask, prompts, lengths)
-            return inject.forward(self.model, batch, logits_to_keep=keep, use_cache=False).logits
+            return inject.prompt_logits(self.model, ids, mask, inputs, keep=keep)
 
-    def _prompt_inputs(self, tasks: list[LoadedTask | None], width: int) -> dict:
-        """How the rows' prompts enter: KV prefixes for a batch with a deep prompt (its KV is all
-        there is) or when the cache is on and exact; else embeddings."""
+    def _prompt_inputs(self, tasks: list[LoadedTask | None], width: int) -> inject.PromptInputs:
+        """How the rows' prompts enter over `width` columns after them: KV prefixes for a batch
+        with a deep prompt (its KV is all there is) or when the prefix cache is on and exact; else
+        embeddings. Past a sliding window `inject.exact_inputs` (in the forward) refuses a deep
+        prompt, the one place that says so."""
         if not any(tasks):
-            return {}
+            return inject.PromptInputs()
         longest = max(t.length for t in tasks if t)
-        exact = inject.prefix_is_exact(self.model, longest + width)
         deep = any(t is not None and t.kind == "deep" for t in tasks)
-        if deep and not exact:
-            raise IncompatiblePromptError(
-                f"a deep prompt over {longest + width} columns exceeds this model's "
-                "sliding window; shorten the input or max_tokens"
-            )
-        if deep or (self.use_prefix_cache and exact):
-            return {"prefixes": [self._prefix(t) if t else None for t in tasks]}
-        prompts = torch.zeros(len(tasks), longest, self.token_dim, device=self.device)  # (B, N, d)
-        for b, task in enumerate(tasks):
-            if task:
-                prompts[b, : task.length] = task.prompt
-        lengths = torch.tensor([t.length if t else 0 for t in tasks], device=self.device)
-        return {"prompts": prompts, "prompt_lengths": lengths}
+        if deep or (self.use_prefix_cache and inject.prefix_is_exact(self.model, longest + width)):
+            return inject.PromptInputs(prefixes=[self._prefix(t) if t else None for t in tasks])
+        prompts, lengths = inject.pad_prompts(
+            [t.prompt if t else None for t in tasks], self.token_dim, self.device
+        )
+        return inject.PromptInputs(prompts, lengths)
 
     def _prefix(self, task: LoadedTask) -> inject.PromptPrefix:
         """The task's KV prefix, computed once per loaded version while it stays resident (the
