@@ -11,10 +11,12 @@ interleaved), sent by C concurrent clients through the OpenAI completions API:
   gateway        `softprompt serve --backend vllm --vllm-url ... --vllm-prefix-dir ...` before a
                  vLLM with softprompt's deep-prompt connector: soft prompts as prompt embeddings
   gateway_deep   the same gateway, deep prompts (placeholders + the connector writing their K/V)
+  vllm_connector the vLLM with the connector, token ids, no prompt (what the connector costs =
+                 vllm_connector vs vllm)
 
 vLLM busy-shares the cores, so each system is measured with only its own servers alive: the
 built-in server alone; then a plain vLLM alone (vllm, embeds); then vLLM with the connector and
-the gateway (gateway, gateway_deep; the idle one waits). Greedy, at most --new-tokens tokens each
+the gateway (gateway, gateway_deep, vllm_connector; the idle ones wait). Greedy, at most --new-tokens tokens each
 (the completion tokens each system produced are reported, so rates are comparable). Prompts are
 random draws of real token embeddings (init "sampled_vocab"; a deep prompt is the KV such a soft
 prompt puts in each layer, made independent by per-layer noise); their values do not change the
@@ -61,7 +63,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PHASES = {  # what runs alone together -> the systems measured then
     "builtin": ("builtin", "builtin_deep"),
     "vllm": ("vllm", "embeds"),
-    "gateway": ("gateway", "gateway_deep"),
+    "gateway": ("gateway", "gateway_deep", "vllm_connector"),
 }
 SYSTEMS = tuple(system for systems in PHASES.values() for system in systems)
 
@@ -231,7 +233,7 @@ def bodies_for(
     for i, text in enumerate(texts):
         body = {"max_tokens": args.new_tokens, "temperature": 0}
         ids = loaded.tokenizer(text)["input_ids"]
-        if system == "vllm":  # the limit: the same text as token ids, no soft prompt
+        if system in ("vllm", "vllm_connector"):  # the limit: the text as token ids, no prompt
             body.update(model=served_model, prompt=ids)
         elif system == "embeds":  # what the gateway sends, sent directly
             weight = loaded.model.get_input_embeddings().weight.detach()
@@ -300,7 +302,8 @@ def run_phase(phase: str, bank: str, systems: list[str], loaded, texts, prompts,
             gateway_args += ["--vllm-dtype", args.vllm_dtype, "--vllm-prefix-dir", prefix_dir]
             process, url = start_gateway(bank, gateway_args)
             servers.append(process)
-        urls = {system: url for system in systems}
+        direct = {"vllm", "embeds", "vllm_connector"}  # sent to vLLM itself, not a gateway
+        urls = {system: vllm.url if system in direct else url for system in systems}
         info["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         results = {
             f"{t}_tasks": measure(urls, texts, t, served, loaded, prompts, args, vllm)
@@ -348,6 +351,9 @@ def ratios(rows: dict) -> dict:
     pairs = [
         ("gateway", "vllm"),
         ("gateway_deep", "vllm"),
+        ("vllm_connector", "vllm"),
+        ("gateway", "vllm_connector"),
+        ("gateway_deep", "vllm_connector"),
         ("embeds", "vllm"),
         ("gateway_deep", "gateway"),
         ("builtin", "vllm"),
