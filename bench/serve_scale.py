@@ -426,13 +426,6 @@ def warm_start(args, prompts: Prompts, root: Path) -> float:
         server.stop()
 
 
-def avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     loaded = load_model(args.model)
@@ -460,7 +453,7 @@ def main(argv=None) -> int:
         "benchmark": "serve_scale",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**machine(), "avx512_bf16": avx512_bf16()},
+        "machine": machine(),
         "model": args.model,
         "precision": precision,
         "n": {

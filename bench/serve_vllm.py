@@ -401,6 +401,9 @@ def main(argv=None) -> dict:
             "device": "cpu",
             "kv_cache_gib": 1,
         },
+        "precision": f"built-in engine float32; vLLM and the gateway's embeddings {args.vllm_dtype}",
+        "n": {"timed_requests_per_round": args.requests, "rounds": args.repeats},
+        "seeds": {"texts_and_prompts": args.seed},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "measured_alone": "each phase starts only its own servers: "
         + "; ".join(f"{p}: {', '.join(m)}" for p, m in PHASES.items()),
