@@ -479,6 +479,16 @@ def test_a_vllm_without_the_connector_is_refused_at_discovery_naming_the_fix(set
         asyncio.run(backend._ensure_served())
 
 
+def test_a_prefix_folder_that_cannot_be_written_is_a_backend_error_naming_it(deep, tmp_path):
+    folder = tmp_path / "prefixes"
+    folder.mkdir()
+    spool = PrefixSpool(folder)
+    [prepared] = deep.backend.engine.prepare_all([GenerationRequest(TEXTS[0], task="deep")])
+    folder.rmdir()  # e.g. an unmounted share: this request fails (503), nothing else does
+    with pytest.raises(BackendUnavailableError, match=f"deep prompt for vLLM into {folder}"):
+        spool.publish(prepared.task, deep.backend.prefix_shape)
+
+
 def test_prefix_spool_and_connector_agree_on_the_protocol():
     """The connector runs in vLLM's environment and cannot import softprompt: its constants are
     read from its source and must equal the gateway's."""

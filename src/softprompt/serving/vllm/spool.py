@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save
 
 from softprompt.atomic import write_file
-from softprompt.errors import ConfigError
+from softprompt.errors import BackendUnavailableError, ConfigError
 from softprompt.prompting.deep import PrefixShape, rows_to_kv
 
 PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"
@@ -80,8 +80,14 @@ class PrefixSpool:
     def _write(self, sha: str, kv: torch.Tensor) -> None:
         path = self.folder / f"{sha}.safetensors"
         with self._lock:  # one writer per process: write_file's temp name is per process
-            if not path.exists():
+            if path.exists():
+                return
+            try:
                 write_file(path, save({"kv": kv}, metadata={"sha": sha}))
+            except OSError as exc:  # vLLM could not read it either: this request cannot run
+                raise BackendUnavailableError(
+                    f"cannot publish a deep prompt for vLLM into {self.folder}: {exc}"
+                ) from exc
 
     def request_fields(self, task, shape: PrefixShape, ids: list[int]) -> dict:
         """The completion fields that carry `task`'s deep prompt before token ids `ids`."""
