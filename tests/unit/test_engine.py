@@ -119,6 +119,32 @@ def test_prefix_cache_computed_once_per_task_and_reused(engine):
     assert engine.prefix_computations == 2
 
 
+def test_tasks_first_seen_in_one_batch_get_their_prefixes_from_one_forward(
+    tiny_llama, tokenizer, bank, monkeypatch
+):
+    """With many tasks most requests name one not used for a while: the batch's new soft prompts
+    get their KV prefixes together (one forward per prompt length), each as it would alone."""
+    for i in range(3):
+        save_task(bank, f"s{i}", random_prompt(3, seed=10 + i), tiny_llama)
+    alone = Engine((tiny_llama, tokenizer), bank)
+    expected = [alone.generate([greedy(TEXTS[i], f"s{i}", 4)])[0] for i in range(3)]
+    scores = [alone.classify(f"s{i}", TEXTS[3:4])[0] for i in range(3)]
+    together = Engine((tiny_llama, tokenizer), bank)
+
+    def one_by_one(*args, **kwargs):
+        raise AssertionError("a prefix computed in a forward of its own")
+
+    monkeypatch.setattr(inject, "prompt_prefix", one_by_one)
+    got = together.generate([greedy(TEXTS[i], f"s{i}", 4) for i in range(3)])
+    assert outputs(got) == outputs(expected) and together.prefix_computations == 3
+    fresh = Engine((tiny_llama, tokenizer), bank)
+    for got_one, want in zip(
+        fresh.classify(["s0", "s1", "s2"], TEXTS[3:4] * 3), scores, strict=True
+    ):
+        assert got_one.label == want.label
+        assert got_one.probabilities == pytest.approx(want.probabilities, abs=1e-6)
+
+
 def test_prefix_cache_invalidated_when_prompt_changes_in_bank(engine, bank, tiny_llama, tokenizer):
     before = engine.generate([greedy(TEXTS[0], "t0")])[0]
     assert engine.prefix_computations == 1

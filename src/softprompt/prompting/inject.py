@@ -192,6 +192,30 @@ def prompt_prefix(model, prompt: torch.Tensor) -> PromptPrefix:
     )
 
 
+@torch.no_grad()
+def prompt_prefixes(model, prompts: list[torch.Tensor]) -> list[PromptPrefix]:
+    """`prompt_prefix` of several prompts [n_i, d], one forward per length: prompts of one length
+    need no padding, so each row's KV is what it alone gives, to float rounding. What a batch of
+    tasks seen for the first time costs: one forward instead of one per task."""
+    found: list[PromptPrefix | None] = [None] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(prompt.shape[0], []).append(i)
+    dtype = model.get_input_embeddings().weight.dtype
+    for n, rows in by_length.items():
+        embeds = torch.stack([prompts[i] for i in rows]).to(dtype)  # (k, n, d)
+        positions = torch.arange(n, device=embeds.device)[None].expand(len(rows), n)
+        out = run_model(
+            model, inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        layers = out.cache.layers
+        for b, i in enumerate(rows):  # copies: one evicted prefix must not pin the whole batch
+            keys = [layer.keys[b].clone() for layer in layers]
+            values = [layer.values[b].clone() for layer in layers]
+            found[i] = PromptPrefix(keys, values, prompts[i].detach().float())
+    return found
+
+
 def prefix_is_exact(model, width: int) -> bool:
     """Whether a cached prefix gives the same result as injecting the prompt for `width` columns.
 

@@ -612,6 +612,7 @@ class Engine:
         longest = max(t.length for t in tasks if t)
         deep = any(t is not None and t.kind == "deep" for t in tasks)
         if deep or (self.use_prefix_cache and inject.prefix_is_exact(self.model, longest + width)):
+            self._compute_first_prefixes(tasks)
             return inject.PromptInputs(prefixes=[self._prefix(t) if t else None for t in tasks])
         prompts, lengths = inject.pad_prompts(
             [t.prompt if t else None for t in tasks], self.token_dim, self.device
@@ -622,6 +623,20 @@ class Engine:
         """The task's KV prefix, computed once per loaded version while it stays resident (the
         registry's resident tier; callers hold the model lock)."""
         return self.registry.resident_prefix(task, self._compute_prefix)
+
+    def _compute_first_prefixes(self, tasks: list[LoadedTask | None]) -> None:
+        """The KV prefixes of the batch's soft prompts that have none yet, in one forward (with
+        many tasks most requests name one not used for a while; one forward each made a batch of
+        them cost a forward per task before its own). Callers hold the model lock."""
+        first = {id(t): t for t in tasks if t is not None and t.kind != "deep" and t.prefix is None}
+        if len(first) < 2:
+            return  # one is computed on its own by `_prefix`
+        cold = list(first.values())
+        for task, prefix in zip(
+            cold, inject.prompt_prefixes(self.model, [t.prompt for t in cold]), strict=True
+        ):
+            self.prefix_computations += 1
+            self.registry.resident_prefix(task, lambda _task, computed=prefix: computed)
 
     def _compute_prefix(self, task: LoadedTask) -> inject.PromptPrefix:
         if task.kind == "deep":  # the rows are the keys and values
