@@ -425,7 +425,9 @@ def test_inspect_text_init_decodes_to_its_own_words(tiny_model, tiny_tokenizer):
         num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text="great awful movie"
     )
     prompted = PromptedModel(tiny_model, {"t": config}, tokenizer=tiny_tokenizer)
-    near = nearest_tokens(tiny_model, tiny_tokenizer, prompted.table.get("t").detach(), k=1)
+    near = nearest_tokens(
+        tiny_model.get_input_embeddings(), tiny_tokenizer, prompted.table.get("t").detach(), k=1
+    )
     assert [row[0][0] for row in near] == ["great", "awful", "movie"] and near[0][0][1] > 0.999
 
 

@@ -221,7 +221,7 @@ def test_compare_reports_inspect_similarity_and_nearest_tokens(console):
     assert report["similarity"] == task_similarity(values)["t1"]["t3"]
     tokenizer = console.engine.tokenizer
     for name in ("t1", "t3"):
-        near = nearest_tokens(console.model, tokenizer, values[name], 2)
+        near = nearest_tokens(console.model.get_input_embeddings(), tokenizer, values[name], 2)
         assert report["tasks"][name]["nearest_tokens"] == [
             [list(pair) for pair in row] for row in near
         ]
@@ -473,9 +473,10 @@ def gateway(tmp_path_factory):
     """The console's routes on the vLLM gateway (a fake vLLM doing the model work) next to the
     built-in engine on the same bank, with a deep prompt the gateway cannot serve."""
     from softprompt.api.app import create_app
-    from softprompt.model.loading import load_model
+    from softprompt.model.loading import load_front_end, load_model
     from softprompt.prompting.deep import DeepPromptModel
-    from softprompt.serving.vllm.backend import VLLMBackend, load_gateway_model
+    from softprompt.serving.processor import InputProcessor
+    from softprompt.serving.vllm.backend import VLLMBackend
 
     from .fake_vllm import FakeVLLM
     from .serving_fixtures import free_port
@@ -492,7 +493,10 @@ def gateway(tmp_path_factory):
     fake = FakeVLLM(model, tokenizer)
     fake.start(free_port())
     backend = VLLMBackend(
-        Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60
+        InputProcessor.from_front_end(load_front_end(str(folder)), bank),
+        fake.url,
+        dtype="float32",
+        timeout_s=60,
     )
     builtin = create_app(Engine(load_model(str(folder)), bank))
     try:

@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 
 from softprompt.bank import PromptBank
 from softprompt.errors import BackendTimeoutError, BackendUnavailableError
-from softprompt.model.loading import load_model
+from softprompt.model.loading import load_front_end, load_model
 from softprompt.prompting.deep import DeepPromptModel, rows_to_kv
 from softprompt.serving.backends import BuiltinBackend
 from softprompt.serving.engine import Engine, GenerationRequest
-from softprompt.serving.vllm.backend import VLLMBackend, encode_embeds, load_gateway_model
+from softprompt.serving.processor import InputProcessor
+from softprompt.serving.vllm.backend import VLLMBackend, encode_embeds
 from softprompt.serving.vllm.spool import PrefixSpool
 
 from ..conftest import build_tiny_model
@@ -58,7 +59,10 @@ def setup(tmp_path_factory):
     fake.start(free_port())
     reference = Engine(load_model(str(folder)), bank)
     backend = VLLMBackend(
-        Engine(load_gateway_model(str(folder)), bank), fake.url, dtype="float32", timeout_s=60
+        InputProcessor.from_front_end(load_front_end(str(folder)), bank),
+        fake.url,
+        dtype="float32",
+        timeout_s=60,
     )
     with running(create_app(backend)) as url:
         yield SimpleNamespace(
@@ -98,13 +102,14 @@ async def run_one(backend, request):
 
 
 def test_gateway_holds_only_embeddings_with_the_full_models_fingerprint(setup):
-    light = load_gateway_model(str(setup.folder))
+    light = load_front_end(str(setup.folder))
     full = load_model(str(setup.folder))
     assert light.fingerprint == full.fingerprint
-    assert torch.equal(
-        light.model.get_input_embeddings().weight, full.model.get_input_embeddings().weight
-    )
-    assert [n for n, _ in light.model.named_parameters()] == ["embed_tokens.weight"]
+    assert torch.equal(light.input_embeddings.weight, full.model.get_input_embeddings().weight)
+    assert [n for n, _ in light.input_embeddings.named_parameters()] == ["weight"]
+    processor = setup.backend.processor
+    assert type(processor) is InputProcessor and not hasattr(processor, "model")  # no layers
+    assert processor.prefix_shape == Engine(full).prefix_shape  # the config says what a probe finds
 
 
 # ---------------------------------------------------------------- request shape and bytes
@@ -194,7 +199,7 @@ def test_plain_rows_are_sent_as_token_ids(setup):
 
 
 def test_bf16_gateway_sends_bf16_rows(setup):
-    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="bfloat16", timeout_s=5)
+    backend = VLLMBackend(setup.backend.processor, setup.fake.url, dtype="bfloat16", timeout_s=5)
 
     async def one():
         try:
@@ -379,8 +384,8 @@ def deep(setup, tmp_path_factory):
     spool = PrefixSpool(tmp_path_factory.mktemp("prefixes"))
     fake = FakeVLLM(setup.model, build_full_tokenizer(), prefix_dir=spool.folder)
     fake.start(free_port())
-    engine = Engine(load_gateway_model(str(setup.folder)), bank)
-    backend = VLLMBackend(engine, fake.url, dtype="float32", timeout_s=60, spool=spool)
+    processor = InputProcessor.from_front_end(load_front_end(str(setup.folder)), bank)
+    backend = VLLMBackend(processor, fake.url, dtype="float32", timeout_s=60, spool=spool)
     with running(create_app(backend)) as url:
         yield SimpleNamespace(
             fake=fake,
@@ -473,7 +478,7 @@ def test_a_vllm_without_the_connector_is_refused_at_discovery_naming_the_fix(set
     must not serve deep prompts through it (they would run their placeholders as text)."""
     spool = PrefixSpool(tmp_path)
     backend = VLLMBackend(
-        setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=5, spool=spool
+        setup.backend.processor, setup.fake.url, dtype="float32", timeout_s=5, spool=spool
     )
     with pytest.raises(BackendUnavailableError, match="does not run softprompt's deep-prompt"):
         asyncio.run(backend._ensure_served())
@@ -483,7 +488,7 @@ def test_a_prefix_folder_that_cannot_be_written_is_a_backend_error_naming_it(dee
     folder = tmp_path / "prefixes"
     folder.mkdir()
     spool = PrefixSpool(folder)
-    [prepared] = deep.backend.engine.prepare_all([GenerationRequest(TEXTS[0], task="deep")])
+    [prepared] = deep.backend.processor.prepare_all([GenerationRequest(TEXTS[0], task="deep")])
     folder.rmdir()  # e.g. an unmounted share: this request fails (503), nothing else does
     with pytest.raises(BackendUnavailableError, match=f"deep prompt for vLLM into {folder}"):
         spool.publish(prepared.task, deep.backend.prefix_shape)
@@ -518,7 +523,7 @@ def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
     """The limits live in the HTTP layer, so the vLLM backend gets them like the built-in one."""
     from softprompt.api.app import RequestLimits, create_app
 
-    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=30)
+    backend = VLLMBackend(setup.backend.processor, setup.fake.url, dtype="float32", timeout_s=30)
     with running(
         create_app(
             backend, limits=RequestLimits(max_prompts_per_request=2, max_tokens_per_request=40)
@@ -553,7 +558,7 @@ def test_request_limits_hold_on_the_gateway_before_vllm_is_asked(setup):
 def test_request_timeout_is_504_backend_timeout(setup):
     from softprompt.api.app import classify_error
 
-    backend = VLLMBackend(setup.backend.engine, setup.fake.url, dtype="float32", timeout_s=1)
+    backend = VLLMBackend(setup.backend.processor, setup.fake.url, dtype="float32", timeout_s=1)
     setup.fake.token_delay_s = 0.5  # 8 tokens take 4 s: longer than the 1 s timeout
 
     async def slow():
@@ -656,7 +661,7 @@ def test_a_vllm_serving_another_model_is_refused(setup):
     other = FakeVLLM(build_tiny_model("llama", seed=1), build_full_tokenizer())
     other.start(free_port())
     try:
-        backend = VLLMBackend(setup.backend.engine, other.url, dtype="float32", timeout_s=5)
+        backend = VLLMBackend(setup.backend.processor, other.url, dtype="float32", timeout_s=5)
         with pytest.raises(Exception, match="does not serve the gateway's model"):
             asyncio.run(backend.prepare_all([GenerationRequest("fun", task="t0")]))
     finally:
@@ -681,7 +686,7 @@ def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
     keys = tmp_path / "keys.json"
     key = add_tenant(keys, "one", ["t1"])
     backend = VLLMBackend(
-        Engine(load_gateway_model(str(setup.folder)), setup.bank),
+        InputProcessor.from_front_end(load_front_end(str(setup.folder)), setup.bank),
         setup.fake.url,
         dtype="float32",
         timeout_s=60,
@@ -689,7 +694,7 @@ def test_tenant_keys_are_checked_before_vllm_sees_a_request(setup, tmp_path):
     with running(create_app(backend, keys=keys)) as url:
         http = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"})
         ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
-        assert ids == [backend.engine.base_model_id, "t1"]
+        assert ids == [backend.processor.base_model_id, "t1"]
         body = {"model": "t1", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
         mine = http.post("/v1/completions", json=body)
         assert mine.json()["choices"][0]["text"] == greedy_alone(setup, TEXTS[0], "t1", n=4).text

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server: the app and its routes; the model work is a backend's.
 
     app = create_app(Engine(load_model("default"), PromptBank("bank/")), api_key="secret")
-    app = create_app(VLLMBackend(gateway_engine, "http://127.0.0.1:8001"))   # vLLM does the model work
+    app = create_app(open_vllm_backend("default", "bank/", VLLMConfig()))  # vLLM runs the model
 
 Routes: `GET /health`, `GET /v1/models` (paginated: `limit`, `after`), `POST /v1/completions`, `POST /v1/chat/completions`
 (`model` names a task or the base model; `stream: true` sends server-sent events),
@@ -66,6 +66,7 @@ from softprompt.serving.engine import (
     GenerationRequest,
     GenerationResult,
 )
+from softprompt.serving.processor import InputProcessor
 from softprompt.serving.registry import TierConfig
 from softprompt.serving.requests import PromptLogprobs, PromptLogprobsRequest
 from softprompt.serving.scheduler import SchedulerConfig
@@ -94,7 +95,7 @@ def create_app(
     limits = limits or RequestLimits()
     if isinstance(backend, Engine):
         backend = BuiltinBackend(backend, scheduling, request_timeout_s=limits.request_timeout_s)
-    engine = backend.engine
+    processor = backend.processor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -108,30 +109,30 @@ def create_app(
         api_key=api_key,
         keys=keys,
         audit_log=audit_log,
-        base_names=engine.base_names,
+        base_names=processor.base_names,
         status_of=lambda exc: classify_error(exc)[0],
         proxies=proxies,
     )
     app = FastAPI(
         title="softprompt", lifespan=lifespan, dependencies=[Depends(access.authenticate)]
     )
-    app.state.engine, app.state.backend, app.state.limits = engine, backend, limits
+    app.state.processor, app.state.backend, app.state.limits = processor, backend, limits
     app.state.access = access
     app.state.scheduler = getattr(backend, "scheduler", None)  # the built-in engine's batcher
-    app.add_middleware(BodyLimit, limit=limits.body_bytes(engine))
+    app.add_middleware(BodyLimit, limit=limits.body_bytes(processor))
     install_error_handlers(app)
     if api_key is None and keys is None:
         log.warning("no API key set: the admin routes (PUT/DELETE /v1/prompts) are open")
 
     _add_info_routes(app, backend, access)
     _add_generation_routes(app, backend, limits, access)
-    _add_admin_routes(app, engine, access)
+    _add_admin_routes(app, processor, access)
     add_console_routes(app, backend, visible=access.may_use)
     return app
 
 
 def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
-    engine = backend.engine
+    processor = backend.processor
 
     @app.get("/health")
     async def health(http: Request):
@@ -143,11 +144,11 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
         body: dict = {"status": "ok" if up else "unavailable"}
         viewer = access.health_viewer(http)
         if viewer is not None:
-            names = await asyncio.to_thread(engine.task_names)
+            names = await asyncio.to_thread(processor.task_names)
             body |= {
-                "model": engine.base_model_id,
+                "model": processor.base_model_id,
                 "tasks": sum(1 for task in names if viewer.may_use(task)),
-                "task_memory": engine.registry.stats(),  # counts only: no task names
+                "task_memory": processor.registry.stats(),  # counts only: no task names
                 "backend": state,
             }
         return JSONResponse(body, status_code=200 if up else 503)
@@ -159,16 +160,18 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
         if page.after is None:
             data.append(
                 {
-                    "id": engine.base_model_id,
+                    "id": processor.base_model_id,
                     "object": "model",
                     "created": 0,
                     "owned_by": "softprompt",
                 }
             )
             page = dataclasses.replace(page, limit=page.limit - 1)
-        elif page.after in engine.base_names:  # the first page ended on the base model
+        elif page.after in processor.base_names:  # the first page ended on the base model
             page = dataclasses.replace(page, after=None)
-        listed = await asyncio.to_thread(page.read, engine, lambda name: access.may_use(http, name))
+        listed = await asyncio.to_thread(
+            page.read, processor, lambda name: access.may_use(http, name)
+        )
         for info in listed.infos:
             data.append(
                 {
@@ -176,7 +179,7 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
                     "object": "model",
                     "created": int(info.loaded_at),
                     "owned_by": "softprompt",
-                    "parent": engine.base_model_id,
+                    "parent": processor.base_model_id,
                     "num_virtual_tokens": info.num_virtual_tokens,
                     "kind": info.kind,
                     "classify": info.has_verbalizer,
@@ -188,7 +191,7 @@ def _add_info_routes(app: FastAPI, backend: Backend, access: Access) -> None:
 def _add_generation_routes(
     app: FastAPI, backend: Backend, limits: RequestLimits, access: Access
 ) -> None:
-    engine = backend.engine
+    processor = backend.processor
 
     async def prepare(requests: list) -> list:
         """Validate a request's pieces against one snapshot of their tasks, within the limits."""
@@ -231,7 +234,7 @@ def _add_generation_routes(
         choices = await asyncio.to_thread(  # token texts and offsets: tokenizer work, off the loop
             lambda: [
                 _completion_choice(
-                    engine, i, p, echoed[i] if echoed else None, usage[i], body.logprobs
+                    processor, i, p, echoed[i] if echoed else None, usage[i], body.logprobs
                 )
                 for i, p in enumerate(prompts)
             ]
@@ -244,7 +247,7 @@ def _add_generation_routes(
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if body.top_logprobs is not None and not body.logprobs:
             raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
-        ids = await asyncio.to_thread(engine.chat_prompt, messages)
+        ids = await asyncio.to_thread(processor.chat_prompt, messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
         request = _generation_request(body, ids, body.max_completion_tokens or body.max_tokens, top)
         prepared = await prepare([request])
@@ -254,7 +257,7 @@ def _add_generation_routes(
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": result.text},
-            "logprobs": None if top is None else chat_logprobs(engine, result.logprobs),
+            "logprobs": None if top is None else chat_logprobs(processor, result.logprobs),
             "finish_reason": result.finish_reason,
         }
         return _response("chatcmpl", "chat.completion", body.model, [choice], [result])
@@ -274,13 +277,13 @@ def _add_generation_routes(
         return {"object": "list", "model": body.model, "data": data}
 
 
-def _add_admin_routes(app: FastAPI, engine: Engine, access: Access) -> None:
+def _add_admin_routes(app: FastAPI, processor: InputProcessor, access: Access) -> None:
     @app.put("/v1/prompts/{task:path}")
     async def upload(task: str, request: Request):
         async with access.admin_action(request, "upload", task) as outcome:
             validate_task_name(task)  # before reading the body or touching the disk
             files = await _uploaded_files(request)
-            info = await asyncio.to_thread(engine.install, task, files)
+            info = await asyncio.to_thread(processor.install, task, files)
             outcome["version"] = info.version
         return {
             "object": "prompt",
@@ -294,7 +297,7 @@ def _add_admin_routes(app: FastAPI, engine: Engine, access: Access) -> None:
     async def delete(task: str, request: Request):
         async with access.admin_action(request, "delete", task):
             validate_task_name(task)  # before touching the disk
-            await asyncio.to_thread(engine.remove, task)
+            await asyncio.to_thread(processor.remove, task)
         return {"object": "prompt", "id": task, "deleted": True}
 
 
@@ -336,13 +339,13 @@ def _nothing_generated(echo: PromptLogprobs) -> GenerationResult:
     return GenerationResult("", [], "length", len(echo.token_ids), 0, [])
 
 
-def _echo_text(engine: Engine, prompt, echo: PromptLogprobs) -> str:
+def _echo_text(processor: InputProcessor, prompt, echo: PromptLogprobs) -> str:
     """The prompt as the client sent it; token ids as their text."""
-    return prompt if isinstance(prompt, str) else "".join(engine.text_pieces(echo.token_ids))
+    return prompt if isinstance(prompt, str) else "".join(processor.text_pieces(echo.token_ids))
 
 
 def _completion_choice(
-    engine: Engine,
+    processor: InputProcessor,
     index: int,
     prompt,
     echo: PromptLogprobs | None,
@@ -351,11 +354,11 @@ def _completion_choice(
 ) -> dict:
     """One choice of /v1/completions: the echoed prompt (if asked) and the completion, with
     their tokens' log-probabilities (if asked)."""
-    head = _echo_text(engine, prompt, echo) if echo else ""
+    head = _echo_text(processor, prompt, echo) if echo else ""
     rendered = None
     if logprobs is not None:
-        first = completion_logprobs(engine, echo.logprobs, echo.token_ids) if echo else None
-        new = completion_logprobs(engine, result.logprobs, result.token_ids, offset=len(head))
+        first = completion_logprobs(processor, echo.logprobs, echo.token_ids) if echo else None
+        new = completion_logprobs(processor, result.logprobs, result.token_ids, offset=len(head))
         rendered = merge_completion_logprobs(first, new)
     return {
         "index": index,
@@ -428,14 +431,14 @@ async def _stream_completion(
 ) -> StreamingResponse:
     """Stream a completion; with echo, the prompt (and its tokens' log-probabilities) is scored
     first and sent as the first chunk."""
-    engine, head = backend.engine, None
+    processor, head = backend.processor, None
     if body.echo:
         [echo] = await _run(backend, http, prepared[:1])
         prepared = prepared[1:]
-        text = _echo_text(engine, prompt, echo)
+        text = _echo_text(processor, prompt, echo)
         rendered = None
         if body.logprobs is not None:
-            rendered = completion_logprobs(engine, echo.logprobs, echo.token_ids)
+            rendered = completion_logprobs(processor, echo.logprobs, echo.token_ids)
         head = (text, rendered, _nothing_generated(echo))
     return await _stream(backend, prepared[0] if prepared else None, body, "text_completion", head)
 
@@ -450,7 +453,7 @@ async def _stream(
     chat = obj == "chat.completion.chunk"
     wants = prepared is not None and prepared.request.logprobs is not None
     wants = wants or (head is not None and head[1] is not None)
-    stream_logprobs = CompletionLogprobStream(backend.engine, len(head[0]) if head else 0)
+    stream_logprobs = CompletionLogprobStream(backend.processor, len(head[0]) if head else 0)
     head_info = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": obj,
@@ -463,7 +466,7 @@ async def _stream(
         if not wants or entries is None:
             return None
         if chat:
-            return chat_logprobs(backend.engine, entries)
+            return chat_logprobs(backend.processor, entries)
         return stream_logprobs.render(entries)
 
     def chunk(text: str | None, finish: str | None = None, first=False, logprobs=None) -> str:

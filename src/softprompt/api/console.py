@@ -27,8 +27,8 @@ from softprompt.api.schemas import ListPage, list_page
 from softprompt.data import task_from_meta, template_from_meta
 from softprompt.errors import ConfigError, SoftPromptError, UnknownTaskError
 from softprompt.prompting.inspection import embedding_norm_stats, nearest_tokens, task_similarity
-from softprompt.serving.engine import Engine, TaskInfo
-from softprompt.serving.registry import unknown_task
+from softprompt.serving.processor import InputProcessor
+from softprompt.serving.registry import TaskInfo, unknown_task
 
 ASSETS = {
     "index.html": "text/html; charset=utf-8",
@@ -44,14 +44,14 @@ TaskFilter = Callable[[Request, str], bool]
 
 def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None) -> None:
     """Serve the page and its JSON routes for `backend` (the built-in engine or the vLLM gateway)."""
-    engine: Engine = backend.engine
+    processor: InputProcessor = backend.processor
     visible = visible or (lambda request, task: True)
 
     def served(request: Request, task: str) -> TaskInfo:
         if not visible(request, task):
             raise unknown_task(task)
         try:
-            return engine.activate(task)
+            return processor.activate(task)
         except UnknownTaskError:
             raise unknown_task(task) from None
 
@@ -71,16 +71,16 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         the bank's tasks on this page that cannot be served, and why."""
 
         def read() -> tuple[list[dict], dict[str, str], bool]:
-            listed = page.read(engine, lambda name: visible(request, name))
-            data = [task_details(engine, info) for info in listed.infos]
+            listed = page.read(processor, lambda name: visible(request, name))
+            data = [task_details(processor, info) for info in listed.infos]
             return data, listed.unavailable, listed.has_more
 
         data, errors, has_more = await asyncio.to_thread(read)
         return {
             **ListPage.body(data, has_more),
-            "model": engine.base_model_id,
+            "model": processor.base_model_id,
             "backend": backend.name,
-            "prompt_kinds": list(engine.kinds),
+            "prompt_kinds": list(processor.kinds),
             "unavailable": [
                 {"id": name, "reason": reason} for name, reason in sorted(errors.items())
             ],
@@ -89,7 +89,7 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
     @app.get("/v1/tasks/{task}")
     async def task(task: str, request: Request):
         info = await asyncio.to_thread(served, request, task)
-        return await asyncio.to_thread(task_details, engine, info)
+        return await asyncio.to_thread(task_details, processor, info)
 
     @app.get("/v1/tasks/{task}/plots/{plot}.png")
     async def plot(task: str, plot: str, request: Request):
@@ -97,8 +97,8 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         try:
             png = (
                 None
-                if engine.bank is None
-                else await asyncio.to_thread(engine.bank.read_plot, task, plot)
+                if processor.bank is None
+                else await asyncio.to_thread(processor.bank.read_plot, task, plot)
             )
         except UnknownTaskError:  # deleted meanwhile (the bank's message names its folder)
             raise unknown_task(task) from None
@@ -114,14 +114,14 @@ def add_console_routes(app: FastAPI, backend, visible: TaskFilter | None = None)
         k: int = Query(5, ge=1, le=MAX_TOP_K, description="Nearest tokens per virtual token."),
     ):
         infos = [await asyncio.to_thread(served, request, name) for name in (a, b)]
-        return await asyncio.to_thread(compare_prompts, engine, infos, k)
+        return await asyncio.to_thread(compare_prompts, processor, infos, k)
 
 
-def task_details(engine: Engine, info: TaskInfo) -> dict:
+def task_details(processor: InputProcessor, info: TaskInfo) -> dict:
     """What the console shows of one task: its kind and size, and what its softprompt.json says
     (template and its fields, labels, base model, metrics, training settings), plus its plots."""
     meta = info.meta
-    files = _stored_files(engine, info)
+    files = _stored_files(processor, info)
     return {
         "id": info.name,
         "kind": info.kind,
@@ -143,15 +143,15 @@ def task_details(engine: Engine, info: TaskInfo) -> dict:
     }
 
 
-def compare_prompts(engine: Engine, infos: list[TaskInfo], k: int) -> dict:
+def compare_prompts(processor: InputProcessor, infos: list[TaskInfo], k: int) -> dict:
     """Two tasks' prompts as `softprompt inspect` reports them: cosine similarity of the mean-pooled
     prompts, and per virtual token its norm and nearest vocabulary tokens (soft prompts only: a
     deep prompt's rows are keys and values, not input embeddings)."""
-    values = {info.name: engine.prompt_values(info.name) for info in infos}
+    values = {info.name: processor.prompt_values(info.name) for info in infos}
     report = {
         "object": "comparison",
         "tasks": {},
-        "embedding_norms": embedding_norm_stats(engine.model),
+        "embedding_norms": embedding_norm_stats(processor.input_embeddings),
     }
     for info in infos:
         prompt = values[info.name]
@@ -160,7 +160,9 @@ def compare_prompts(engine: Engine, infos: list[TaskInfo], k: int) -> dict:
             "kind": info.kind,
             "shape": list(prompt.shape),
             "norms": [round(float(x), 4) for x in prompt.norm(dim=-1)],
-            "nearest_tokens": nearest_tokens(engine.model, engine.tokenizer, prompt, k)
+            "nearest_tokens": nearest_tokens(
+                processor.input_embeddings, processor.tokenizer, prompt, k
+            )
             if soft
             else None,
         }
@@ -197,12 +199,12 @@ def _training_settings(training) -> dict | None:
     return {key: value for key, value in training.items() if key not in PATH_SETTINGS}
 
 
-def _stored_files(engine: Engine, info: TaskInfo) -> dict[str, int]:
+def _stored_files(processor: InputProcessor, info: TaskInfo) -> dict[str, int]:
     """Its files and their sizes in the bank ({} for a task added in memory, or one just deleted)."""
-    if engine.bank is None or info.version is None:
+    if processor.bank is None or info.version is None:
         return {}
     try:
-        return engine.bank.stored_files(info.name)
+        return processor.bank.stored_files(info.name)
     except SoftPromptError:
         return {}
 

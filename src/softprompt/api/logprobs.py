@@ -2,7 +2,7 @@
 `token_logprobs`, `top_logprobs`, `text_offset`) and the chat API's `logprobs.content` list.
 
 The entries come from a backend (`serving.requests.TokenLogprob`: token ids and the model's
-log-softmax); the token strings and offsets come from the engine's tokenizer here, so both
+log-softmax); the token strings and offsets come from the processor's tokenizer here, so both
 backends answer alike. The virtual tokens of a task's prompt are never part of a prompt's tokens.
 """
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from softprompt.serving.engine import Engine
+from softprompt.serving.processor import InputProcessor
 from softprompt.serving.requests import TokenLogprob
 
 
 def completion_logprobs(
-    engine: Engine,
+    processor: InputProcessor,
     entries: Sequence[TokenLogprob | None],
     ids: Sequence[int],
     *,
@@ -27,15 +27,15 @@ def completion_logprobs(
 
     `ids[:start]` are the tokens before them in the same text (earlier stream chunks), read only
     for the text the new tokens add."""
-    return _completion_logprobs(engine, entries, ids, offset, start)[0]
+    return _completion_logprobs(processor, entries, ids, offset, start)[0]
 
 
-def _completion_logprobs(engine, entries, ids, offset: int, start: int) -> tuple[dict, int]:
+def _completion_logprobs(processor, entries, ids, offset: int, start: int) -> tuple[dict, int]:
     """(the object, the offset after its last token's text)."""
-    texts = engine.token_texts(ids[start:])
-    names = _names(engine, [e for e in entries if e is not None])
+    texts = processor.token_texts(ids[start:])
+    names = _names(processor, [e for e in entries if e is not None])
     offsets = []
-    for piece in engine.text_pieces(ids, start):
+    for piece in processor.text_pieces(ids, start):
         offsets.append(offset)
         offset += len(piece)
     top = []
@@ -59,13 +59,15 @@ class CompletionLogprobStream:
     """The completions API's object chunk by chunk: offsets and token texts continue across the
     chunks of one streamed completion."""
 
-    def __init__(self, engine: Engine, offset: int = 0):
-        self.engine, self.offset, self.ids = engine, offset, []
+    def __init__(self, processor: InputProcessor, offset: int = 0):
+        self.processor, self.offset, self.ids = processor, offset, []
 
     def render(self, entries: Sequence[TokenLogprob]) -> dict:
         start = len(self.ids)
         self.ids += [e.token for e in entries]
-        out, self.offset = _completion_logprobs(self.engine, entries, self.ids, self.offset, start)
+        out, self.offset = _completion_logprobs(
+            self.processor, entries, self.ids, self.offset, start
+        )
         return out
 
 
@@ -76,11 +78,11 @@ def merge_completion_logprobs(first: dict | None, second: dict) -> dict:
     return {key: first[key] + second[key] for key in second}
 
 
-def chat_logprobs(engine: Engine, entries: Sequence[TokenLogprob]) -> dict:
+def chat_logprobs(processor: InputProcessor, entries: Sequence[TokenLogprob]) -> dict:
     """The chat API's `{"content": [...]}`: each token with its log-probability, UTF-8 bytes and
     its alternatives (as many as `top_logprobs` asked)."""
-    texts = engine.token_texts([e.token for e in entries])
-    names = _names(engine, entries)
+    texts = processor.token_texts([e.token for e in entries])
+    names = _names(processor, entries)
     content = []
     for entry, text in zip(entries, texts, strict=True):
         content.append(
@@ -92,10 +94,10 @@ def chat_logprobs(engine: Engine, entries: Sequence[TokenLogprob]) -> dict:
     return {"content": content}
 
 
-def _names(engine: Engine, entries: Sequence[TokenLogprob]) -> dict[int, str]:
+def _names(processor: InputProcessor, entries: Sequence[TokenLogprob]) -> dict[int, str]:
     """The text of every alternative token of `entries`, each decoded once."""
     ids = sorted({t for e in entries for t, _ in e.top})
-    return dict(zip(ids, engine.token_texts(ids), strict=True))
+    return dict(zip(ids, processor.token_texts(ids), strict=True))
 
 
 def _chat_token(text: str, logprob: float) -> dict:

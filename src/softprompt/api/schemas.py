@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from softprompt.data import is_valid_unicode
 from softprompt.errors import ConfigError, InvalidTaskNameError, RequestLimitError
 from softprompt.options import flag, opt
-from softprompt.serving.engine import SEED_RANGE, Engine, TaskPage
-from softprompt.serving.requests import MAX_TOP_LOGPROBS
+from softprompt.serving.processor import InputProcessor
+from softprompt.serving.registry import TaskPage
+from softprompt.serving.requests import MAX_TOP_LOGPROBS, SEED_RANGE
 
 # ---------------------------------------------------------------- a listing's page
 
@@ -36,10 +37,10 @@ class ListPage:
     limit: int = DEFAULT_LIST_LIMIT
     after: str | None = None
 
-    def read(self, engine: Engine, visible: Callable[[str], bool]) -> TaskPage:
-        """This page of the engine's tasks that `visible` lets the caller see (no prompt read)."""
+    def read(self, processor: InputProcessor, visible: Callable[[str], bool]) -> TaskPage:
+        """This page of the backend's tasks that `visible` lets the caller see (no prompt read)."""
         try:
-            return engine.listing(self.limit, self.after, visible)
+            return processor.listing(self.limit, self.after, visible)
         except InvalidTaskNameError as exc:
             error = ConfigError(f"after must be an id from a listing: {exc}")
             error.param = "after"
@@ -111,11 +112,11 @@ class RequestLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{flag(f.name)} must be an integer >= {least}, not {value!r}")
 
-    def body_bytes(self, engine: Engine) -> int:
-        """The body limit: the flag, else a 64-token prompt of the largest kind the engine serves
+    def body_bytes(self, processor: InputProcessor) -> int:
+        """The body limit: the flag, else a 64-token prompt of the largest kind the backend serves
         (a deep prompt's rows hold every layer's keys and values), fp32, plus 1 MB for the JSON
         files and multipart framing."""
-        row = engine.prefix_shape.row_width if "deep" in engine.kinds else engine.token_dim
+        row = processor.prefix_shape.row_width if "deep" in processor.kinds else processor.token_dim
         return self.max_body_bytes or 64 * row * 4 + 1_000_000
 
     def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:

@@ -17,8 +17,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from softprompt.errors import ModelLoadError
 
@@ -57,6 +58,22 @@ class LoadedModel:
     """architecture, hidden size, vocab size and a checksum of the input embeddings."""
 
 
+@dataclass
+class FrontEnd:
+    """What turns text into a model's input, without the model's layers: what the vLLM gateway
+    holds (vLLM runs the layers)."""
+
+    config: object
+    """The model's transformers config."""
+    tokenizer: object
+    input_embeddings: torch.nn.Embedding
+    """The input-embedding table (V, d), frozen."""
+    name: str
+    source: str
+    fingerprint: dict
+    """The same as `load_model(name).fingerprint`: saved prompts are checked against it."""
+
+
 def softprompt_home() -> Path:
     """Root of our caches: `$SOFTPROMPT_HOME`, else `~/.cache/softprompt`."""
     env = os.environ.get("SOFTPROMPT_HOME")
@@ -90,6 +107,50 @@ def resolve_model_source(name: str) -> tuple[str, str]:
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {name!r} is neither a model folder nor a .gguf file")
     return name, name
+
+
+def load_front_end(name: str) -> FrontEnd:
+    """Tokenizer, config and input embeddings of the local model folder `name` resolves to (read
+    from its safetensors), not the layers."""
+    source, base_name = resolve_model_source(name)
+    if not Path(source).is_dir():
+        raise ModelLoadError(
+            f"reading only the input embeddings needs a local model folder; "
+            f"{name!r} resolved to {source!r}"
+        )
+    config = AutoConfig.from_pretrained(source)
+    config.name_or_path = base_name
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)  # names the tensor, reads nothing
+    weight = _read_input_embeddings(source, skeleton)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    architecture = (config.architectures or [type(skeleton).__name__])[0]
+    return FrontEnd(
+        config,
+        tokenizer,
+        torch.nn.Embedding.from_pretrained(weight, freeze=True),
+        name,
+        source,
+        embedding_fingerprint(weight, architecture),
+    )
+
+
+def _read_input_embeddings(folder: str, skeleton: torch.nn.Module) -> torch.Tensor:
+    """The input-embedding matrix (V, d) of `skeleton` (a model on the meta device) from the
+    folder's safetensors files."""
+    weight = skeleton.get_input_embeddings().weight
+    names = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safetensors.safe_open(str(file), framework="pt") as fh:
+            keys = set(fh.keys())
+            key = next((n for n in names if n in keys), None)
+            if key is not None:
+                return fh.get_tensor(key)
+    raise ModelLoadError(
+        f"no input-embedding tensor ({', '.join(names)}) in the safetensors files of {folder}"
+    )
 
 
 def _embedded_gguf(name: str) -> Path:
@@ -154,10 +215,16 @@ def freeze(model: torch.nn.Module) -> None:
 
 def fingerprint(model: PreTrainedModel) -> dict:
     """Identify a base model cheaply but surely enough to refuse a prompt made for another one."""
-    weight = model.get_input_embeddings().weight.detach()
+    architecture = (model.config.architectures or [type(model).__name__])[0]
+    return embedding_fingerprint(model.get_input_embeddings().weight, architecture)
+
+
+def embedding_fingerprint(weight: torch.Tensor, architecture: str) -> dict:
+    """`fingerprint` from the input-embedding matrix (V, d) and the architecture's name alone."""
+    weight = weight.detach()
     digest = hashlib.sha256(weight.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     return {
-        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "architecture": architecture,
         "hidden_size": int(weight.shape[1]),
         "vocab_size": int(weight.shape[0]),
         "embedding_sha256": digest,

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def nearest_tokens(
-    model, tokenizer, prompt: torch.Tensor, k: int = 5
+    vocab: torch.nn.Module, tokenizer, prompt: torch.Tensor, k: int = 5
 ) -> list[list[tuple[str, float]]]:
-    """For each virtual token of `prompt` [n, d]: the k real tokens closest in cosine similarity."""
-    vocab = model.get_input_embeddings()
+    """For each virtual token of `prompt` [n, d]: the k real tokens closest in cosine similarity
+    (`vocab`: the model's input-embedding module, `model.get_input_embeddings()`)."""
     ids = torch.arange(vocab.weight.shape[0], device=vocab.weight.device)
     table = F.normalize(vocab(ids).float(), dim=-1)  # (V, d) as the model embeds them
     sims = F.normalize(prompt.float().to(table.device), dim=-1) @ table.T  # (n, V)
@@ -30,11 +30,10 @@ def nearest_tokens(
 
 
 @torch.no_grad()
-def embedding_norm_stats(model) -> dict:
-    """Mean and spread of real token embedding norms, the scale a prompt's norms compare to."""
-    weight = model.get_input_embeddings()(
-        torch.arange(model.get_input_embeddings().weight.shape[0])
-    ).float()
+def embedding_norm_stats(vocab: torch.nn.Module) -> dict:
+    """Mean and spread of real token embedding norms, the scale a prompt's norms compare to
+    (`vocab`: the model's input-embedding module)."""
+    weight = vocab(torch.arange(vocab.weight.shape[0], device=vocab.weight.device)).float()
     norms = weight.norm(dim=-1)
     return {"mean": round(float(norms.mean()), 4), "std": round(float(norms.std()), 4)}
 
@@ -50,12 +49,12 @@ def task_similarity(prompts: dict[str, torch.Tensor]) -> dict[str, dict[str, flo
 def inspect_prompts(model, tokenizer, prompts: dict[str, torch.Tensor], k: int = 5) -> dict:
     """Everything `softprompt inspect` reports, as one JSON-ready dict."""
     return {
-        "embedding_norms": embedding_norm_stats(model),
+        "embedding_norms": embedding_norm_stats(model.get_input_embeddings()),
         "tasks": {
             name: {
                 "shape": list(p.shape),
                 "norms": [round(float(x), 4) for x in p.float().norm(dim=-1)],
-                "nearest_tokens": nearest_tokens(model, tokenizer, p, k),
+                "nearest_tokens": nearest_tokens(model.get_input_embeddings(), tokenizer, p, k),
             }
             for name, p in prompts.items()
         },

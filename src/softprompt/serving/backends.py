@@ -1,9 +1,9 @@
 """Serving backends: what the HTTP server asks of whatever runs the model.
 
 The server (routes, schemas, request limits, the error mapping) is the same for every backend. A
-backend validates a client request's pieces with the engine's `prepare_all` (the one place that
-knows tasks, templates and prompt kinds, with one snapshot of the tasks per request), runs them,
-and reports its health:
+backend validates a client request's pieces with its `processor` (processor.py, the one place
+that knows tasks, templates and prompt kinds, with one snapshot of the tasks per request), runs
+them, and reports its health:
 
     prepared = await backend.prepare_all([GenerationRequest(...), ...])  # errors keep their status
     results = await backend.run(prepared)    # one result per piece; cancelling the call stops them
@@ -24,6 +24,7 @@ from typing import Protocol
 from softprompt.errors import BackendTimeoutError, ConfigError
 from softprompt.options import flag
 from softprompt.serving.engine import Engine, GenerationResult
+from softprompt.serving.processor import InputProcessor
 from softprompt.serving.scheduler import BatchScheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class Backend(Protocol):
     name: str
-    engine: Engine
+    processor: InputProcessor
+    """Tasks, tokenizer and request checks: what the HTTP layer reads besides running work."""
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -62,7 +64,7 @@ class BuiltinBackend:
     ):
         if not isinstance(request_timeout_s, int | float) or request_timeout_s <= 0:
             raise ConfigError(f"{flag('request_timeout_s')} must be > 0, not {request_timeout_s!r}")
-        self.engine = engine
+        self.engine = self.processor = engine  # an engine is its own input processor
         self.request_timeout_s = request_timeout_s
         self.scheduler = BatchScheduler.from_config(engine, scheduling or SchedulerConfig())
 

@@ -2,11 +2,12 @@
 
 vLLM does the model work (continuous batching, paged KV cache, tensor parallelism); the gateway
 holds only the tokenizer, the input-embedding matrix and the bank. For each request it renders the
-template or chat, resolves the task exactly like the built-in engine (`Engine.prepare`: the same
-tasks, limits and errors), builds the embeddings [soft prompt ; token embeddings of the input]
-and sends them as `prompt_embeds` (base64 of `torch.save` of an (n, d) tensor) to vLLM's
-`/v1/completions`. Rows without a task are sent as token ids. Every request carries its own
-embeddings, so mixed tasks need nothing special, and gateways are stateless over a shared bank.
+template or chat, resolves the task exactly like the built-in engine (the same `InputProcessor`,
+processor.py: the same tasks, limits and errors), builds the embeddings [soft prompt ; token
+embeddings of the input] and sends them as `prompt_embeds` (base64 of `torch.save` of an (n, d)
+tensor) to vLLM's `/v1/completions`. Rows without a task are sent as token ids. Every request
+carries its own embeddings, so mixed tasks need nothing special, and gateways are stateless over a
+shared bank.
 
 Classification scores the verbalizer's targets from log-probabilities: one request per distinct
 target prefix asks vLLM (`logprob_token_ids`) for the log-probability of each next target token.
@@ -39,27 +40,23 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import httpx
-import safetensors
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from softprompt.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
     ConfigError,
     ContextLengthError,
-    ModelLoadError,
     UnsupportedPromptKindError,
 )
-from softprompt.model.loading import LoadedModel, fingerprint, resolve_model_source
+from softprompt.model.loading import load_front_end
 from softprompt.options import opt
-from softprompt.prompting.deep import config_prefix_shape
-from softprompt.serving.engine import Engine, GenerationResult
+from softprompt.serving.processor import InputProcessor
 from softprompt.serving.requests import (
+    GenerationResult,
     PreparedPromptLogprobs,
     PromptLogprobs,
     TextPiece,
@@ -132,8 +129,8 @@ def open_vllm_backend(
     a request waits `timeout_s` for vLLM at most (the server's --request-timeout-s)."""
     from softprompt.serving.vllm.process import VLLMProcess, find_vllm_python
 
-    loaded = load_gateway_model(model_name)
-    engine = Engine(loaded, bank)
+    front = load_front_end(model_name)
+    processor = InputProcessor.from_front_end(front, bank)
     process, url = None, config.vllm_url
     spool = None
     if url is None or config.vllm_prefix_dir:
@@ -141,8 +138,8 @@ def open_vllm_backend(
     if url is None:
         process = VLLMProcess(
             find_vllm_python(config.vllm_python),
-            loaded.source,
-            loaded.model.config.name_or_path,
+            front.source,
+            front.config.name_or_path,
             dtype=config.vllm_dtype,
             max_model_len=config.vllm_max_model_len,
             deep_prompt_folder=spool.folder,
@@ -156,67 +153,7 @@ def open_vllm_backend(
             spool.close()
             raise
     return VLLMBackend(
-        engine, url, dtype=config.vllm_dtype, timeout_s=timeout_s, process=process, spool=spool
-    )
-
-
-# ---------------------------------------------------------------- the light model
-
-
-class EmbeddingOnlyModel(torch.nn.Module):
-    """What the gateway keeps of a model: its config and input embeddings, no layers."""
-
-    def __init__(self, config, generation_config, weight: torch.Tensor):
-        super().__init__()
-        self.config, self.generation_config = config, generation_config
-        self.embed_tokens = torch.nn.Embedding.from_pretrained(weight, freeze=True)
-
-    def get_input_embeddings(self) -> torch.nn.Embedding:
-        return self.embed_tokens
-
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError("the gateway holds only the embedding table; vLLM runs the model")
-
-
-def load_gateway_model(name: str) -> LoadedModel:
-    """Tokenizer, config and input embeddings of `name` (read from its safetensors), not the model.
-
-    Returns the same `LoadedModel` (name, source, fingerprint) that `load_model` would, so saved
-    prompts are checked against the same base-model fingerprint.
-    """
-    source, base_name = resolve_model_source(name)
-    if not Path(source).is_dir():
-        raise ModelLoadError(
-            f"the vLLM gateway needs a local model folder; {name!r} resolved to {source!r}"
-        )
-    config = AutoConfig.from_pretrained(source)
-    config.name_or_path = base_name
-    try:
-        generation_config = GenerationConfig.from_pretrained(source)
-    except OSError:
-        generation_config = None
-    model = EmbeddingOnlyModel(config, generation_config, _read_input_embeddings(source, config))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, name, source, fingerprint(model))
-
-
-def _read_input_embeddings(folder: str, config) -> torch.Tensor:
-    """The input-embedding matrix (V, d), found by building the model on the meta device."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    weight = skeleton.get_input_embeddings().weight
-    names = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
-    files = sorted(Path(folder).glob("*.safetensors"))
-    for file in files:
-        with safetensors.safe_open(str(file), framework="pt") as fh:
-            keys = set(fh.keys())
-            key = next((n for n in names if n in keys), None)
-            if key is not None:
-                return fh.get_tensor(key)
-    raise ModelLoadError(
-        f"no input-embedding tensor ({', '.join(names)}) in the safetensors files of {folder}"
+        processor, url, dtype=config.vllm_dtype, timeout_s=timeout_s, process=process, spool=spool
     )
 
 
@@ -343,13 +280,13 @@ class _Served:
 
 
 class VLLMBackend:
-    """Serve an engine's tasks through vLLM; see the module docstring."""
+    """Serve a bank's tasks through vLLM; see the module docstring."""
 
     name = "vllm"
 
     def __init__(
         self,
-        engine: Engine,
+        processor: InputProcessor,
         url: str,
         *,
         dtype: str = "bfloat16",
@@ -357,26 +294,25 @@ class VLLMBackend:
         process=None,
         spool: PrefixSpool | None = None,
     ):
-        self.engine = engine
+        self.processor = processor
+        """Prepares requests as the built-in engine does (its tasks, limits and errors)."""
         self.spool = spool
         """Where deep prompts are published for vLLM's connector; None: deep prompts refused."""
-        self.prefix_shape = config_prefix_shape(engine.model.config)
+        self.prefix_shape = processor.prefix_shape  # the config's: the gateway has no layers
         self._deep_refusal = _deep_refusal(spool, self.prefix_shape)
-        if self._deep_refusal is None:
-            engine.prefix_shape = self.prefix_shape  # no layers to probe: the config's geometry
-        engine.kinds = ("soft",) if self._deep_refusal else ("soft", "deep")
+        processor.kinds = ("soft",) if self._deep_refusal else ("soft", "deep")
         self.client = VLLMClient(url, timeout_s=timeout_s)
         self.dtype = _DTYPES[dtype]
         self.process = process
         """A VLLMProcess this gateway started (stopped on close), or None."""
         self._served: _Served | None = None
         self._discovering = asyncio.Lock()
-        self._model_context = engine.context_length  # the model's own; vLLM's may be shorter
+        self._model_context = processor.context_length  # the model's own; vLLM's may be shorter
 
     # ------------------------------------------------------------ lifecycle and health
 
     async def start(self) -> None:
-        errors = await asyncio.to_thread(self.engine.refresh)
+        errors = await asyncio.to_thread(self.processor.refresh)
         if errors:
             log.warning("skipped unusable tasks: %s", sorted(errors))
         try:
@@ -401,7 +337,7 @@ class VLLMBackend:
             "name": self.name,
             "status": "up" if up else "down",
             "url": self.client.url,
-            "prompt_kinds": list(self.engine.kinds),
+            "prompt_kinds": list(self.processor.kinds),
             "prefix_dir": str(self.spool.folder) if self.spool else None,
         }
 
@@ -411,7 +347,7 @@ class VLLMBackend:
         """Validate like the built-in engine (same tasks, snapshot and errors), then make sure vLLM
         is there."""
         try:
-            prepared = await asyncio.to_thread(self.engine.prepare_all, requests)
+            prepared = await asyncio.to_thread(self.processor.prepare_all, requests)
         except UnsupportedPromptKindError as exc:  # a kind vLLM cannot take here: say why
             raise _cannot_serve(exc, self._deep_refusal) from None
         for piece in prepared:
@@ -541,7 +477,7 @@ class VLLMBackend:
             return {**fields, "prompt": list(ids)}
         if task.kind == "deep":
             return {**fields, **self.spool.request_fields(task, self.prefix_shape, ids)}
-        weight = self.engine.model.get_input_embeddings().weight
+        weight = self.processor.input_embeddings.weight
         embeds = torch.cat([task.prompt.to(self.dtype), weight[ids].to(self.dtype)])  # (n + L, d)
         return {**fields, "prompt_embeds": encode_embeds(embeds)}
 
@@ -596,7 +532,7 @@ class VLLMBackend:
                 await self._check_same_model(served)
                 if self.spool is not None:
                     await self._check_connector(served)
-                self.engine.context_length = min(
+                self.processor.context_length = min(
                     self._model_context, int(served.max_model_len or self._model_context)
                 )
                 self._served = served
@@ -614,10 +550,10 @@ class VLLMBackend:
         A vLLM serving another model than the gateway's embedding table would otherwise answer
         every soft-prompt request with garbage.
         """
-        ids = self.engine.tokenizer("The capital of France is", add_special_tokens=True)[
+        ids = self.processor.tokenizer("The capital of France is", add_special_tokens=True)[
             "input_ids"
         ]
-        weight = self.engine.model.get_input_embeddings().weight
+        weight = self.processor.input_embeddings.weight
         base = {
             "model": served.model,
             "max_tokens": 1,
@@ -634,8 +570,8 @@ class VLLMBackend:
         if not shared or max(abs(a[k] - b[k]) for k in shared) > _SAME_MODEL_TOLERANCE:
             raise BackendUnavailableError(
                 f"vLLM at {self.client.url} ({served.model}) does not serve the gateway's model "
-                f"{self.engine.base_model_id!r}: the same tokens as ids and as our embeddings give "
-                f"different next tokens ({a} vs {b}); start vLLM on the same weights"
+                f"{self.processor.base_model_id!r}: the same tokens as ids and as our embeddings "
+                f"give different next tokens ({a} vs {b}); start vLLM on the same weights"
             )
 
     async def _check_connector(self, served: _Served) -> None:
