@@ -155,7 +155,10 @@ def compare_prompts(processor: InputProcessor, infos: list[TaskInfo], k: int) ->
     }
     for info in infos:
         prompt = values[info.name]
-        soft = info.kind == "soft"
+        kind = processor.prompt_kinds.get(info.kind)
+        soft = (
+            kind is not None and kind.enters_as_embeddings
+        )  # token space: nearest tokens mean something
         report["tasks"][info.name] = {
             "kind": info.kind,
             "shape": list(prompt.shape),

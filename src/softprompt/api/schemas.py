@@ -116,7 +116,7 @@ class RequestLimits:
         """The body limit: the flag, else a 64-token prompt of the largest kind the backend serves
         (a deep prompt's rows hold every layer's keys and values), fp32, plus 1 MB for the JSON
         files and multipart framing."""
-        row = processor.prefix_shape.row_width if "deep" in processor.kinds else processor.token_dim
+        row = processor.widest_row
         return self.max_body_bytes or 64 * row * 4 + 1_000_000
 
     def check_count(self, limit_name: str, count: int, what: str, param: str) -> None:

@@ -18,7 +18,6 @@ monitor applies unchanged, and a saved task is a PEFT prefix-tuning adapter fold
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,27 +26,11 @@ from softprompt.bank import SavedPrompt, peft_prefix_config
 from softprompt.errors import ConfigError, IncompatiblePromptError
 from softprompt.model.loading import LoadedModel
 from softprompt.prompting import inject
+from softprompt.prompting.inject import PrefixShape
 from softprompt.prompting.prompted import PromptedModel
 from softprompt.prompting.soft import NO_TASK, PromptTable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PrefixShape:
-    """Per-layer KV geometry of a model."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def row_width(self) -> int:
-        """Values per virtual token: layers x (key, value) x kv_heads x head_dim."""
-        return self.layers * 2 * self.kv_heads * self.head_dim
-
-    def numel(self, n: int) -> int:
-        return n * self.row_width
 
 
 def prefix_shape(model) -> PrefixShape:
@@ -151,6 +134,7 @@ class DeepPrompt(nn.Module):
     peft_type = "PREFIX_TUNING"
     default_learning_rate = 1e-2
     """The best of bench/quality_sst2.py's screen (SST-2, chosen on validation rows never reported)."""
+    enters_as_embeddings = False
 
     def __init__(self, *, reparam_hidden: int = 0, prefix_layers: int = 0):
         super().__init__()
@@ -242,6 +226,12 @@ class DeepPrompt(nn.Module):
 
     def saved_meta(self, info: dict, config) -> dict:
         return {"kind": "deep_prompt", **info}
+
+    def served_prefix(
+        self, model, rows: torch.Tensor, shape: PrefixShape, dtype: torch.dtype
+    ) -> inject.PromptPrefix:
+        """The rows are the keys and values: reshaped, nothing computed."""
+        return rows_to_prefix(rows, shape, dtype)
 
 
 class DeepPromptModel(PromptedModel):

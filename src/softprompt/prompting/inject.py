@@ -162,6 +162,24 @@ def label_loss(
 # ---------------------------------------------------------------- KV prefix
 
 
+@dataclass(frozen=True)
+class PrefixShape:
+    """Per-layer KV geometry of a model (a deep prompt's rows are one position's KV in all
+    layers, flattened: `row_width` values)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def row_width(self) -> int:
+        """Values per virtual token: layers x (key, value) x kv_heads x head_dim."""
+        return self.layers * 2 * self.kv_heads * self.head_dim
+
+    def numel(self, n: int) -> int:
+        return n * self.row_width
+
+
 @dataclass
 class PromptPrefix:
     """Keys and values of one soft prompt, computed once: they do not depend on the input."""

@@ -11,7 +11,10 @@ the kind says everything that differs between kinds:
   soft prompt [n, d] first (soft.py's `init_prompt`), which each kind turns into its own rows;
 - its PEFT config and metadata for the bank (`peft_config`, `saved_meta`), under its `name`
   (what `SavedPrompt.kind` reads back from the PEFT type, bank/format.py's `PEFT_TYPES`);
-- its default learning rate (`default_learning_rate`), the one place that number is written.
+- its default learning rate (`default_learning_rate`), the one place that number is written;
+- how a saved prompt is served (`enters_as_embeddings`: rows of the input width, or each layer's
+  KV, `PrefixShape.row_width` wide; `served_prefix`): the engine and the vLLM gateway ask the
+  kind, never test its name.
 
 The kinds there are, by name, are in kinds.py. Adding one: docs/architecture.md.
 """
@@ -22,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from softprompt.prompting.inject import PromptInputs
+from softprompt.prompting.inject import PrefixShape, PromptInputs, PromptPrefix
 from softprompt.prompting.soft import PromptTable, PromptTuningConfig
 
 
@@ -36,6 +39,10 @@ class PromptKind(Protocol):
     """The PEFT adapter type it is saved as (`PROMPT_TUNING`, `PREFIX_TUNING`)."""
     default_learning_rate: float
     """The peak learning rate `softprompt train` and `compare` use unless told."""
+    enters_as_embeddings: bool
+    """Whether its stored rows are input embeddings (a soft prompt: the vLLM gateway sends them
+    as `prompt_embeds`, and its KV prefix costs a forward over them), or not (a deep prompt: the
+    rows are each layer's KV, so a batch holding one runs from KV prefixes)."""
 
     def bind(self, model) -> int:
         """Read what the kind needs of the frozen `model` (a deep prompt: its KV geometry) and check
@@ -67,4 +74,10 @@ class PromptKind(Protocol):
 
     def saved_meta(self, info: dict, config: PromptTuningConfig | None) -> dict:
         """softprompt.json's fields: the shared `info` (fingerprint, base model) plus the kind's."""
+        ...
+
+    def served_prefix(
+        self, model, rows: torch.Tensor, shape: PrefixShape, dtype: torch.dtype
+    ) -> PromptPrefix:
+        """The per-layer KV prefix that serves stored `rows` (the engine's prefix cache)."""
         ...

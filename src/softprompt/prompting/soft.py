@@ -17,7 +17,13 @@ from torch import nn
 from softprompt.bank.format import check_prompt_rows, check_width, peft_prompt_config
 from softprompt.errors import ConfigError, UnknownTaskError
 from softprompt.options import opt
-from softprompt.prompting.inject import PromptInputs, pad_prompts
+from softprompt.prompting import inject
+from softprompt.prompting.inject import (
+    PrefixShape,
+    PromptInputs,
+    PromptPrefix,
+    pad_prompts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +236,7 @@ class SoftPrompt(nn.Module):
     peft_type = "PROMPT_TUNING"
     default_learning_rate = 3e-2
     """The best of bench/quality_sst2.py's screen (SST-2, chosen on validation rows never reported)."""
+    enters_as_embeddings = True
 
     def bind(self, model) -> int:
         return model.get_input_embeddings().weight.shape[1]
@@ -262,3 +269,9 @@ class SoftPrompt(nn.Module):
 
     def saved_meta(self, info: dict, config: PromptTuningConfig | None) -> dict:
         return {**info, "prompt_tuning_init": config.prompt_tuning_init if config else None}
+
+    def served_prefix(
+        self, model, rows: torch.Tensor, shape: PrefixShape, dtype: torch.dtype
+    ) -> PromptPrefix:
+        """Its keys and values at positions 0..n-1: one forward over the rows."""
+        return inject.prompt_prefix(model, rows)

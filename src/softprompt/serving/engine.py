@@ -31,7 +31,8 @@ from softprompt.errors import ConfigError, ContextLengthError, NoVerbalizerError
 from softprompt.model.loading import LoadedModel, eos_token_ids, fingerprint
 from softprompt.model.small_batch import use_small_batch_matmul
 from softprompt.prompting import inject
-from softprompt.prompting.deep import PrefixShape, prefix_shape, rows_to_prefix
+from softprompt.prompting.deep import PrefixShape, prefix_shape
+from softprompt.prompting.kinds import KINDS
 from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows, token_scores
 from softprompt.serving.processor import InputProcessor
 from softprompt.serving.registry import (
@@ -75,7 +76,7 @@ class Engine(InputProcessor):
         use_prefix_cache: bool = True,
         max_new_tokens_cap: int = 512,
         score_batch_size: int = 64,
-        kinds: tuple[str, ...] = ("soft", "deep"),
+        kinds: tuple[str, ...] = tuple(KINDS),
         small_batch_matmul: bool = True,
         tiers: TierConfig | None = None,
     ):
@@ -336,14 +337,16 @@ class Engine(InputProcessor):
 
     def _prompt_inputs(self, tasks: list[LoadedTask | None], width: int) -> inject.PromptInputs:
         """How the rows' prompts enter over `width` columns after them: KV prefixes for a batch
-        with a deep prompt (its KV is all there is) or when the prefix cache is on and exact; else
-        embeddings. Past a sliding window `inject.exact_inputs` (in the forward) refuses a deep
-        prompt, the one place that says so."""
+        with a prompt that has no embeddings (a deep prompt: its KV is all there is) or when the
+        prefix cache is on and exact; else embeddings. Past a sliding window `inject.exact_inputs`
+        (in the forward) refuses a deep prompt, the one place that says so."""
         if not any(tasks):
             return inject.PromptInputs()
         longest = max(t.length for t in tasks if t)
-        deep = any(t is not None and t.kind == "deep" for t in tasks)
-        if deep or (self.use_prefix_cache and inject.prefix_is_exact(self.model, longest + width)):
+        kv_only = any(t is not None and not self.kind_of(t).enters_as_embeddings for t in tasks)
+        if kv_only or (
+            self.use_prefix_cache and inject.prefix_is_exact(self.model, longest + width)
+        ):
             self._compute_first_prefixes(tasks)
             return inject.PromptInputs(prefixes=[self._prefix(t) if t else None for t in tasks])
         prompts, lengths = inject.pad_prompts(
@@ -357,10 +360,15 @@ class Engine(InputProcessor):
         return self.registry.resident_prefix(task, self._compute_prefix)
 
     def _compute_first_prefixes(self, tasks: list[LoadedTask | None]) -> None:
-        """The KV prefixes of the batch's soft prompts that have none yet, in one forward (with
-        many tasks most requests name one not used for a while; one forward each made a batch of
-        them cost a forward per task before its own). Callers hold the model lock."""
-        first = {id(t): t for t in tasks if t is not None and t.kind != "deep" and t.prefix is None}
+        """The KV prefixes of the batch's embedding prompts (soft) that have none yet, in one
+        forward (with many tasks most requests name one not used for a while; one forward each
+        made a batch of them cost a forward per task before its own). Callers hold the model
+        lock."""
+        first = {
+            id(t): t
+            for t in tasks
+            if t is not None and self.kind_of(t).enters_as_embeddings and t.prefix is None
+        }
         if len(first) < 2:
             return  # one is computed on its own by `_prefix`
         cold = list(first.values())
@@ -371,11 +379,11 @@ class Engine(InputProcessor):
             self.registry.resident_prefix(task, lambda _task, computed=prefix: computed)
 
     def _compute_prefix(self, task: LoadedTask) -> inject.PromptPrefix:
-        if task.kind == "deep":  # the rows are the keys and values
-            dtype = self.model.get_input_embeddings().weight.dtype
-            return rows_to_prefix(task.prompt, self.prefix_shape, dtype)
-        self.prefix_computations += 1
-        return inject.prompt_prefix(self.model, task.prompt)
+        kind = self.kind_of(task)
+        if kind.enters_as_embeddings:  # a forward over the rows (a deep prompt's are the KV)
+            self.prefix_computations += 1
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return kind.served_prefix(self.model, task.prompt, self.prefix_shape, dtype)
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return left_pad(rows, self.tokenizer.pad_token_id or 0, self.device)

@@ -25,6 +25,8 @@ from softprompt.errors import ConfigError, ContextLengthError, DataError, NoVerb
 from softprompt.model.loading import FrontEnd
 from softprompt.prompting import inject
 from softprompt.prompting.deep import PrefixShape, config_prefix_shape
+from softprompt.prompting.kind import PromptKind
+from softprompt.prompting.kinds import KINDS, kind_named
 from softprompt.prompting.scorer import ScoreRow
 from softprompt.serving.registry import LoadedTask, TaskRegistry, TaskSnapshot, TierConfig
 from softprompt.serving.requests import (
@@ -57,7 +59,7 @@ class InputProcessor:
         base_model_id: str,
         fingerprint: dict,
         device: torch.device | str = "cpu",
-        kinds: tuple[str, ...] = ("soft", "deep"),
+        kinds: tuple[str, ...] = tuple(KINDS),
         tiers: TierConfig | None = None,
         max_new_tokens_cap: int = 512,
     ):
@@ -73,6 +75,9 @@ class InputProcessor:
         self.reserved_names = {"default", *self.base_names}
         """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
         self._tokenizer_lock = threading.Lock()
+        self.prompt_kinds: dict[str, PromptKind] = {name: kind_named(name) for name in KINDS}
+        """Each kind by name: what serving asks about a task's prompt (its row width, how it
+        enters, its KV prefix), never testing the name itself."""
         self.registry = TaskRegistry(
             self.bank,
             kinds=kinds,
@@ -133,11 +138,21 @@ class InputProcessor:
         its layers instead); None where the config cannot say (`config_prefix_shape`)."""
         return config_prefix_shape(self.config)
 
+    def kind_of(self, task: LoadedTask) -> PromptKind:
+        """The kind of a loaded task's prompt."""
+        return self.prompt_kinds[task.kind]
+
     def _row_width(self, kind: str) -> int:
         """Width of one prompt row of `kind` (a kind not served is refused before width matters)."""
-        return (
-            self.prefix_shape.row_width if kind == "deep" and kind in self.kinds else self.token_dim
-        )
+        served = kind in self.kinds and kind in self.prompt_kinds
+        if not served or self.prompt_kinds[kind].enters_as_embeddings:
+            return self.token_dim
+        return self.prefix_shape.row_width  # a row is one position's KV in every layer
+
+    @property
+    def widest_row(self) -> int:
+        """The widest prompt row of the kinds served (what bounds an upload's size)."""
+        return max(self._row_width(kind) for kind in self.kinds)
 
     def _resolve(self, name: str | None, snapshot: TaskSnapshot) -> LoadedTask | None:
         """The task entry for a request (None = the base model, no prompt).

@@ -300,7 +300,11 @@ class VLLMBackend:
         """Where deep prompts are published for vLLM's connector; None: deep prompts refused."""
         self.prefix_shape = processor.prefix_shape  # the config's: the gateway has no layers
         self._deep_refusal = _deep_refusal(spool, self.prefix_shape)
-        processor.kinds = ("soft",) if self._deep_refusal else ("soft", "deep")
+        processor.kinds = tuple(  # embeddings travel in any request; KV only through the connector
+            name
+            for name, kind in processor.prompt_kinds.items()
+            if kind.enters_as_embeddings or self._deep_refusal is None
+        )
         self.client = VLLMClient(url, timeout_s=timeout_s)
         self.dtype = _DTYPES[dtype]
         self.process = process
@@ -470,16 +474,17 @@ class VLLMBackend:
         return {**payload, **self._prompt_fields(prepared.task, prepared.input_ids)}
 
     def _prompt_fields(self, task, ids: list[int]) -> dict:
-        """The request's input: token ids alone (no task); a deep prompt's placeholders, then the
-        ids, naming its published prefix; else embeddings [soft prompt ; tokens]."""
+        """The request's input: token ids alone (no task); embeddings [soft prompt ; tokens] for
+        a prompt that is embeddings; else (a deep prompt) placeholders, then the ids, naming its
+        published prefix."""
         fields = {"model": self._served.model}
         if task is None:
             return {**fields, "prompt": list(ids)}
-        if task.kind == "deep":
-            return {**fields, **self.spool.request_fields(task, self.prefix_shape, ids)}
-        weight = self.processor.input_embeddings.weight
-        embeds = torch.cat([task.prompt.to(self.dtype), weight[ids].to(self.dtype)])  # (n + L, d)
-        return {**fields, "prompt_embeds": encode_embeds(embeds)}
+        if self.processor.kind_of(task).enters_as_embeddings:
+            weight = self.processor.input_embeddings.weight
+            embeds = torch.cat([task.prompt.to(self.dtype), weight[ids].to(self.dtype)])  # (n+L, d)
+            return {**fields, "prompt_embeds": encode_embeds(embeds)}
+        return {**fields, **self.spool.request_fields(task, self.prefix_shape, ids)}
 
     # ------------------------------------------------------------ scoring (classification)
 
@@ -617,8 +622,9 @@ def _deep_refusal(spool: PrefixSpool | None, shape) -> str | None:
 def _cannot_serve(
     exc: UnsupportedPromptKindError, reason: str | None
 ) -> UnsupportedPromptKindError:
-    """The engine's refusal (same type, so the same 422), saying why vLLM cannot serve the kind."""
-    why = f": {reason}" if exc.kind == "deep" and reason else ""
+    """The engine's refusal (same type, so the same 422), saying why vLLM cannot serve the kind
+    (the gateway refuses only kinds that are not embeddings, so `reason` is theirs)."""
+    why = f": {reason}" if reason else ""
     return UnsupportedPromptKindError(
         f"task '{exc.task}' is a {exc.kind} prompt, which the vLLM backend cannot serve{why}",
         task=exc.task,
