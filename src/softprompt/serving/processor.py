@@ -24,7 +24,8 @@ from softprompt.data import Task, encode_example, is_valid_unicode, task_from_me
 from softprompt.errors import ConfigError, ContextLengthError, DataError, NoVerbalizerError
 from softprompt.model.loading import FrontEnd
 from softprompt.prompting import inject
-from softprompt.prompting.deep import PrefixShape, config_prefix_shape
+from softprompt.prompting.deep import config_prefix_shape
+from softprompt.prompting.inject import PrefixShape
 from softprompt.prompting.kind import PromptKind
 from softprompt.prompting.kinds import KINDS, kind_named
 from softprompt.prompting.scorer import ScoreRow
@@ -76,8 +77,8 @@ class InputProcessor:
         """Names a task may not have: the base model's, and `default` (the CLI's default model)."""
         self._tokenizer_lock = threading.Lock()
         self.prompt_kinds: dict[str, PromptKind] = {name: kind_named(name) for name in KINDS}
-        """Each kind by name: what serving asks about a task's prompt (its row width, how it
-        enters, its KV prefix), never testing the name itself."""
+        """Each kind by name: what serving asks about a task's prompt (how it enters, and so
+        its row width; its KV prefix), never testing the name itself."""
         self.registry = TaskRegistry(
             self.bank,
             kinds=kinds,
