@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.bank import PromptBank
-from softprompt.errors import BackendTimeoutError, BackendUnavailableError
+from softprompt.errors import BackendTimeoutError, BackendUnavailableError, ModelLoadError
 from softprompt.model.loading import load_front_end, load_model
 from softprompt.prompting.deep import DeepPromptModel, rows_to_kv
 from softprompt.serving.backends import BuiltinBackend
@@ -110,6 +111,18 @@ def test_gateway_holds_only_embeddings_with_the_full_models_fingerprint(setup):
     processor = setup.backend.processor
     assert type(processor) is InputProcessor and not hasattr(processor, "model")  # no layers
     assert processor.prefix_shape == Engine(full).prefix_shape  # the config says what a probe finds
+
+
+def test_front_end_without_a_local_folder_or_an_embedding_tensor_fails_naming_it(setup, tmp_path):
+    with pytest.raises(
+        ModelLoadError, match="needs a local model folder.*no-such-org/no-such-model"
+    ):
+        load_front_end("no-such-org/no-such-model")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (setup.folder / name).exists():
+            shutil.copy(setup.folder / name, tmp_path / name)
+    with pytest.raises(ModelLoadError, match=f"no input-embedding tensor .* of {tmp_path}"):
+        load_front_end(str(tmp_path))  # a config but no safetensors files
 
 
 # ---------------------------------------------------------------- request shape and bytes

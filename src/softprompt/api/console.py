@@ -156,9 +156,8 @@ def compare_prompts(processor: InputProcessor, infos: list[TaskInfo], k: int) ->
     for info in infos:
         prompt = values[info.name]
         kind = processor.prompt_kinds.get(info.kind)
-        soft = (
-            kind is not None and kind.enters_as_embeddings
-        )  # token space: nearest tokens mean something
+        # Only rows in the token space have nearest tokens that mean something.
+        soft = kind is not None and kind.enters_as_embeddings
         report["tasks"][info.name] = {
             "kind": info.kind,
             "shape": list(prompt.shape),

@@ -31,7 +31,8 @@ from softprompt.errors import ConfigError, ContextLengthError, NoVerbalizerError
 from softprompt.model.loading import LoadedModel, eos_token_ids, fingerprint
 from softprompt.model.small_batch import use_small_batch_matmul
 from softprompt.prompting import inject
-from softprompt.prompting.deep import PrefixShape, prefix_shape
+from softprompt.prompting.deep import prefix_shape
+from softprompt.prompting.inject import PrefixShape
 from softprompt.prompting.kinds import KINDS
 from softprompt.prompting.scorer import ScoreRow, left_pad, score_rows, token_scores
 from softprompt.serving.processor import InputProcessor
